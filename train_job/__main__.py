@@ -1,0 +1,362 @@
+"""``python -m train_job [train] | generate | merge``: the training job's command line.
+
+Exit codes (one meaning each, so a pipeline can branch on them):
+0 published (or dry run / printed config); 1 unexpected failure; 2 bad config or flags;
+3 bad data (every problem listed); 4 --publish-if-better refused; 5 the adapter failed the serving
+check; 143 SIGTERM (a checkpoint was saved; run again with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from lorayard.base_model import ResolvedBaseModel
+    from train_job.config import TrainConfig
+    from train_job.data import Example, PreparedData
+    from train_job.train import TerminationFlag
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_NOT_BETTER = 4
+EXIT_SERVING_CHECK = 5
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
+DRY_RUN_EXAMPLES = 3
+
+
+def _comma_list(value: str) -> list[str] | str:
+    return value if value == "all-linear" else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from train_job.config import DEFAULT_CONFIG, TrainConfig
+
+    fields = TrainConfig.model_fields
+
+    def described(name: str) -> str:
+        return str(fields[name].description)
+
+    parser = argparse.ArgumentParser(
+        prog="python -m train_job",
+        description="Train a LoRA adapter and publish it to the adapters volume. "
+        "Subcommands: train (default), generate, merge.",
+    )
+    parser.add_argument(
+        "--config", type=Path, help=f"YAML config (default: the persona demo, {DEFAULT_CONFIG.name})"
+    )
+    overrides = parser.add_argument_group("config overrides (a flag wins over the config file)")
+    flag = overrides.add_argument
+    flag("--adapters-dir", type=Path, help=described("adapters_dir"))
+    flag("--name", help=described("name"))
+    flag("--data", type=Path, nargs="+", help=described("data"))
+    flag("--val-data", type=Path, nargs="+", help=described("val_data"))
+    flag("--format", dest="data_format", help=described("data_format"))
+    flag("--base-model", help=described("base_model"))
+    flag("--output-dir", type=Path, help=described("output_dir"))
+    flag("--device", help=described("device"))
+    flag("--max-steps", type=int, help=described("max_steps"))
+    flag("--epochs", type=float, help=described("epochs"))
+    flag("--lr", type=float, help=described("lr"))
+    flag("--rank", type=int, help=described("rank"))
+    flag("--alpha", dest="lora_alpha", type=float, help=described("lora_alpha"))
+    flag("--target-modules", type=_comma_list, help="comma list, or all-linear")
+    flag("--batch-size", type=int, help=described("batch_size"))
+    flag("--grad-accum", type=int, help=described("grad_accum"))
+    flag("--max-length", type=int, help=described("max_length"))
+    flag("--eval-steps", type=int, help=described("eval_steps"))
+    flag("--save-steps", type=int, help=described("save_steps"))
+    flag("--seed", type=int, help=described("seed"))
+    flag("--quantization", choices=["4bit", "8bit"], help=described("quantization"))
+    flag("--use-dora", action="store_true", default=None, help=described("use_dora"))
+    flag("--use-rslora", action="store_true", default=None, help=described("use_rslora"))
+    flag("--report-to", nargs="+", help=described("report_to"))
+    flag("--publish-if-better", action="store_true", default=None, help=described("publish_if_better"))
+    actions = parser.add_argument_group("actions")
+    actions.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    actions.add_argument(
+        "--dry-run", action="store_true", help="validate data and config, show rendered examples, exit"
+    )
+    actions.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+_NOT_CONFIG = ("config", "resume", "dry_run", "print_config")
+
+
+def _print_config(config: TrainConfig) -> None:
+    import yaml
+
+    print(yaml.safe_dump(config.to_jsonable(), sort_keys=False), end="", flush=True)
+
+
+def _show_example(example: Example, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The rendered ids with trained tokens highlighted and bracketed: ⟦trained⟧."""
+    from rich.console import Console
+    from rich.text import Text
+
+    text = Text()
+    rendered = example.rendered
+    start = 0
+    while start < len(rendered.ids):
+        end = start
+        while end < len(rendered.ids) and rendered.labels_mask[end] == rendered.labels_mask[start]:
+            end += 1
+        piece = tokenizer.decode(rendered.ids[start:end])
+        if rendered.labels_mask[start]:
+            text.append(f"⟦{piece}⟧", style="bold green")
+        else:
+            text.append(piece, style="dim")
+        start = end
+    console = Console()
+    trained = sum(rendered.labels_mask)
+    console.rule(f"{example.source}: {len(rendered)} tokens, {trained} trained (⟦bracketed⟧)")
+    console.print(text)
+
+
+def run_train(argv: list[str]) -> int:
+    """The train command; returns the exit code."""
+    from train_job.config import ConfigError, load_config
+    from train_job.data import DataError, prepare_data
+
+    args = _train_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        _print_config(config)
+        return EXIT_OK
+
+    from lorayard.base_model import BaseModelError, load_tokenizer, resolve_base_model
+
+    try:
+        base = resolve_base_model(config.base_model)
+    except BaseModelError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    tokenizer = load_tokenizer(base)
+    try:
+        data = prepare_data(
+            train_files=config.data,
+            val_files=config.val_data,
+            tokenizer=tokenizer,
+            data_format=config.data_format,
+            max_length=config.max_length,
+            system_prompt=config.system_prompt,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            max_errors=config.max_data_errors,
+        )
+    except DataError as exc:
+        print(f"data error: nothing was trained or published.\n{exc}", file=sys.stderr)
+        return EXIT_DATA
+
+    from train_job.train import is_main_process
+
+    if args.dry_run:
+        if is_main_process():
+            _print_config(config)
+            formats = ", ".join(f"{Path(f).name}: {fmt}" for f, fmt in data.formats.items())
+            print(
+                f"data OK: {len(data.train)} training, {len(data.validation)} validation examples ({formats})"
+            )
+            for example in data.train[:DRY_RUN_EXAMPLES]:
+                _show_example(example, tokenizer)
+        return EXIT_OK
+    return _train_and_publish(config, base, tokenizer, data, resume=args.resume)
+
+
+def _train_and_publish(
+    config: TrainConfig,
+    base: ResolvedBaseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    *,
+    resume: bool,
+) -> int:
+    from train_job.train import TerminationFlag
+
+    with TerminationFlag().installed() as flag:
+        return _train_evaluate_publish(config, base, tokenizer, data, resume=resume, flag=flag)
+
+
+def _train_evaluate_publish(
+    config: TrainConfig,
+    base: ResolvedBaseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    *,
+    resume: bool,
+    flag: TerminationFlag,
+) -> int:
+    from lorayard.volume import AdapterVolume
+    from train_job.evaluate import evaluate_adapter, print_report
+    from train_job.publish import NotBetterError, ServingCheckError, build_manifest, publish_adapter
+    from train_job.train import is_main_process, run_training
+
+    result = run_training(config, base, tokenizer, data.train, data.validation, resume=resume, flag=flag)
+    if result.interrupted:
+        print(
+            f"terminated at step {result.global_step}: checkpoint {result.last_checkpoint}; "
+            f"nothing published. Run again with --resume to continue.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_TERMINATED
+    if not is_main_process():
+        return EXIT_OK  # rank 0 evaluates and publishes
+    report = evaluate_adapter(
+        result.model,
+        tokenizer,
+        data.validation,
+        prompts=config.eval_prompts,
+        max_new_tokens=config.eval_max_new_tokens,
+        batch_size=config.batch_size,
+        log_history=result.log_history,
+    )
+    print_report(report)
+    if flag.is_set:
+        print("SIGTERM during evaluation: nothing published", file=sys.stderr)
+        return EXIT_TERMINATED
+    manifest = build_manifest(
+        name=config.name,
+        base_id=base.model_id,
+        base_sha256=base.fingerprint,
+        datasets=data.datasets,
+        config=config.to_jsonable(),
+        report=report,
+        extra_metrics={
+            "global_step": result.global_step,
+            "train_loss": result.train_loss,
+            "resumed_from_step": result.resumed_from_step,
+            "train_runtime_s": result.train_runtime_s,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        },
+    )
+    try:
+        published = publish_adapter(
+            AdapterVolume(config.volume_dir),
+            result.model,
+            result.model.get_base_model().config,
+            manifest,
+            report,
+            if_better=config.publish_if_better,
+        )
+    except NotBetterError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_NOT_BETTER
+    except ServingCheckError as exc:
+        print(f"{exc}; nothing published", file=sys.stderr)
+        return EXIT_SERVING_CHECK
+    print(f"published {published.key} -> {published.path}", flush=True)
+    # The checkpoints served their purpose (resume); the published version is the result.
+    shutil.rmtree(config.run_dir, ignore_errors=True)
+    return EXIT_OK
+
+
+# -- generate and merge -----------------------------------------------------------------------------
+def _adapter_folder(value: str, adapters_dir: Path | None) -> Path:
+    """A folder path as is; otherwise ``name`` / ``name@vN`` on the adapters volume."""
+    from lorayard.volume import AdapterVolume
+
+    if Path(value).is_dir():
+        return Path(value)
+    from train_job.config import DEFAULT_ADAPTERS_DIR, ENV_ADAPTERS_DIR
+
+    root = adapters_dir or Path(os.environ.get(ENV_ADAPTERS_DIR) or DEFAULT_ADAPTERS_DIR)
+    return AdapterVolume(root).resolve(value).path
+
+
+def _base_for(adapter: Path | None, base_model: str | None) -> ResolvedBaseModel:
+    """--base-model, else the base the adapter's manifest names, else the default."""
+    from lorayard.base_model import resolve_base_model
+    from lorayard.volume import MANIFEST_FILE, read_manifest
+
+    if base_model is None and adapter is not None and (adapter / MANIFEST_FILE).is_file():
+        base_model = read_manifest(adapter).base_model.id
+    return resolve_base_model(base_model)
+
+
+def run_generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train_job generate", description="Answer a prompt with an adapter, no server needed."
+    )
+    parser.add_argument("--adapter", help="adapter folder, or name / name@vN on --adapters-dir")
+    parser.add_argument("--adapters-dir", type=Path)
+    parser.add_argument("--prompt", required=True, action="append", help="user message (repeat for several)")
+    parser.add_argument("--system", help="system message (default: the chat template's)")
+    parser.add_argument("--base-only", action="store_true", help="answer with the base, adapter disabled")
+    parser.add_argument("--base-model", help="default: the base named in the adapter's manifest")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    if not args.adapter and not args.base_only:
+        parser.error("--adapter is required unless --base-only")
+
+    from lorayard.base_model import load_base_model, load_tokenizer
+    from lorayard.chat_format import Message
+    from train_job.evaluate import generate_answer
+
+    adapter = _adapter_folder(args.adapter, args.adapters_dir) if args.adapter else None
+    base = _base_for(adapter, args.base_model)
+    tokenizer = load_tokenizer(base)
+    model = load_base_model(base)
+    if adapter is not None and not args.base_only:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    for prompt in args.prompt:
+        messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        print(generate_answer(model, tokenizer, messages, max_new_tokens=args.max_new_tokens), flush=True)
+    return EXIT_OK
+
+
+def run_merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train_job merge", description="Write base + adapter as one full model."
+    )
+    parser.add_argument("--adapter", required=True, help="adapter folder, or name / name@vN")
+    parser.add_argument("--adapters-dir", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (safetensors + tokenizer)")
+    parser.add_argument("--base-model", help="default: the base named in the adapter's manifest")
+    args = parser.parse_args(argv)
+
+    import torch
+    from peft import PeftModel
+
+    from lorayard.base_model import load_base_model, load_tokenizer
+
+    adapter = _adapter_folder(args.adapter, args.adapters_dir)
+    base = _base_for(adapter, args.base_model)
+    model = PeftModel.from_pretrained(load_base_model(base, device="cpu", dtype=torch.float32), str(adapter))
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(args.out), safe_serialization=True)
+    load_tokenizer(base).save_pretrained(str(args.out))
+    print(f"merged {adapter} into {base.model_id} -> {args.out}")
+    return EXIT_OK
+
+
+COMMANDS = {"train": run_train, "generate": run_generate, "merge": run_merge}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch: the first argument picks the command; anything else is `train`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return run_train(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

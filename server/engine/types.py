@@ -88,6 +88,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    error: str | None = None
+    """Set (with finish_reason "abort") when the engine failed this request; the API answers 500."""
 
 
 @dataclass(frozen=True)

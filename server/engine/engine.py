@@ -1,0 +1,379 @@
+"""The engine: continuous batching of requests for many adapters over one base model.
+
+All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
+
+1. takes new requests and aborts from the API (thread-safe hand-off);
+2. admits waiting requests FIFO while KV slots and ``max_batch_size`` allow;
+3. prefills newcomers, at most ``prefill_chunk`` prompt tokens per iteration (chunked prefill), so
+   a long prompt never stalls running streams for long and a short request starts at once;
+4. runs ONE batched decode step for every running row, whatever its adapter;
+5. sends each row's token to its request's asyncio queue and retires finished rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from lorayard.adapter_files import AdapterWeights
+from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
+from server.engine.kv_cache import KVCache, KVCacheSpec, slots_for_budget
+from server.engine.lora_ops import ResidentAdapter, segments_of
+from server.engine.model_runner import DecodeBatch, ModelRunner, PrefillRow
+from server.engine.sampler import SampledToken, SequenceState, sample, sample_row
+from server.engine.types import (
+    EngineStats,
+    EngineStopped,
+    FinishReason,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    TokenEvent,
+)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from lorayard.base_model import Quantization
+    from server.metrics import ServerMetrics
+
+log = logging.getLogger("lorayard.engine")
+
+DEFAULT_PREFILL_CHUNK = 256
+"""Prompt tokens prefilled per engine iteration: bounds how long running streams wait."""
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: Request
+    state: SequenceState
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenEvent]
+    slot: int = -1
+    prefilled: int = 0
+    finished: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def adapter_slot(self) -> int | None:
+        return None if self.request.adapter is None else self.request.adapter.slot
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < len(self.request.prompt_ids)
+
+
+class RequestStream:
+    """Async iterator over one request's :class:`TokenEvent` s; ends after the finishing event."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue[TokenEvent]) -> None:
+        self.request_id = request_id
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event.finish_reason is not None:
+            self._done = True
+        return event
+
+
+class Engine:
+    """See the module docstring; the public surface is documented in ``server/engine/types.py``."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        eos_token_ids: set[int],
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_model_len: int = 2048,
+        kv_cache_memory_gb: float | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.config: PretrainedConfig = model.config
+        self.device = str(next(model.parameters()).device)
+        self.dtype = model.dtype
+        self.max_model_len = min(
+            max_model_len, int(getattr(self.config, "max_position_embeddings", max_model_len))
+        )
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.metrics = metrics
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        spec = KVCacheSpec(
+            config.num_hidden_layers, config.num_key_value_heads, head_dim, self.max_model_len, self.dtype
+        )
+        slots = slots_for_budget(spec, max_batch_size, kv_cache_memory_gb, self.device)
+        self.max_batch_size = slots
+        self.cache = KVCache(spec, slots, self.device)
+        self.runner = ModelRunner(model, self.cache)
+        self._adapter_slots = itertools.count()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._incoming: collections.deque[_Sequence] = collections.deque()
+        self._aborts: set[str] = set()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._last_batch = 0
+        self._draining = False
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_base(
+        cls,
+        base: ResolvedBaseModel,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        quantization: Quantization = None,
+        eos_token_ids: set[int],
+        **kwargs: object,
+    ) -> Engine:
+        """Load the base (optionally 4-bit/8-bit) and build an engine over it."""
+        device = device or default_device()
+        model = load_base_model(
+            base, device=device, dtype=dtype or default_dtype(device), quantization=quantization
+        )
+        model.eval()
+        return cls(model, eos_token_ids=eos_token_ids, **kwargs)  # type: ignore[arg-type]
+
+    # -- adapters (called by the registry, from worker threads) ---------------------------------
+    def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
+        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
+        dense = None
+        if weights.uses_dora:
+            dense = {
+                k: self.runner.dense_weight(*k) for k, m in weights.modules.items() if m.magnitude is not None
+            }
+        resident = ResidentAdapter.from_weights(key, weights, dense, device=self.device, dtype=self.dtype)
+        slot = next(self._adapter_slots)
+        self.runner.adapters[slot] = resident
+        return slot
+
+    def free_adapter_weights(self, slot: int) -> None:
+        self.runner.adapters.pop(slot, None)
+
+    # -- API side (event loop thread) -----------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lorayard-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: Request) -> RequestStream:
+        if self._draining or self._stopped.is_set():
+            raise EngineStopped("the server is shutting down")
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        if prompt_len + request.params.max_tokens > self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({request.params.max_tokens}) exceeds "
+                f"the context window of {self.max_model_len} tokens"
+            )
+        with self._lock:
+            if len(self._waiting) + len(self._incoming) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+            seq = _Sequence(
+                request,
+                SequenceState.create(request.params, request.prompt_ids),
+                asyncio.get_running_loop(),
+                queue,
+            )
+            self._incoming.append(seq)
+        self._wakeup.set()
+        return RequestStream(request.request_id, queue)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            waiting = len(self._waiting) + len(self._incoming)
+        return EngineStats(
+            running=len(self._running),
+            waiting=waiting,
+            batch_size=self._last_batch,
+            kv_cache_usage=self.cache.usage(),
+            extra={"resident_adapters": float(len(self.runner.adapters))},
+        )
+
+    @property
+    def idle(self) -> bool:
+        stats = self.stats()
+        return stats.running == 0 and stats.waiting == 0
+
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Stop admitting new requests and wait (up to timeout_s) for in-flight ones to finish."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            if not self._has_work():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a bug must fail its requests, never kill the engine thread
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    self._finish(seq, "abort", error=f"{type(exc).__name__}: {exc}")
+            self._publish_gauges()
+
+    def _has_work(self) -> bool:
+        return bool(self._running or self._waiting or self._incoming or self._aborts)
+
+    def _step(self) -> None:
+        self._take_incoming()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return
+        for seq in [s for s in self._waiting if s.request.request_id in aborts]:
+            self._waiting.remove(seq)
+            self._emit(
+                seq, TokenEvent(None, finish_reason="abort", prompt_tokens=len(seq.request.prompt_ids))
+            )
+        for seq in [s for s in self._running if s.request.request_id in aborts]:
+            self._finish(seq, "abort")
+
+    def _admit(self) -> None:
+        while self._waiting and self.cache.free_slots > 0:
+            seq = self._waiting.popleft()
+            seq.slot = self.cache.allocate()
+            self._running.append(seq)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for seq in [s for s in self._running if s.in_prefill]:
+            if budget <= 0:
+                break
+            prompt = seq.request.prompt_ids
+            chunk = prompt[seq.prefilled : seq.prefilled + budget]
+            logits = self.runner.prefill(PrefillRow(seq.slot, chunk, seq.prefilled, seq.adapter_slot))
+            seq.prefilled += len(chunk)
+            budget -= len(chunk)
+            if not seq.in_prefill:
+                self._accept(seq, sample_row(logits, seq.state, self.eos_token_ids))
+
+    def _decode(self) -> None:
+        rows = [s for s in self._running if not s.in_prefill and not s.finished]
+        self._last_batch = len(rows)
+        if not rows:
+            return
+        # Group rows by adapter so each adapter's rows are one contiguous segment for lora_ops.
+        rows.sort(key=lambda s: -1 if s.adapter_slot is None else s.adapter_slot)
+        device = self.runner.device
+        positions = [len(s.request.prompt_ids) + len(s.state.output_ids) - 1 for s in rows]
+        batch = DecodeBatch(
+            slots=torch.tensor([s.slot for s in rows], device=device),
+            positions=torch.tensor(positions, device=device),
+            tokens=torch.tensor([s.state.output_ids[-1] for s in rows], device=device),
+            segments=segments_of([s.adapter_slot for s in rows], [1] * len(rows)),
+        )
+        logits = self.runner.decode(batch)
+        for seq, token in zip(rows, sample(logits, [s.state for s in rows], self.eos_token_ids), strict=True):
+            self._accept(seq, token)
+
+    def _accept(self, seq: _Sequence, token: SampledToken) -> None:
+        """Record a sampled token, send it, and retire the row if it finished."""
+        state = seq.state
+        params = state.params
+        state.output_ids.append(token.token_id)
+        n = len(state.output_ids)
+        finish: FinishReason | None = None
+        is_stop = token.token_id in params.stop_token_ids or (
+            token.token_id in self.eos_token_ids and not params.ignore_eos
+        )
+        if is_stop and n >= params.min_tokens:
+            finish = "stop"
+        elif n >= params.max_tokens or len(seq.request.prompt_ids) + n >= self.max_model_len:
+            finish = "length"
+        self._emit(
+            seq,
+            TokenEvent(
+                token.token_id,
+                logprob=token.logprob,
+                top_logprobs=token.top_logprobs,
+                finish_reason=finish,
+                prompt_tokens=len(seq.request.prompt_ids),
+                output_tokens=n,
+            ),
+        )
+        if finish is not None:
+            self._retire(seq)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self._emit(
+            seq,
+            TokenEvent(
+                None,
+                finish_reason=reason,
+                prompt_tokens=len(seq.request.prompt_ids),
+                output_tokens=len(seq.state.output_ids),
+                error=error,
+            ),
+        )
+        self._retire(seq)
+
+    def _retire(self, seq: _Sequence) -> None:
+        seq.finished = True
+        if seq in self._running:
+            self._running.remove(seq)
+            self.cache.release(seq.slot)
+
+    @staticmethod
+    def _emit(seq: _Sequence, event: TokenEvent) -> None:
+        try:
+            seq.loop.call_soon_threadsafe(seq.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _publish_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        stats = self.stats()
+        self.metrics.running.set(stats.running)
+        self.metrics.waiting.set(stats.waiting)
+        self.metrics.batch_size.set(stats.batch_size)
+        self.metrics.kv_cache_usage.set(stats.kv_cache_usage)

@@ -1,0 +1,114 @@
+"""Token selection: penalties, temperature, top-k / top-p, seeded sampling, logprobs.
+
+The all-greedy batch (the common serving and benchmark case) is one argmax; rows that sample or
+use penalties are processed on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.types import SamplingParams, TopLogprob
+
+
+@dataclass
+class SequenceState:
+    """What the sampler must know about one running sequence."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: list[int]) -> SequenceState:
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed)
+        return cls(params=params, prompt_ids=prompt_ids, generator=generator)
+
+    @property
+    def needs_processing(self) -> bool:
+        p = self.params
+        return (
+            not p.greedy
+            or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0
+            or p.repetition_penalty != 1.0
+            or p.logprobs is not None
+            or (p.min_tokens > len(self.output_ids))
+        )
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+def _apply_penalties(logits: torch.Tensor, seq: SequenceState) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), dtype=torch.long)
+        if seen.numel():
+            values = logits[seen]
+            logits[seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+        ids, counts = torch.tensor(seq.output_ids, dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop tokens once the mass before them already reaches top_p; the best token always stays.
+        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_row(logits: torch.Tensor, seq: SequenceState, eos_ids: frozenset[int]) -> SampledToken:
+    """logits: [vocab] float32 for one row -> the chosen token (and logprobs when asked)."""
+    p = seq.params
+    logits = _apply_penalties(logits.clone(), seq)
+    if len(seq.output_ids) < p.min_tokens:
+        for token in eos_ids | p.stop_token_ids:
+            logits[token] = float("-inf")
+    if p.greedy:
+        token = int(torch.argmax(logits))
+        processed = logits
+    else:
+        processed = _top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(processed, dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=seq.generator))
+    if p.logprobs is None:
+        return SampledToken(token)
+    logprobs = torch.log_softmax(processed, dim=-1)
+    top = torch.topk(logprobs, p.logprobs) if p.logprobs > 0 else None
+    tops = (
+        ()
+        if top is None
+        else tuple(
+            TopLogprob(int(i), float(v))
+            for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        )
+    )
+    return SampledToken(token, float(logprobs[token]), tops)
+
+
+def sample(logits: torch.Tensor, seqs: list[SequenceState], eos_ids: frozenset[int]) -> list[SampledToken]:
+    """logits: [B, vocab] -> one token per row."""
+    if not any(seq.needs_processing for seq in seqs):
+        return [SampledToken(int(t)) for t in torch.argmax(logits, dim=-1).tolist()]
+    return [sample_row(logits[i], seq, eos_ids) for i, seq in enumerate(seqs)]

@@ -1,0 +1,62 @@
+"""Fixtures for engine/registry unit tests: random PEFT adapters on the tiny base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+# Different ranks and target modules on purpose: one batch must mix them.
+ADAPTER_SPECS: dict[str, dict] = {
+    "qv4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "all8": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+    "mlp16": {
+        "r": 16,
+        "lora_alpha": 8,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"],
+        "use_rslora": True,
+    },
+}
+
+
+def make_peft_adapter(base_dir: Path, out: Path, seed: int, **lora) -> None:
+    """A random LoRA (B non-zero, so it changes outputs) saved in PEFT's own format."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(4.0)  # big enough that adapters visibly disagree with the base
+    peft_model.save_pretrained(out, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_base_dir, tmp_path_factory) -> Path:
+    """A volume of plain PEFT folders, one per ADAPTER_SPECS entry."""
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    for seed, (name, spec) in enumerate(ADAPTER_SPECS.items()):
+        make_peft_adapter(tiny_base_dir, root / name, seed, **spec)
+    return root
+
+
+def peft_greedy(
+    base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new_tokens: int
+) -> list[int]:
+    """The reference: plain PEFT (or the plain base) generate, do_sample=False."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -364,10 +365,9 @@ class Engine:
 
     @staticmethod
     def _emit(seq: _Sequence, event: TokenEvent) -> None:
-        try:
+        # A closed event loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
 
     def _publish_gauges(self) -> None:
         if self.metrics is None:

@@ -1,0 +1,75 @@
+"""``python -m server``: flags/env -> Settings -> uvicorn, with our own SIGTERM handling.
+
+uvicorn re-raises SIGTERM after its graceful shutdown (the process would die by the signal); we
+install our own handler instead: mark draining (new requests get 503), let the engine finish
+in-flight requests and streams, then stop uvicorn and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+
+from server.app import create_app
+from server.runtime import Runtime
+from server.settings import Settings, parse_settings
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # signals are ours (see _install_signal_handlers)
+
+
+async def serve(settings: Settings) -> int:
+    runtime = Runtime(settings)
+    app = create_app(settings, runtime)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    shutdown: asyncio.Task[None] | None = None
+
+    async def drain_then_exit() -> None:
+        logging.getLogger("lorayard.server").info("signal received: draining in-flight requests")
+        await runtime.drain()
+        server.should_exit = True
+
+    def on_signal() -> None:
+        nonlocal shutdown
+        if shutdown is None:
+            shutdown = asyncio.ensure_future(drain_then_exit())
+        else:  # a second signal: stop now
+            server.force_exit = True
+            server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await server.serve()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    sys.exit(asyncio.run(serve(settings)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The adapter registry: what is on the volume, what is resident in the engine, who is using what.
+
+* ``acquire("name")`` resolves LATEST (or ``name@vN``), loads the version off the event loop if it
+  is not resident, and pins it; ``release`` unpins. A request keeps the version it acquired even if
+  LATEST moves on meanwhile (versions are immutable folders, keyed ``name@vN``).
+* At most ``max_loaded`` versions are resident; the least recently used *unpinned* one is evicted
+  (SGLang's acquire/release discipline), so an adapter in use is never pulled from under a request.
+* A watcher polls the volume; a new adapter or a new LATEST is served by the next acquire, and the
+  cached listing for /v1/models is refreshed.
+* A broken adapter (bad files, another base) raises :class:`AdapterLoadError` for that adapter only;
+  a later fixed version loads normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorayard.adapter_files import AdapterFormatError, load_adapter
+from lorayard.volume import (
+    AdapterListing,
+    AdapterNotFound,
+    AdapterVolume,
+    InvalidAdapterName,
+    ResolvedAdapter,
+)
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine
+    from server.metrics import ServerMetrics
+
+log = logging.getLogger("lorayard.registry")
+
+
+class AdapterLoadError(Exception):
+    """The adapter exists but cannot be served (corrupt files, wrong base, unsupported format)."""
+
+
+class AdaptersBusy(Exception):
+    """Every resident adapter is pinned by running requests and no slot can be freed."""
+
+
+@dataclass(eq=False)
+class _Resident:
+    adapter: ResolvedAdapter
+    slot: int
+    pins: int = 0
+    last_used: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdapterLease:
+    """A pinned, resident adapter version (implements the engine's ``AdapterHandle``)."""
+
+    name: str
+    version: int | None
+    key: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    name: str
+    versions: list[int]
+    latest: int | None
+    plain: bool
+    loaded: bool
+    load_error: str | None = None
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        adapters_dir: Path,
+        engine: Engine,
+        *,
+        base_fingerprint: str,
+        max_loaded: int = 8,
+        poll_interval_s: float = 1.0,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.volume = AdapterVolume(adapters_dir)
+        self.engine = engine
+        self.base_fingerprint = base_fingerprint
+        self.max_loaded = max_loaded
+        self.poll_interval_s = poll_interval_s
+        self.metrics = metrics
+        self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
+        self._errors: dict[str, str] = {}
+        self._listing: list[AdapterListing] = []
+        self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def refresh(self) -> None:
+        """Re-scan the volume (cheap: directory listings and LATEST files only)."""
+        try:
+            self._listing = await asyncio.to_thread(self.volume.list)
+        except OSError as exc:  # an unreadable volume must not take the server down
+            log.error("cannot list adapters volume %s: %s", self.volume.root, exc)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            await self.refresh()
+
+    # -- requests -------------------------------------------------------------------------------
+    async def acquire(self, ref: str) -> AdapterLease:
+        """Resolve, load if needed, and pin. Raises InvalidAdapterName, AdapterNotFound, AdapterLoadError."""
+        try:
+            adapter = await asyncio.to_thread(self.volume.resolve, ref)
+        except OSError as exc:
+            raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable ({exc})") from exc
+        async with self._lock:
+            resident = self._resident.get(adapter.key)
+            if resident is None:
+                resident = await self._load(adapter)
+            resident.pins += 1
+            resident.last_used = time.monotonic()
+            self._resident.move_to_end(adapter.key)
+            return AdapterLease(adapter.name, adapter.version, adapter.key, resident.slot)
+
+    def release(self, lease: AdapterLease) -> None:
+        resident = self._resident.get(lease.key)
+        if resident is not None and resident.pins > 0:
+            resident.pins -= 1
+
+    async def _load(self, adapter: ResolvedAdapter) -> _Resident:
+        """Load one version (the caller holds the lock); evict the LRU unpinned one if full."""
+        while len(self._resident) >= self.max_loaded:
+            victim = next((k for k, r in self._resident.items() if r.pins == 0), None)
+            if victim is None:
+                raise AdaptersBusy(
+                    f"all {self.max_loaded} resident adapters are in use; "
+                    "retry shortly or raise --max-loaded-adapters"
+                )
+            self._evict(victim)
+        started = time.perf_counter()
+        try:
+            slot = await asyncio.to_thread(self._read_and_upload, adapter)
+        except AdapterLoadError as exc:
+            self._errors[adapter.name] = str(exc)
+            raise
+        self._errors.pop(adapter.name, None)
+        elapsed = time.perf_counter() - started
+        log.info("loaded adapter %s in %.1f ms", adapter.key, elapsed * 1000)
+        if self.metrics is not None:
+            self.metrics.adapter_load_seconds.labels(adapter=adapter.name).observe(elapsed)
+        resident = _Resident(adapter, slot)
+        self._resident[adapter.key] = resident
+        self._set_loaded_gauge()
+        return resident
+
+    def _read_and_upload(self, adapter: ResolvedAdapter) -> int:
+        try:
+            manifest = adapter.manifest()
+        except (OSError, ValueError) as exc:
+            raise AdapterLoadError(f"adapter {adapter.key}: unreadable manifest.json ({exc})") from exc
+        if manifest is not None and manifest.base_model.sha256 != self.base_fingerprint:
+            raise AdapterLoadError(
+                f"adapter {adapter.key} was trained on base {manifest.base_model.id!r} "
+                f"(sha256 {manifest.base_model.sha256[:12]}…), not on the base this server runs"
+            )
+        try:
+            weights = load_adapter(adapter.path, self.engine.config)
+            return self.engine.load_adapter_weights(adapter.key, weights)
+        except (AdapterFormatError, OSError, ValueError) as exc:
+            raise AdapterLoadError(f"adapter {adapter.key}: {exc}") from exc
+
+    def _evict(self, key: str) -> None:
+        resident = self._resident.pop(key)
+        self.engine.free_adapter_weights(resident.slot)
+        log.info("evicted adapter %s", key)
+        self._set_loaded_gauge()
+
+    def _set_loaded_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.loaded_adapters.set(len(self._resident))
+
+    # -- management (vLLM's load/unload endpoints, /v1/models) ----------------------------------
+    async def load(self, name: str, path: str | None = None) -> AdapterStatus:
+        """Load ``name`` (LATEST) now. ``path``, if given, must be that adapter's folder on the volume."""
+        if path is not None:
+            resolved = Path(path).resolve()
+            root = self.volume.root.resolve()
+            if root not in resolved.parents:
+                raise InvalidAdapterName(f"lora_path {path!r} is outside the adapters volume {root}")
+            relative = resolved.relative_to(root).parts
+            if relative[0] != name:
+                raise InvalidAdapterName(f"lora_path {path!r} is not the folder of adapter {name!r}")
+        lease = await self.acquire(name)
+        self.release(lease)
+        await self.refresh()
+        return next(s for s in self.list_models() if s.name == name)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            keys = [k for k, r in self._resident.items() if r.adapter.name == name]
+            if not keys:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded")
+            for key in keys:
+                if self._resident[key].pins:
+                    raise AdaptersBusy(f"adapter {key} is serving requests; retry when they finish")
+                self._evict(key)
+
+    def list_models(self) -> list[AdapterStatus]:
+        loaded = {r.adapter.name for r in self._resident.values()}
+        return [
+            AdapterStatus(
+                name=a.name,
+                versions=a.versions,
+                latest=a.latest,
+                plain=a.plain,
+                loaded=a.name in loaded,
+                load_error=self._errors.get(a.name),
+            )
+            for a in self._listing
+        ]
+
+    def known(self, name: str) -> bool:
+        return any(a.name == name for a in self._listing)

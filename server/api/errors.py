@@ -1,0 +1,119 @@
+"""Every error type mapped once to an HTTP status and OpenAI's JSON.
+
+The body is always ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorayard.volume import AdapterNotFound, InvalidAdapterName
+from server.adapters.registry import AdapterLoadError, AdaptersBusy
+from server.engine.types import EngineStopped, PromptTooLong, QueueFull
+
+log = logging.getLogger("lorayard.api")
+
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    """An error the API raises itself, with its status and the field it is about."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class NotReady(APIError):
+    def __init__(self, message: str = "the server is loading the base model") -> None:
+        super().__init__(503, message, code="not_ready")
+
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    500: "internal_error",
+}
+
+# Each library/engine error type -> (status, code). One table; never matched by message text.
+_MAPPED: dict[type[Exception], tuple[int, str]] = {
+    InvalidAdapterName: (400, "invalid_adapter_name"),
+    AdapterNotFound: (404, "adapter_not_found"),
+    AdapterLoadError: (422, "adapter_load_failed"),
+    AdaptersBusy: (503, "adapters_busy"),
+    PromptTooLong: (400, "context_length_exceeded"),
+    QueueFull: (429, "queue_full"),
+    EngineStopped: (503, "draining"),
+}
+
+
+def error_response(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "error"), "param": param, "code": code}}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def status_of(exc: Exception) -> tuple[int, str | None]:
+    if isinstance(exc, APIError):
+        return exc.status, exc.code
+    for kind, (status, code) in _MAPPED.items():
+        if isinstance(exc, kind):
+            return status, code
+    return 500, "internal_error"
+
+
+def _param_of(exc: Exception) -> str | None:
+    if isinstance(exc, APIError):
+        return exc.param
+    if isinstance(exc, InvalidAdapterName | AdapterNotFound | AdapterLoadError):
+        return "adapter"
+    if isinstance(exc, PromptTooLong):
+        return "messages"
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return error_response(exc.status_code, message)
+
+    async def _mapped(_: Request, exc: Exception) -> JSONResponse:
+        status, code = status_of(exc)
+        return error_response(status, str(exc), param=_param_of(exc), code=code)
+
+    # Registered per type so Starlette's ExceptionMiddleware answers them; only true bugs reach the
+    # catch-all below (which logs the traceback and hides it from the client).
+    for kind in (APIError, *_MAPPED):
+        app.add_exception_handler(kind, _mapped)
+
+    @app.exception_handler(Exception)
+    async def _any(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error: %r", exc)
+        return error_response(500, "internal server error", code="internal_error")

@@ -1,0 +1,73 @@
+"""From engine token events to text: incremental detokenization and stop strings.
+
+Multi-byte characters (Chinese, emoji) span several byte-level tokens; a delta is only released once
+it decodes without a trailing U+FFFD, so no chunk ever carries half a character. Stop strings may
+span chunks, so the last ``len(longest stop) - 1`` characters are held back until they can't start one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Feed token ids one at a time; get back the text they add (possibly "" while incomplete)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # ids before this index are fully emitted and only kept as context
+        self._read = 0  # ids before this index have produced their text
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        # Decode with a little left context so tokenizers that strip leading spaces behave.
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        full_text = self._decode(self.ids[self._prefix :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
+            self._prefix, self._read = self._read, len(self.ids)
+            return full_text[len(prefix_text) :]
+        return ""
+
+
+@dataclass
+class StopStringFilter:
+    """Holds back text that could be the start of a stop string; reports when one is hit."""
+
+    stops: list[str]
+    text: str = ""
+    sent: int = 0
+    stopped: bool = field(default=False)
+
+    def push(self, delta: str) -> str:
+        """Add decoded text; return what is safe to send now."""
+        if self.stopped:
+            return ""
+        self.text += delta
+        if not self.stops:
+            return self._release(len(self.text))
+        longest = max(len(s) for s in self.stops)
+        search_from = max(0, self.sent - longest + 1)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[: min(hits)]
+            return self._release(len(self.text))
+        return self._release(max(self.sent, len(self.text) - longest + 1))
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        out = self.text[self.sent : upto]
+        self.sent = max(self.sent, upto)
+        return out

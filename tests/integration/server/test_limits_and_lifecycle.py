@@ -22,11 +22,23 @@ def limited_server(tiny_base_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("limited")
     (root / "adapters").mkdir()
     server = start_server(
-        ["--adapters-dir", str(root / "adapters"), "--base-model", str(tiny_base_dir), "--max-batch-size", "1",
-         "--max-queue", "1", "--max-body-bytes", "4096", "--max-model-len", "128", "--metrics-public"],
+        [
+            *("--adapters-dir", str(root / "adapters"), "--base-model", str(tiny_base_dir)),
+            *(
+                "--max-batch-size",
+                "1",
+                "--max-queue",
+                "1",
+                "--max-body-bytes",
+                "4096",
+                "--max-model-len",
+                "128",
+            ),
+            "--metrics-public",
+        ],
         root / "server.log",
         env={"LORAYARD_API_KEY": KEY},
-    )  # fmt: skip
+    )
     yield server
     server.stop()
 

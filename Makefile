@@ -32,7 +32,7 @@ lint: install  ## ruff
 	$(VENV)/bin/ruff format --check .
 
 demo: install  ## train two demo adapters, serve them, query them
-	$(PY) -m train_job.demo
+	$(PY) -m demo
 
 clean:  ## remove the venv and demo output (the model cache in ~/.cache/lorayard stays)
 	rm -rf $(VENV) adapters

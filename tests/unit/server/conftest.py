@@ -19,6 +19,12 @@ ADAPTER_SPECS: dict[str, dict] = {
         "target_modules": ["gate_proj", "up_proj", "down_proj"],
         "use_rslora": True,
     },
+    "dora8": {
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj", "o_proj", "down_proj"],
+        "use_dora": True,
+    },
 }
 
 
@@ -44,10 +50,10 @@ def tiny_adapters(tiny_base_dir, tmp_path_factory) -> Path:
 
 
 def peft_greedy(
-    base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new_tokens: int
+    base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new_tokens: int, **load_kwargs
 ) -> list[int]:
     """The reference: plain PEFT (or the plain base) generate, do_sample=False."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **load_kwargs)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()

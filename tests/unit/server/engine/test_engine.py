@@ -43,9 +43,8 @@ PROMPTS = [[1, 9690, 198, 2683, 359, 253], [1, 4093, 198, 19556, 30, 2], [1, 520
 def test_mixed_adapter_batches_match_peft_greedy(engine, tiny_base_dir, tiny_adapters):
     """Concurrent, staggered requests for different adapters (and none) each equal plain PEFT."""
     handles = {name: _load(engine, tiny_base_dir, tiny_adapters, name) for name in ADAPTER_SPECS}
-    cases = [
-        (name, PROMPTS[i % len(PROMPTS)]) for i, name in enumerate([*ADAPTER_SPECS, None, "qv4", "all8"])
-    ]
+    names = [*ADAPTER_SPECS, None, "qv4", "all8"]
+    cases = [(name, PROMPTS[i % len(PROMPTS)]) for i, name in enumerate(names)]
     max_tokens = 12
 
     async def run():
@@ -64,8 +63,8 @@ def test_mixed_adapter_batches_match_peft_greedy(engine, tiny_base_dir, tiny_ada
         assert tokens == expected, name
         assert last.finish_reason == "length"
         assert last.output_tokens == max_tokens
-    base_tokens = results[3][0]
-    assert any(r[0] != base_tokens for r in results[:3]), "adapters must change the output"
+    base_tokens = results[names.index(None)][0]
+    assert any(r[0] != base_tokens for r in results[: len(ADAPTER_SPECS)]), "adapters must change the output"
 
 
 def test_long_prompt_is_chunked_and_matches(engine, tiny_base_dir, tiny_adapters):
@@ -110,3 +109,32 @@ def test_limits_and_abort(tiny_base):
         engine.stop()
     assert stats.running == 0 and stats.waiting == 0
     assert engine.cache.free_slots == 1
+
+
+def test_4bit_base_with_adapter_matches_peft_on_the_same_4bit_base(tiny_base, tiny_base_dir, tiny_adapters):
+    """QLoRA-style serving: NF4 base (bitsandbytes, CPU) + LoRA on top equals PEFT over the same NF4 base."""
+    from transformers import BitsAndBytesConfig
+
+    engine = Engine.from_base(
+        tiny_base, device="cpu", quantization="4bit", eos_token_ids=set(), max_batch_size=2, max_model_len=64
+    )
+    handle = _load(engine, tiny_base_dir, tiny_adapters, "qv4")
+
+    async def run():
+        engine.start()
+        return await _collect(
+            engine, Request("q", PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0), handle)
+        )
+
+    try:
+        tokens, _ = asyncio.run(run())
+    finally:
+        engine.stop()
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype="float32",
+    )
+    expected = peft_greedy(tiny_base_dir, tiny_adapters / "qv4", PROMPTS[0], 6, quantization_config=nf4)
+    assert tokens == expected

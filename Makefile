@@ -34,5 +34,20 @@ lint: install  ## ruff
 demo: install  ## train two demo adapters, serve them, query them
 	$(PY) -m demo
 
+# BENCH_ARGS="--device cuda" benchmarks on a GPU; results and bench/README.md are rewritten.
+bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU); bench/README.md from results
+	for suite in multi_adapter naive head_of_line adapter_scale decode_roofline training; do \
+		$(PY) -m bench.$$suite $(BENCH_ARGS) || exit 1; done
+	$(PY) -m bench.report
+
+bench-quick: install  ## a quick subset of the benchmark suites (< 5 min on a laptop CPU)
+	for suite in multi_adapter naive head_of_line adapter_scale decode_roofline; do \
+		$(PY) -m bench.$$suite --quick $(BENCH_ARGS) || exit 1; done
+	$(PY) -m bench.report
+
+# SOAK_ARGS=--tiny soaks a tiny random base (a minute's smoke run: SOAK_ARGS="--tiny --duration 30").
+soak: install  ## ~5 min of mixed load with cancels on a real server; checks 5xx, slots, RSS (bench/results/soak)
+	$(PY) bench/soak.py $(SOAK_ARGS)
+
 clean:  ## remove the venv and demo output (the model cache in ~/.cache/lorayard stays)
 	rm -rf $(VENV) adapters

@@ -171,6 +171,7 @@ def _generate(args: argparse.Namespace, *, chat: bool) -> int:
                     sys.stdout.flush()
             usage, finish = stream.usage, stream.finish_reason
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before the usage line on stderr, so a terminal shows them in order
     if usage is not None:
         tokens = f"{usage.prompt_tokens} prompt + {usage.completion_tokens} output tokens"
         _err.print(f"[dim]{tokens}, finish: {finish}[/dim]")
@@ -181,17 +182,22 @@ def _models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.models()
     table = Table(title=f"models at {client.base_url}")
-    for column in ("id", "kind", "parent", "max_model_len", "details"):
-        table.add_column(column)
+    show_len = any(model.max_model_len for model in models)
+    table.add_column("id", no_wrap=True)
+    table.add_column("kind")
+    table.add_column("parent")
+    if show_len:
+        table.add_column("max_model_len", justify="right")
+    table.add_column("details")
     for model in models:
-        details = ", ".join(f"{key}={value}" for key, value in model.extra_fields.items())
-        table.add_row(
-            model.id,
-            "adapter" if model.is_adapter else "base",
-            model.parent or "",
-            str(model.max_model_len or ""),
-            details,
+        # Server-specific extras, minus the empty ones, so the table stays readable.
+        details = ", ".join(
+            f"{key}={value}" for key, value in model.extra_fields.items() if value not in (None, [], {}, "")
         )
+        cells = [model.id, "adapter" if model.is_adapter else "base", model.parent or ""]
+        if show_len:
+            cells.append(str(model.max_model_len or ""))
+        table.add_row(*cells, details)
     _out.print(table)
     return 0
 

@@ -66,25 +66,38 @@ def _boxplot(axis: plt.Axes, labels: list[str], samples: list[list[float]]) -> N
     axis.grid(axis="y", alpha=0.3)
 
 
+def _token_times(record: RequestRecord) -> list[float]:
+    """When each output token arrived (seconds since start): from the stream's deltas when there are
+    any (a delta may carry several tokens: they share its time), else spread over the request."""
+    tokens = record.output_tokens or 0
+    if not tokens or record.e2e_s is None:
+        return []
+    if record.ttft_s is not None:
+        arrivals = [record.start_s + record.ttft_s]
+        for gap in record.itl_s:
+            arrivals.append(arrivals[-1] + gap)
+    else:
+        arrivals = [record.start_s + record.e2e_s * (i + 1) / tokens for i in range(tokens)]
+    return [arrivals[min(len(arrivals) - 1, i * len(arrivals) // tokens)] for i in range(tokens)]
+
+
 def _throughput(axis: plt.Axes, records: list[RequestRecord], duration_s: float) -> None:
-    """Output tokens per second in fixed bins, by completion time (a request counts when it ends)."""
+    """Output tokens per second in fixed time bins (by token arrival), and requests in flight."""
     bins = max(10, min(60, round(duration_s)))
     width = max(duration_s, 1e-9) / bins
     tokens = [0.0] * bins
-    completions = [0] * bins
     for record in records:
-        if record.end_s is None:
-            continue
-        slot = min(bins - 1, int(record.end_s / width))
-        tokens[slot] += record.output_tokens or 0
-        completions[slot] += 1
+        for arrival in _token_times(record):
+            tokens[min(bins - 1, int(arrival / width))] += 1
     starts = [i * width for i in range(bins)]
-    axis.bar(starts, [t / width for t in tokens], width=width, align="edge", alpha=0.7, label="output tok/s")
+    axis.bar(starts, [t / width for t in tokens], width=width, align="edge", alpha=0.7)
     axis.set_xlabel("seconds since start")
     axis.set_ylabel("output tokens / s")
     axis.set_title("throughput over time")
-    twin = axis.twinx()
-    twin.plot([s + width / 2 for s in starts], [c / width for c in completions], color="C1", marker=".")
-    twin.set_ylabel("completed requests / s", color="C1")
-    twin.set_ylim(bottom=0)
     axis.grid(axis="y", alpha=0.3)
+    middles = [start + width / 2 for start in starts]
+    in_flight = [sum(1 for r in records if r.end_s is not None and r.start_s <= t < r.end_s) for t in middles]
+    twin = axis.twinx()
+    twin.plot(middles, in_flight, color="C1", marker=".")
+    twin.set_ylabel("requests in flight", color="C1")
+    twin.set_ylim(bottom=0, top=max(in_flight, default=0) + 1)

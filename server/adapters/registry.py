@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from lorayard.adapter_files import AdapterFormatError, load_adapter
 from lorayard.volume import (
+    ADAPTER_WEIGHTS_FILE,
     AdapterListing,
     AdapterNotFound,
     AdapterVolume,
@@ -52,6 +53,16 @@ class _Resident:
     slot: int
     pins: int = 0
     last_used: float = 0.0
+    identity: tuple[int, int, int] | None = None
+    """(device, inode, mtime) of the weights file when loaded: tells a folder replaced in place."""
+
+
+def _file_identity(folder: Path) -> tuple[int, int, int] | None:
+    try:
+        st = (folder / ADAPTER_WEIGHTS_FILE).stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -125,12 +136,18 @@ class AdapterRegistry:
         """Resolve, load if needed, and pin. Raises InvalidAdapterName, AdapterNotFound, AdapterLoadError."""
         try:
             adapter = await asyncio.to_thread(self.volume.resolve, ref)
+            identity = await asyncio.to_thread(_file_identity, adapter.path)
         except OSError as exc:
             raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable ({exc})") from exc
         async with self._lock:
             resident = self._resident.get(adapter.key)
+            if resident is not None and resident.identity != identity:
+                # Replaced in place (a plain folder rewritten, a version deleted and republished):
+                # requests already running keep the old weights; new ones get the files on disk.
+                self._retire(adapter.key)
+                resident = None
             if resident is None:
-                resident = await self._load(adapter)
+                resident = await self._load(adapter, identity)
             resident.pins += 1
             resident.last_used = time.monotonic()
             self._resident.move_to_end(adapter.key)
@@ -138,10 +155,12 @@ class AdapterRegistry:
 
     def release(self, lease: AdapterLease) -> None:
         resident = self._resident.get(lease.key)
+        if resident is None or resident.slot != lease.slot:  # retired meanwhile: find it by slot
+            resident = next((r for r in self._resident.values() if r.slot == lease.slot), None)
         if resident is not None and resident.pins > 0:
             resident.pins -= 1
 
-    async def _load(self, adapter: ResolvedAdapter) -> _Resident:
+    async def _load(self, adapter: ResolvedAdapter, identity: tuple[int, int, int] | None) -> _Resident:
         """Load one version (the caller holds the lock); evict the LRU unpinned one if full."""
         while len(self._resident) >= self.max_loaded:
             victim = next((k for k, r in self._resident.items() if r.pins == 0), None)
@@ -162,7 +181,7 @@ class AdapterRegistry:
         log.info("loaded adapter %s in %.1f ms", adapter.key, elapsed * 1000)
         if self.metrics is not None:
             self.metrics.adapter_load_seconds.labels(adapter=adapter.name).observe(elapsed)
-        resident = _Resident(adapter, slot)
+        resident = _Resident(adapter, slot, identity=identity)
         self._resident[adapter.key] = resident
         self._set_loaded_gauge()
         return resident
@@ -182,6 +201,15 @@ class AdapterRegistry:
             return self.engine.load_adapter_weights(adapter.key, weights)
         except (AdapterFormatError, OSError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: {exc}") from exc
+
+    def _retire(self, key: str) -> None:
+        """Drop a stale version now, or once its running requests release it (the LRU evicts it)."""
+        resident = self._resident[key]
+        if resident.pins == 0:
+            self._evict(key)
+        else:
+            del self._resident[key]
+            self._resident[f"{key}#replaced-{resident.slot}"] = resident
 
     def _evict(self, key: str) -> None:
         resident = self._resident.pop(key)

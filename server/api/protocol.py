@@ -43,7 +43,8 @@ class SamplingFields(_Lenient):
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    # A near-zero penalty divides logits into inf (NaN probabilities): bound it away from 0.
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate through end-of-turn")

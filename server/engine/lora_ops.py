@@ -55,12 +55,33 @@ class LoraLinearWeights:
     row_scale: torch.Tensor | None = None
 
 
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "gate_up": ("gate_proj", "up_proj"),
+}
+"""Linears that read the same input: their LoRA A matrices are concatenated so one matmul per segment
+computes every member's ``x @ A^T`` (three, resp. two, small matmuls become one)."""
+
+
+@dataclass(frozen=True)
+class FusedLoraGroup:
+    """The LoRA of the members of one FUSED_GROUPS entry that an adapter targets, in one layer.
+
+    a_t: [in_features, sum of member ranks]; members: (module, first, end column of a_t, weights).
+    """
+
+    a_t: torch.Tensor
+    members: tuple[tuple[str, int, int, LoraLinearWeights], ...]
+
+
 class ResidentAdapter:
     """An adapter's weights in engine memory, indexed by (layer, module short name)."""
 
     def __init__(self, key: str, modules: dict[tuple[int, str], LoraLinearWeights]) -> None:
         self.key = key
         self.modules = modules
+        self.groups = _fuse(modules)
+        """(layer, group name) -> FusedLoraGroup; members' a_t are views into the group's a_t."""
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +119,29 @@ class ResidentAdapter:
         return cls(key, modules)
 
 
+def _fuse(modules: dict[tuple[int, str], LoraLinearWeights]) -> dict[tuple[int, str], FusedLoraGroup]:
+    """Concatenate the A matrices of each layer's group members (in place: members become views)."""
+    groups = {}
+    layers = sorted({layer for layer, _ in modules})
+    for layer in layers:
+        for group, names in FUSED_GROUPS.items():
+            present = [n for n in names if (layer, n) in modules]
+            if not present:
+                continue
+            a_t = torch.cat([modules[(layer, n)].a_t for n in present], dim=1)
+            members = []
+            start = 0
+            for name in present:
+                weights = modules[(layer, name)]
+                end = start + weights.a_t.shape[1]
+                view = LoraLinearWeights(a_t[:, start:end], weights.b_t, weights.row_scale)
+                modules[(layer, name)] = view
+                members.append((name, start, end, view))
+                start = end
+            groups[(layer, group)] = FusedLoraGroup(a_t, tuple(members))
+    return groups
+
+
 def apply_lora(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -126,3 +170,33 @@ def apply_lora(
             y_seg.mul_(weights.row_scale)
         y_seg.addmm_(x_seg @ weights.a_t, weights.b_t)
     return y
+
+
+def apply_lora_group(
+    outputs: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    layer: int,
+    group: str,
+    segments: list[Segment],
+    adapters: dict[int, ResidentAdapter],
+) -> None:
+    """:func:`apply_lora` for every member of a FUSED_GROUPS entry, with one A matmul per segment.
+
+    Semantics:
+        outputs: member module name -> y [N, out_features of that module], the base outputs
+        x: [N, in_features], shared by every member
+        for each segment (start, end, slot) and each member m the adapter targets in this layer:
+            t = x[start:end] @ concat_m(A_m^T)                      [rows, sum of member ranks]
+            y_m[start:end] = g_m * y_m[start:end] + t[:, cols_m] @ (s * g_m * B_m)^T
+        which equals apply_lora on each member separately.
+    """
+    for segment in segments:
+        fused = adapters[segment.adapter_slot].groups.get((layer, group))
+        if fused is None:
+            continue
+        t = x[segment.start : segment.end] @ fused.a_t
+        for name, first, end, weights in fused.members:
+            y_seg = outputs[name][segment.start : segment.end]
+            if weights.row_scale is not None:
+                y_seg.mul_(weights.row_scale)
+            y_seg.addmm_(t[:, first:end], weights.b_t)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_ops import ResidentAdapter, Segment, apply_lora
+from server.engine.lora_ops import ResidentAdapter, Segment, apply_lora, apply_lora_group
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,13 @@ class ModelRunner:
         """x: [N, hidden] -> q [N, heads, hd], k/v [N, kv_heads, hd] with rotary applied to q, k."""
         attn = self.layers[layer_index].self_attn
         n = x.shape[0]
-        q = self._linear(attn.q_proj, x, layer_index, "q_proj", segments).view(
-            n, self.num_heads, self.head_dim
-        )
-        k = self._linear(attn.k_proj, x, layer_index, "k_proj", segments).view(
-            n, self.num_kv_heads, self.head_dim
-        )
-        v = self._linear(attn.v_proj, x, layer_index, "v_proj", segments).view(
-            n, self.num_kv_heads, self.head_dim
-        )
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if segments:
+            outputs = {"q_proj": q, "k_proj": k, "v_proj": v}
+            apply_lora_group(outputs, x, layer_index, "qkv", segments, self.adapters)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         # cos/sin: [N, 1, hd], broadcast over heads
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -87,8 +85,11 @@ class ModelRunner:
 
     def _mlp(self, layer_index: int, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         mlp = self.layers[layer_index].mlp
-        gate = self._linear(mlp.gate_proj, x, layer_index, "gate_proj", segments)
-        up = self._linear(mlp.up_proj, x, layer_index, "up_proj", segments)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if segments:
+            apply_lora_group(
+                {"gate_proj": gate, "up_proj": up}, x, layer_index, "gate_up", segments, self.adapters
+            )
         return self._linear(mlp.down_proj, mlp.act_fn(gate) * up, layer_index, "down_proj", segments)
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,17 +139,33 @@ class ModelRunner:
         mask = (torch.arange(length, device=self.device)[None, :] <= batch.positions[:, None])[
             :, None, None, :
         ]
+        # Rows are ordered by adapter, not by slot. When the rows' slots are one contiguous range
+        # (a full or freshly filled batch), attention reads that range of the cache as a view, with
+        # queries permuted into slot order, instead of gathering a copy of every row's K/V per layer.
+        by_slot = torch.argsort(batch.slots)
+        first = int(batch.slots[by_slot[0]])
+        contiguous = int(batch.slots[by_slot[-1]]) - first + 1 == b
+        if contiguous:
+            unsort = torch.argsort(by_slot)
+            mask = mask[by_slot]
         for i, layer in enumerate(self.layers):
             residual = h
             x = layer.input_layernorm(h)
             q, k, v = self._qkv(i, x, batch.segments, cos, sin)
             self.cache.k[i][batch.slots, :, batch.positions] = k
             self.cache.v[i][batch.slots, :, batch.positions] = v
-            keys = self.cache.k[i][batch.slots, :, :length]
-            values = self.cache.v[i][batch.slots, :, :length]
-            out = F.scaled_dot_product_attention(
-                q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True
-            )
+            if contiguous:
+                keys = self.cache.k[i][first : first + b, :, :length]
+                values = self.cache.v[i][first : first + b, :, :length]
+                out = F.scaled_dot_product_attention(
+                    q[by_slot, :, None, :], keys, values, attn_mask=mask, enable_gqa=True
+                )[unsort]
+            else:
+                keys = self.cache.k[i][batch.slots, :, :length]
+                values = self.cache.v[i][batch.slots, :, :length]
+                out = F.scaled_dot_product_attention(
+                    q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True
+                )
             out = out.reshape(b, self.num_heads * self.head_dim)
             h = residual + self._linear(layer.self_attn.o_proj, out, i, "o_proj", batch.segments)
             h = h + self._mlp(i, layer.post_attention_layernorm(h), batch.segments)

@@ -74,6 +74,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         # Drop tokens once the mass before them already reaches top_p; the best token always stays.
         drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop[0] = False  # explicitly: a top_p that rounds to 0 in float32 must not drop every token
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 

@@ -57,18 +57,17 @@ def random_adapters_dir(tmp_path_factory, real_base) -> Path:
     return folder
 
 
-def _server_supports_module() -> bool:
-    return (REPO_ROOT / "server" / "__main__.py").is_file() and (REPO_ROOT / "server" / "app.py").is_file()
-
-
-def start_server(adapters_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(
+    adapters_dir: Path, log: Path, *extra: str, api_key: str | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start ``python -m server`` and wait until ``/ready`` answers 200; returns (process, base_url)."""
-    if not _server_supports_module():
-        pytest.skip("the server package (server/__main__.py, server/app.py) does not exist yet")
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "NO_PROXY": "127.0.0.1"}
     command = [sys.executable, "-m", "server", "--adapters-dir", str(adapters_dir), "--port", str(port)]
     command += extra
+    if api_key:
+        command += ["--api-key", api_key]
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     handle = log.open("wb")
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"
@@ -77,7 +76,7 @@ def start_server(adapters_dir: Path, log: Path, *extra: str) -> tuple[subprocess
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(f"{root}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{root}/ready", headers=headers, timeout=2).status_code == 200:
                 return process, f"{root}/v1"
         except httpx.TransportError:
             pass
@@ -124,7 +123,7 @@ def server_launcher() -> Iterator[ServerLauncher]:
 def server(random_adapters_dir, tmp_path_factory) -> Iterator[RunningServer]:
     """The shared server for the client integration tests (API key required)."""
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    process, base_url = start_server(random_adapters_dir, log, "--api-key", API_KEY)
+    process, base_url = start_server(random_adapters_dir, log, api_key=API_KEY)
     try:
         yield RunningServer(base_url=base_url, api_key=API_KEY, adapters_dir=random_adapters_dir, log=log)
     finally:

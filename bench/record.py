@@ -1,0 +1,173 @@
+"""Where and how a suite's results are written: machine info, JSON, a markdown table, a PNG.
+
+Every suite writes ``bench/results/<suite>/result.json`` (the one source of truth), ``table.md`` and
+one or more PNGs; ``bench/report.py`` builds bench/README.md from the JSON files only.
+Headline figures are ratios of variants measured side by side in one run (interleaved, repeated,
+medians), because the machine is shared and absolute numbers drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """What the numbers were measured on."""
+
+    cpu: str
+    cores: int
+    torch: str
+    threads: int
+    device: str
+    gpu: str | None
+    python: str
+
+    @classmethod
+    def current(cls, device: str) -> MachineInfo:
+        gpu = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None
+        return cls(
+            cpu=_cpu_model(),
+            cores=os.cpu_count() or 1,
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            device=device,
+            gpu=gpu,
+            python=platform.python_version(),
+        )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class SuiteResult:
+    """One suite run: its headline ratios (name -> value, with the goal), raw rows, and context."""
+
+    suite: str
+    command: str
+    machine: MachineInfo
+    config: dict[str, Any]
+    headline: list[dict[str, Any]] = field(default_factory=list)
+    """Each: {"name", "value", "unit", "goal" (str or None), "met" (bool or None)}."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    duration_s: float = 0.0
+
+    def add_headline(
+        self, name: str, value: float, unit: str, goal: float | None = None, higher_is_better: bool = True
+    ) -> None:
+        met = None if goal is None else (value >= goal if higher_is_better else value <= goal)
+        goal_text = None if goal is None else f"{'>=' if higher_is_better else '<='} {goal:g}"
+        self.headline.append({"name": name, "value": value, "unit": unit, "goal": goal_text, "met": met})
+
+
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    """The flags every suite takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="a smaller run (part of `make bench-quick`)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default bench/results/<suite>)"
+    )
+    parser.add_argument(
+        "--adapter-cache",
+        type=Path,
+        default=None,
+        help="folder for the random adapters (default: model cache)",
+    )
+    return parser
+
+
+def setup_torch(args: argparse.Namespace) -> None:
+    """Apply --threads and check --device before anything is loaded."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def command_line() -> str:
+    """The command that reproduces this run, as typed."""
+    module = Path(sys.argv[0]).stem
+    return shlex.join(["python", "-m", f"bench.{module}", *sys.argv[1:]])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile, q in [0, 100]."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def headline_table(result: SuiteResult) -> str:
+    rows = []
+    for h in result.headline:
+        met = "" if h["met"] is None else ("yes" if h["met"] else "**no**")
+        rows.append([h["name"], f"{h['value']:.3g} {h['unit']}".strip(), h["goal"] or "", met])
+    return markdown_table(["figure", "value", "goal", "met"], rows)
+
+
+def machine_line(machine: MachineInfo) -> str:
+    gpu = f", GPU {machine.gpu}" if machine.gpu else ""
+    return (
+        f"{machine.cpu}, {machine.cores} cores{gpu}; torch {machine.torch}, {machine.threads} thread(s), "
+        f"device {machine.device}, Python {machine.python}"
+    )
+
+
+def write_result(result: SuiteResult, out: Path | None, details: str) -> Path:
+    """Write result.json and table.md (headline, details, machine, command); returns the folder."""
+    folder = out or RESULTS / result.suite
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    text = (
+        f"# {result.suite}\n\n{headline_table(result)}\n\n{details}\n\n"
+        f"Machine: {machine_line(result.machine)}.\n\n"
+        f"Command: `{result.command}` ({result.duration_s:.0f} s, {result.started}).\n"
+    )
+    (folder / "table.md").write_text(text)
+    print(text)
+    return folder

@@ -1,0 +1,321 @@
+"""training: train_job's training throughput vs a plain Trainer + PEFT script, and LoRA vs QLoRA memory.
+
+Variants, each in its own subprocess (so peak RSS is its own), interleaved and repeated:
+
+* ``train_job``: train_job's own path (config, data preparation, ``build_model``, ``make_trainer``);
+* ``plain``: the script a user would write: ``AutoModelForCausalLM`` + ``get_peft_model`` + ``Trainer``
+  with ``DataCollatorForSeq2Seq``, same examples (rendered ids and labels), same LoRA and batch config;
+* ``train_job_qlora``: train_job with 4-bit NF4 base (QLoRA), for the peak-RSS comparison.
+
+Tokens/s counts non-padding tokens fed to the model over ``train_runtime``; no evaluation or
+checkpoint happens inside the timed steps. Config: the persona demo (``train_job/configs/persona.yaml``).
+
+    python -m bench.training [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.record import (
+    REPO,
+    MachineInfo,
+    SuiteResult,
+    command_line,
+    common_arguments,
+    markdown_table,
+    median,
+    setup_torch,
+    write_result,
+)
+
+VARIANTS = ("train_job", "plain", "train_job_qlora")
+CONFIG = REPO / "train_job" / "configs" / "persona.yaml"
+
+
+@dataclass
+class TokenCountingCollator:
+    """Wraps a collator and counts the non-padding tokens of every batch it builds."""
+
+    inner: Any
+    tokens: int = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.inner(features)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def _config(args: argparse.Namespace, scratch: Path, quantization: str | None) -> Any:
+    from train_job.config import load_config
+
+    never = args.steps + 1000  # no evaluation or checkpoint inside the timed steps
+    overrides = {
+        "adapters_dir": scratch / "adapters",
+        "output_dir": scratch / "run",
+        "base_model": args.base,
+        "device": args.device,
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "eval_steps": never,
+        "save_steps": never,
+        "logging_steps": never,
+        "load_best_model_at_end": False,
+        "quantization": quantization,
+    }
+    return load_config(CONFIG, overrides)
+
+
+def _prepare(config: Any) -> tuple[Any, Any, Any]:
+    from lorayard.base_model import load_tokenizer, resolve_base_model
+    from train_job.data import prepare_data
+
+    base = resolve_base_model(config.base_model)
+    tokenizer = load_tokenizer(base)
+    data = prepare_data(
+        train_files=config.data,
+        val_files=config.val_data,
+        tokenizer=tokenizer,
+        data_format=config.data_format,
+        max_length=config.max_length,
+        system_prompt=config.system_prompt,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        max_errors=config.max_data_errors,
+    )
+    return base, tokenizer, data
+
+
+def _train_job_trainer(config: Any, base: Any, tokenizer: Any, data: Any) -> Any:
+    from train_job.train import TerminationFlag, build_model, make_trainer
+
+    model = build_model(config, base, _device(config))
+    return make_trainer(
+        config, model, tokenizer, data.train, data.validation, TerminationFlag(), _device(config)
+    )
+
+
+def _device(config: Any) -> str:
+    return config.device or "cpu"
+
+
+def _plain_trainer(config: Any, base: Any, tokenizer: Any, data: Any) -> Any:
+    """What a user writes from the transformers + PEFT docs, on the same examples and LoRA config."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    set_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).to(_device(config))
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+    )
+    model = get_peft_model(model, lora)
+    train = [
+        {
+            "input_ids": e.rendered.ids,
+            "labels": [t if m else -100 for t, m in zip(e.rendered.ids, e.rendered.labels_mask, strict=True)],
+        }
+        for e in data.train
+    ]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    arguments = TrainingArguments(
+        output_dir=str(config.run_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        warmup_steps=config.warmup_ratio,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=config.max_steps + 1000,
+        use_cpu=not _device(config).startswith("cuda"),
+        seed=config.seed,
+        remove_unused_columns=False,
+    )
+    return Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+    )
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant's training run, in this process; returns tokens, runtime and peak RSS."""
+    with tempfile.TemporaryDirectory(prefix="lorayard-bench-train-") as scratch:
+        quantization = "4bit" if args.worker == "train_job_qlora" else None
+        config = _config(args, Path(scratch), quantization)
+        base, tokenizer, data = _prepare(config)
+        if args.worker == "plain":
+            trainer = _plain_trainer(config, base, tokenizer, data)
+        else:
+            trainer = _train_job_trainer(config, base, tokenizer, data)
+        counter = TokenCountingCollator(trainer.data_collator)
+        trainer.data_collator = counter
+        output = trainer.train()
+    runtime = float(output.metrics["train_runtime"])
+    return {
+        "variant": args.worker,
+        "steps": trainer.state.global_step,
+        "tokens": counter.tokens,
+        "runtime_s": runtime,
+        "tokens_per_s": counter.tokens / runtime,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    steps = args.qlora_steps if variant == "train_job_qlora" else args.steps
+    command = [sys.executable, "-m", "bench.training", "--worker", variant, "--device", args.device]
+    command += ["--threads", str(args.threads), "--steps", str(steps), "--batch-size", str(args.batch_size)]
+    if args.base:
+        command += ["--base", args.base]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _paired(rows: list[dict], numerator: str, denominator: str, key: str) -> list[float]:
+    by_repeat: dict[int, dict[str, float]] = {}
+    for r in rows:
+        by_repeat.setdefault(r["repeat"], {})[r["variant"]] = r[key]
+    return [v[numerator] / v[denominator] for v in by_repeat.values() if numerator in v and denominator in v]
+
+
+def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
+    """Spawn the variants interleaved, then fill the headline ratios."""
+    setup_torch(args)
+    if tiny is not None:
+        args.base = str(tiny)
+    result = SuiteResult(
+        suite="training",
+        command=command_line(),
+        machine=MachineInfo.current(args.device),
+        config={
+            "config": str(CONFIG.relative_to(REPO)),
+            "steps": args.steps,
+            "qlora_steps": args.qlora_steps,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "base": args.base or "smollm2-135m-instruct",
+        },
+    )
+    start = time.perf_counter()
+    for repeat in range(args.repeats):
+        for variant in VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]:
+            row = {"repeat": repeat, **_spawn(args, variant)}
+            result.rows.append(row)
+            print(
+                f"repeat {repeat} {variant:>16}: {row['tokens_per_s']:7.1f} tok/s, "
+                f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+    result.duration_s = time.perf_counter() - start
+    result.add_headline(
+        "train_job / plain Trainer+PEFT training tok/s",
+        median(_paired(result.rows, "train_job", "plain", "tokens_per_s")),
+        "x",
+    )
+    result.add_headline(
+        "QLoRA (4-bit) / LoRA peak RSS",
+        median(_paired(result.rows, "train_job_qlora", "train_job", "peak_rss_bytes")),
+        "x",
+    )
+    result.add_headline(
+        "QLoRA (4-bit) / LoRA training tok/s",
+        median(_paired(result.rows, "train_job_qlora", "train_job", "tokens_per_s")),
+        "x",
+    )
+    return result
+
+
+def details(result: SuiteResult) -> str:
+    rows = []
+    for variant in VARIANTS:
+        picked = [r for r in result.rows if r["variant"] == variant]
+        rows.append(
+            [
+                variant,
+                median([r["tokens_per_s"] for r in picked]),
+                median([r["peak_rss_bytes"] / 2**20 for r in picked]),
+                picked[0]["steps"] if picked else 0,
+            ]
+        )
+    return (
+        "Medians per variant:\n\n"
+        + markdown_table(["variant", "tok/s", "peak RSS MiB", "steps"], rows)
+        + "\n\n![training](training.png)"
+    )
+
+
+def _plot(result: SuiteResult, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
+    tps = [median([r["tokens_per_s"] for r in result.rows if r["variant"] == v]) for v in VARIANTS]
+    rss = [median([r["peak_rss_bytes"] / 2**20 for r in result.rows if r["variant"] == v]) for v in VARIANTS]
+    left.bar(VARIANTS, tps, color="tab:blue")
+    left.set_ylabel("training tokens/s (median)")
+    right.bar(VARIANTS, rss, color="tab:orange")
+    right.set_ylabel("peak RSS MiB (median)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    fig.savefig(folder / "training.png", dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, with the --quick defaults filled in."""
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--qlora-steps", type=int, default=None, help="QLoRA is slow on CPU: fewer steps")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--base", default=None, help="base model (default: the embedded one)")
+    parser.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 10)
+    args.qlora_steps = args.qlora_steps or max(2, args.steps // 2)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        setup_torch(args)
+        print(json.dumps(worker(args)))
+        return
+    result = run(args)
+    folder = write_result(result, args.out, details(result))
+    _plot(result, folder)
+
+
+if __name__ == "__main__":
+    main()

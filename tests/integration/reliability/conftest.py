@@ -1,0 +1,82 @@
+"""Fault-injection fixtures: a tiny-base server over a volume we break on purpose.
+
+The server helpers (start_server, publish_folder, ...) are the server tests' own, imported rather than
+copied; ``python -m pytest`` puts the repository root on sys.path, so ``tests`` is importable.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lorayard.volume import AdapterVolume
+from tests.integration.server.conftest import ServerProcess, publish_folder, start_server
+
+__all__ = ["ServerProcess", "make_tiny_adapter", "publish_folder", "start_server"]
+
+API_KEY = "reliability-key"
+
+
+def make_tiny_adapter(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """A random PEFT LoRA on the tiny base, in PEFT's own format."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_source(tiny_base_dir, tmp_path_factory) -> Path:
+    """One good adapter on the tiny base, outside any volume."""
+    return make_tiny_adapter(tiny_base_dir, tmp_path_factory.mktemp("tiny-adapter") / "good", seed=1)
+
+
+@pytest.fixture(scope="session")
+def other_adapter_source(tiny_base_dir, tmp_path_factory) -> Path:
+    """A second good adapter (another rank), to replace folders with."""
+    return make_tiny_adapter(tiny_base_dir, tmp_path_factory.mktemp("tiny-adapter2") / "other", seed=2, r=8)
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def fault_volume(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fault-volume") / "adapters"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fault_server(tiny_base_dir, fault_volume, tmp_path_factory):
+    """A tiny-base server polling the volume fast; every test breaks its own adapter names."""
+    server = start_server(
+        [
+            *("--adapters-dir", str(fault_volume), "--base-model", str(tiny_base_dir)),
+            *("--poll-interval", "0.2", "--max-model-len", "256", "--max-tokens-limit", "64"),
+            *("--max-loaded-adapters", "4"),
+        ],
+        tmp_path_factory.mktemp("fault-logs") / "server.log",
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fault_fingerprint(tiny_base_dir) -> str:
+    from lorayard.base_model import resolve_base_model
+
+    return resolve_base_model(str(tiny_base_dir)).fingerprint
+
+
+@pytest.fixture(scope="module")
+def volume(fault_volume) -> AdapterVolume:
+    return AdapterVolume(fault_volume)

@@ -35,9 +35,18 @@ demo: install  ## train two demo adapters, serve them, query them
 	$(PY) -m demo
 
 # BENCH_ARGS="--device cuda" benchmarks on a GPU; results and bench/README.md are rewritten.
+# LLAMA_PYTHON=<venv>/bin/python (a venv with llama-cpp-python[server]; bench/llama_cpp.py says how to
+# build it) adds the llama.cpp comparison, CPU against CPU (BENCH_ARGS is not passed to it);
+# LLAMA_CPP_SRC=<llama.cpp source tree> adds its LoRA variant.
+LLAMA_PYTHON ?=
+LLAMA_CPP_SRC ?=
 bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU); bench/README.md from results
 	for suite in multi_adapter naive head_of_line adapter_scale decode_roofline training; do \
 		$(PY) -m bench.$$suite $(BENCH_ARGS) || exit 1; done
+	@if [ -n "$(LLAMA_PYTHON)" ]; then \
+		$(PY) -m bench.llama_cpp --llama-python $(LLAMA_PYTHON) \
+			$(if $(LLAMA_CPP_SRC),--llama-cpp-src $(LLAMA_CPP_SRC)) || exit 1; \
+	else echo "bench.llama_cpp skipped: set LLAMA_PYTHON=<venv>/bin/python (see bench/llama_cpp.py)"; fi
 	$(PY) -m bench.report
 
 bench-quick: install  ## a quick subset of the benchmark suites (< 5 min on a laptop CPU)

@@ -11,7 +11,15 @@ from pathlib import Path
 
 from bench.record import RESULTS, MachineInfo, SuiteResult, headline_table, machine_line
 
-SUITES = ("multi_adapter", "naive", "head_of_line", "adapter_scale", "decode_roofline", "training")
+SUITES = (
+    "multi_adapter",
+    "naive",
+    "llama_cpp",
+    "head_of_line",
+    "adapter_scale",
+    "decode_roofline",
+    "training",
+)
 """Suites in the order the README shows them (each is ``python -m bench.<suite>``)."""
 
 INTRO = """# Benchmarks

@@ -24,15 +24,13 @@ import time
 from pathlib import Path
 
 from bench.record import (
-    MachineInfo,
     SuiteResult,
-    command_line,
     common_arguments,
     markdown_table,
+    measuring,
     median,
     percentile,
-    setup_torch,
-    write_result,
+    suite_main,
 )
 from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, load_base, make_adapters
 from server.adapters.registry import AdapterRegistry
@@ -129,23 +127,18 @@ def _values(rows: list[dict], kind: str, n: int) -> list[float]:
 
 def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     """Measure and fill the headline figures."""
-    setup_torch(args)
-    result = SuiteResult(
-        suite="adapter_scale",
-        command=command_line(),
-        machine=MachineInfo.current(args.device),
-        config={
-            "sizes": args.sizes,
-            "loads_per_size": args.loads,
-            "max_loaded": args.max_loaded,
-            "adapter": "r16 all-linear",
-            "base": "tiny" if tiny else "smollm2-135m-instruct",
-        },
-    )
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lorayard-scale-") as scratch:
+    config = {
+        "sizes": args.sizes,
+        "loads_per_size": args.loads,
+        "max_loaded": args.max_loaded,
+        "adapter": "r16 all-linear",
+        "base": "tiny" if tiny else "smollm2-135m-instruct",
+    }
+    with (
+        measuring("adapter_scale", args, config) as result,
+        tempfile.TemporaryDirectory(prefix="lorayard-scale-") as scratch,
+    ):
         asyncio.run(_measure(args, result, tiny, Path(scratch)))
-    result.duration_s = time.perf_counter() - start
     small, big = min(args.sizes), max(args.sizes)
     cold_big = _values(result.rows, "cold_load", big)
     result.add_headline(
@@ -237,12 +230,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    result = run(args)
-    folder = write_result(result, args.out, details(result))
-    _plot(result, folder)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(parse_args, run, details, _plot)

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 from bench.record import (
-    MachineInfo,
     SuiteResult,
-    command_line,
     common_arguments,
     markdown_table,
+    measuring,
     median,
-    setup_torch,
-    write_result,
+    paired_ratios,
+    suite_main,
 )
 from bench.workload import EngineBench, bench_prompt, load_base, run_batch
 
@@ -102,36 +101,19 @@ def roofline_fractions(result: SuiteResult) -> list[float]:
     return [r["tps"] * per_token / r["copy_bytes_per_s"] for r in result.rows if r["kind"] == "roofline"]
 
 
-def batch_speedups(rows: list[dict], batch: int) -> list[float]:
-    """Per repeat: tok/s at ``batch`` over tok/s at batch 1."""
-    out = []
-    for repeat in sorted({r["repeat"] for r in rows}):
-        by_batch = {r["batch"]: r["tps"] for r in rows if r["kind"] == "batch" and r["repeat"] == repeat}
-        if 1 in by_batch and batch in by_batch:
-            out.append(by_batch[batch] / by_batch[1])
-    return out
-
-
 def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     """Measure and fill the headline ratios."""
-    setup_torch(args)
     args.batches = sorted({1, *args.batches})
-    result = SuiteResult(
-        suite="decode_roofline",
-        command=command_line(),
-        machine=MachineInfo.current(args.device),
-        config={
-            "batches": args.batches,
-            "max_tokens": args.max_tokens,
-            "prompt_tokens": args.prompt_tokens,
-            "copy_mb": args.copy_mb,
-            "repeats": args.repeats,
-            "base": "tiny" if tiny else "smollm2-135m-instruct",
-        },
-    )
-    start = time.perf_counter()
-    asyncio.run(_measure(args, result, tiny))
-    result.duration_s = time.perf_counter() - start
+    config = {
+        "batches": args.batches,
+        "max_tokens": args.max_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "copy_mb": args.copy_mb,
+        "repeats": args.repeats,
+        "base": "tiny" if tiny else "smollm2-135m-instruct",
+    }
+    with measuring("decode_roofline", args, config) as result:
+        asyncio.run(_measure(args, result, tiny))
     result.add_headline(
         "batch-1 decode bandwidth (tok/s x weight bytes/token) / tensor-copy bandwidth",
         median(roofline_fractions(result)),
@@ -139,7 +121,9 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     )
     top = max(args.batches)
     result.add_headline(
-        f"decode tok/s at batch {top} / batch 1", median(batch_speedups(result.rows, top)), "x"
+        f"decode tok/s at batch {top} / batch 1",
+        median(paired_ratios(result.rows, top, 1, key="tps", variant="batch", kind="batch")),
+        "x",
     )
     return result
 
@@ -153,7 +137,7 @@ def details(result: SuiteResult) -> str:
         [
             b,
             median([r["tps"] for r in result.rows if r["kind"] == "batch" and r["batch"] == b]),
-            median(batch_speedups(result.rows, b)),
+            median(paired_ratios(result.rows, b, 1, key="tps", variant="batch", kind="batch")),
         ]
         for b in result.config["batches"]
     ]
@@ -205,12 +189,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    result = run(args)
-    folder = write_result(result, args.out, details(result))
-    _plot(result, folder)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(parse_args, run, details, _plot)

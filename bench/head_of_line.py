@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from pathlib import Path
 
 from bench.record import (
-    MachineInfo,
     SuiteResult,
-    command_line,
     common_arguments,
     markdown_table,
+    measuring,
     median,
     percentile,
-    setup_torch,
-    write_result,
+    suite_main,
 )
 from bench.workload import (
     EngineBench,
@@ -125,25 +122,18 @@ def latency_table(rows: list[dict]) -> list[list[object]]:
 
 def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     """Measure and fill the headline ratio."""
-    setup_torch(args)
-    result = SuiteResult(
-        suite="head_of_line",
-        command=command_line(),
-        machine=MachineInfo.current(args.device),
-        config={
-            "long_requests": args.long,
-            "long_tokens": args.long_tokens,
-            "short_tokens": args.short_tokens,
-            "arrival_s": args.arrival_s,
-            "prompt_tokens": args.prompt_tokens,
-            "adapters": args.adapters,
-            "repeats": args.repeats,
-            "base": "tiny" if tiny else "smollm2-135m-instruct",
-        },
-    )
-    start = time.perf_counter()
-    asyncio.run(_measure(args, result, tiny))
-    result.duration_s = time.perf_counter() - start
+    config = {
+        "long_requests": args.long,
+        "long_tokens": args.long_tokens,
+        "short_tokens": args.short_tokens,
+        "arrival_s": args.arrival_s,
+        "prompt_tokens": args.prompt_tokens,
+        "adapters": args.adapters,
+        "repeats": args.repeats,
+        "base": "tiny" if tiny else "smollm2-135m-instruct",
+    }
+    with measuring("head_of_line", args, config) as result:
+        asyncio.run(_measure(args, result, tiny))
     result.add_headline(
         f"short ({args.short_tokens} tok) latency / long ({args.long_tokens} tok) duration",
         median(short_over_long(result.rows)),
@@ -199,12 +189,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    result = run(args)
-    folder = write_result(result, args.out, details(result))
-    _plot(result, folder)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(parse_args, run, details, _plot)

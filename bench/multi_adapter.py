@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from pathlib import Path
 
 from bench.record import (
-    MachineInfo,
     SuiteResult,
-    command_line,
     common_arguments,
     markdown_table,
+    measuring,
     median,
-    setup_torch,
-    write_result,
+    paired_ratios,
+    suite_main,
 )
 from bench.workload import EngineBench, bench_prompt, load_base, make_adapters, mixed_specs, run_batch
 
@@ -91,34 +89,18 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
         bench.stop()
 
 
-def ratios(rows: list[dict], variant: str, concurrency: int) -> list[float]:
-    """Per-repeat ratio of variant tok/s to base tok/s at one concurrency."""
-    by_repeat: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if r["concurrency"] == concurrency:
-            by_repeat.setdefault(r["repeat"], {})[r["variant"]] = r["tokens_per_s"]
-    return [v[variant] / v["base"] for v in by_repeat.values() if variant in v and "base" in v]
-
-
 def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     """Measure, then fill headline figures; also used by the unit smoke test with a tiny base."""
-    setup_torch(args)
-    result = SuiteResult(
-        suite="multi_adapter",
-        command=command_line(),
-        machine=MachineInfo.current(args.device),
-        config={
-            "concurrency": args.concurrency,
-            "max_tokens": args.max_tokens,
-            "prompt_tokens": args.prompt_tokens,
-            "repeats": args.repeats,
-            "adapters": "ranks 8/16/32/64 cycling, all-linear and q/v alternating",
-            "base": "tiny" if tiny else "smollm2-135m-instruct",
-        },
-    )
-    start = time.perf_counter()
-    asyncio.run(_measure(args, result, tiny))
-    result.duration_s = time.perf_counter() - start
+    config = {
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "repeats": args.repeats,
+        "adapters": "ranks 8/16/32/64 cycling, all-linear and q/v alternating",
+        "base": "tiny" if tiny else "smollm2-135m-instruct",
+    }
+    with measuring("multi_adapter", args, config) as result:
+        asyncio.run(_measure(args, result, tiny))
     top = max(args.concurrency)
     for variant in VARIANTS:
         if variant == "base":
@@ -126,7 +108,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         goal = GOAL_4_MIXED_VS_BASE if variant == "4 mixed" else None
         result.add_headline(
             f"{variant} / base tok/s at concurrency {top}",
-            median(ratios(result.rows, variant, top)),
+            median(paired_ratios(result.rows, variant, "base", concurrency=top)),
             "x",
             goal,
         )
@@ -142,7 +124,9 @@ def details(result: SuiteResult) -> str:
                 r["tokens_per_s"] for r in result.rows if r["variant"] == variant and r["concurrency"] == c
             ]
             line.append(median(tps))
-        line += [median(ratios(result.rows, v, c)) for v in VARIANTS if v != "base"]
+        line += [
+            median(paired_ratios(result.rows, v, "base", concurrency=c)) for v in VARIANTS if v != "base"
+        ]
         rows.append(line)
     columns = [
         "concurrency",
@@ -170,12 +154,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    result = run(args)
-    folder = write_result(result, args.out, details(result))
-    _plot(result, folder)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(parse_args, run, details, _plot)

@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 
 from bench.record import (
-    MachineInfo,
     SuiteResult,
-    command_line,
     common_arguments,
     markdown_table,
+    measuring,
     median,
-    setup_torch,
-    write_result,
+    paired_ratios,
+    suite_main,
 )
 from bench.workload import EngineBench, bench_prompt, load_base, make_adapters, mixed_specs, run_batch
 
@@ -137,44 +136,29 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
         bench.stop()
 
 
-def _ratios(rows: list[dict], workload: str, variant: str) -> list[float]:
-    by_repeat: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if r["workload"] == workload:
-            by_repeat.setdefault(r["repeat"], {})[r["variant"]] = r["tokens_per_s"]
-    return [v["engine"] / v[variant] for v in by_repeat.values() if variant in v and "engine" in v]
-
-
 def _median_tps(rows: list[dict], workload: str, variant: str) -> float:
     return median([r["tokens_per_s"] for r in rows if r["workload"] == workload and r["variant"] == variant])
 
 
 def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     """Measure and fill the headline ratios (engine tok/s over each naive variant's, per workload)."""
-    setup_torch(args)
-    result = SuiteResult(
-        suite="naive",
-        command=command_line(),
-        machine=MachineInfo.current(args.device),
-        config={
-            "concurrency": args.concurrency,
-            "requests": args.requests,
-            "adapters": args.adapters,
-            "max_tokens": args.max_tokens,
-            "prompt_tokens": args.prompt_tokens,
-            "repeats": args.repeats,
-            "workloads": {w: request_lengths(w, args.requests, args.max_tokens) for w in WORKLOADS},
-            "base": "tiny" if tiny else "smollm2-135m-instruct",
-        },
-    )
-    start = time.perf_counter()
-    asyncio.run(_measure(args, result, tiny))
-    result.duration_s = time.perf_counter() - start
+    config = {
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "adapters": args.adapters,
+        "max_tokens": args.max_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "repeats": args.repeats,
+        "workloads": {w: request_lengths(w, args.requests, args.max_tokens) for w in WORKLOADS},
+        "base": "tiny" if tiny else "smollm2-135m-instruct",
+    }
+    with measuring("naive", args, config) as result:
+        asyncio.run(_measure(args, result, tiny))
     for workload in WORKLOADS:
         for variant, goal in GOALS.items():
             result.add_headline(
                 f"engine / {variant} tok/s, {workload} lengths",
-                median(_ratios(result.rows, workload, variant)),
+                median(paired_ratios(result.rows, "engine", variant, workload=workload)),
                 "x",
                 goal,
             )
@@ -229,12 +213,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    result = run(args)
-    folder = write_result(result, args.out, details(result))
-    _plot(result, folder)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(parse_args, run, details, _plot)

@@ -16,6 +16,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,47 @@ def setup_torch(args: argparse.Namespace) -> None:
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+
+
+@contextmanager
+def measuring(suite: str, args: argparse.Namespace, config: dict[str, Any]) -> Iterator[SuiteResult]:
+    """Apply --threads/--device, then yield a result stamped with the command and machine; the time the
+    block takes becomes its ``duration_s``."""
+    setup_torch(args)
+    result = SuiteResult(suite, command_line(), MachineInfo.current(args.device), config)
+    start = time.perf_counter()
+    yield result
+    result.duration_s = time.perf_counter() - start
+
+
+def paired_ratios(
+    rows: list[dict[str, Any]],
+    numerator: Any,
+    denominator: Any,
+    *,
+    key: str = "tokens_per_s",
+    variant: str = "variant",
+    **where: Any,
+) -> list[float]:
+    """Per repeat, ``key`` of the row whose ``variant`` is ``numerator`` over the one that is ``denominator``,
+    among rows matching ``where``: ratios of measurements taken back to back, which survive drift."""
+    by_repeat: dict[int, dict[Any, float]] = {}
+    for row in rows:
+        if all(row.get(k) == v for k, v in where.items()):
+            by_repeat.setdefault(row["repeat"], {})[row[variant]] = row[key]
+    return [v[numerator] / v[denominator] for v in by_repeat.values() if numerator in v and denominator in v]
+
+
+def suite_main(
+    parse_args: Callable[[], argparse.Namespace],
+    run: Callable[[argparse.Namespace], SuiteResult],
+    details: Callable[[SuiteResult], str],
+    plot: Callable[[SuiteResult, Path], None],
+) -> None:
+    """``python -m bench.<suite>``: measure, write result.json and table.md, draw the plots."""
+    args = parse_args()
+    result = run(args)
+    plot(result, write_result(result, args.out, details(result)))
 
 
 def command_line() -> str:

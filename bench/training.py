@@ -21,7 +21,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,14 @@ import torch
 
 from bench.record import (
     REPO,
-    MachineInfo,
     SuiteResult,
-    command_line,
     common_arguments,
     markdown_table,
+    measuring,
     median,
+    paired_ratios,
     setup_torch,
-    write_result,
+    suite_main,
 )
 
 VARIANTS = ("train_job", "plain", "train_job_qlora")
@@ -79,21 +78,11 @@ def _config(args: argparse.Namespace, scratch: Path, quantization: str | None) -
 
 def _prepare(config: Any) -> tuple[Any, Any, Any]:
     from lorayard.base_model import load_tokenizer, resolve_base_model
-    from train_job.data import prepare_data
+    from train_job.data import prepare_config_data
 
     base = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(base)
-    data = prepare_data(
-        train_files=config.data,
-        val_files=config.val_data,
-        tokenizer=tokenizer,
-        data_format=config.data_format,
-        max_length=config.max_length,
-        system_prompt=config.system_prompt,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-        max_errors=config.max_data_errors,
-    )
+    data = prepare_config_data(config, tokenizer)
     return base, tokenizer, data
 
 
@@ -197,55 +186,41 @@ def _spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _paired(rows: list[dict], numerator: str, denominator: str, key: str) -> list[float]:
-    by_repeat: dict[int, dict[str, float]] = {}
-    for r in rows:
-        by_repeat.setdefault(r["repeat"], {})[r["variant"]] = r[key]
-    return [v[numerator] / v[denominator] for v in by_repeat.values() if numerator in v and denominator in v]
-
-
 def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     """Spawn the variants interleaved, then fill the headline ratios."""
-    setup_torch(args)
     if tiny is not None:
         args.base = str(tiny)
-    result = SuiteResult(
-        suite="training",
-        command=command_line(),
-        machine=MachineInfo.current(args.device),
-        config={
-            "config": str(CONFIG.relative_to(REPO)),
-            "steps": args.steps,
-            "qlora_steps": args.qlora_steps,
-            "batch_size": args.batch_size,
-            "repeats": args.repeats,
-            "base": args.base or "smollm2-135m-instruct",
-        },
-    )
-    start = time.perf_counter()
-    for repeat in range(args.repeats):
-        for variant in VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]:
-            row = {"repeat": repeat, **_spawn(args, variant)}
-            result.rows.append(row)
-            print(
-                f"repeat {repeat} {variant:>16}: {row['tokens_per_s']:7.1f} tok/s, "
-                f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB",
-                flush=True,
-            )
-    result.duration_s = time.perf_counter() - start
+    config = {
+        "config": str(CONFIG.relative_to(REPO)),
+        "steps": args.steps,
+        "qlora_steps": args.qlora_steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "base": args.base or "smollm2-135m-instruct",
+    }
+    with measuring("training", args, config) as result:
+        for repeat in range(args.repeats):
+            for variant in VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]:
+                row = {"repeat": repeat, **_spawn(args, variant)}
+                result.rows.append(row)
+                print(
+                    f"repeat {repeat} {variant:>16}: {row['tokens_per_s']:7.1f} tok/s, "
+                    f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
     result.add_headline(
         "train_job / plain Trainer+PEFT training tok/s",
-        median(_paired(result.rows, "train_job", "plain", "tokens_per_s")),
+        median(paired_ratios(result.rows, "train_job", "plain", key="tokens_per_s")),
         "x",
     )
     result.add_headline(
         "QLoRA (4-bit) / LoRA peak RSS",
-        median(_paired(result.rows, "train_job_qlora", "train_job", "peak_rss_bytes")),
+        median(paired_ratios(result.rows, "train_job_qlora", "train_job", key="peak_rss_bytes")),
         "x",
     )
     result.add_headline(
         "QLoRA (4-bit) / LoRA training tok/s",
-        median(_paired(result.rows, "train_job_qlora", "train_job", "tokens_per_s")),
+        median(paired_ratios(result.rows, "train_job_qlora", "train_job", key="tokens_per_s")),
         "x",
     )
     return result
@@ -312,9 +287,7 @@ def main() -> None:
         setup_torch(args)
         print(json.dumps(worker(args)))
         return
-    result = run(args)
-    folder = write_result(result, args.out, details(result))
-    _plot(result, folder)
+    suite_main(lambda: args, run, details, _plot)
 
 
 if __name__ == "__main__":

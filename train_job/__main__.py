@@ -124,7 +124,7 @@ def _show_example(example: Example, tokenizer: PreTrainedTokenizerBase) -> None:
 def run_train(argv: list[str]) -> int:
     """The train command; returns the exit code."""
     from train_job.config import ConfigError, load_config
-    from train_job.data import DataError, prepare_data
+    from train_job.data import DataError, prepare_config_data
 
     args = _train_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
@@ -146,17 +146,7 @@ def run_train(argv: list[str]) -> int:
         return EXIT_CONFIG
     tokenizer = load_tokenizer(base)
     try:
-        data = prepare_data(
-            train_files=config.data,
-            val_files=config.val_data,
-            tokenizer=tokenizer,
-            data_format=config.data_format,
-            max_length=config.max_length,
-            system_prompt=config.system_prompt,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            max_errors=config.max_data_errors,
-        )
+        data = prepare_config_data(config, tokenizer)
     except DataError as exc:
         print(f"data error: nothing was trained or published.\n{exc}", file=sys.stderr)
         return EXIT_DATA

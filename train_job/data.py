@@ -24,7 +24,7 @@ from lorayard.volume import DatasetRef
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from train_job.config import DataFormat
+    from train_job.config import DataFormat, TrainConfig
 
 FORMATS: dict[str, tuple[str, ...]] = {
     # format -> fields that identify it (all must be present)
@@ -331,6 +331,21 @@ def split_validation(
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [examples[i] for i in train], [examples[i] for i in val]
+
+
+def prepare_config_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """:func:`prepare_data` with every option taken from a training config."""
+    return prepare_data(
+        train_files=config.data,
+        val_files=config.val_data,
+        tokenizer=tokenizer,
+        data_format=config.data_format,
+        max_length=config.max_length,
+        system_prompt=config.system_prompt,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        max_errors=config.max_data_errors,
+    )
 
 
 def prepare_data(

@@ -223,19 +223,29 @@ class AdapterRegistry:
 
     # -- management (vLLM's load/unload endpoints, /v1/models) ----------------------------------
     async def load(self, name: str, path: str | None = None) -> AdapterStatus:
-        """Load ``name`` (LATEST) now. ``path``, if given, must be that adapter's folder on the volume."""
+        """Load ``name`` now: its LATEST, or the version whose folder ``path`` names.
+
+        ``path`` (vLLM's ``lora_path``) must be on the volume: ``<volume>/<name>`` or
+        ``<volume>/<name>/v3``, absolute or relative to the volume root (never to the server's CWD).
+        """
+        ref = name
         if path is not None:
-            resolved = Path(path).resolve()
-            root = self.volume.root.resolve()
-            if root not in resolved.parents:
-                raise InvalidAdapterName(f"lora_path {path!r} is outside the adapters volume {root}")
-            relative = resolved.relative_to(root).parts
-            if relative[0] != name:
-                raise InvalidAdapterName(f"lora_path {path!r} is not the folder of adapter {name!r}")
-        lease = await self.acquire(name)
+            ref = self._ref_from_path(name, path)
+        lease = await self.acquire(ref)
         self.release(lease)
         await self.refresh()
         return next(s for s in self.list_models() if s.name == name)
+
+    def _ref_from_path(self, name: str, path: str) -> str:
+        root = self.volume.root.resolve()
+        candidate = Path(path)
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if root not in resolved.parents:
+            raise InvalidAdapterName(f"lora_path {path!r} is outside the adapters volume {root}")
+        parts = resolved.relative_to(root).parts
+        if parts[0] != name or len(parts) > 2:
+            raise InvalidAdapterName(f"lora_path {path!r} is not the folder of adapter {name!r}")
+        return name if len(parts) == 1 else f"{name}@{parts[1]}"
 
     async def unload(self, name: str) -> None:
         async with self._lock:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,28 +10,18 @@ from client import AsyncLorayardClient, RateLimitedError, RetryPolicy
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
 QUESTION = [{"role": "user", "content": "Count to twenty."}]
 # Long enough that the first request is still running when the others arrive.
 LONG = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
 CONCURRENT = 4
 
 
-def _batch_flag() -> list[str]:
-    """One running request at a time makes the queue overflow deterministic, if the server lets us say so."""
-    help_text = subprocess.run(
-        [sys.executable, "-m", "server", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-    ).stdout
-    return ["--max-batch-size", "1"] if "--max-batch-size" in help_text else []
-
-
 @pytest.fixture(scope="module")
 def tiny_queue_server(random_adapters_dir, tmp_path_factory, server_launcher):
     log = tmp_path_factory.mktemp("queue-server") / "server.log"
-    process, base_url = server_launcher.start(random_adapters_dir, log, "--max-queue", "1", *_batch_flag())
-    yield base_url
-    server_launcher.stop(process)
+    server = server_launcher.start(random_adapters_dir, log, "--max-queue", "1", "--max-batch-size", "1")
+    yield server.v1
+    server.stop()
 
 
 async def _burst(base_url: str, policy: RetryPolicy, events: list) -> list:

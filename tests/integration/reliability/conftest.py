@@ -1,7 +1,6 @@
 """Fault-injection fixtures: a tiny-base server over a volume we break on purpose.
 
-The server helpers (start_server, publish_folder, ...) are the server tests' own, imported rather than
-copied; ``python -m pytest`` puts the repository root on sys.path, so ``tests`` is importable.
+Servers and adapters come from ``tests.harness``, shared with the other integration tests.
 """
 
 from __future__ import annotations
@@ -10,12 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from lorayard.volume import AdapterVolume
-from tests.integration.server.conftest import ServerProcess, publish_folder, start_server
+from tests.harness import ServerProcess, make_peft_adapter, publish_folder, start_server
 
 __all__ = ["ServerProcess", "make_tiny_adapter", "publish_folder", "start_server"]
 
@@ -23,11 +19,8 @@ API_KEY = "reliability-key"
 
 
 def make_tiny_adapter(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
-    """A random PEFT LoRA on the tiny base, in PEFT's own format."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out, safe_serialization=True)
+    """A random q/v LoRA on the tiny base, in PEFT's own format."""
+    make_peft_adapter(base_dir, out, seed, r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     return out
 
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import adapter_scale, decode_roofline, head_of_line, multi_adapter, naive, report, training
+from bench import adapter_scale, decode_roofline, head_of_line, multi_adapter, naive, record, report, training
 
 SUITES = {
     "multi_adapter": (
@@ -48,7 +48,7 @@ def test_suite_runs_on_tiny_model_and_reports(suite, tiny_base_dir, adapter_cach
     assert result.suite == suite
     assert result.headline
     assert all(math.isfinite(h["value"]) and h["value"] > 0 for h in result.headline), result.headline
-    module.write_result(result, out, module.details(result))
+    record.write_result(result, out, module.details(result))
     module._plot(result, out)
     saved = json.loads((out / "result.json").read_text())
     assert saved["headline"] == result.headline

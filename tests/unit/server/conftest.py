@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
+
+from tests.harness import make_peft_adapter
 
 # Different ranks and target modules on purpose: one batch must mix them.
 ADAPTER_SPECS: dict[str, dict] = {
@@ -28,24 +30,13 @@ ADAPTER_SPECS: dict[str, dict] = {
 }
 
 
-def make_peft_adapter(base_dir: Path, out: Path, seed: int, **lora) -> None:
-    """A random LoRA (B non-zero, so it changes outputs) saved in PEFT's own format."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(4.0)  # big enough that adapters visibly disagree with the base
-    peft_model.save_pretrained(out, safe_serialization=True)
-
-
 @pytest.fixture(scope="session")
 def tiny_adapters(tiny_base_dir, tmp_path_factory) -> Path:
     """A volume of plain PEFT folders, one per ADAPTER_SPECS entry."""
     root = tmp_path_factory.mktemp("tiny-adapters")
     for seed, (name, spec) in enumerate(ADAPTER_SPECS.items()):
-        make_peft_adapter(tiny_base_dir, root / name, seed, **spec)
+        # b_scale 4: big enough that adapters visibly disagree with the base
+        make_peft_adapter(tiny_base_dir, root / name, seed, b_scale=4.0, **spec)
     return root
 
 

@@ -16,10 +16,13 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +44,8 @@ from server.engine.types import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from transformers import PretrainedConfig, PreTrainedModel
 
     from lorayard.base_model import Quantization
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lorayard.engine")
 
 DEFAULT_PREFILL_CHUNK = 256
+PROFILE_DIR_ENV = "LORAYARD_TORCH_PROFILE_DIR"
 """Prompt tokens prefilled per engine iteration: bounds how long running streams wait."""
 
 
@@ -241,6 +247,31 @@ class Engine:
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        with self._profiled():
+            self._loop()
+
+    @contextlib.contextmanager
+    def _profiled(self) -> Iterator[None]:
+        """With ``LORAYARD_TORCH_PROFILE_DIR`` set, profile the engine thread (the profiler sees only
+        the thread it runs on) and write its op table there when the engine stops."""
+        folder = os.environ.get(PROFILE_DIR_ENV)
+        if not folder:
+            yield
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.startswith("cuda"):
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            yield
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        averages = profiler.key_averages()
+        (out / "engine_ops.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+        rows = [{"op": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total} for e in averages]
+        (out / "engine_ops.json").write_text(json.dumps(rows))
+        log.info("engine profile written to %s", out)
+
+    def _loop(self) -> None:
         while not self._stopped.is_set():
             if not self._has_work():
                 self._wakeup.wait(timeout=0.5)

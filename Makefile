@@ -49,10 +49,10 @@ bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU);
 	else echo "bench.llama_cpp skipped: set LLAMA_PYTHON=<venv>/bin/python (see bench/llama_cpp.py)"; fi
 	$(PY) -m bench.report
 
+# Quick runs go to build/bench-quick/, so they never replace the committed full results.
 bench-quick: install  ## a quick subset of the benchmark suites (< 5 min on a laptop CPU)
 	for suite in multi_adapter naive head_of_line adapter_scale decode_roofline; do \
-		$(PY) -m bench.$$suite --quick $(BENCH_ARGS) || exit 1; done
-	$(PY) -m bench.report
+		$(PY) -m bench.$$suite --quick --out build/bench-quick/$$suite $(BENCH_ARGS) || exit 1; done
 
 # SOAK_ARGS=--tiny soaks a tiny random base (a minute's smoke run: SOAK_ARGS="--tiny --duration 30").
 soak: install  ## ~5 min of mixed load with cancels on a real server; checks 5xx, slots, RSS (bench/results/soak)

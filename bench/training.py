@@ -5,9 +5,11 @@ Variants, each in its own subprocess (so peak RSS is its own), interleaved and r
 * ``train_job``: train_job's own path (config, data preparation, ``build_model``, ``make_trainer``);
 * ``plain``: the script a user would write: ``AutoModelForCausalLM`` + ``get_peft_model`` + ``Trainer``
   with ``DataCollatorForSeq2Seq``, same examples (rendered ids and labels), same LoRA and batch config;
-* ``train_job_qlora``: train_job with 4-bit NF4 base (QLoRA), for the peak-RSS comparison.
+* ``train_job_qlora``: train_job with 4-bit NF4 base (QLoRA), for the peak-RSS comparison;
+* ``train_job_packed``: train_job with ``packing`` (padding-free batches, the same examples per step).
 
-Tokens/s counts non-padding tokens fed to the model over ``train_runtime``; no evaluation or
+Tokens/s counts non-padding tokens fed to the model over ``train_runtime``; useful tokens/s counts only
+the completion tokens in the loss (the prompt is masked: completion-only loss). No evaluation or
 checkpoint happens inside the timed steps. Config: the persona demo (``train_job/configs/persona.yaml``).
 
     python -m bench.training [--device cpu|cuda] [--quick]
@@ -39,24 +41,28 @@ from bench.record import (
     suite_main,
 )
 
-VARIANTS = ("train_job", "plain", "train_job_qlora")
+VARIANTS = ("train_job", "plain", "train_job_qlora", "train_job_packed")
 CONFIG = REPO / "train_job" / "configs" / "persona.yaml"
 
 
 @dataclass
 class TokenCountingCollator:
-    """Wraps a collator and counts the non-padding tokens of every batch it builds."""
+    """Wraps a collator and counts the tokens of every batch it builds: ``tokens`` the model reads
+    (padding excluded; a packed batch has none), ``useful`` those in the loss (the completions)."""
 
     inner: Any
     tokens: int = 0
+    useful: int = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.inner(features)
-        self.tokens += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.useful += int((batch["labels"] != -100).sum())
         return batch
 
 
-def _config(args: argparse.Namespace, scratch: Path, quantization: str | None) -> Any:
+def _config(args: argparse.Namespace, scratch: Path, variant: str) -> Any:
     from train_job.config import load_config
 
     never = args.steps + 1000  # no evaluation or checkpoint inside the timed steps
@@ -71,7 +77,8 @@ def _config(args: argparse.Namespace, scratch: Path, quantization: str | None) -
         "save_steps": never,
         "logging_steps": never,
         "load_best_model_at_end": False,
-        "quantization": quantization,
+        "quantization": "4bit" if variant == "train_job_qlora" else None,
+        "packing": variant == "train_job_packed",
     }
     return load_config(CONFIG, overrides)
 
@@ -153,8 +160,7 @@ def _plain_trainer(config: Any, base: Any, tokenizer: Any, data: Any) -> Any:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One variant's training run, in this process; returns tokens, runtime and peak RSS."""
     with tempfile.TemporaryDirectory(prefix="lorayard-bench-train-") as scratch:
-        quantization = "4bit" if args.worker == "train_job_qlora" else None
-        config = _config(args, Path(scratch), quantization)
+        config = _config(args, Path(scratch), args.worker)
         base, tokenizer, data = _prepare(config)
         if args.worker == "plain":
             trainer = _plain_trainer(config, base, tokenizer, data)
@@ -170,6 +176,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": counter.tokens,
         "runtime_s": runtime,
         "tokens_per_s": counter.tokens / runtime,
+        "useful_tokens_per_s": counter.useful / runtime,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
@@ -200,7 +207,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     }
     with measuring("training", args, config) as result:
         for repeat in range(args.repeats):
-            for variant in VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]:
+            for variant in VARIANTS[repeat % len(VARIANTS) :] + VARIANTS[: repeat % len(VARIANTS)]:
                 row = {"repeat": repeat, **_spawn(args, variant)}
                 result.rows.append(row)
                 print(
@@ -211,6 +218,11 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     result.add_headline(
         "train_job / plain Trainer+PEFT training tok/s",
         median(paired_ratios(result.rows, "train_job", "plain", key="tokens_per_s")),
+        "x",
+    )
+    result.add_headline(
+        "packed / padded train_job useful (completion) tok/s",
+        median(paired_ratios(result.rows, "train_job_packed", "train_job", key="useful_tokens_per_s")),
         "x",
     )
     result.add_headline(
@@ -234,13 +246,14 @@ def details(result: SuiteResult) -> str:
             [
                 variant,
                 median([r["tokens_per_s"] for r in picked]),
+                median([r["useful_tokens_per_s"] for r in picked]),
                 median([r["peak_rss_bytes"] / 2**20 for r in picked]),
                 picked[0]["steps"] if picked else 0,
             ]
         )
     return (
         "Medians per variant:\n\n"
-        + markdown_table(["variant", "tok/s", "peak RSS MiB", "steps"], rows)
+        + markdown_table(["variant", "tok/s", "useful tok/s", "peak RSS MiB", "steps"], rows)
         + "\n\n![training](training.png)"
     )
 

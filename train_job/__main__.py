@@ -75,6 +75,7 @@ def _train_parser() -> argparse.ArgumentParser:
     flag("--save-steps", type=int, help=described("save_steps"))
     flag("--seed", type=int, help=described("seed"))
     flag("--quantization", choices=["4bit", "8bit"], help=described("quantization"))
+    flag("--packing", action="store_true", default=None, help=described("packing"))
     flag("--use-dora", action="store_true", default=None, help=described("use_dora"))
     flag("--use-rslora", action="store_true", default=None, help=described("use_rslora"))
     flag("--report-to", nargs="+", help=described("report_to"))

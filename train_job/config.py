@@ -111,6 +111,11 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="examples per device per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    packing: bool = Field(
+        False,
+        description="padding-free micro-batches: examples concatenated into one row, attention kept "
+        "within each example, so no compute is spent on padding",
+    )
     seed: int = Field(42, description="seed for the split, LoRA init, dropout and data order")
 
     # -- evaluation, checkpoints, reporting ---------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,20 @@ class PaddingCollator:
             labels[row, :n] = torch.tensor(feature["labels"])
             attention[row, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def collator(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
+    """Padded batches, or with ``packing`` transformers' padding-free flattening: one row per batch
+    whose ``position_ids`` restart at each example. With no attention mask and no KV cache (training
+    turns it off) transformers derives a block-diagonal causal mask from those positions, so the loss
+    equals the padded batch's (a test proves it)."""
+    if config.packing:
+        from transformers import DataCollatorWithFlattening
+
+        # separator -100: each example's first label is outside the loss, as it is when padded
+        # (no token predicts it).
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return PaddingCollator(pad_token_id(tokenizer))
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -310,7 +324,7 @@ def make_trainer(
         args=training_arguments(config, device),
         train_dataset=CompletionDataset(train),
         eval_dataset=CompletionDataset(validation),
-        data_collator=PaddingCollator(pad_token_id(tokenizer)),
+        data_collator=collator(config, tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

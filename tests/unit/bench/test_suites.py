@@ -60,7 +60,7 @@ def test_suite_runs_on_tiny_model_and_reports(suite, tiny_base_dir, adapter_cach
     assert result.headline[0]["name"] in text
 
 
-@pytest.mark.parametrize("variant", ["train_job", "plain"])
+@pytest.mark.parametrize("variant", ["train_job", "plain", "train_job_packed"])
 def test_training_worker_counts_tokens_on_tiny_model(variant, tiny_base_dir):
     """The training suite's worker (run in a subprocess by the suite) trains and reports its counts."""
     args = training.parse_args(
@@ -71,4 +71,5 @@ def test_training_worker_counts_tokens_on_tiny_model(variant, tiny_base_dir):
     assert row["steps"] == 1
     assert row["tokens"] > 0
     assert row["tokens_per_s"] > 0
+    assert 0 < row["useful_tokens_per_s"] < row["tokens_per_s"]  # the prompt is not in the loss
     assert row["peak_rss_bytes"] > 0

@@ -153,3 +153,28 @@ def test_merge_writes_a_full_model_with_the_adapter_folded_in(published, tiny_ba
         expected = peft(ids).logits
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(base(ids).logits, expected, atol=1e-4)
+
+
+def test_packed_batches_give_the_padded_loss_and_train(
+    tiny_args, tiny_base_dir, adapters_dir, real_tokenizer
+):
+    """Packing must not let examples attend to each other: same loss and logits as padding."""
+    from train_job.config import TrainConfig
+    from train_job.train import IGNORE_INDEX, collator
+
+    torch.manual_seed(0)
+    features = []
+    for length in (7, 12, 5):
+        ids = torch.randint(10, 1000, (length,)).tolist()
+        features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
+    padded = collator(TrainConfig(), real_tokenizer)(features)
+    packed = collator(TrainConfig(packing=True), real_tokenizer)(features)
+    assert packed["input_ids"].shape == (1, 24) and "attention_mask" not in packed
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = model(**padded, use_cache=False), model(**packed, use_cache=False)
+    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-5)
+    assert torch.allclose(a.logits[1, :12], b.logits[0, 7:19], atol=1e-5)
+
+    assert main([*tiny_args, "--name", "packed", "--max-steps", "2", "--packing"]) == 0
+    assert read_manifest(AdapterVolume(adapters_dir).resolve("packed").path).config["packing"] is True

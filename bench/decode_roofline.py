@@ -19,6 +19,15 @@ from pathlib import Path
 
 import torch
 
+from bench.op_profile import (
+    GEMM,
+    EngineProfile,
+    add_profile,
+    profile_flag,
+    profile_shares,
+    profile_table,
+    shares,
+)
 from bench.record import (
     SuiteResult,
     common_arguments,
@@ -29,6 +38,9 @@ from bench.record import (
     suite_main,
 )
 from bench.workload import EngineBench, bench_prompt, load_base, run_batch
+
+GOAL_ROOFLINE = 0.8
+"""Share of the measured memory bandwidth batch-1 decode should reach (the issue's goal)."""
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -94,6 +106,15 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
                 print(f"repeat {repeat}: batch {batch:>2} {tps:7.1f} tok/s", flush=True)
     finally:
         bench.stop()
+    if args.profile:
+        with EngineProfile() as profile:
+            bench = EngineBench(base, args.device, 1, args.prompt_tokens + args.max_tokens + 8)
+            bench.engine.start()
+            start = time.perf_counter()
+            await run_batch(bench.engine, prompt, args.max_tokens, [None])
+            wall = time.perf_counter() - start
+            bench.stop()
+            add_profile(result, "batch-1 decode", shares(profile.ops(), wall))
 
 
 def roofline_fractions(result: SuiteResult) -> list[float]:
@@ -118,7 +139,11 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         "batch-1 decode bandwidth (tok/s x weight bytes/token) / tensor-copy bandwidth",
         median(roofline_fractions(result)),
         "x",
+        GOAL_ROOFLINE,
     )
+    gemm = profile_shares(result.rows, "batch-1 decode").get(GEMM)
+    if gemm is not None:
+        result.add_headline("share of batch-1 decode time in GEMMs (profile)", gemm, "")
     top = max(args.batches)
     result.add_headline(
         f"decode tok/s at batch {top} / batch 1",
@@ -148,6 +173,7 @@ def details(result: SuiteResult) -> str:
         f"{bandwidth / per_token:.1f} tok/s.\n\n"
         + markdown_table(["batch", "decode tok/s", "speed-up vs batch 1"], rows)
         + "\n\n![batch scaling](batch_scaling.png)"
+        + profile_table(result.rows, ["batch-1 decode"], "one extra batch-1 request, prefill included")
     )
 
 
@@ -182,7 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--copy-mb", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None)
+    profile_flag(parser, "one more batch-1 request")
     args = parser.parse_args(argv)
+    args.profile = (not args.quick) if args.profile is None else args.profile
     args.batches = args.batches or ([1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64])
     args.max_tokens = args.max_tokens or (24 if args.quick else 48)
     args.repeats = args.repeats or (2 if args.quick else 3)

@@ -24,7 +24,7 @@ Build the peer in its own venv (never the project's; ~5 min on 2 cores) and unpa
 sdist for the converter (its vendored llama.cpp matches the built server):
 
     python3 -m venv /work/llamacpp-venv
-    CMAKE_BUILD_PARALLEL_LEVEL=2 /work/llamacpp-venv/bin/pip install 'llama-cpp-python[server]'
+    CMAKE_BUILD_PARALLEL_LEVEL=2 /work/llamacpp-venv/bin/pip install 'llama-cpp-python[server]==0.3.36'
     mkdir -p /work/llamacpp-src && cd /work/llamacpp-src
     /work/llamacpp-venv/bin/pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .
     tar xzf llama_cpp_python-0.3.36.tar.gz   # --llama-cpp-src .../llama_cpp_python-0.3.36/vendor/llama.cpp
@@ -82,7 +82,7 @@ PER_REQUEST_LORA_NOTE = (
 BUILD_HINT = (
     "build llama-cpp-python's server in a separate venv (~5 min):\n"
     "  python3 -m venv /work/llamacpp-venv\n"
-    "  CMAKE_BUILD_PARALLEL_LEVEL=2 /work/llamacpp-venv/bin/pip install 'llama-cpp-python[server]'\n"
+    "  CMAKE_BUILD_PARALLEL_LEVEL=2 /work/llamacpp-venv/bin/pip install 'llama-cpp-python[server]==0.3.36'\n"
     "then pass --llama-python /work/llamacpp-venv/bin/python (make bench LLAMA_PYTHON=...)"
 )
 
@@ -527,7 +527,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
         ax.set_xticks(ticks, [str(c) for c in concurrencies])
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left")  # short TTFT bars at the lowest concurrency
     fig.suptitle(f"ours (float32) vs llama.cpp ({result.config['gguf']}), {result.machine.threads} thread(s)")
     fig.tight_layout()
     fig.savefig(folder / "llama_cpp.png", dpi=120)

@@ -24,7 +24,16 @@ from pathlib import Path
 
 import torch
 
-from bench.op_profile import CATEGORIES, EngineProfile, profile_here, shares
+from bench.op_profile import (
+    GEMM,
+    EngineProfile,
+    add_profile,
+    profile_flag,
+    profile_here,
+    profile_shares,
+    profile_table,
+    shares,
+)
 from bench.record import (
     SuiteResult,
     common_arguments,
@@ -40,7 +49,6 @@ VARIANTS = ("engine", "peft_sequential", "peft_mixed_batch")
 WORKLOADS = ("equal", "mixed")
 """equal: every request asks for --max-tokens; mixed: uniform in [max_tokens/8, max_tokens] (seeded)."""
 GOALS = {"peft_sequential": 5.0, "peft_mixed_batch": 2.0}
-GEMM = next(iter(CATEGORIES))
 
 
 def request_lengths(workload: str, count: int, max_tokens: int) -> list[int]:
@@ -160,7 +168,7 @@ async def _profile(
         await run_batch(bench.engine, prompt, lengths, [bench.handles[n] for n in request_names])
         wall = time.perf_counter() - start
         bench.stop()
-        _add_profile(result, "engine", shares(profile.ops(), wall))
+        add_profile(result, "engine", shares(profile.ops(), wall))
 
 
 def _profile_peft(
@@ -174,18 +182,7 @@ def _profile_peft(
     ops, wall = profile_here(
         lambda: _peft_mixed_batch(peft_model, ids, request_names, lengths, args.concurrency)
     )
-    _add_profile(result, "peft_mixed_batch", shares(ops, wall))
-
-
-def _add_profile(result: SuiteResult, variant: str, seconds: dict[str, float]) -> None:
-    total = sum(seconds.values())
-    for name, value in seconds.items():
-        row = {"kind": "profile", "variant": variant, "category": name, "seconds": value}
-        result.rows.append({**row, "share": value / total})
-
-
-def _profile_shares(rows: list[dict], variant: str) -> dict[str, float]:
-    return {r["category"]: r["share"] for r in rows if r.get("kind") == "profile" and r["variant"] == variant}
+    add_profile(result, "peft_mixed_batch", shares(ops, wall))
 
 
 def _median_tps(rows: list[dict], workload: str, variant: str) -> float:
@@ -217,7 +214,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
                 goal,
             )
     for variant in ("engine", "peft_mixed_batch"):
-        gemm = _profile_shares(result.rows, variant).get(GEMM)
+        gemm = profile_shares(result.rows, variant).get(GEMM)
         if gemm is not None:
             result.add_headline(f"share of {variant} time in GEMMs (profile, equal lengths)", gemm, "")
     return result
@@ -229,19 +226,11 @@ def details(result: SuiteResult) -> str:
         "Median output tokens/s per workload and variant (only requested tokens count):\n\n"
         + markdown_table(["workload", *(f"{v} tok/s" for v in VARIANTS)], rows)
         + "\n\n![naive](naive.png)"
-        + _profile_table(result)
-    )
-
-
-def _profile_table(result: SuiteResult) -> str:
-    variants = [v for v in ("engine", "peft_mixed_batch") if _profile_shares(result.rows, v)]
-    if not variants:
-        return ""
-    by_variant = {v: _profile_shares(result.rows, v) for v in variants}
-    rows = [[name, *(f"{by_variant[v][name]:.0%}" for v in variants)] for name in by_variant[variants[0]]]
-    return (
-        "\n\nWhere the time goes (torch profiler, self time per op category, one extra run of the equal "
-        "workload per variant):\n\n" + markdown_table(["category", *variants], rows)
+        + profile_table(
+            result.rows,
+            ["engine", "peft_mixed_batch"],
+            "one extra run of the equal workload per variant",
+        )
     )
 
 
@@ -277,12 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument(
-        "--profile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="profile one more run of each batched variant (default: on, off with --quick)",
-    )
+    profile_flag(parser, "one more run of each batched variant")
     args = parser.parse_args(argv)
     args.profile = (not args.quick) if args.profile is None else args.profile
     args.max_tokens = args.max_tokens or (32 if args.quick else 64)

@@ -7,6 +7,7 @@ Time not inside any torch op is Python and framework overhead: the wall time min
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -17,10 +18,12 @@ from typing import Any
 
 import torch
 
+from bench.record import SuiteResult, markdown_table
 from server.engine.engine import PROFILE_DIR_ENV
 
+GEMM = "GEMM (base and LoRA matmuls)"
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "GEMM (base and LoRA matmuls)": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"),
+    GEMM: ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"),
     "attention": ("scaled_dot_product", "flash_attention", "aten::_softmax"),
     "KV cache writes and gathers": ("aten::index", "aten::index_put_", "aten::cat", "aten::copy_"),
 }
@@ -44,6 +47,42 @@ def shares(ops: list[dict[str, Any]], wall_s: float) -> dict[str, float]:
     return seconds
 
 
+def profile_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--profile/--no-profile``: None until the suite resolves it (on unless --quick)."""
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"profile {what} (default: on, off with --quick)",
+    )
+
+
+def add_profile(result: SuiteResult, variant: str, seconds: dict[str, float]) -> None:
+    """Record one variant's category times (from :func:`shares`) as ``kind: profile`` rows."""
+    total = sum(seconds.values())
+    for name, value in seconds.items():
+        row = {"kind": "profile", "variant": variant, "category": name, "seconds": value}
+        result.rows.append({**row, "share": value / total})
+
+
+def profile_shares(rows: list[dict[str, Any]], variant: str) -> dict[str, float]:
+    return {r["category"]: r["share"] for r in rows if r.get("kind") == "profile" and r["variant"] == variant}
+
+
+def profile_table(rows: list[dict[str, Any]], variants: list[str], what: str) -> str:
+    """A markdown section with each variant's share of time per category ('' when not profiled)."""
+    by_variant = {v: profile_shares(rows, v) for v in variants}
+    by_variant = {v: s for v, s in by_variant.items() if s}
+    if not by_variant:
+        return ""
+    names = list(next(iter(by_variant.values())))
+    table = [[name, *(f"{shares[name]:.0%}" for shares in by_variant.values())] for name in names]
+    return (
+        f"\n\nWhere the time goes (torch profiler, self time per op category; {what}):\n\n"
+        + markdown_table(["category", *by_variant], table)
+    )
+
+
 def profile_here(call: Callable[[], Any]) -> tuple[list[dict[str, Any]], float]:
     """Run ``call`` on this thread under the profiler; returns (op rows, wall seconds)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
@@ -63,9 +102,16 @@ class EngineProfile:
         os.environ[PROFILE_DIR_ENV] = self._folder.name
         return self
 
-    def ops(self) -> list[dict[str, Any]]:
-        """The op rows the engine wrote when it stopped."""
-        return json.loads((Path(self._folder.name) / "engine_ops.json").read_text())
+    def ops(self, timeout_s: float = 900) -> list[dict[str, Any]]:
+        """The op rows the engine writes when it stops; summarising a long trace can outlast
+        ``Engine.stop``'s join, so wait for the file."""
+        path = Path(self._folder.name) / "engine_ops.json"
+        deadline = time.monotonic() + timeout_s
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine wrote no profile to {path} in {timeout_s:.0f} s")
+            time.sleep(0.5)
+        return json.loads(path.read_text())
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is None:

@@ -185,12 +185,17 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def headline_table(result: SuiteResult) -> str:
+def headline_rows(result: SuiteResult) -> list[list[str]]:
+    """[figure, value, goal, met] per headline figure."""
     rows = []
     for h in result.headline:
         met = "" if h["met"] is None else ("yes" if h["met"] else "**no**")
         rows.append([h["name"], f"{h['value']:.3g} {h['unit']}".strip(), h["goal"] or "", met])
-    return markdown_table(["figure", "value", "goal", "met"], rows)
+    return rows
+
+
+def headline_table(result: SuiteResult) -> str:
+    return markdown_table(["figure", "value", "goal", "met"], headline_rows(result))
 
 
 def machine_line(machine: MachineInfo) -> str:

@@ -9,7 +9,15 @@ import importlib
 import json
 from pathlib import Path
 
-from bench.record import RESULTS, MachineInfo, SuiteResult, headline_table, machine_line
+from bench.record import (
+    RESULTS,
+    MachineInfo,
+    SuiteResult,
+    headline_rows,
+    headline_table,
+    machine_line,
+    markdown_table,
+)
 
 SUITES = (
     "multi_adapter",
@@ -78,10 +86,32 @@ def build(results: Path = RESULTS) -> str:
     return "\n".join(parts)
 
 
+SUMMARY_START = "<!-- bench summary: written by python -m bench.report -->"
+SUMMARY_END = "<!-- end of bench summary -->"
+
+
+def summary(results: Path = RESULTS) -> str:
+    """Every suite's headline figures in one table, for the project README's Performance section."""
+    rows = []
+    for suite in SUITES:
+        result = load(results / suite)
+        if result is not None:
+            rows += [[f"`{result.command}`", *row] for row in headline_rows(result)]
+    return markdown_table(["command", "figure", "value", "goal", "met"], rows)
+
+
+def replace_summary(readme: str, table: str) -> str:
+    """The README with the text between the summary markers replaced by ``table``."""
+    start, end = readme.index(SUMMARY_START) + len(SUMMARY_START), readme.index(SUMMARY_END)
+    return f"{readme[:start]}\n{table}\n{readme[end:]}"
+
+
 def main() -> None:
-    readme = RESULTS.parent / "README.md"
-    readme.write_text(build())
-    print(f"wrote {readme}")
+    bench_readme = RESULTS.parent / "README.md"
+    bench_readme.write_text(build())
+    project_readme = RESULTS.parents[1] / "README.md"
+    project_readme.write_text(replace_summary(project_readme.read_text(), summary()))
+    print(f"wrote {bench_readme} and the Performance summary in {project_readme}")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,11 @@ def _plain_trainer(config: Any, base: Any, tokenizer: Any, data: Any) -> Any:
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One variant's training run, in this process; returns tokens, runtime and peak RSS."""
+    """One variant's training run, in this process; returns tokens, runtime and memory.
+
+    ``model_bytes`` is the model's own footprint (base weights, quantized or not, plus LoRA), what
+    QLoRA shrinks; peak RSS also holds the runtime, the data and, on the CPU, the float32 weights
+    bitsandbytes quantizes from; ``peak_gpu_bytes`` is the CUDA allocator's peak on a GPU."""
     with tempfile.TemporaryDirectory(prefix="lorayard-bench-train-") as scratch:
         config = _config(args, Path(scratch), args.worker)
         base, tokenizer, data = _prepare(config)
@@ -168,6 +172,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             trainer = _train_job_trainer(config, base, tokenizer, data)
         counter = TokenCountingCollator(trainer.data_collator)
         trainer.data_collator = counter
+        model_bytes = trainer.model.get_memory_footprint()
         output = trainer.train()
     runtime = float(output.metrics["train_runtime"])
     return {
@@ -178,6 +183,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": counter.tokens / runtime,
         "useful_tokens_per_s": counter.useful / runtime,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "model_bytes": model_bytes,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
 
 
@@ -225,6 +232,18 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         median(paired_ratios(result.rows, "train_job_packed", "train_job", key="useful_tokens_per_s")),
         "x",
     )
+    if all("model_bytes" in r for r in result.rows):
+        result.add_headline(
+            "QLoRA (4-bit) / LoRA model memory footprint",
+            median(paired_ratios(result.rows, "train_job_qlora", "train_job", key="model_bytes")),
+            "x",
+        )
+    if all(r.get("peak_gpu_bytes") for r in result.rows):
+        result.add_headline(
+            "QLoRA (4-bit) / LoRA peak GPU memory",
+            median(paired_ratios(result.rows, "train_job_qlora", "train_job", key="peak_gpu_bytes")),
+            "x",
+        )
     result.add_headline(
         "QLoRA (4-bit) / LoRA peak RSS",
         median(paired_ratios(result.rows, "train_job_qlora", "train_job", key="peak_rss_bytes")),

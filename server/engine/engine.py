@@ -268,7 +268,9 @@ class Engine:
         averages = profiler.key_averages()
         (out / "engine_ops.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40))
         rows = [{"op": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total} for e in averages]
-        (out / "engine_ops.json").write_text(json.dumps(rows))
+        # Written last and renamed into place: its presence means the profile is complete.
+        (out / "engine_ops.json.tmp").write_text(json.dumps(rows))
+        (out / "engine_ops.json.tmp").replace(out / "engine_ops.json")
         log.info("engine profile written to %s", out)
 
     def _loop(self) -> None:

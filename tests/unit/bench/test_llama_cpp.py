@@ -104,7 +104,7 @@ def test_missing_llama_python_exits_2_with_build_instructions(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         llama_cpp._check_llama_python(tmp_path / "no-such-python")
     assert exited.value.code == 2
-    assert "pip install 'llama-cpp-python[server]'" in capsys.readouterr().err
+    assert "pip install 'llama-cpp-python[server]==" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lora_ran", [True, False])

@@ -58,6 +58,10 @@ def test_suite_runs_on_tiny_model_and_reports(suite, tiny_base_dir, adapter_cach
     text = report.build(tmp_path)
     assert f"## {suite}" in text
     assert result.headline[0]["name"] in text
+    readme = f"intro\n{report.SUMMARY_START}\nstale\n{report.SUMMARY_END}\nrest\n"
+    replaced = report.replace_summary(readme, report.summary(tmp_path))
+    assert result.headline[0]["name"] in replaced and result.command in replaced
+    assert "stale" not in replaced and replaced.startswith("intro\n") and replaced.endswith("rest\n")
 
 
 @pytest.mark.parametrize("variant", ["train_job", "plain", "train_job_packed"])
@@ -72,4 +76,4 @@ def test_training_worker_counts_tokens_on_tiny_model(variant, tiny_base_dir):
     assert row["tokens"] > 0
     assert row["tokens_per_s"] > 0
     assert 0 < row["useful_tokens_per_s"] < row["tokens_per_s"]  # the prompt is not in the loss
-    assert row["peak_rss_bytes"] > 0
+    assert row["peak_rss_bytes"] > row["model_bytes"] > 0

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
     top = max(args.batches)
     result.add_headline(
         f"decode tok/s at batch {top} / batch 1",
-        median(paired_ratios(result.rows, top, 1, key="tps", variant="batch", kind="batch")),
+        median(paired_ratios(result.rows, top, 1, key="tps", by="batch", kind="batch")),
         "x",
     )
     return result
@@ -162,7 +162,7 @@ def details(result: SuiteResult) -> str:
         [
             b,
             median([r["tps"] for r in result.rows if r["kind"] == "batch" and r["batch"] == b]),
-            median(paired_ratios(result.rows, b, 1, key="tps", variant="batch", kind="batch")),
+            median(paired_ratios(result.rows, b, 1, key="tps", by="batch", kind="batch")),
         ]
         for b in result.config["batches"]
     ]

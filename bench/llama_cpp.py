@@ -52,15 +52,14 @@ from typing import Any
 import httpx
 
 from bench.record import (
-    MachineInfo,
     SuiteResult,
-    command_line,
     common_arguments,
     markdown_table,
+    measuring,
     median,
+    paired_ratios,
     percentile,
-    setup_torch,
-    write_result,
+    suite_main,
 )
 from bench.workload import load_base, make_adapters, mixed_specs
 from client.client import LorayardClient
@@ -127,13 +126,9 @@ def summarize_run(samples: list[dict[str, Any]], duration_s: float, max_tokens: 
     }
 
 
-def paired_ratios(rows: list[dict[str, Any]], variant: str, concurrency: int, key: str) -> list[float]:
+def ours_over_llama(rows: list[dict[str, Any]], variant: str, concurrency: int, key: str) -> list[float]:
     """Per repeat: ours[key] / llama.cpp[key] for one variant and concurrency (pairs with both sides)."""
-    by_repeat: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if r["variant"] == variant and r["concurrency"] == concurrency:
-            by_repeat.setdefault(r["repeat"], {})[r["server"]] = r[key]
-    return [v[OURS] / v[LLAMA] for _, v in sorted(by_repeat.items()) if OURS in v and LLAMA in v and v[LLAMA]]
+    return paired_ratios(rows, OURS, LLAMA, key=key, by="server", variant=variant, concurrency=concurrency)
 
 
 def requests_for(concurrency: int) -> int:
@@ -390,13 +385,13 @@ def add_headlines(result: SuiteResult, concurrency: list[int]) -> None:
         for c in concurrency:
             result.add_headline(
                 f"ours / llama.cpp output tok/s, concurrency {c}{label}",
-                median(paired_ratios(result.rows, variant, c, "tokens_per_s")),
+                median(ours_over_llama(result.rows, variant, c, "tokens_per_s")),
                 "x",
             )
         for c in ends if variant == BASE else ends[:1]:
             result.add_headline(
                 f"ours / llama.cpp TTFT p50, concurrency {c}{label}",
-                median(paired_ratios(result.rows, variant, c, "ttft_p50_ms")),
+                median(ours_over_llama(result.rows, variant, c, "ttft_p50_ms")),
                 "x",
                 higher_is_better=False,
             )
@@ -407,28 +402,21 @@ def run(args: argparse.Namespace) -> SuiteResult:
     if args.device != "cpu":
         raise SystemExit("bench.llama_cpp compares CPU servers (llama-cpp-python is built for the CPU here)")
     _check_llama_python(args.llama_python)
-    setup_torch(args)
-    result = SuiteResult(
-        suite="llama_cpp",
-        command=command_line(),
-        machine=MachineInfo.current(args.device),
-        config={
-            "concurrency": args.concurrency,
-            "requests_per_run": {c: requests_for(c) for c in args.concurrency},
-            "max_tokens": args.max_tokens,
-            "prompts": "client.loadtest.DEFAULT_PROMPTS (completions endpoint, raw text)",
-            "repeats": args.repeats,
-            "threads_per_server": args.threads,
-            "precision": {
-                OURS: "float32 weights, activations and KV cache (weights dequantized from the Q4_1 GGUF)",
-                LLAMA: "GGUF Q4_1 weights (x Q8_1 activations), Q8_0 embedding/output, f16 KV cache",
-            },
-            "per_request_lora": PER_REQUEST_LORA_NOTE,
+    config = {
+        "concurrency": args.concurrency,
+        "requests_per_run": {c: requests_for(c) for c in args.concurrency},
+        "max_tokens": args.max_tokens,
+        "prompts": "client.loadtest.DEFAULT_PROMPTS (completions endpoint, raw text)",
+        "repeats": args.repeats,
+        "threads_per_server": args.threads,
+        "precision": {
+            OURS: "float32 weights, activations and KV cache (weights dequantized from the Q4_1 GGUF)",
+            LLAMA: "GGUF Q4_1 weights (x Q8_1 activations), Q8_0 embedding/output, f16 KV cache",
         },
-    )
-    start = time.perf_counter()
-    _measure(args, result)
-    result.duration_s = time.perf_counter() - start
+        "per_request_lora": PER_REQUEST_LORA_NOTE,
+    }
+    with measuring("llama_cpp", args, config) as result:
+        _measure(args, result)
     add_headlines(result, args.concurrency)
     return result
 
@@ -454,7 +442,7 @@ def details(result: SuiteResult) -> str:
             line: list[object] = [variant, c]
             for key in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms"):
                 line += [_median_of(result.rows, variant, s, c, key) for s in SERVERS]
-                line.append(median(paired_ratios(result.rows, variant, c, key)))
+                line.append(median(ours_over_llama(result.rows, variant, c, key)))
             rows.append(line)
     columns = ["variant", "concurrency"]
     for what in ("tok/s", "TTFT p50 ms", "ITL p50 ms"):
@@ -560,12 +548,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    result = run(args)
-    folder = write_result(result, args.out, details(result))
-    _plot(result, folder)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main(parse_args, run, details, _plot)

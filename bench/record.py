@@ -131,16 +131,21 @@ def paired_ratios(
     denominator: Any,
     *,
     key: str = "tokens_per_s",
-    variant: str = "variant",
+    by: str = "variant",
     **where: Any,
 ) -> list[float]:
-    """Per repeat, ``key`` of the row whose ``variant`` is ``numerator`` over the one that is ``denominator``,
-    among rows matching ``where``: ratios of measurements taken back to back, which survive drift."""
+    """Per repeat, ``key`` of the row whose ``by`` column is ``numerator`` over the one whose is
+    ``denominator``, among rows matching ``where``: ratios of measurements taken back to back, which
+    survive drift. Repeats missing either side (or with a zero denominator) are skipped."""
     by_repeat: dict[int, dict[Any, float]] = {}
     for row in rows:
         if all(row.get(k) == v for k, v in where.items()):
-            by_repeat.setdefault(row["repeat"], {})[row[variant]] = row[key]
-    return [v[numerator] / v[denominator] for v in by_repeat.values() if numerator in v and denominator in v]
+            by_repeat.setdefault(row["repeat"], {})[row[by]] = row[key]
+    return [
+        v[numerator] / v[denominator]
+        for _, v in sorted(by_repeat.items())
+        if numerator in v and v.get(denominator)
+    ]
 
 
 def suite_main(

@@ -71,8 +71,8 @@ def test_paired_ratios_pair_within_a_repeat_and_skip_unpaired():
         _row(2, llama_cpp.OURS, 50.0),  # its llama.cpp run is missing
         _row(0, llama_cpp.OURS, 1.0, concurrency=16),
     ]
-    assert llama_cpp.paired_ratios(rows, llama_cpp.BASE, 4, "tokens_per_s") == [0.5, 2.0]
-    assert llama_cpp.paired_ratios(rows, llama_cpp.LORA, 4, "tokens_per_s") == []
+    assert llama_cpp.ours_over_llama(rows, llama_cpp.BASE, 4, "tokens_per_s") == [0.5, 2.0]
+    assert llama_cpp.ours_over_llama(rows, llama_cpp.LORA, 4, "tokens_per_s") == []
 
 
 def test_server_order_alternates_and_requests_have_a_floor():

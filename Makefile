@@ -56,7 +56,7 @@ bench-quick: install  ## a quick subset of the benchmark suites (< 5 min on a la
 
 # SOAK_ARGS=--tiny soaks a tiny random base (a minute's smoke run: SOAK_ARGS="--tiny --duration 30").
 soak: install  ## ~5 min of mixed load with cancels on a real server; checks 5xx, slots, RSS (bench/results/soak)
-	$(PY) bench/soak.py $(SOAK_ARGS)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:  ## remove the venv and demo output (the model cache in ~/.cache/lorayard stays)
 	rm -rf $(VENV) adapters

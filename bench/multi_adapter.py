@@ -57,6 +57,9 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     plt.close(fig)
 
 
+WARMUP_TOKENS = 8
+
+
 async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | None) -> None:
     base = load_base(tiny)
     folders = make_adapters(base, mixed_specs(max(VARIANTS.values())), args.adapter_cache)
@@ -67,8 +70,13 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     prompt = bench_prompt(base, args.prompt_tokens)
     try:
         pools = {v: [bench.handles[n] for n in names[:k]] or [None] for v, k in VARIANTS.items()}
-        await run_batch(bench.engine, prompt, 4, [bench.handles[n] for n in names])  # warm-up
         order = list(VARIANTS)
+        # Warm-up: every (concurrency, variant) once, untimed. On a GPU the first run of each shape
+        # loads kernels and picks GEMM algorithms, and measured up to 6x slower than the next.
+        for concurrency in args.concurrency:
+            for pool in pools.values():
+                warm = [pool[i % len(pool)] for i in range(concurrency)]
+                await run_batch(bench.engine, prompt, WARMUP_TOKENS, warm)
         for repeat in range(args.repeats):
             for concurrency in args.concurrency:
                 rotated = order[repeat % len(order) :] + order[: repeat % len(order)]

@@ -44,6 +44,7 @@ from bench.record import (
     suite_main,
 )
 from bench.workload import EngineBench, bench_prompt, load_base, make_adapters, mixed_specs, run_batch
+from lorayard.base_model import default_dtype
 
 VARIANTS = ("engine", "peft_sequential", "peft_mixed_batch")
 WORKLOADS = ("equal", "mixed")
@@ -66,7 +67,8 @@ def _peft_model(base_path: Path, folders: dict[str, Path], device: str) -> torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(device)
+    # The engine's dtype on this device (float32 on the CPU, bf16 on a GPU): like for like.
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=default_dtype(device)).to(device)
     names = list(folders)
     peft_model = PeftModel.from_pretrained(model, folders[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -126,8 +128,11 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     bench.engine.start()
     handles = [bench.handles[n] for n in request_names]
     try:
-        await run_batch(bench.engine, prompt, 4, handles)  # warm-up both
-        _peft_mixed_batch(peft_model, ids, request_names[:2], [2, 2], 2)
+        # Warm-up: each variant once, untimed (on a GPU a first run loads kernels and tunes GEMMs).
+        warm = [PROFILE_MAX_TOKENS] * args.requests
+        await run_batch(bench.engine, prompt, warm, handles)
+        _peft_sequential(peft_model, ids, names, warm[: len(names)])
+        _peft_mixed_batch(peft_model, ids, request_names, warm, args.concurrency)
         for repeat in range(args.repeats):
             for workload in WORKLOADS:
                 lengths = request_lengths(workload, args.requests, args.max_tokens)

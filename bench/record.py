@@ -95,7 +95,10 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="results folder (default bench/results/<suite>)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default bench/results/<suite>, bench/results/cuda/<suite> on a GPU)",
     )
     parser.add_argument(
         "--adapter-cache",
@@ -211,9 +214,15 @@ def machine_line(machine: MachineInfo) -> str:
     )
 
 
+def results_folder(suite: str, device: str, root: Path = RESULTS) -> Path:
+    """Where a suite's full-size results live: ``bench/results/<suite>`` for the CPU,
+    ``bench/results/<device>/<suite>`` otherwise, so a GPU run never replaces the CPU results."""
+    return root / suite if device == "cpu" else root / device / suite
+
+
 def write_result(result: SuiteResult, out: Path | None, details: str) -> Path:
     """Write result.json and table.md (headline, details, machine, command); returns the folder."""
-    folder = out or RESULTS / result.suite
+    folder = out or results_folder(result.suite, result.machine.device)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     text = (

@@ -1,6 +1,6 @@
 """Soak test: a real server under mixed, misbehaving load for a bounded time; then check it is clean.
 
-``python bench/soak.py`` (``make soak``) starts ``python -m server`` on 127.0.0.1 over a fresh volume of
+``python -m bench.soak`` (``make soak``) starts ``python -m server`` on 127.0.0.1 over a fresh volume of
 random adapters (real embedded base by default, ``--tiny`` for a tiny random one), runs ``--concurrency``
 closed-loop clients for ``--duration`` seconds (mixed adapters and pinned versions, streamed and not,
 random cancels mid-stream and disconnects before the answer), and then checks:
@@ -34,6 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from bench.random_base import TINY, build_random_base
+from lorayard.base_model import default_base_model, resolve_base_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "soak"
@@ -88,38 +91,12 @@ def _rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _build_tiny_base(folder: Path) -> Path:
-    """A 2-layer random Llama with the real tokenizer (the test suite's tiny model), for quick soaks."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lorayard.base_model import load_tokenizer, resolve_base_model
-
-    real = resolve_base_model()
-    config = AutoConfig.from_pretrained(real.path)
-    config.update(
-        {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 512,
-        }
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    load_tokenizer(real).save_pretrained(folder)
-    return folder
-
-
 def _publish_random_adapters(base_spec: str, volume_dir: Path) -> None:
     """Two versions of each adapter (different ranks and targets), published like the training job does."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lorayard.base_model import load_base_model, resolve_base_model
+    from lorayard.base_model import load_base_model
     from lorayard.volume import AdapterVolume, BaseModelRef, Manifest
 
     base = resolve_base_model(base_spec)
@@ -265,7 +242,11 @@ def _start_server(
 
 def run_soak(cfg: SoakConfig, work: Path) -> dict[str, object]:
     """Build the volume, start the server, load it, check it; returns the result document."""
-    base_spec = str(_build_tiny_base(work / "tiny-base")) if cfg.tiny else "smollm2-135m-instruct"
+    base_spec = (
+        str(build_random_base(resolve_base_model().path, work / "tiny-base", TINY))
+        if cfg.tiny
+        else default_base_model()
+    )
     volume_dir = work / "adapters"
     _publish_random_adapters(base_spec, volume_dir)
     server_args = [
@@ -338,7 +319,7 @@ def _write_readme(out: Path, result: dict[str, object], command: str) -> None:
     assert isinstance(rss, dict)
     text = f"""# Soak result
 
-Written by `bench/soak.py`; reproduce with:
+Written by `python -m bench.soak`; reproduce with:
 
 ```bash
 {command}
@@ -403,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         if not result["passed"]:  # keep the evidence
             (args.out / "server.log").write_bytes((Path(tmp) / "server.log").read_bytes())
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    command = "python bench/soak.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.soak " + shlex.join(argv if argv is not None else sys.argv[1:])
     _write_readme(args.out, result, command.strip())
     print(
         json.dumps({"passed": result["passed"], "checks": result["checks"], "rss": result["rss"]}, indent=2)

@@ -8,9 +8,11 @@ Variants, each in its own subprocess (so peak RSS is its own), interleaved and r
 * ``train_job_qlora``: train_job with 4-bit NF4 base (QLoRA), for the peak-RSS comparison;
 * ``train_job_packed``: train_job with ``packing`` (padding-free batches, the same examples per step).
 
-Tokens/s counts non-padding tokens fed to the model over ``train_runtime``; useful tokens/s counts only
-the completion tokens in the loss (the prompt is masked: completion-only loss). No evaluation or
-checkpoint happens inside the timed steps. Config: the persona demo (``train_job/configs/persona.yaml``).
+Tokens/s counts non-padding tokens fed to the model in the timed steps, which follow ``WARMUP_STEPS``
+untimed ones (first steps load kernels and allocate, which can dominate a 10-step run on a GPU); useful
+tokens/s counts only the completion tokens in the loss (the prompt is masked: completion-only loss).
+No evaluation or checkpoint happens inside the timed steps. Config: the persona demo
+(``train_job/configs/persona.yaml``).
 
     python -m bench.training [--device cpu|cuda] [--quick]
 """
@@ -23,11 +25,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from bench.record import (
     REPO,
@@ -42,24 +46,48 @@ from bench.record import (
 )
 
 VARIANTS = ("train_job", "plain", "train_job_qlora", "train_job_packed")
+WARMUP_STEPS = 2
 CONFIG = REPO / "train_job" / "configs" / "persona.yaml"
 
 
 @dataclass
 class TokenCountingCollator:
-    """Wraps a collator and counts the tokens of every batch it builds: ``tokens`` the model reads
-    (padding excluded; a packed batch has none), ``useful`` those in the loss (the completions)."""
+    """Wraps a collator and counts the tokens of every batch it builds, in order: ``tokens`` the model
+    reads (padding excluded; a packed batch has none), ``useful`` those in the loss (the completions)."""
 
     inner: Any
-    tokens: int = 0
-    useful: int = 0
+    tokens: list[int] = field(default_factory=list)
+    useful: list[int] = field(default_factory=list)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.inner(features)
         mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        self.useful += int((batch["labels"] != -100).sum())
+        self.tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        self.useful.append(int((batch["labels"] != -100).sum()))
         return batch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Stopwatch(TrainerCallback):
+    """Wall time of the steps after the first ``warmup``, the device synchronised at both ends."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.warmup:
+            _sync()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _sync()
+        self.end = time.perf_counter()
 
 
 def _config(args: argparse.Namespace, scratch: Path, variant: str) -> Any:
@@ -71,7 +99,7 @@ def _config(args: argparse.Namespace, scratch: Path, variant: str) -> Any:
         "output_dir": scratch / "run",
         "base_model": args.base,
         "device": args.device,
-        "max_steps": args.steps,
+        "max_steps": args.steps + WARMUP_STEPS,
         "batch_size": args.batch_size,
         "eval_steps": never,
         "save_steps": never,
@@ -117,8 +145,14 @@ def _plain_trainer(config: Any, base: Any, tokenizer: Any, data: Any) -> Any:
         set_seed,
     )
 
+    from lorayard.base_model import default_dtype
+
     set_seed(config.seed)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).to(_device(config))
+    device = _device(config)
+    # What the docs say for a GPU (bf16 weights and bf16 mixed precision), float32 on the CPU: the same
+    # precision rule the training job follows.
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=default_dtype(device)).to(device)
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=config.rank,
@@ -145,7 +179,9 @@ def _plain_trainer(config: Any, base: Any, tokenizer: Any, data: Any) -> Any:
         save_strategy="no",
         report_to="none",
         logging_steps=config.max_steps + 1000,
-        use_cpu=not _device(config).startswith("cuda"),
+        use_cpu=not device.startswith("cuda"),
+        bf16=bf16,
+        fp16=device.startswith("cuda") and not bf16,
         seed=config.seed,
         remove_unused_columns=False,
     )
@@ -172,16 +208,23 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             trainer = _train_job_trainer(config, base, tokenizer, data)
         counter = TokenCountingCollator(trainer.data_collator)
         trainer.data_collator = counter
+        stopwatch = Stopwatch(WARMUP_STEPS)
+        trainer.add_callback(stopwatch)
         model_bytes = trainer.model.get_memory_footprint()
-        output = trainer.train()
-    runtime = float(output.metrics["train_runtime"])
+        trainer.train()
+    assert stopwatch.start is not None and stopwatch.end is not None, "training stopped before warm-up ended"
+    runtime = stopwatch.end - stopwatch.start
+    # Batch i feeds step i + 1 (one per step: no gradient accumulation); the loader may have built one
+    # more batch ahead, which no step used.
+    timed = slice(WARMUP_STEPS, trainer.state.global_step)
+    tokens, useful = sum(counter.tokens[timed]), sum(counter.useful[timed])
     return {
         "variant": args.worker,
-        "steps": trainer.state.global_step,
-        "tokens": counter.tokens,
+        "steps": trainer.state.global_step - WARMUP_STEPS,
+        "tokens": tokens,
         "runtime_s": runtime,
-        "tokens_per_s": counter.tokens / runtime,
-        "useful_tokens_per_s": counter.useful / runtime,
+        "tokens_per_s": tokens / runtime,
+        "useful_tokens_per_s": useful / runtime,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "model_bytes": model_bytes,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,

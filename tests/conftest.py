@@ -15,11 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def test_device() -> str:
+    """Where engine tests run: ``LORAYARD_TEST_DEVICE`` (default cpu; ``cuda`` on a GPU machine)."""
+    return os.environ.get("LORAYARD_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
 def real_base():
-    """The embedded SmolLM2-135M-Instruct, converted once into the cache."""
+    """The default base (``$LORAYARD_BASE_MODEL``, else the embedded SmolLM2-135M-Instruct converted once)."""
     from lorayard.base_model import resolve_base_model
 
-    return resolve_base_model("smollm2-135m-instruct")
+    return resolve_base_model()
 
 
 @pytest.fixture(scope="session")
@@ -30,33 +36,15 @@ def real_tokenizer(real_base):
 
 
 @pytest.fixture(scope="session")
-def tiny_base_dir(tmp_path_factory, real_base, real_tokenizer) -> Path:
+def tiny_base_dir(tmp_path_factory, real_base) -> Path:
     """A tiny random Llama with the real tokenizer and chat template, as a local HF folder.
 
     Same architecture family and vocabulary as the real base, 2 layers and a narrow width, so unit
     tests run in seconds; built from the real config so shapes follow the same rules.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from bench.random_base import TINY, build_random_base
 
-    config = AutoConfig.from_pretrained(real_base.path)
-    config.update(
-        {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 512,
-        }
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    folder = tmp_path_factory.mktemp("tiny-base")
-    model.save_pretrained(folder, safe_serialization=True)
-    real_tokenizer.save_pretrained(folder)
-    return folder
+    return build_random_base(real_base.path, tmp_path_factory.mktemp("tiny-base"), TINY)
 
 
 @pytest.fixture(scope="session")

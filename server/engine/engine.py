@@ -112,6 +112,7 @@ class Engine:
         kv_cache_memory_gb: float | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         metrics: ServerMetrics | None = None,
+        fuse_linears: bool | None = None,
     ) -> None:
         self.model = model
         self.config: PretrainedConfig = model.config
@@ -132,7 +133,7 @@ class Engine:
         slots = slots_for_budget(spec, max_batch_size, kv_cache_memory_gb, self.device)
         self.max_batch_size = slots
         self.cache = KVCache(spec, slots, self.device)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, fuse_linears)
         self._adapter_slots = itertools.count()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -172,7 +173,9 @@ class Engine:
             dense = {
                 k: self.runner.dense_weight(*k) for k, m in weights.modules.items() if m.magnitude is not None
             }
-        resident = ResidentAdapter.from_weights(key, weights, dense, device=self.device, dtype=self.dtype)
+        resident = ResidentAdapter.from_weights(
+            key, weights, dense, device=self.device, dtype=self.dtype, layout=self.runner.group_layout
+        )
         slot = next(self._adapter_slots)
         self.runner.adapters[slot] = resident
         return slot
@@ -258,10 +261,10 @@ class Engine:
         if not folder:
             yield
             return
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.startswith("cuda"):
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as profiler:
+        # CPU activity only: the op table is self CPU time, which on a GPU is the launch work that
+        # bounds a small model's step, and CUDA tracing (CUPTI) must start on the thread that first
+        # used it; the engine thread is rarely that one (bench.naive hung on an H100 with it).
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             yield
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
@@ -337,12 +340,10 @@ class Engine:
             return
         # Group rows by adapter so each adapter's rows are one contiguous segment for lora_ops.
         rows.sort(key=lambda s: -1 if s.adapter_slot is None else s.adapter_slot)
-        device = self.runner.device
-        positions = [len(s.request.prompt_ids) + len(s.state.output_ids) - 1 for s in rows]
         batch = DecodeBatch(
-            slots=torch.tensor([s.slot for s in rows], device=device),
-            positions=torch.tensor(positions, device=device),
-            tokens=torch.tensor([s.state.output_ids[-1] for s in rows], device=device),
+            slots=[s.slot for s in rows],
+            positions=[len(s.request.prompt_ids) + len(s.state.output_ids) - 1 for s in rows],
+            tokens=[s.state.output_ids[-1] for s in rows],
             segments=segments_of([s.adapter_slot for s in rows], [1] * len(rows)),
         )
         logits = self.runner.decode(batch)

@@ -147,4 +147,4 @@ def test_details_plot_and_report_from_rows(tmp_path, lora_ran):
     assert "a / b c" in table
     assert ("not run: x" in table) != lora_ran
     assert (out / "llama_cpp.png").is_file()
-    assert "## llama_cpp" in report.build(tmp_path)
+    assert "### llama_cpp" in report.build(tmp_path)

@@ -6,6 +6,7 @@ finite headline figures, writes result.json / table.md / a PNG, and that bench.r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -55,8 +56,11 @@ def test_suite_runs_on_tiny_model_and_reports(suite, tiny_base_dir, adapter_cach
     assert saved["machine"]["threads"] == args.threads
     assert list(out.glob("*.png"))
     assert "Command:" in (out / "table.md").read_text()
+    gpu = dataclasses.replace(result, machine=dataclasses.replace(result.machine, device="cuda"))
+    record.write_result(gpu, record.results_folder(suite, "cuda", tmp_path), "")
     text = report.build(tmp_path)
-    assert f"## {suite}" in text
+    assert f"### {suite}" in text
+    assert text.index("## CPU") < text.index("## GPU")  # a GPU run lands beside the CPU one
     assert result.headline[0]["name"] in text
     readme = f"intro\n{report.SUMMARY_START}\nstale\n{report.SUMMARY_END}\nrest\n"
     replaced = report.replace_summary(readme, report.summary(tmp_path))

@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from server.engine.engine import Engine
 from tests.harness import make_peft_adapter
 
 # Different ranks and target modules on purpose: one batch must mix them.
@@ -38,6 +39,28 @@ def tiny_adapters(tiny_base_dir, tmp_path_factory) -> Path:
         # b_scale 4: big enough that adapters visibly disagree with the base
         make_peft_adapter(tiny_base_dir, root / name, seed, b_scale=4.0, **spec)
     return root
+
+
+@pytest.fixture
+def make_engine(tiny_base, test_device):
+    """Engines on the tiny base, stopped at teardown: float32 on any device, so greedy output can be
+    compared token for token with PEFT's (on the CPU)."""
+    engines: list[Engine] = []
+
+    def make(**kwargs) -> Engine:
+        defaults = {"device": test_device, "dtype": torch.float32, "eos_token_ids": set()}
+        engine = Engine.from_base(tiny_base, **{**defaults, **kwargs})
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+@pytest.fixture
+def engine(make_engine) -> Engine:
+    return make_engine(max_batch_size=8, max_model_len=256)
 
 
 def peft_greedy(

@@ -7,17 +7,7 @@ import pytest
 
 from lorayard.volume import AdapterNotFound, AdapterVolume, InvalidAdapterName
 from server.adapters.registry import AdapterLoadError, AdapterRegistry, AdaptersBusy
-from server.engine.engine import Engine
 from tests.harness import publish_folder
-
-
-@pytest.fixture
-def engine(tiny_base):
-    engine = Engine.from_base(
-        tiny_base, device="cpu", eos_token_ids=set(), max_batch_size=4, max_model_len=64
-    )
-    yield engine
-    engine.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import pytest
 from transformers import AutoConfig
 
 from lorayard.adapter_files import load_adapter
-from server.engine.engine import Engine
 from server.engine.types import PromptTooLong, QueueFull, Request, SamplingParams
 
 from ..conftest import ADAPTER_SPECS, peft_greedy
@@ -15,15 +14,6 @@ class _Handle:
     def __init__(self, key: str, slot: int) -> None:
         self.key = key
         self.slot = slot
-
-
-@pytest.fixture
-def engine(tiny_base):
-    engine = Engine.from_base(
-        tiny_base, device="cpu", eos_token_ids=set(), max_batch_size=8, max_model_len=256
-    )
-    yield engine
-    engine.stop()
 
 
 def _load(engine, tiny_base_dir, tiny_adapters, name):
@@ -40,8 +30,11 @@ async def _collect(engine, request):
 PROMPTS = [[1, 9690, 198, 2683, 359, 253], [1, 4093, 198, 19556, 30, 2], [1, 520, 33, 44, 55, 66, 77, 88, 99]]
 
 
-def test_mixed_adapter_batches_match_peft_greedy(engine, tiny_base_dir, tiny_adapters):
-    """Concurrent, staggered requests for different adapters (and none) each equal plain PEFT."""
+@pytest.mark.parametrize("fuse_linears", [False, True], ids=["separate-linears", "fused-linears"])
+def test_mixed_adapter_batches_match_peft_greedy(make_engine, fuse_linears, tiny_base_dir, tiny_adapters):
+    """Concurrent, staggered requests for different adapters (and none) each equal plain PEFT, with the
+    CPU's separate q/k/v and gate/up matmuls and with the GPU's fused ones."""
+    engine = make_engine(max_batch_size=8, max_model_len=256, fuse_linears=fuse_linears)
     handles = {name: _load(engine, tiny_base_dir, tiny_adapters, name) for name in ADAPTER_SPECS}
     names = [*ADAPTER_SPECS, None, "qv4", "all8"]
     cases = [(name, PROMPTS[i % len(PROMPTS)]) for i, name in enumerate(names)]
@@ -82,10 +75,8 @@ def test_long_prompt_is_chunked_and_matches(engine, tiny_base_dir, tiny_adapters
     assert tokens == peft_greedy(tiny_base_dir, tiny_adapters / "all8", prompt, 6)
 
 
-def test_limits_and_abort(tiny_base):
-    engine = Engine.from_base(
-        tiny_base, device="cpu", eos_token_ids=set(), max_batch_size=1, max_queue=1, max_model_len=64
-    )
+def test_limits_and_abort(make_engine):
+    engine = make_engine(max_batch_size=1, max_queue=1, max_model_len=64)
 
     async def run():
         engine.start()
@@ -103,21 +94,16 @@ def test_limits_and_abort(tiny_base):
         await engine.drain(10)
         return engine.stats()
 
-    try:
-        stats = asyncio.run(run())
-    finally:
-        engine.stop()
+    stats = asyncio.run(run())
     assert stats.running == 0 and stats.waiting == 0
     assert engine.cache.free_slots == 1
 
 
-def test_4bit_base_with_adapter_matches_peft_on_the_same_4bit_base(tiny_base, tiny_base_dir, tiny_adapters):
-    """QLoRA-style serving: NF4 base (bitsandbytes, CPU) + LoRA on top equals PEFT over the same NF4 base."""
+def test_4bit_base_with_adapter_matches_peft_on_the_same_4bit_base(make_engine, tiny_base_dir, tiny_adapters):
+    """QLoRA-style serving: NF4 base (bitsandbytes) + LoRA on top equals PEFT over the same NF4 base."""
     from transformers import BitsAndBytesConfig
 
-    engine = Engine.from_base(
-        tiny_base, device="cpu", quantization="4bit", eos_token_ids=set(), max_batch_size=2, max_model_len=64
-    )
+    engine = make_engine(quantization="4bit", max_batch_size=2, max_model_len=64)
     handle = _load(engine, tiny_base_dir, tiny_adapters, "qv4")
 
     async def run():
@@ -126,10 +112,7 @@ def test_4bit_base_with_adapter_matches_peft_on_the_same_4bit_base(tiny_base, ti
             engine, Request("q", PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0), handle)
         )
 
-    try:
-        tokens, _ = asyncio.run(run())
-    finally:
-        engine.stop()
+    tokens, _ = asyncio.run(run())
     nf4 = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

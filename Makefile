@@ -34,7 +34,8 @@ lint: install  ## ruff
 demo: install  ## train two demo adapters, serve them, query them
 	$(PY) -m demo
 
-# BENCH_ARGS="--device cuda" benchmarks on a GPU; results and bench/README.md are rewritten.
+# BENCH_ARGS="--device cuda" benchmarks on a GPU: results go to bench/results/cuda/ (the CPU ones stay);
+# LORAYARD_BASE_MODEL picks the base (python -m bench.random_base makes a same-shape stand-in).
 # LLAMA_PYTHON=<venv>/bin/python (a venv with llama-cpp-python[server]; bench/llama_cpp.py says how to
 # build it) adds the llama.cpp comparison, CPU against CPU (BENCH_ARGS is not passed to it);
 # LLAMA_CPP_SRC=<llama.cpp source tree> adds its LoRA variant.

@@ -32,7 +32,7 @@ from bench.record import (
     percentile,
     suite_main,
 )
-from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, load_base, make_adapters
+from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, base_label, load_base, make_adapters
 from server.adapters.registry import AdapterRegistry
 
 GOAL_COLD_LOAD_MS = 100.0
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         "loads_per_size": args.loads,
         "max_loaded": args.max_loaded,
         "adapter": "r16 all-linear",
-        "base": "tiny" if tiny else "smollm2-135m-instruct",
+        "base": base_label(tiny),
     }
     with (
         measuring("adapter_scale", args, config) as result,

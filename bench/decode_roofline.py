@@ -37,7 +37,7 @@ from bench.record import (
     paired_ratios,
     suite_main,
 )
-from bench.workload import EngineBench, bench_prompt, load_base, run_batch
+from bench.workload import EngineBench, base_label, bench_prompt, load_base, run_batch
 
 GOAL_ROOFLINE = 0.8
 """Share of the measured memory bandwidth batch-1 decode should reach (the issue's goal)."""
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         "prompt_tokens": args.prompt_tokens,
         "copy_mb": args.copy_mb,
         "repeats": args.repeats,
-        "base": "tiny" if tiny else "smollm2-135m-instruct",
+        "base": base_label(tiny),
     }
     with measuring("decode_roofline", args, config) as result:
         asyncio.run(_measure(args, result, tiny))

@@ -26,6 +26,7 @@ from bench.record import (
 from bench.workload import (
     EngineBench,
     RequestTiming,
+    base_label,
     bench_prompt,
     load_base,
     make_adapters,
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         "prompt_tokens": args.prompt_tokens,
         "adapters": args.adapters,
         "repeats": args.repeats,
-        "base": "tiny" if tiny else "smollm2-135m-instruct",
+        "base": base_label(tiny),
     }
     with measuring("head_of_line", args, config) as result:
         asyncio.run(_measure(args, result, tiny))

@@ -23,7 +23,15 @@ from bench.record import (
     paired_ratios,
     suite_main,
 )
-from bench.workload import EngineBench, bench_prompt, load_base, make_adapters, mixed_specs, run_batch
+from bench.workload import (
+    EngineBench,
+    base_label,
+    bench_prompt,
+    load_base,
+    make_adapters,
+    mixed_specs,
+    run_batch,
+)
 
 VARIANTS = {"base": 0, "1 adapter": 1, "4 mixed": 4, "16 mixed": 16}
 """Variant name -> number of distinct adapters (0: the plain base)."""
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         "prompt_tokens": args.prompt_tokens,
         "repeats": args.repeats,
         "adapters": "ranks 8/16/32/64 cycling, all-linear and q/v alternating",
-        "base": "tiny" if tiny else "smollm2-135m-instruct",
+        "base": base_label(tiny),
     }
     with measuring("multi_adapter", args, config) as result:
         asyncio.run(_measure(args, result, tiny))

@@ -43,7 +43,15 @@ from bench.record import (
     paired_ratios,
     suite_main,
 )
-from bench.workload import EngineBench, bench_prompt, load_base, make_adapters, mixed_specs, run_batch
+from bench.workload import (
+    EngineBench,
+    base_label,
+    bench_prompt,
+    load_base,
+    make_adapters,
+    mixed_specs,
+    run_batch,
+)
 from lorayard.base_model import default_dtype
 
 VARIANTS = ("engine", "peft_sequential", "peft_mixed_batch")
@@ -209,7 +217,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         "prompt_tokens": args.prompt_tokens,
         "repeats": args.repeats,
         "workloads": {w: request_lengths(w, args.requests, args.max_tokens) for w in WORKLOADS},
-        "base": "tiny" if tiny else "smollm2-135m-instruct",
+        "base": base_label(tiny),
     }
     with measuring("naive", args, config) as result:
         asyncio.run(_measure(args, result, tiny))

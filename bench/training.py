@@ -44,6 +44,7 @@ from bench.record import (
     setup_torch,
     suite_main,
 )
+from lorayard.base_model import default_base_model
 
 VARIANTS = ("train_job", "plain", "train_job_qlora", "train_job_packed")
 WARMUP_STEPS = 2
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         "qlora_steps": args.qlora_steps,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "base": args.base or "smollm2-135m-instruct",
+        "base": args.base or default_base_model(),
     }
     with measuring("training", args, config) as result:
         for repeat in range(args.repeats):

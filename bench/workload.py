@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lorayard.adapter_files import load_adapter
-from lorayard.base_model import ResolvedBaseModel, cache_dir, resolve_base_model
+from lorayard.base_model import ResolvedBaseModel, cache_dir, default_base_model, resolve_base_model
 from server.engine.engine import Engine
 from server.engine.types import Request, SamplingParams
 
@@ -83,6 +83,12 @@ def make_adapters(
 def load_base(tiny: Path | None = None) -> ResolvedBaseModel:
     """The embedded base, or a local folder (the unit test's tiny model)."""
     return resolve_base_model(None if tiny is None else str(tiny))
+
+
+def base_label(tiny: Path | None) -> str:
+    """The base a result names: the unit tests' tiny model, or the default base (``$LORAYARD_BASE_MODEL``
+    when set, as on a GPU machine that runs a random-weight stand-in from ``bench.random_base``)."""
+    return "tiny" if tiny else default_base_model()
 
 
 @dataclass

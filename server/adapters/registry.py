@@ -102,7 +102,11 @@ class AdapterRegistry:
         self.max_loaded = max_loaded
         self.poll_interval_s = poll_interval_s
         self.metrics = metrics
-        self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
+        self._resident: collections.OrderedDict[int, _Resident] = collections.OrderedDict()
+        """Engine slot -> resident version, least recently used first."""
+        self._current: dict[str, int] = {}
+        """Version key -> the slot serving it to new requests. A resident whose slot is not here was
+        replaced in place on the volume and stays only until its running requests release it."""
         self._errors: dict[str, str] = {}
         self._listing: list[AdapterListing] = []
         self._lock = asyncio.Lock()
@@ -140,30 +144,32 @@ class AdapterRegistry:
         except OSError as exc:
             raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable ({exc})") from exc
         async with self._lock:
-            resident = self._resident.get(adapter.key)
+            slot = self._current.get(adapter.key)
+            resident = None if slot is None else self._resident[slot]
             if resident is not None and resident.identity != identity:
                 # Replaced in place (a plain folder rewritten, a version deleted and republished):
                 # requests already running keep the old weights; new ones get the files on disk.
-                self._retire(adapter.key)
+                self._retire(resident)
                 resident = None
             if resident is None:
                 resident = await self._load(adapter, identity)
             resident.pins += 1
             resident.last_used = time.monotonic()
-            self._resident.move_to_end(adapter.key)
+            self._resident.move_to_end(resident.slot)
             return AdapterLease(adapter.name, adapter.version, adapter.key, resident.slot)
 
     def release(self, lease: AdapterLease) -> None:
-        resident = self._resident.get(lease.key)
-        if resident is None or resident.slot != lease.slot:  # retired meanwhile: find it by slot
-            resident = next((r for r in self._resident.values() if r.slot == lease.slot), None)
-        if resident is not None and resident.pins > 0:
-            resident.pins -= 1
+        resident = self._resident.get(lease.slot)
+        if resident is None or resident.pins == 0:
+            return
+        resident.pins -= 1
+        if resident.pins == 0 and self._current.get(resident.adapter.key) != resident.slot:
+            self._evict(resident.slot)  # retired and now idle: nobody can acquire it again
 
     async def _load(self, adapter: ResolvedAdapter, identity: tuple[int, int, int] | None) -> _Resident:
         """Load one version (the caller holds the lock); evict the LRU unpinned one if full."""
         while len(self._resident) >= self.max_loaded:
-            victim = next((k for k, r in self._resident.items() if r.pins == 0), None)
+            victim = next((slot for slot, r in self._resident.items() if r.pins == 0), None)
             if victim is None:
                 raise AdaptersBusy(
                     f"all {self.max_loaded} resident adapters are in use; "
@@ -182,7 +188,8 @@ class AdapterRegistry:
         if self.metrics is not None:
             self.metrics.adapter_load_seconds.labels(adapter=adapter.name).observe(elapsed)
         resident = _Resident(adapter, slot, identity=identity)
-        self._resident[adapter.key] = resident
+        self._resident[slot] = resident
+        self._current[adapter.key] = slot
         self._set_loaded_gauge()
         return resident
 
@@ -202,19 +209,19 @@ class AdapterRegistry:
         except (AdapterFormatError, OSError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: {exc}") from exc
 
-    def _retire(self, key: str) -> None:
-        """Drop a stale version now, or once its running requests release it (the LRU evicts it)."""
-        resident = self._resident[key]
+    def _retire(self, resident: _Resident) -> None:
+        """Stop serving a stale version to new requests; drop it now, or when its last request
+        releases it."""
+        del self._current[resident.adapter.key]
         if resident.pins == 0:
-            self._evict(key)
-        else:
-            del self._resident[key]
-            self._resident[f"{key}#replaced-{resident.slot}"] = resident
+            self._evict(resident.slot)
 
-    def _evict(self, key: str) -> None:
-        resident = self._resident.pop(key)
-        self.engine.free_adapter_weights(resident.slot)
-        log.info("evicted adapter %s", key)
+    def _evict(self, slot: int) -> None:
+        resident = self._resident.pop(slot)
+        if self._current.get(resident.adapter.key) == slot:
+            del self._current[resident.adapter.key]
+        self.engine.free_adapter_weights(slot)
+        log.info("evicted adapter %s (slot %d)", resident.adapter.key, slot)
         self._set_loaded_gauge()
 
     def _set_loaded_gauge(self) -> None:
@@ -249,13 +256,16 @@ class AdapterRegistry:
 
     async def unload(self, name: str) -> None:
         async with self._lock:
-            keys = [k for k, r in self._resident.items() if r.adapter.name == name]
-            if not keys:
+            slots = [slot for slot, r in self._resident.items() if r.adapter.name == name]
+            if not slots:
                 raise AdapterNotFound(f"adapter {name!r} is not loaded")
-            for key in keys:
-                if self._resident[key].pins:
-                    raise AdaptersBusy(f"adapter {key} is serving requests; retry when they finish")
-                self._evict(key)
+            for slot in slots:
+                resident = self._resident[slot]
+                if resident.pins:
+                    raise AdaptersBusy(
+                        f"adapter {resident.adapter.key} is serving requests; retry when they finish"
+                    )
+                self._evict(slot)
 
     def list_models(self) -> list[AdapterStatus]:
         loaded = {r.adapter.name for r in self._resident.values()}

@@ -59,7 +59,7 @@ def test_lora_path_is_on_the_volume_relative_or_absolute_and_may_pin_a_version(
         await registry.refresh()
         status = await registry.load("qv4", path.format(root=volume.root))
         assert status.loaded
-        assert [r for r in registry._resident] == [expected]
+        assert [r.adapter.key for r in registry._resident.values()] == [expected]
 
     asyncio.run(scenario())
 

@@ -100,7 +100,8 @@ class ModelRunner:
         }
         self.fused_qkv: list[torch.Tensor | None] = [None] * len(self.layers)
         self.fused_gate_up: list[torch.Tensor | None] = [None] * len(self.layers)
-        if self.device.type == "cuda" if fuse_linears is None else fuse_linears:
+        fuse = self.device.type == "cuda" if fuse_linears is None else fuse_linears
+        if fuse:
             self.fused_qkv = [fuse_weights([getattr(x.self_attn, n) for n in QKV]) for x in self.layers]
             self.fused_gate_up = [fuse_weights([getattr(x.mlp, n) for n in GATE_UP]) for x in self.layers]
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))

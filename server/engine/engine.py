@@ -173,9 +173,7 @@ class Engine:
             dense = {
                 k: self.runner.dense_weight(*k) for k, m in weights.modules.items() if m.magnitude is not None
             }
-        resident = ResidentAdapter.from_weights(
-            key, weights, dense, device=self.device, dtype=self.dtype, layout=self.runner.group_layout
-        )
+        resident = ResidentAdapter.from_weights(key, weights, dense, device=self.device, dtype=self.dtype)
         slot = next(self._adapter_slots)
         self.runner.adapters[slot] = resident
         return slot

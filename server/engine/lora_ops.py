@@ -8,7 +8,6 @@ are never merged or modified.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -60,25 +59,18 @@ FUSED_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "gate_up": ("gate_proj", "up_proj"),
 }
-"""Linears that read the same input. The model runner computes each group's base output as one
-matmul over a fused weight (members' outputs side by side, in this order); the adapter's A matrices
-are concatenated too, so one matmul per segment computes every member's ``x @ A^T``."""
-
-GroupLayout = dict[str, tuple[int, ...]]
-"""Group name -> its members' output widths in the base, in FUSED_GROUPS order: where each member's
-columns start in the fused output (members an adapter does not target still take their room)."""
+"""Linears that read the same input (on a GPU the model runner also computes each group's base output
+as one matmul over a fused weight, members' outputs side by side in this order); the adapter's A
+matrices are concatenated, so one matmul per segment computes every member's ``x @ A^T``."""
 
 
 @dataclass(frozen=True)
 class GroupMember:
-    """One targeted member of a fused group: its columns of the group's ``a_t`` (``first:end``) and of
-    the fused output (``out_first:out_end``)."""
+    """One targeted member of a fused group: its columns ``first:end`` of the group's ``a_t``."""
 
     name: str
     first: int
     end: int
-    out_first: int
-    out_end: int
     weights: LoraLinearWeights
 
 
@@ -96,12 +88,10 @@ class FusedLoraGroup:
 class ResidentAdapter:
     """An adapter's weights in engine memory, indexed by (layer, module short name)."""
 
-    def __init__(
-        self, key: str, modules: dict[tuple[int, str], LoraLinearWeights], layout: GroupLayout
-    ) -> None:
+    def __init__(self, key: str, modules: dict[tuple[int, str], LoraLinearWeights]) -> None:
         self.key = key
         self.modules = modules
-        self.groups = _fuse(modules, layout)
+        self.groups = _fuse(modules)
         """(layer, group name) -> FusedLoraGroup; members' a_t are views into the group's a_t."""
 
     @property
@@ -117,7 +107,6 @@ class ResidentAdapter:
         *,
         device: torch.device | str,
         dtype: torch.dtype,
-        layout: GroupLayout,
     ) -> ResidentAdapter:
         """Fold scaling into B; for DoRA compute the row scale from the dense base weight once."""
         modules = {}
@@ -138,12 +127,10 @@ class ResidentAdapter:
                 b_t=b_t.contiguous().to(dtype),
                 row_scale=None if row_scale is None else row_scale.to(dtype),
             )
-        return cls(key, modules, layout)
+        return cls(key, modules)
 
 
-def _fuse(
-    modules: dict[tuple[int, str], LoraLinearWeights], layout: GroupLayout
-) -> dict[tuple[int, str], FusedLoraGroup]:
+def _fuse(modules: dict[tuple[int, str], LoraLinearWeights]) -> dict[tuple[int, str], FusedLoraGroup]:
     """Concatenate the A matrices of each layer's group members (in place: members become views)."""
     groups = {}
     layers = sorted({layer for layer, _ in modules})
@@ -152,7 +139,6 @@ def _fuse(
             present = [n for n in names if (layer, n) in modules]
             if not present:
                 continue
-            out_starts = dict(zip(names, itertools.accumulate(layout[group], initial=0), strict=False))
             a_t = torch.cat([modules[(layer, n)].a_t for n in present], dim=1)
             members = []
             start = 0
@@ -161,8 +147,7 @@ def _fuse(
                 end = start + weights.a_t.shape[1]
                 view = LoraLinearWeights(a_t[:, start:end], weights.b_t, weights.row_scale)
                 modules[(layer, name)] = view
-                out_first = out_starts[name]
-                members.append(GroupMember(name, start, end, out_first, out_first + view.b_t.shape[1], view))
+                members.append(GroupMember(name, start, end, view))
                 start = end
             groups[(layer, group)] = FusedLoraGroup(a_t, tuple(members))
     return groups
@@ -199,7 +184,7 @@ def apply_lora(
 
 
 def apply_lora_group(
-    y: torch.Tensor | dict[str, torch.Tensor],
+    outputs: dict[str, torch.Tensor],
     x: torch.Tensor,
     layer: int,
     group: str,
@@ -209,13 +194,13 @@ def apply_lora_group(
     """:func:`apply_lora` for every member of a FUSED_GROUPS entry, with one A matmul per segment.
 
     Semantics:
-        y: the members' base outputs, either side by side in one tensor [N, sum of member widths]
-           (GroupLayout) or as member name -> [N, out_features of that member]
+        outputs: member module name -> y [N, out_features of that module], the base outputs (separate
+                 tensors, or column views of one fused output: the deltas are added in place)
         x: [N, in_features], shared by every member
         for each segment (start, end, slot) and each member m the adapter targets in this layer:
             t = x[start:end] @ concat_m(A_m^T)                      [rows, sum of member ranks]
             y_m[start:end] = g_m * y_m[start:end] + t[:, ranks_m] @ (s * g_m * B_m)^T
-        which equals apply_lora on each member's output separately.
+        which equals apply_lora on each member separately.
     """
     for segment in segments:
         fused = adapters[segment.adapter_slot].groups.get((layer, group))
@@ -223,10 +208,7 @@ def apply_lora_group(
             continue
         t = x[segment.start : segment.end] @ fused.a_t
         for m in fused.members:
-            if isinstance(y, dict):
-                y_seg = y[m.name][segment.start : segment.end]
-            else:
-                y_seg = y[segment.start : segment.end, m.out_first : m.out_end]
+            y_seg = outputs[m.name][segment.start : segment.end]
             if m.weights.row_scale is not None:
                 y_seg.mul_(m.weights.row_scale)
             y_seg.addmm_(t[:, m.first : m.end], m.weights.b_t)

@@ -22,14 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_ops import (
-    FUSED_GROUPS,
-    GroupLayout,
-    ResidentAdapter,
-    Segment,
-    apply_lora,
-    apply_lora_group,
-)
+from server.engine.lora_ops import FUSED_GROUPS, ResidentAdapter, Segment, apply_lora, apply_lora_group
 
 QKV = FUSED_GROUPS["qkv"]
 GATE_UP = FUSED_GROUPS["gate_up"]
@@ -93,11 +86,6 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.adapters: dict[int, ResidentAdapter] = {}
         self.device = next(model.parameters()).device
-        kv_width = self.num_kv_heads * self.head_dim
-        self.group_layout: GroupLayout = {
-            "qkv": (self.num_heads * self.head_dim, kv_width, kv_width),
-            "gate_up": (config.intermediate_size, config.intermediate_size),
-        }
         self.fused_qkv: list[torch.Tensor | None] = [None] * len(self.layers)
         self.fused_gate_up: list[torch.Tensor | None] = [None] * len(self.layers)
         fuse = self.device.type == "cuda" if fuse_linears is None else fuse_linears
@@ -128,8 +116,10 @@ class ModelRunner:
         fused = self.fused_qkv[layer_index]
         if fused is not None:
             qkv = F.linear(x, fused)
-            if segments:
-                apply_lora_group(qkv, x, layer_index, "qkv", segments, self.adapters)
+            if segments:  # the members' outputs are column views of qkv: deltas land in it
+                members = qkv.split((heads * hd, kv_heads * hd, kv_heads * hd), dim=-1)
+                outputs = dict(zip(QKV, members, strict=True))
+                apply_lora_group(outputs, x, layer_index, "qkv", segments, self.adapters)
             qk = qkv[:, : (heads + kv_heads) * hd].view(n, heads + kv_heads, hd)
             v = qkv[:, (heads + kv_heads) * hd :].view(n, kv_heads, hd)
         else:
@@ -148,15 +138,12 @@ class ModelRunner:
         mlp = self.layers[layer_index].mlp
         fused = self.fused_gate_up[layer_index]
         if fused is not None:
-            gate_up = F.linear(x, fused)
-            if segments:
-                apply_lora_group(gate_up, x, layer_index, "gate_up", segments, self.adapters)
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = F.linear(x, fused).chunk(2, dim=-1)
         else:
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            if segments:
-                outputs = dict(zip(GATE_UP, (gate, up), strict=True))
-                apply_lora_group(outputs, x, layer_index, "gate_up", segments, self.adapters)
+        if segments:
+            outputs = dict(zip(GATE_UP, (gate, up), strict=True))
+            apply_lora_group(outputs, x, layer_index, "gate_up", segments, self.adapters)
         return self._linear(mlp.down_proj, mlp.act_fn(gate) * up, layer_index, "down_proj", segments)
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

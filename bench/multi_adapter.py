@@ -24,6 +24,7 @@ from bench.record import (
     suite_main,
 )
 from bench.workload import (
+    WARMUP_TOKENS,
     EngineBench,
     base_label,
     bench_prompt,
@@ -65,9 +66,6 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     plt.close(fig)
 
 
-WARMUP_TOKENS = 8
-
-
 async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | None) -> None:
     base = load_base(tiny)
     folders = make_adapters(base, mixed_specs(max(VARIANTS.values())), args.adapter_cache)
@@ -79,8 +77,7 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     try:
         pools = {v: [bench.handles[n] for n in names[:k]] or [None] for v, k in VARIANTS.items()}
         order = list(VARIANTS)
-        # Warm-up: every (concurrency, variant) once, untimed. On a GPU the first run of each shape
-        # loads kernels and picks GEMM algorithms, and measured up to 6x slower than the next.
+        # Warm-up (see WARMUP_TOKENS): every (concurrency, variant) once, untimed.
         for concurrency in args.concurrency:
             for pool in pools.values():
                 warm = [pool[i % len(pool)] for i in range(concurrency)]

@@ -44,6 +44,7 @@ from bench.record import (
     suite_main,
 )
 from bench.workload import (
+    WARMUP_TOKENS,
     EngineBench,
     base_label,
     bench_prompt,
@@ -137,7 +138,7 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     handles = [bench.handles[n] for n in request_names]
     try:
         # Warm-up: each variant once, untimed (on a GPU a first run loads kernels and tunes GEMMs).
-        warm = [PROFILE_MAX_TOKENS] * args.requests
+        warm = [WARMUP_TOKENS] * args.requests
         await run_batch(bench.engine, prompt, warm, handles)
         _peft_sequential(peft_model, ids, names, warm[: len(names)])
         _peft_mixed_batch(peft_model, ids, request_names, warm, args.concurrency)

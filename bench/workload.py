@@ -21,6 +21,10 @@ from lorayard.base_model import ResolvedBaseModel, cache_dir, default_base_model
 from server.engine.engine import Engine
 from server.engine.types import Request, SamplingParams
 
+WARMUP_TOKENS = 8
+"""Tokens per request in a suite's untimed warm-up run of each variant: on a GPU the first run of a
+shape loads kernels and picks GEMM algorithms, and measured up to 6x slower than the next."""
+
 ALL_LINEAR = "all-linear"
 QV = ("q_proj", "v_proj")
 

@@ -124,6 +124,8 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.vocab_size = int(self.config.vocab_size)
+        """Width of the logits: every token id a request carries must be below it."""
         self.metrics = metrics
         config = self.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

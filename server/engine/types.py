@@ -24,8 +24,20 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
+class GuidedDecoding:
+    """Structured output: any JSON object, or JSON valid against ``schema`` (JSON Schema as text)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 means greedy; top_k 0 means off."""
+    """How to pick tokens. temperature 0 means greedy; top_k 0 means off.
+
+    ``max_tokens`` 0 is allowed together with ``prompt_logprobs`` (scoring a prompt, as lm-eval does):
+    the request finishes after its prefill with reason "length" and no token.
+    """
 
     max_tokens: int
     temperature: float = 1.0
@@ -43,6 +55,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     """If set, return the chosen token's logprob and this many top alternatives per step."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling (OpenAI semantics, bias in -100..100)."""
+    prompt_logprobs: int | None = None
+    """If set, the first event carries every prompt token's logprob (the first one None) and this many
+    top alternatives, computed in the engine's own prefill with the request's adapter applied."""
+    guided: GuidedDecoding | None = None
+    """Constrain the output to a grammar (structured output); None: unconstrained."""
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +98,14 @@ class TopLogprob:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token's logprob under the model (and adapter), with the top alternatives."""
+
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One step of one request: the new token (if any) and, on the last event, why it finished."""
 
@@ -90,6 +117,8 @@ class TokenEvent:
     output_tokens: int = 0
     error: str | None = None
     """Set (with finish_reason "abort") when the engine failed this request; the API answers 500."""
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    """On the first event of a request with ``prompt_logprobs``: one entry per prompt token, None first."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,11 @@ class QueueFull(EngineError):
 
 class EngineStopped(EngineError):
     """The engine is draining or stopped; the API answers 503."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """The request cannot run as asked (a token id outside the vocabulary, a grammar that does not
+    compile, ...); the API answers 400. The API validates first; this is the engine's own guard."""
 
 
 class PromptTooLong(EngineError):

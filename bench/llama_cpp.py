@@ -23,13 +23,14 @@ length (every one does when EOS is masked), else its streamed text deltas.
 Build the peer in its own venv (never the project's; ~5 min on 2 cores) and unpack the same version's
 sdist for the converter (its vendored llama.cpp matches the built server):
 
-    python3 -m venv /work/llamacpp-venv
-    CMAKE_BUILD_PARALLEL_LEVEL=2 /work/llamacpp-venv/bin/pip install 'llama-cpp-python[server]==0.3.36'
-    mkdir -p /work/llamacpp-src && cd /work/llamacpp-src
-    /work/llamacpp-venv/bin/pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .
-    tar xzf llama_cpp_python-0.3.36.tar.gz   # --llama-cpp-src .../llama_cpp_python-0.3.36/vendor/llama.cpp
+    python3 -m venv build/llamacpp-venv
+    CMAKE_BUILD_PARALLEL_LEVEL=2 build/llamacpp-venv/bin/pip install 'llama-cpp-python[server]==0.3.36'
+    build/llamacpp-venv/bin/pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d build
+    tar xzf build/llama_cpp_python-0.3.36.tar.gz -C build
+    export LLAMA_PYTHON=build/llamacpp-venv/bin/python
+    export LLAMA_CPP_SRC=build/llama_cpp_python-0.3.36/vendor/llama.cpp
 
-    python -m bench.llama_cpp [--llama-python PATH] [--llama-cpp-src DIR] [--quick]
+    python -m bench.llama_cpp --llama-python "$LLAMA_PYTHON" [--llama-cpp-src "$LLAMA_CPP_SRC"] [--quick]
 """
 
 from __future__ import annotations

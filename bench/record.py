@@ -164,9 +164,25 @@ def suite_main(
 
 
 def command_line() -> str:
-    """The command that reproduces this run, as typed."""
+    """The command that reproduces this run, as a user would type it on their machine: a flag's value
+    that is an absolute path outside the repository (this machine's llama.cpp tree, say) becomes the
+    flag's name as a shell variable (``--llama-cpp-src "$LLAMA_CPP_SRC"``)."""
     module = Path(sys.argv[0]).stem
-    return shlex.join(["python", "-m", f"bench.{module}", *sys.argv[1:]])
+    return " ".join(["python", "-m", f"bench.{module}", *portable_args(sys.argv[1:])])
+
+
+def portable_args(argv: list[str]) -> list[str]:
+    """Shell-quoted ``argv`` with machine-specific path values replaced by ``"$FLAG_NAME"``."""
+    repo = Path(__file__).resolve().parents[1]
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        flag = argv[i - 1] if i > 0 else ""
+        path = Path(arg)
+        if flag.startswith("--") and path.is_absolute() and not path.resolve().is_relative_to(repo):
+            out.append('"$' + flag[2:].replace("-", "_").upper() + '"')
+        else:
+            out.append(shlex.quote(arg))
+    return out
 
 
 def median(values: list[float]) -> float:

@@ -1,0 +1,35 @@
+"""The README is a map: short, its links land, and no page names a path of the machine it was written on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+PAGES = [REPO / "README.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+MACHINE_PATHS = re.compile(r"(?<![\w.])/(?:work|root|home/\w+|Users/\w+)/")
+
+
+def test_readme_is_a_map():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) < 250, f"README.md has {len(lines)} lines; long reference belongs in docs/"
+    assert "make install && make demo" in "\n".join(lines[:20])
+    assert "make test" in "\n".join(lines[:20])
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_land(page: Path):
+    for target in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:", "#")):
+            continue
+        path = target.split("#", 1)[0]
+        assert (page.parent / path).exists(), f"{page.relative_to(REPO)} links to missing {target}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_machine_specific_paths(page: Path):
+    found = MACHINE_PATHS.findall(page.read_text())
+    assert not found, f"{page.relative_to(REPO)} names machine paths: {found}"

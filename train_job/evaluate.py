@@ -106,8 +106,18 @@ def generate_answer(
     max_new_tokens: int,
 ) -> str:
     """Greedy answer to ``messages``, prompt rendered exactly as the server renders it."""
+    return generate_from_ids(
+        model, tokenizer, render_prompt(tokenizer, messages), max_new_tokens=max_new_tokens
+    )
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], *, max_new_tokens: int
+) -> str:
+    """Greedy answer to a prompt already rendered (the ids the server would send)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([render_prompt(tokenizer, messages)], device=device)
+    ids = torch.tensor([prompt_ids], device=device)
     output = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -145,12 +155,12 @@ def evaluate_adapter(
     held_back = validation[:prompts]
     adapter_loss, tokens = completion_loss(model, validation, pad_id=pad_id, batch_size=batch_size)
     adapter_answers = [
-        generate_answer(model, tokenizer, e.prompt_messages, max_new_tokens=max_new_tokens) for e in held_back
+        generate_from_ids(model, tokenizer, e.prompt_ids, max_new_tokens=max_new_tokens) for e in held_back
     ]
     with model.disable_adapter():
         base_loss, _ = completion_loss(model, validation, pad_id=pad_id, batch_size=batch_size)
         base_answers = [
-            generate_answer(model, tokenizer, e.prompt_messages, max_new_tokens=max_new_tokens)
+            generate_from_ids(model, tokenizer, e.prompt_ids, max_new_tokens=max_new_tokens)
             for e in held_back
         ]
     samples = [

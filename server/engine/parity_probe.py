@@ -54,11 +54,11 @@ def probe_tokens(vocab_size: int) -> list[int]:
 def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> ProbeResult:
     """Compare ``runner`` (default: a fresh one-slot runner over ``model``) with ``model``'s forward.
 
-    Uses one free slot of the runner's cache and gives it back. UnsupportedArchitecture for a base
-    that no spec lists (before anything runs).
+    Uses one free slot of the runner's cache and gives it back (a fresh runner when that cache is too
+    short for the probe). UnsupportedArchitecture for a base that no spec lists (before anything runs).
     """
     architecture_for(model.config)
-    if runner is None:
+    if runner is None or runner.cache.spec.max_model_len < PROBE_LENGTH:
         config = model.config
         spec = KVCacheSpec(
             config.num_hidden_layers, config.num_key_value_heads, head_dim(config), PROBE_LENGTH, model.dtype

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.random_base import SLIDING_WINDOW, build_random_architecture
+from bench.random_base import SLIDING_WINDOW
 from lorayard.adapter_files import load_adapter
 from lorayard.architectures import ARCHITECTURES
 from lorayard.base_model import resolve_base_model
@@ -40,14 +40,14 @@ MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="session")
-def arch_bases(tmp_path_factory, real_base):
+def arch_bases(tmp_path_factory, tiny_arch_base):
     """model_type -> (base folder, adapter folders), built once per session on first use."""
     built: dict[str, tuple[Path, dict[str, Path]]] = {}
 
     def get(model_type: str) -> tuple[Path, dict[str, Path]]:
         if model_type not in built:
-            root = tmp_path_factory.mktemp(f"arch-{model_type}")
-            base = build_random_architecture(model_type, real_base.path, root / "base")
+            base = tiny_arch_base(model_type)
+            root = tmp_path_factory.mktemp(f"adapters-{model_type}")
             adapters = {}
             for seed, (name, spec) in enumerate(ADAPTERS.items()):
                 adapters[name] = root / name

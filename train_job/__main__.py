@@ -327,12 +327,18 @@ def run_generate(argv: list[str]) -> int:
         parser.error("--adapter is required unless --base-only")
 
     from lorayard.base_model import load_base_model, load_tokenizer
-    from lorayard.chat_format import Message
-    from train_job.evaluate import generate_answer
+    from lorayard.chat_format import Message, encode_text, render_prompt
+    from lorayard.volume import MANIFEST_FILE, read_manifest
+    from train_job.evaluate import generate_from_ids
 
     adapter = _adapter_folder(args.adapter, args.adapters_dir) if args.adapter else None
     base = _base_for(adapter, args.base_model)
     tokenizer = load_tokenizer(base)
+    # As the server renders: the adapter's recorded prompt template, else the base's chat template;
+    # with neither (a raw completions adapter) the prompt is raw text, as /v1/completions sends it.
+    template = None
+    if adapter is not None and (adapter / MANIFEST_FILE).is_file():
+        template = read_manifest(adapter).prompt_template
     model = load_base_model(base)
     if adapter is not None and not args.base_only:
         from peft import PeftModel
@@ -342,7 +348,11 @@ def run_generate(argv: list[str]) -> int:
     for prompt in args.prompt:
         messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
-        print(generate_answer(model, tokenizer, messages, max_new_tokens=args.max_new_tokens), flush=True)
+        if template is None and tokenizer.chat_template is None:
+            ids = encode_text(tokenizer, prompt)
+        else:
+            ids = render_prompt(tokenizer, messages, template)
+        print(generate_from_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens), flush=True)
     return EXIT_OK
 
 

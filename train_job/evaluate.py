@@ -7,14 +7,13 @@ code. Answers are greedy and stop at the chat format's end-of-turn ids, as the s
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, Field
 
-from lorayard.chat_format import Message, render_prompt, stop_token_ids
+from lorayard.chat_format import stop_token_ids
 from train_job.train import IGNORE_INDEX, CompletionDataset, PaddingCollator, pad_token_id, perplexity
 
 if TYPE_CHECKING:
@@ -95,20 +94,6 @@ def completion_loss(
         ).item()
         count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1), count
-
-
-@torch.no_grad()
-def generate_answer(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[Message],
-    *,
-    max_new_tokens: int,
-) -> str:
-    """Greedy answer to ``messages``, prompt rendered exactly as the server renders it."""
-    return generate_from_ids(
-        model, tokenizer, render_prompt(tokenizer, messages), max_new_tokens=max_new_tokens
-    )
 
 
 @torch.no_grad()

@@ -117,3 +117,17 @@ def test_chat_without_any_template_is_a_clear_400(client):
         client.chat.completions.create(
             model="raw", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
         )
+
+
+@pytest.mark.parametrize(("name", "chat"), [("raw", False), ("chat", True)])
+def test_the_generate_command_renders_as_the_server_does(plain_base, trained, capsys, name, chat):
+    tokenizer = AutoTokenizer.from_pretrained(plain_base)
+    if chat:
+        ids = render_prompt(tokenizer, [{"role": "user", "content": "Q3?"}], DEFAULT_PROMPT_TEMPLATE)
+    else:
+        ids = encode_text(tokenizer, "Q3?")
+    capsys.readouterr()
+    args = ["generate", "--adapter", name, "--adapters-dir", str(trained), "--prompt", "Q3?"]
+    assert train_main([*args, "--max-new-tokens", "8"]) == 0
+    folder = AdapterVolume(trained).resolve(name).path
+    assert capsys.readouterr().out.strip() == _peft_text(plain_base, folder, ids, 8).strip()

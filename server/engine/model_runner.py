@@ -132,23 +132,22 @@ class ModelRunner:
 
     def _project_qkv(
         self, layer_index: int, x: torch.Tensor, segments: list[Segment]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [N, hidden] -> q [N, heads * hd], k, v [N, kv_heads * hd], LoRA applied."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, hidden] -> (qkv, q, k, v), LoRA applied: q [N, heads * hd], k, v [N, kv_heads * hd],
+        column views of qkv [N, (heads + 2 kv_heads) * hd] when one matmul computed them (else None)."""
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         attn = self.layers[layer_index].self_attn
         sizes = (heads * hd, kv_heads * hd, kv_heads * hd)
         if self.arch.fused_projections:  # LoRA targets the fused module as a whole (PEFT's layout)
-            q, k, v = self._linear(attn.qkv_proj, x, layer_index, "qkv_proj", segments).split(sizes, dim=-1)
-            return q, k, v
+            qkv = self._linear(attn.qkv_proj, x, layer_index, "qkv_proj", segments)
+            return (qkv, *qkv.split(sizes, dim=-1))
         fused = self.fused_qkv[layer_index]
-        if fused is not None:
-            q, k, v = F.linear(x, fused).split(sizes, dim=-1)
-        else:
-            q, k, v = (getattr(attn, name)(x) for name in QKV)
-        if segments:  # members are separate tensors or column views of one fused output
+        qkv = None if fused is None else F.linear(x, fused)
+        q, k, v = (getattr(attn, name)(x) for name in QKV) if qkv is None else qkv.split(sizes, dim=-1)
+        if segments:  # members are separate tensors or column views of qkv: deltas land in place
             outputs = dict(zip(QKV, (q, k, v), strict=True))
             apply_lora_group(outputs, x, layer_index, "qkv", segments, self.adapters)
-        return q, k, v
+        return qkv, q, k, v
 
     def _qkv(
         self,
@@ -160,12 +159,17 @@ class ModelRunner:
         """x: [N, hidden] -> q [N, heads, hd], k/v [N, kv_heads, hd] with rotary applied to q, k."""
         n = x.shape[0]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self._project_qkv(layer_index, x, segments)
-        q, k, v = q.reshape(n, heads, hd), k.reshape(n, kv_heads, hd), v.reshape(n, kv_heads, hd)
+        qkv, q, k, v = self._project_qkv(layer_index, x, segments)
+        v = v.reshape(n, kv_heads, hd)
         if self.arch.qk_norm:
             attn = self.layers[layer_index].self_attn
-            q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
-        qk = torch.cat((q, k), dim=1)
+            q = self._norm(attn.q_norm, q.reshape(n, heads, hd))
+            k = self._norm(attn.k_norm, k.reshape(n, kv_heads, hd))
+            qk = torch.cat((q, k), dim=1)
+        elif qkv is not None:  # q and k side by side already: a view, no copy
+            qk = qkv[:, : (heads + kv_heads) * hd].view(n, heads + kv_heads, hd)
+        else:
+            qk = torch.cat((q.view(n, heads, hd), k.view(n, kv_heads, hd)), dim=1)
         # cos/sin: [N, 1, rotary dim], broadcast over heads; q and k rotate in one pass. A rotary dim
         # below hd (partial rotary) rotates the leading dims and passes the rest through, as HF does.
         cos, sin = rope

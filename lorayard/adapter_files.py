@@ -15,20 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorayard.architectures import ARCHITECTURES, architecture_for, linear_shapes
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-# The linear layers of a Llama-family decoder block that LoRA may target, as PEFT names them.
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-TARGETABLE_MODULES = ATTENTION_MODULES + MLP_MODULES
+# The linear layers of a Llama-family decoder block that LoRA may target, as PEFT names them (each
+# architecture's own list: lorayard.architectures).
+TARGETABLE_MODULES = ARCHITECTURES["llama"].lora_targets
 
 _KEY_RE = re.compile(
     r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\."
-    r"(?P<module>self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)\."
+    r"(?P<module>(?P<group>self_attn|mlp)\.(?P<short>\w+))\."
     r"(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$"
 )
 
@@ -78,21 +78,8 @@ class AdapterWeights:
 
 
 def expected_linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each targetable linear layer of a Llama-family base."""
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_out = config.num_attention_heads * head_dim
-    kv_out = config.num_key_value_heads * head_dim
-    inter = config.intermediate_size
-    return {
-        "q_proj": (hidden, q_out),
-        "k_proj": (hidden, kv_out),
-        "v_proj": (hidden, kv_out),
-        "o_proj": (q_out, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
+    """(in_features, out_features) of each targetable linear layer of the base's architecture."""
+    return linear_shapes(config)
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
@@ -158,6 +145,7 @@ def load_adapter(
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(f"{weights_file} is not a readable safetensors file: {exc}") from exc
 
+    arch = architecture_for(base_config)
     shapes = expected_linear_shapes(base_config)
     layers = base_config.num_hidden_layers
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -168,6 +156,12 @@ def load_adapter(
                 f"{weights_file}: unsupported tensor {key!r} (only LoRA on decoder linears)"
             )
         layer = int(match["layer"])
+        group = "self_attn" if match["short"] in arch.attention_modules else "mlp"
+        if match["short"] not in shapes or match["group"] != group:
+            raise AdapterFormatError(
+                f"{weights_file}: {key} targets {match['module']}, which a {arch.name} base does not have "
+                f"(its LoRA targets: {', '.join(arch.lora_targets)})"
+            )
         if layer >= layers:
             raise AdapterFormatError(f"{weights_file}: {key} targets layer {layer}; the base has {layers}")
         parts.setdefault((layer, match["module"]), {})[match["kind"]] = tensor

@@ -4,6 +4,13 @@ We use the base tokenizer's own chat template unchanged (its default system prom
 server calls :func:`render_prompt`; the training job calls :func:`render_conversation`, which builds
 every assistant turn as ``render_prompt(messages before it) + tokens of the turn``, so the prompt a
 model is trained on and the prompt it is served are the same ids.
+
+A base without a chat template (GPT-2, OPT, most raw checkpoints) gets a *prompt template*: a Jinja
+chat template in HF's own format, either the user's or :data:`DEFAULT_PROMPT_TEMPLATE`. The training
+job records it in the adapter's manifest and the server passes it back here for that adapter's chat
+requests, so both sides still render through these functions. Completion-style data on such a base
+needs no template at all: :func:`render_completion` is raw prompt + completion + EOS, what
+``/v1/completions`` sends and stops at.
 """
 
 from __future__ import annotations
@@ -24,6 +31,22 @@ class Message(TypedDict):
     content: str
 
 
+DEFAULT_PROMPT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
+    "{% else %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+"""The layout for chat data on a base without a chat template::
+
+    SYSTEM\n\n### User:\nUSER\n\n### Assistant:\nREPLY<eos>\n\n### User:\n...
+
+Each reply ends with the tokenizer's EOS token, which training puts inside the loss and the server
+stops at."""
+
+
 class ChatFormatError(ValueError):
     """A conversation the template cannot render (empty, bad role, no assistant turn to train on)."""
 
@@ -40,14 +63,32 @@ class RenderedExample:
 
 
 def _template_text(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *, add_generation_prompt: bool
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool,
+    prompt_template: str | None,
 ) -> str:
-    if tokenizer.chat_template is None:
-        raise ChatFormatError("the base tokenizer has no chat template; use the completions format instead")
+    if prompt_template is None and tokenizer.chat_template is None:
+        raise ChatFormatError(
+            "the base tokenizer has no chat template: send raw text to /v1/completions, or use an adapter "
+            "trained with a prompt template"
+        )
     text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        list(messages),
+        chat_template=prompt_template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
     return str(text)
+
+
+def chat_template_for(tokenizer: PreTrainedTokenizerBase, prompt_template: str | None) -> str | None:
+    """The prompt template chat data is rendered with: the user's, else none when the base has a chat
+    template of its own (it is used), else :data:`DEFAULT_PROMPT_TEMPLATE`."""
+    if prompt_template is not None or tokenizer.chat_template is not None:
+        return prompt_template
+    return DEFAULT_PROMPT_TEMPLATE
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -67,10 +108,28 @@ def validate_messages(messages: Sequence[Message]) -> None:
             raise ChatFormatError(f"messages[{i}].content must be a string")
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
-    """The serving prompt: the template with ``add_generation_prompt=True``, as ids."""
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], prompt_template: str | None = None
+) -> list[int]:
+    """The serving prompt: the template (``prompt_template`` if given, else the tokenizer's) with
+    ``add_generation_prompt=True``, as ids."""
     validate_messages(messages)
-    return encode_text(tokenizer, _template_text(tokenizer, messages, add_generation_prompt=True))
+    text = _template_text(tokenizer, messages, add_generation_prompt=True, prompt_template=prompt_template)
+    return encode_text(tokenizer, text)
+
+
+def render_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> RenderedExample:
+    """A completion-style example for a base without a chat template: ``encode(prompt)`` (exactly the
+    ids ``/v1/completions`` sends for that prompt), then the completion and EOS, both trained."""
+    if tokenizer.eos_token_id is None:
+        raise ChatFormatError("the base tokenizer has no EOS token to end a completion with")
+    prompt_ids = encode_text(tokenizer, prompt)
+    if not prompt_ids:
+        raise ChatFormatError("the prompt encodes to no tokens")
+    completion_ids = [*encode_text(tokenizer, completion), tokenizer.eos_token_id]
+    return RenderedExample(
+        ids=prompt_ids + completion_ids, labels_mask=[0] * len(prompt_ids) + [1] * len(completion_ids)
+    )
 
 
 def render_conversation(
@@ -78,6 +137,7 @@ def render_conversation(
     messages: Sequence[Message],
     *,
     train_on_all_assistant_turns: bool = True,
+    prompt_template: str | None = None,
 ) -> RenderedExample:
     """A training example: prompts masked, assistant turns (with their end-of-turn token) trained.
 
@@ -97,8 +157,12 @@ def render_conversation(
     mask: list[int] = []
     covered_text = ""
     for turn in turns:
-        prompt_text = _template_text(tokenizer, messages[:turn], add_generation_prompt=True)
-        full_text = _template_text(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        prompt_text = _template_text(
+            tokenizer, messages[:turn], add_generation_prompt=True, prompt_template=prompt_template
+        )
+        full_text = _template_text(
+            tokenizer, messages[: turn + 1], add_generation_prompt=False, prompt_template=prompt_template
+        )
         if not prompt_text.startswith(covered_text) or not full_text.startswith(prompt_text):
             raise ChatFormatError("the chat template is not prefix-stable; cannot mask prompts reliably")
         prompt_piece = encode_text(tokenizer, prompt_text[len(covered_text) :])

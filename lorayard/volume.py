@@ -90,6 +90,10 @@ class Manifest(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="the full resolved training config")
     metrics: dict[str, Any] = Field(default_factory=dict)
     library_versions: dict[str, str] = Field(default_factory=dict)
+    prompt_template: str | None = Field(
+        None,
+        description="chat template the server renders this adapter's chat requests with; None: the base's",
+    )
 
 
 def validate_name(name: str) -> str:

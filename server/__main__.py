@@ -2,7 +2,9 @@
 
 uvicorn re-raises SIGTERM after its graceful shutdown (the process would die by the signal); we
 install our own handler instead: mark draining (new requests get 503), let the engine finish
-in-flight requests and streams, then stop uvicorn and exit 0.
+in-flight requests and streams, then stop uvicorn and exit 0. A base that cannot be loaded (or is
+refused: an unsupported architecture) stops the server at once with EXIT_LOAD_FAILED and the
+reason on stderr; a server that will never be ready does not linger.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import uvicorn
 from server.app import create_app
 from server.runtime import Runtime
 from server.settings import Settings, parse_settings
+
+EXIT_LOAD_FAILED = 1
+"""Exit status when the base model cannot be loaded or is refused."""
 
 
 class _Server(uvicorn.Server):
@@ -41,6 +46,13 @@ async def serve(settings: Settings) -> int:
     server = _Server(config)
     loop = asyncio.get_running_loop()
     shutdown: asyncio.Task[None] | None = None
+    failed: list[str] = []
+
+    def on_load_failed(reason: str) -> None:
+        failed.append(reason)
+        server.should_exit = True
+
+    runtime.on_load_failed = on_load_failed
 
     async def drain_then_exit() -> None:
         logging.getLogger("lorayard.server").info("signal received: draining in-flight requests")
@@ -58,6 +70,9 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     await server.serve()
+    if failed:
+        print(f"lorayard server: {failed[0]}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
     return 0
 
 

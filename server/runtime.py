@@ -6,12 +6,14 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from lorayard.base_model import load_tokenizer, resolve_base_model
+from lorayard.architectures import UnsupportedArchitecture
+from lorayard.base_model import BaseModelError, load_tokenizer, resolve_base_model
 from lorayard.chat_format import stop_token_ids
 from server.adapters.registry import AdapterRegistry
 from server.api.errors import APIError
@@ -35,6 +37,9 @@ class Runtime:
     registry: AdapterRegistry | None = None
     load_error: str | None = None
     draining: bool = False
+    on_load_failed: Callable[[str], None] | None = None
+    """Called with the reason when the base cannot be loaded: ``python -m server`` exits non-zero
+    then, so no orchestrator keeps a server that will never be ready."""
 
     @property
     def ready(self) -> bool:
@@ -61,9 +66,12 @@ class Runtime:
                 metrics=self.metrics,
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
-        except Exception as exc:  # reported on /ready; the process stays up for inspection
-            self.load_error = f"loading the base model failed: {type(exc).__name__}: {exc}"
+        except (UnsupportedArchitecture, BaseModelError) as exc:  # expected refusals: one line
+            self._load_failed(f"cannot serve base model {settings.base_model!r}: {exc}")
+            return
+        except Exception as exc:
             log.exception("loading the base model failed")
+            self._load_failed(f"loading the base model failed: {type(exc).__name__}: {exc}")
             return
         engine.start()
         registry = AdapterRegistry(
@@ -84,6 +92,12 @@ class Runtime:
             engine.max_batch_size,
             settings.adapters_dir,
         )
+
+    def _load_failed(self, reason: str) -> None:
+        self.load_error = reason
+        log.error("%s", reason)
+        if self.on_load_failed is not None:
+            self.on_load_failed(reason)
 
     async def drain(self) -> None:
         """SIGTERM: refuse new work (503), let in-flight requests and streams finish."""

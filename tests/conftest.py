@@ -48,6 +48,23 @@ def tiny_base_dir(tmp_path_factory, real_base) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_arch_base(tmp_path_factory, real_base):
+    """model_type -> a tiny random base of that architecture (bench.random_base.TINY_ARCHITECTURES)
+    with the real tokenizer, built once per session on first use."""
+    from bench.random_base import build_random_architecture
+
+    built: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            built[model_type] = build_random_architecture(model_type, real_base.path, folder)
+        return built[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tiny_base_dir):
     from lorayard.base_model import resolve_base_model
 

@@ -2,8 +2,9 @@
 
 Exit codes (one meaning each, so a pipeline can branch on them):
 0 published (or dry run / printed config); 1 unexpected failure; 2 bad config or flags;
-3 bad data (every problem listed); 4 --publish-if-better refused; 5 the adapter failed the serving
-check; 143 SIGTERM (a checkpoint was saved; run again with --resume).
+3 bad data (every problem listed); 4 --publish-if-better refused; 5 the serving check failed (the
+server would refuse the base or the adapter; checked before training and again before publishing);
+143 SIGTERM (a checkpoint was saved; run again with --resume).
 """
 
 from __future__ import annotations
@@ -145,6 +146,9 @@ def run_train(argv: list[str]) -> int:
     except BaseModelError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    refused = _refuse_unservable(config, base)
+    if refused is not None:
+        return refused
     tokenizer = load_tokenizer(base)
     try:
         data = prepare_config_data(config, tokenizer)
@@ -165,6 +169,29 @@ def run_train(argv: list[str]) -> int:
                 _show_example(example, tokenizer)
         return EXIT_OK
     return _train_and_publish(config, base, tokenizer, data, resume=args.resume)
+
+
+def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | None:
+    """Before any data or weights are read: the exit code when the server could not serve the result."""
+    from transformers import AutoConfig
+
+    from train_job.publish import ServingCheckError, check_base_servable
+
+    try:
+        arch = check_base_servable(AutoConfig.from_pretrained(base.path))
+    except ServingCheckError as exc:
+        print(f"{exc}; nothing trained or published", file=sys.stderr)
+        return EXIT_SERVING_CHECK
+    if isinstance(config.target_modules, list):
+        unknown = [m for m in config.target_modules if m not in arch.lora_targets]
+        if unknown:
+            print(
+                f"config error: target_modules {unknown} are not linears of this {arch.name} base; "
+                f"its LoRA targets: {', '.join(arch.lora_targets)} (or all-linear)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+    return None
 
 
 def _train_and_publish(
@@ -190,12 +217,17 @@ def _train_evaluate_publish(
     resume: bool,
     flag: TerminationFlag,
 ) -> int:
+    from lorayard.architectures import UnsupportedArchitecture
     from lorayard.volume import AdapterVolume
     from train_job.evaluate import evaluate_adapter, print_report
     from train_job.publish import NotBetterError, ServingCheckError, build_manifest, publish_adapter
     from train_job.train import is_main_process, run_training
 
-    result = run_training(config, base, tokenizer, data.train, data.validation, resume=resume, flag=flag)
+    try:
+        result = run_training(config, base, tokenizer, data.train, data.validation, resume=resume, flag=flag)
+    except UnsupportedArchitecture as exc:  # the parity probe on the loaded base
+        print(f"the server cannot serve this base: {exc}; nothing trained or published", file=sys.stderr)
+        return EXIT_SERVING_CHECK
     if result.interrupted:
         print(
             f"terminated at step {result.global_step}: checkpoint {result.last_checkpoint}; "
@@ -226,6 +258,7 @@ def _train_evaluate_publish(
         datasets=data.datasets,
         config=config.to_jsonable(),
         report=report,
+        prompt_template=data.prompt_template,
         extra_metrics={
             "global_step": result.global_step,
             "train_loss": result.train_loss,
@@ -294,12 +327,18 @@ def run_generate(argv: list[str]) -> int:
         parser.error("--adapter is required unless --base-only")
 
     from lorayard.base_model import load_base_model, load_tokenizer
-    from lorayard.chat_format import Message
-    from train_job.evaluate import generate_answer
+    from lorayard.chat_format import Message, encode_text, render_prompt
+    from lorayard.volume import MANIFEST_FILE, read_manifest
+    from train_job.evaluate import generate_from_ids
 
     adapter = _adapter_folder(args.adapter, args.adapters_dir) if args.adapter else None
     base = _base_for(adapter, args.base_model)
     tokenizer = load_tokenizer(base)
+    # As the server renders: the adapter's recorded prompt template, else the base's chat template;
+    # with neither (a raw completions adapter) the prompt is raw text, as /v1/completions sends it.
+    template = None
+    if adapter is not None and (adapter / MANIFEST_FILE).is_file():
+        template = read_manifest(adapter).prompt_template
     model = load_base_model(base)
     if adapter is not None and not args.base_only:
         from peft import PeftModel
@@ -309,7 +348,11 @@ def run_generate(argv: list[str]) -> int:
     for prompt in args.prompt:
         messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
-        print(generate_answer(model, tokenizer, messages, max_new_tokens=args.max_new_tokens), flush=True)
+        if template is None and tokenizer.chat_template is None:
+            ids = encode_text(tokenizer, prompt)
+        else:
+            ids = render_prompt(tokenizer, messages, template)
+        print(generate_from_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens), flush=True)
     return EXIT_OK
 
 

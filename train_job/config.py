@@ -73,6 +73,13 @@ class TrainConfig(BaseModel):
         None,
         description="system message added to non-chat formats; default: none (the template's own default)",
     )
+    prompt_template: str | None = Field(
+        None,
+        description="Jinja chat template (HF's format) for chat-style data; default: the base's own, or "
+        "for a base without one lorayard.chat_format.DEFAULT_PROMPT_TEMPLATE (text/target and "
+        "prompt/completion rows then train as raw prompt + completion + EOS). Recorded in the "
+        "manifest; the server renders this adapter's chat requests with it",
+    )
     val_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="share of examples held out when no val_data is given"
     )

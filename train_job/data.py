@@ -2,9 +2,13 @@
 
 Every format becomes a conversation (``messages``) and goes through
 :func:`lorayard.chat_format.render_conversation`, so the model trains on exactly the prompt ids the
-server sends. Problems are collected over all files (up to a cap) and raised together as one
-:class:`DataError`, each with its ``file:line`` (``file: record N`` where a line is unknown), before
-any model is loaded.
+server sends. On a base without a chat template, chat-style data is rendered with the prompt
+template (the config's, else :data:`~lorayard.chat_format.DEFAULT_PROMPT_TEMPLATE`), and
+text/target and prompt/completion rows train as raw prompt + completion + EOS
+(:func:`~lorayard.chat_format.render_completion`), what ``/v1/completions`` sends.
+
+Problems are collected over all files (up to a cap) and raised together as one :class:`DataError`,
+each with its ``file:line`` (``file: record N`` where a line is unknown), before any model is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorayard.chat_format import ChatFormatError, Message, RenderedExample, render_conversation
+from lorayard.chat_format import (
+    ChatFormatError,
+    Message,
+    RenderedExample,
+    chat_template_for,
+    render_completion,
+    render_conversation,
+)
 from lorayard.volume import DatasetRef
 
 if TYPE_CHECKING:
@@ -34,6 +45,8 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text_target": ("text", "target"),
 }
+COMPLETION_FORMATS = ("prompt_completion", "text_target")
+"""Formats that train as raw prompt + completion + EOS on a base without a chat template."""
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -81,6 +94,15 @@ class Example:
         return self.messages[:last]
 
     @property
+    def prompt_ids(self) -> list[int]:
+        """The ids before the last trained span: what the server is sent for the held-back prompt."""
+        mask = self.rendered.labels_mask
+        last = max(i for i, m in enumerate(mask) if m)
+        while last > 0 and mask[last - 1]:
+            last -= 1
+        return self.rendered.ids[:last]
+
+    @property
     def reference(self) -> str:
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
 
@@ -94,6 +116,9 @@ class PreparedData:
     datasets: list[DatasetRef] = field(default_factory=list)
     formats: dict[str, str] = field(default_factory=dict)
     """file -> detected (or forced) format."""
+    prompt_template: str | None = None
+    """The prompt template chat-style examples were rendered with when it is not the base tokenizer's
+    own chat template; the manifest records it for the server."""
 
 
 class _Collector:
@@ -284,8 +309,15 @@ def load_examples(
     system_prompt: str | None,
     issues: _Collector,
     formats: dict[str, str],
+    prompt_template: str | None = None,
 ) -> list[Example]:
-    """Read, convert, render and length-check every record of ``files``; problems go to ``issues``."""
+    """Read, convert, render and length-check every record of ``files``; problems go to ``issues``.
+
+    prompt_template: the user's chat template for chat-style data, None for the base's own (or, on a
+    base without one, :data:`~lorayard.chat_format.DEFAULT_PROMPT_TEMPLATE`).
+    """
+    raw_completions = prompt_template is None and tokenizer.chat_template is None
+    template = chat_template_for(tokenizer, prompt_template)
     examples = []
     for path in files:
         before = len(issues.issues)
@@ -306,7 +338,10 @@ def load_examples(
         for location, record in records:
             try:
                 messages = to_messages(record, fmt, system_prompt)
-                rendered = render_conversation(tokenizer, messages)
+                if raw_completions and fmt in COMPLETION_FORMATS:
+                    rendered = render_completion(tokenizer, messages[-2]["content"], messages[-1]["content"])
+                else:
+                    rendered = render_conversation(tokenizer, messages, prompt_template=template)
             except (_RecordProblem, ChatFormatError) as exc:
                 issues.add(location, f"{exc} ({fmt} format)")
                 continue
@@ -342,6 +377,7 @@ def prepare_config_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase)
         data_format=config.data_format,
         max_length=config.max_length,
         system_prompt=config.system_prompt,
+        prompt_template=config.prompt_template,
         val_fraction=config.val_fraction,
         seed=config.seed,
         max_errors=config.max_data_errors,
@@ -359,6 +395,7 @@ def prepare_data(
     val_fraction: float,
     seed: int,
     max_errors: int,
+    prompt_template: str | None = None,
 ) -> PreparedData:
     """Every file validated and rendered; raises DataError listing all problems (up to ``max_errors``)."""
     issues = _Collector(max_errors)
@@ -369,6 +406,7 @@ def prepare_data(
         "system_prompt": system_prompt,
         "issues": issues,
         "formats": formats,
+        "prompt_template": prompt_template,
     }
     train = load_examples(train_files, tokenizer, **common)
     validation = load_examples(val_files, tokenizer, **common)
@@ -394,4 +432,12 @@ def prepare_data(
         )
         for path in dict.fromkeys([*train_files, *val_files])
     ]
-    return PreparedData(train=train, validation=validation, datasets=datasets, formats=formats)
+    templated = tokenizer.chat_template is not None or prompt_template is not None
+    uses_template = templated or any(f not in COMPLETION_FORMATS for f in formats.values())
+    return PreparedData(
+        train=train,
+        validation=validation,
+        datasets=datasets,
+        formats=formats,
+        prompt_template=chat_template_for(tokenizer, prompt_template) if uses_template else None,
+    )

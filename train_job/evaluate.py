@@ -7,14 +7,13 @@ code. Answers are greedy and stop at the chat format's end-of-turn ids, as the s
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, Field
 
-from lorayard.chat_format import Message, render_prompt, stop_token_ids
+from lorayard.chat_format import stop_token_ids
 from train_job.train import IGNORE_INDEX, CompletionDataset, PaddingCollator, pad_token_id, perplexity
 
 if TYPE_CHECKING:
@@ -98,16 +97,12 @@ def completion_loss(
 
 
 @torch.no_grad()
-def generate_answer(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[Message],
-    *,
-    max_new_tokens: int,
+def generate_from_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], *, max_new_tokens: int
 ) -> str:
-    """Greedy answer to ``messages``, prompt rendered exactly as the server renders it."""
+    """Greedy answer to a prompt already rendered (the ids the server would send)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([render_prompt(tokenizer, messages)], device=device)
+    ids = torch.tensor([prompt_ids], device=device)
     output = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -145,12 +140,12 @@ def evaluate_adapter(
     held_back = validation[:prompts]
     adapter_loss, tokens = completion_loss(model, validation, pad_id=pad_id, batch_size=batch_size)
     adapter_answers = [
-        generate_answer(model, tokenizer, e.prompt_messages, max_new_tokens=max_new_tokens) for e in held_back
+        generate_from_ids(model, tokenizer, e.prompt_ids, max_new_tokens=max_new_tokens) for e in held_back
     ]
     with model.disable_adapter():
         base_loss, _ = completion_loss(model, validation, pad_id=pad_id, batch_size=batch_size)
         base_answers = [
-            generate_answer(model, tokenizer, e.prompt_messages, max_new_tokens=max_new_tokens)
+            generate_from_ids(model, tokenizer, e.prompt_ids, max_new_tokens=max_new_tokens)
             for e in held_back
         ]
     samples = [

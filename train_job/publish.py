@@ -1,9 +1,10 @@
 """Publishing: save in PEFT's format, check the server can load it, stage, rename into place.
 
-Order matters: everything is written into a staging folder on the volume, the staged adapter is read
-back through :func:`lorayard.adapter_files.load_adapter` (the server's own loader) against the base
-config, and only then :meth:`AdapterVolume.publish` renames it to the next ``v<N>`` and moves
-``LATEST``. Any failure before the rename leaves the volume as it was.
+Order matters: everything is written into a staging folder on the volume, the base's architecture is
+checked with the server's own support test (:func:`lorayard.architectures.architecture_for`), the
+staged adapter is read back through :func:`lorayard.adapter_files.load_adapter` (the server's own
+loader) against the base config, and only then :meth:`AdapterVolume.publish` renames it to the next
+``v<N>`` and moves ``LATEST``. Any failure before the rename leaves the volume as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorayard.adapter_files import AdapterFormatError, load_adapter
+from lorayard.architectures import Architecture, UnsupportedArchitecture, architecture_for
 from lorayard.volume import (
     AdapterVolume,
     BaseModelRef,
@@ -75,8 +77,20 @@ def save_adapter(model: PeftModel, folder: Path) -> None:
         file.chmod(0o644)  # safetensors writes 0600; a server running as another user must read it
 
 
+def check_base_servable(base_config: PretrainedConfig) -> Architecture:
+    """The server's support test for the base: ServingCheckError (saying why) when it would refuse it.
+
+    The training job runs it before training (so no run is wasted) and again before publishing.
+    """
+    try:
+        return architecture_for(base_config)
+    except UnsupportedArchitecture as exc:
+        raise ServingCheckError(f"the server cannot serve this base: {exc}") from exc
+
+
 def check_serving_compatible(folder: Path, base_config: PretrainedConfig) -> None:
-    """Load the staged files exactly as the server will; refuse what it would refuse."""
+    """Check the base and load the staged files exactly as the server will; refuse what it would."""
+    check_base_servable(base_config)
     try:
         load_adapter(folder, base_config)
     except AdapterFormatError as exc:
@@ -92,6 +106,7 @@ def build_manifest(
     config: dict[str, Any],
     report: EvalReport,
     extra_metrics: dict[str, Any],
+    prompt_template: str | None = None,
 ) -> Manifest:
     return Manifest(
         name=name,
@@ -101,6 +116,7 @@ def build_manifest(
         config=config,
         metrics={**report.manifest_metrics(), **extra_metrics},
         library_versions=library_versions(),
+        prompt_template=prompt_template,
     )
 
 

@@ -182,10 +182,15 @@ def build_model(config: TrainConfig, base: ResolvedBaseModel, device: str) -> Pe
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
+    from server.engine.parity_probe import check_runner_parity
+
     set_seed(config.seed)
     model = load_base_model(
         base, device=device, dtype=default_dtype(device), quantization=config.quantization
     )
+    # The server's startup probe, on the same weights, before training is spent on a base it would
+    # refuse (UnsupportedArchitecture).
+    check_runner_parity(model)
     if config.quantization:
         model = prepare_model_for_kbit_training(
             model,

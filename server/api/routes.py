@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lorayard.chat_format import encode_text, render_prompt
-from lorayard.volume import AdapterNotFound
+from lorayard.chat_format import ChatFormatError, encode_text, render_prompt
+from lorayard.volume import AdapterNotFound, InvalidAdapterName
 from server.api.errors import APIError, NotReady
 from server.api.generation import ChoiceDelta, Generation, TokenLogprob, sampling_params
 from server.api.protocol import (
@@ -135,6 +135,28 @@ def _adapter_ref(body: SamplingFields, runtime: Runtime) -> str | None:
     )
 
 
+async def _chat_prompt(
+    runtime: Runtime, ref: str | None, messages: list[dict[str, str]]
+) -> tuple[list[int], str | None]:
+    """Prompt ids for a chat request, rendered with the prompt template the adapter's manifest records
+    (an adapter trained on a base without a chat template) or the base's own; and the ref pinned to
+    the version whose template was used, so the request runs on that very version."""
+    template = None
+    if ref is not None:
+        try:
+            adapter = await asyncio.to_thread(runtime.registry.volume.resolve, ref)
+            manifest = await asyncio.to_thread(adapter.manifest)
+        except (AdapterNotFound, InvalidAdapterName, OSError, ValueError):
+            pass  # acquiring the ref reports it properly
+        else:
+            template = manifest.prompt_template if manifest is not None else None
+            ref = adapter.key
+    try:
+        return render_prompt(runtime.tokenizer, messages, template), ref  # type: ignore[arg-type]
+    except ChatFormatError as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
+
+
 async def _start(
     runtime: Runtime,
     request: Request,
@@ -142,6 +164,7 @@ async def _start(
     prompt_ids: list[int],
     max_tokens: int | None,
     logprobs: int | None,
+    ref: str | None,
 ) -> tuple[Generation, AsyncIterator[ChoiceDelta], ChoiceDelta | None]:
     settings = runtime.settings
     if body.n > settings.max_n:
@@ -152,7 +175,6 @@ async def _start(
         from dataclasses import replace
 
         params = replace(params, max_tokens=max(1, runtime.engine.max_model_len - len(prompt_ids)))
-    ref = _adapter_ref(body, runtime)
     lease = None
     if ref is not None:
         try:
@@ -306,10 +328,10 @@ def _stream(
 @router.post("/v1/chat/completions", dependencies=Authorized)
 async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: ReadyDep) -> Response:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = render_prompt(runtime.tokenizer, messages)  # type: ignore[arg-type]
+    prompt_ids, ref = await _chat_prompt(runtime, _adapter_ref(body, runtime), messages)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    generation, deltas, first = await _start(runtime, request, body, prompt_ids, max_tokens, logprobs)
+    generation, deltas, first = await _start(runtime, request, body, prompt_ids, max_tokens, logprobs, ref)
     model = body.model or runtime.settings.base_model
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -349,7 +371,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: ReadyD
     else:
         prompt_ids = encode_text(runtime.tokenizer, prompt)
     generation, deltas, first = await _start(
-        runtime, request, body, prompt_ids, body.max_tokens, body.logprobs
+        runtime, request, body, prompt_ids, body.max_tokens, body.logprobs, _adapter_ref(body, runtime)
     )
     model = body.model or runtime.settings.base_model
     if body.stream:

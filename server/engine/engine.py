@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorayard.adapter_files import AdapterWeights
+from lorayard.architectures import architecture_for, exact_context_limit, head_dim
 from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
 from server.engine.kv_cache import KVCache, KVCacheSpec, slots_for_budget
 from server.engine.lora_ops import ResidentAdapter, segments_of
@@ -116,10 +117,13 @@ class Engine:
     ) -> None:
         self.model = model
         self.config: PretrainedConfig = model.config
+        architecture_for(self.config)  # UnsupportedArchitecture before anything is sized from it
         self.device = str(next(model.parameters()).device)
         self.dtype = model.dtype
         self.max_model_len = min(
-            max_model_len, int(getattr(self.config, "max_position_embeddings", max_model_len))
+            max_model_len,
+            int(getattr(self.config, "max_position_embeddings", max_model_len)),
+            exact_context_limit(self.config) or max_model_len,
         )
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -128,9 +132,12 @@ class Engine:
         """Width of the logits: every token id a request carries must be below it."""
         self.metrics = metrics
         config = self.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         spec = KVCacheSpec(
-            config.num_hidden_layers, config.num_key_value_heads, head_dim, self.max_model_len, self.dtype
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            head_dim(config),
+            self.max_model_len,
+            self.dtype,
         )
         slots = slots_for_budget(spec, max_batch_size, kv_cache_memory_gb, self.device)
         self.max_batch_size = slots
@@ -159,13 +166,24 @@ class Engine:
         eos_token_ids: set[int],
         **kwargs: object,
     ) -> Engine:
-        """Load the base (optionally 4-bit/8-bit) and build an engine over it."""
+        """Load the base (optionally 4-bit/8-bit) and build an engine over it.
+
+        Raises UnsupportedArchitecture for a base we cannot serve exactly: from its config before any
+        weight is read, or when the parity probe finds our forward disagreeing with transformers'.
+        """
+        from transformers import AutoConfig
+
+        from server.engine.parity_probe import check_runner_parity
+
+        architecture_for(AutoConfig.from_pretrained(base.path))
         device = device or default_device()
         model = load_base_model(
             base, device=device, dtype=dtype or default_dtype(device), quantization=quantization
         )
         model.eval()
-        return cls(model, eos_token_ids=eos_token_ids, **kwargs)  # type: ignore[arg-type]
+        engine = cls(model, eos_token_ids=eos_token_ids, **kwargs)  # type: ignore[arg-type]
+        check_runner_parity(model, engine.runner)
+        return engine
 
     # -- adapters (called by the registry, from worker threads) ---------------------------------
     def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:

@@ -77,3 +77,24 @@ def test_plain_peft_reloads_what_we_validate(tiny_base_dir, tmp_path):
     reloaded = PeftModel.from_pretrained(base, tmp_path / "a")
     assert load_adapter(tmp_path / "a", base.config).target_modules == ["q_proj", "v_proj"]
     assert reloaded.peft_config["default"].r == 4
+
+
+def test_an_adapter_for_another_architecture_is_refused_listing_the_targets(
+    tiny_arch_base, tiny_base_dir, tmp_path
+):
+    """PEFT's Phi-3 adapter (LoRA on the fused qkv_proj/gate_up_proj) does not fit a Llama base."""
+    from tests.harness import make_peft_adapter
+
+    make_peft_adapter(
+        tiny_arch_base("phi3"), tmp_path / "phi", 0, r=4, lora_alpha=8, target_modules="all-linear"
+    )
+    assert load_adapter(
+        tmp_path / "phi", AutoConfig.from_pretrained(tiny_arch_base("phi3"))
+    ).target_modules == [
+        "down_proj",
+        "gate_up_proj",
+        "o_proj",
+        "qkv_proj",
+    ]
+    with pytest.raises(AdapterFormatError, match=r"a Llama .* base does not have .*its LoRA targets: q_proj"):
+        load_adapter(tmp_path / "phi", AutoConfig.from_pretrained(tiny_base_dir))

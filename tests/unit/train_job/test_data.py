@@ -208,3 +208,57 @@ def test_bad_data_exits_non_zero_and_publishes_nothing(tmp_path, tiny_base_dir, 
     for file in files:  # every file's problems, in one report
         assert f"{file}:2" in err and f"{file}:3" in err
     assert not (adapters_dir / "bad").exists()
+
+
+@pytest.fixture
+def plain_tokenizer(real_tokenizer):
+    """The real tokenizer without its chat template, as a raw base's tokenizer comes."""
+    import copy
+
+    tokenizer = copy.deepcopy(real_tokenizer)
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+@pytest.mark.parametrize("fmt", ["text_target", "prompt_completion"])
+def test_completion_rows_on_a_template_free_base_train_raw(plain_tokenizer, tmp_path, fmt):
+    """Raw prompt + completion + EOS: the prompt is exactly what /v1/completions sends for it."""
+    from lorayard.chat_format import encode_text
+
+    file = tmp_path / "rows.jsonl"
+    file.write_text(json.dumps(RECORDS[fmt]) + "\n" + json.dumps(RECORDS[fmt]) + "\n")
+    data = prepare(plain_tokenizer, [file], val_fraction=0.4)
+    example = data.train[0]
+    prompt = encode_text(plain_tokenizer, USER)
+    completion = [*encode_text(plain_tokenizer, ANSWER), plain_tokenizer.eos_token_id]
+    assert example.rendered.ids == prompt + completion
+    assert example.rendered.labels_mask == [0] * len(prompt) + [1] * len(completion)
+    assert example.prompt_ids == prompt
+    assert data.prompt_template is None  # nothing for the server to apply to chat requests
+
+
+def test_chat_rows_on_a_template_free_base_use_the_default_prompt_template(plain_tokenizer, tmp_path):
+    from lorayard.chat_format import DEFAULT_PROMPT_TEMPLATE
+
+    file = tmp_path / "chat.jsonl"
+    file.write_text(json.dumps(RECORDS["messages"]) + "\n" + json.dumps(RECORDS["messages"]) + "\n")
+    data = prepare(plain_tokenizer, [file], val_fraction=0.4)
+    assert data.prompt_template == DEFAULT_PROMPT_TEMPLATE
+    example = data.train[0]
+    served = render_prompt(plain_tokenizer, EXPECTED[:1], DEFAULT_PROMPT_TEMPLATE)
+    assert example.prompt_ids == served
+    trained = [i for i, m in zip(example.rendered.ids, example.rendered.labels_mask, strict=True) if m]
+    assert trained[-1] == plain_tokenizer.eos_token_id  # the reply ends where the server stops
+
+
+def test_a_user_prompt_template_is_used_and_recorded(real_tokenizer, tmp_path):
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+        "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}A: {% endif %}"
+    )
+    file = tmp_path / "chat.jsonl"
+    file.write_text(json.dumps(RECORDS["messages"]) + "\n" + json.dumps(RECORDS["messages"]) + "\n")
+    data = prepare(real_tokenizer, [file], val_fraction=0.4, prompt_template=template)
+    assert data.prompt_template == template
+    assert data.train[0].prompt_ids == render_prompt(real_tokenizer, EXPECTED[:1], template)

@@ -1,0 +1,170 @@
+"""Which base architectures LoRAyard serves exactly, and what the model runner must know about each.
+
+The one support test both sides use: the server refuses an unsupported base at startup, the training
+job refuses to train (and to publish) for one, both through :func:`architecture_for`. What is not
+listed here is refused by name, never served by a forward pass that was not written for it.
+
+A spec holds only what the HF modules do not tell by themselves. Everything the modules *do* carry is
+read from them by the runner: norms are called as modules (Gemma's ``(1 + w)``), the embedding is the
+model's own (Gemma's ``sqrt(hidden)`` scale), rotary is the model's ``rotary_emb`` (rope scaling,
+partial rotary, Gemma 3's local/global rope), attention scaling is each attention module's
+``scaling`` (Gemma's ``query_pre_attn_scalar``), q/k/v bias lives in the linears. And the server
+still checks the runner against the HF forward at startup (``server/engine/parity_probe.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+class UnsupportedArchitecture(ValueError):
+    """The base cannot be served exactly; the message names the architecture and the supported ones."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One supported ``model_type`` and how its decoder block differs from Llama's."""
+
+    model_type: str
+    name: str
+    """What users call it, for messages and docs."""
+    fused_projections: bool = False
+    """Phi-3: one ``qkv_proj`` and one ``gate_up_proj`` linear (LoRA targets them as such)."""
+    qk_norm: bool = False
+    """Qwen3, Gemma 3: RMSNorm over each head of q and k (``q_norm``/``k_norm``) before rotary."""
+    sandwich_norms: bool = False
+    """Gemma 2/3: four norms per block; ``post_attention_layernorm`` normalizes the attention output
+    before the residual add, ``pre_/post_feedforward_layernorm`` wrap the MLP."""
+    plain_rms_norm: bool = True
+    """The norm modules compute ``w * x / rms(x)``, so the runner may use one fused op for them;
+    False (Gemma's ``(1 + w)``, computed in float32) calls the module itself."""
+    rotary_per_layer_type: bool = False
+    """Gemma 3: ``rotary_emb(x, positions, layer_type)`` differs for sliding and full layers."""
+
+    @property
+    def attention_modules(self) -> tuple[str, ...]:
+        return ("qkv_proj", "o_proj") if self.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    @property
+    def mlp_modules(self) -> tuple[str, ...]:
+        return (
+            ("gate_up_proj", "down_proj") if self.fused_projections else ("gate_proj", "up_proj", "down_proj")
+        )
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The linears of a decoder block that an adapter may target, as PEFT names them."""
+        return self.attention_modules + self.mlp_modules
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("llama", "Llama (1-3.x, SmolLM)"),
+        Architecture("mistral", "Mistral"),
+        Architecture("qwen2", "Qwen2 / Qwen2.5"),
+        Architecture("qwen3", "Qwen3", qk_norm=True),
+        Architecture("gemma2", "Gemma 2", sandwich_norms=True, plain_rms_norm=False),
+        Architecture(
+            "gemma3_text",
+            "Gemma 3 (text)",
+            qk_norm=True,
+            sandwich_norms=True,
+            plain_rms_norm=False,
+            rotary_per_layer_type=True,
+        ),
+        Architecture("phi3", "Phi-3 / Phi-4-mini", fused_projections=True),
+    )
+}
+"""Every architecture the engine serves, by HF ``model_type``."""
+
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+"""Rope types whose frequencies change with the sequence length; see :func:`exact_context_limit`."""
+
+
+def supported_list() -> str:
+    return ", ".join(ARCHITECTURES)
+
+
+def architecture_for(config: PretrainedConfig) -> Architecture:
+    """The spec for ``config``'s architecture; UnsupportedArchitecture (naming it) for anything else."""
+    model_type = getattr(config, "model_type", None)
+    classes = ", ".join(getattr(config, "architectures", None) or []) or "no architectures field"
+    arch = ARCHITECTURES.get(str(model_type))
+    if arch is None:
+        raise UnsupportedArchitecture(
+            f"base architecture {model_type!r} ({classes}) is not supported by the serving engine; "
+            f"supported model types: {supported_list()}"
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedArchitecture(
+            f"base architecture {model_type!r} with use_bidirectional_attention=true (an encoder) cannot "
+            f"generate text; supported model types: {supported_list()}"
+        )
+    return arch
+
+
+def sliding_window(config: PretrainedConfig, layer: int) -> int | None:
+    """How many keys (the query's own included) layer ``layer`` attends to; None for all.
+
+    Configs with ``layer_types`` (Qwen2/3, Gemma 2/3) window their ``sliding_attention`` layers only;
+    the others (Mistral, Phi-3) window every layer when ``sliding_window`` is set. Same rule as HF's
+    ``sliding_window_overlay``: key ``k`` is visible from query ``q`` when ``q - window < k <= q``.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer] == "sliding_attention" else None
+    return window
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def exact_context_limit(config: PretrainedConfig) -> int | None:
+    """The longest context served exactly, when the architecture's own limit is shorter.
+
+    Dynamic-NTK and LongRoPE rotary change their frequencies once a sequence passes the original
+    context length, by the longest sequence in the call; rows of one batched decode step would see
+    each other's length. Up to ``original_max_position_embeddings`` they are plain rope, so we serve
+    that far and no further.
+    """
+    params: dict[str, Any] = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type")
+    if rope_type not in _LENGTH_DEPENDENT_ROPE:
+        return None
+    original = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    return int(original) if original else None
+
+
+def linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-targetable linear of ``config``'s decoder block."""
+    arch = architecture_for(config)
+    hidden = config.hidden_size
+    hd = head_dim(config)
+    q_out = config.num_attention_heads * hd
+    kv_out = config.num_key_value_heads * hd
+    inter = config.intermediate_size
+    if arch.fused_projections:
+        return {
+            "qkv_proj": (hidden, q_out + 2 * kv_out),
+            "o_proj": (q_out, hidden),
+            "gate_up_proj": (hidden, 2 * inter),
+            "down_proj": (inter, hidden),
+        }
+    return {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }

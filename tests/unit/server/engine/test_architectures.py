@@ -1,0 +1,167 @@
+"""Every supported architecture served exactly: greedy parity with HF generate (base) and PEFT
+(all-linear adapters of two ranks, mixed with the base in one batch), chunked prefill, both matmul
+layouts, and the startup parity probe; tiny random bases from each architecture's own config.
+
+The tiny bases' sliding window (bench.random_base.SLIDING_WINDOW) is shorter than the prompts, so the
+windowed layers are exercised; the llama base carries Llama 3 rope scaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bench.random_base import SLIDING_WINDOW
+from lorayard.adapter_files import load_adapter
+from lorayard.architectures import ARCHITECTURES
+from lorayard.base_model import resolve_base_model
+from server.engine.engine import Engine
+from server.engine.kv_cache import KVCache, KVCacheSpec
+from server.engine.model_runner import ModelRunner
+from server.engine.parity_probe import probe_runner
+from server.engine.types import Request, SamplingParams
+from tests.harness import make_peft_adapter
+
+from ..conftest import peft_greedy
+
+SUPPORTED = sorted(ARCHITECTURES)
+ADAPTERS = {
+    "all8": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+    "all4": {"r": 4, "lora_alpha": 4, "target_modules": "all-linear", "use_rslora": True},
+}
+PROMPTS = [[1, 9690, 198, 2683, 359, 253, 42, 7], [1, 4093, 198, 19556, 30, 2, 11], [1, 520, 33, 44, 55, 66]]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="session")
+def arch_bases(tmp_path_factory, tiny_arch_base):
+    """model_type -> (base folder, adapter folders), built once per session on first use."""
+    built: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+    def get(model_type: str) -> tuple[Path, dict[str, Path]]:
+        if model_type not in built:
+            base = tiny_arch_base(model_type)
+            root = tmp_path_factory.mktemp(f"adapters-{model_type}")
+            adapters = {}
+            for seed, (name, spec) in enumerate(ADAPTERS.items()):
+                adapters[name] = root / name
+                make_peft_adapter(base, adapters[name], seed, b_scale=4.0, **spec)
+            built[model_type] = (base, adapters)
+        return built[model_type]
+
+    return get
+
+
+def _engine(base: Path, device: str, **kwargs) -> Engine:
+    defaults = {"device": device, "dtype": torch.float32, "eos_token_ids": set(), "max_model_len": 128}
+    return Engine.from_base(resolve_base_model(str(base)), **{**defaults, **kwargs})
+
+
+class _Handle:
+    def __init__(self, key: str, slot: int) -> None:
+        self.key, self.slot = key, slot
+
+
+def _load(engine: Engine, base: Path, folder: Path) -> _Handle:
+    weights = load_adapter(folder, AutoConfig.from_pretrained(base))
+    return _Handle(folder.name, engine.load_adapter_weights(folder.name, weights))
+
+
+def _generate(
+    engine: Engine, cases: list[tuple[_Handle | None, list[int]]], max_tokens: int
+) -> list[list[int]]:
+    async def collect(request: Request) -> list[int]:
+        return [e.token_id async for e in engine.submit(request) if e.token_id is not None]
+
+    async def run() -> list[list[int]]:
+        engine.start()
+        tasks = []
+        for i, (handle, prompt) in enumerate(cases):
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            tasks.append(asyncio.create_task(collect(Request(uuid.uuid4().hex, prompt, params, handle))))
+            await asyncio.sleep(0.01 * i)  # join a batch already decoding
+        return await asyncio.gather(*tasks)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.stop()
+
+
+def _layouts(model_type: str) -> list[bool]:
+    # Phi-3's q/k/v and gate/up are one linear each already: there is only one layout.
+    return [False] if ARCHITECTURES[model_type].fused_projections else [False, True]
+
+
+CASES = [(t, fuse) for t in SUPPORTED for fuse in _layouts(t)]
+
+
+@pytest.mark.parametrize(("model_type", "fuse_linears"), CASES, ids=[f"{t}-fused{int(f)}" for t, f in CASES])
+def test_mixed_batch_matches_hf_and_peft(arch_bases, test_device, model_type, fuse_linears):
+    """Base rows and two all-linear adapters of different ranks in one batch, each equal to HF/PEFT."""
+    base, adapters = arch_bases(model_type)
+    assert all(len(p) > SLIDING_WINDOW for p in PROMPTS)
+    engine = _engine(base, test_device, max_batch_size=8, fuse_linears=fuse_linears)
+    handles = {name: _load(engine, base, folder) for name, folder in adapters.items()}
+    names = [None, "all8", "all4", "all8", None, "all4"]
+    cases = [(handles.get(name), PROMPTS[i % len(PROMPTS)]) for i, name in enumerate(names)]
+    results = _generate(engine, cases, MAX_TOKENS)
+    for name, (_, prompt), tokens in zip(names, cases, results, strict=True):
+        expected = peft_greedy(base, adapters[name] if name else None, prompt, MAX_TOKENS)
+        assert tokens == expected, (model_type, name)
+    assert results[1] != peft_greedy(base, None, PROMPTS[1], MAX_TOKENS), "the adapter must change the output"
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_chunked_prefill_matches_peft(arch_bases, test_device, model_type):
+    base, adapters = arch_bases(model_type)
+    engine = _engine(base, test_device, max_batch_size=2, prefill_chunk=3)
+    handle = _load(engine, base, adapters["all8"])
+    prompt = [(i * 37) % 5000 + 3 for i in range(17)]
+    [tokens] = _generate(engine, [(handle, prompt)], 6)
+    assert tokens == peft_greedy(base, adapters["all8"], prompt, 6)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_parity_probe_passes_and_catches_a_wrong_spec(arch_bases, model_type):
+    """The startup probe accepts the right forward and refuses one with a single spec field wrong."""
+    base, _ = arch_bases(model_type)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    assert probe_runner(model).ok
+    config = model.config
+    spec = KVCacheSpec(config.num_hidden_layers, config.num_key_value_heads, 16, 32, torch.float32)
+    runner = ModelRunner(model, KVCache(spec, 1, "cpu"), fuse_linears=False)
+    arch = runner.arch
+    if arch.sandwich_norms:
+        runner.arch = dataclasses.replace(arch, plain_rms_norm=True)  # forgets Gemma's (1 + w)
+    elif arch.qk_norm:
+        runner.arch = dataclasses.replace(arch, qk_norm=False)
+    elif any(runner.windows):
+        runner.windows = [None] * len(runner.windows)  # ignores the sliding windows
+    else:
+        runner.scaling = [s * 2 for s in runner.scaling]  # a wrong attention scale
+    result = probe_runner(model, runner)
+    assert not result.ok, result
+
+
+def test_4bit_qwen3_with_adapter_matches_peft_on_the_same_4bit_base(arch_bases, test_device):
+    """QLoRA serving on Qwen3 (q/k norms): NF4 base + LoRA equals PEFT over the same NF4 base."""
+    from transformers import BitsAndBytesConfig
+
+    base, adapters = arch_bases("qwen3")
+    engine = _engine(base, test_device, quantization="4bit", max_batch_size=2, max_model_len=64)
+    handle = _load(engine, base, adapters["all8"])
+    [tokens] = _generate(engine, [(handle, PROMPTS[0])], 6)
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype="float32",
+    )
+    assert tokens == peft_greedy(base, adapters["all8"], PROMPTS[0], 6, quantization_config=nf4)

@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m lorayard.base_model --prepare
 	touch $(STAMP)
 
-test: install  ## run the whole suite
-	$(PY) -m pytest -q
+test: install  ## run the whole suite; the 15 slowest tests are listed at the end
+	$(PY) -m pytest -q --durations=15
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

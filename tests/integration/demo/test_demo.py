@@ -13,8 +13,6 @@ from demo.__main__ import CONFIGS
 from lorayard.volume import AdapterVolume
 from tests.harness import REPO, make_peft_adapter, publish_folder
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_demo_configs_and_data_validate(name, tmp_path):

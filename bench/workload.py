@@ -1,7 +1,7 @@
 """The shared workload: random PEFT adapters on disk, and an in-process engine driven by asyncio.
 
-Adapters are made the way a user's would be (peft ``get_peft_model`` + ``save_pretrained``) and kept in
-a cache folder keyed by their spec, so reruns skip the making.
+Adapters come from ``bench.random_adapter`` (PEFT's own output, as a user's would be) and are kept in a
+cache folder keyed by their spec, so reruns skip the making.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench.random_adapter import build_random_adapter
 from lorayard.adapter_files import load_adapter
 from lorayard.base_model import ResolvedBaseModel, cache_dir, default_base_model, resolve_base_model
 from server.engine.engine import Engine
@@ -61,7 +62,6 @@ def make_adapters(
     base: ResolvedBaseModel, specs: list[AdapterSpec], root: Path | None = None
 ) -> dict[str, Path]:
     """Write each spec as a PEFT folder (cached by spec digest); returns name -> folder."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     root = root or adapter_cache()
@@ -71,14 +71,11 @@ def make_adapters(
         return folders
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     for spec in missing:
-        torch.manual_seed(spec.seed)
         targets = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
-        config = LoraConfig(
-            r=spec.rank, lora_alpha=2 * spec.rank, target_modules=targets, init_lora_weights=False
-        )
-        peft_model = get_peft_model(model, config)
         tmp = folders[spec.name].with_suffix(".tmp")
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        peft_model = build_random_adapter(
+            model, tmp, spec.seed, r=spec.rank, lora_alpha=2 * spec.rank, target_modules=targets
+        )
         tmp.rename(folders[spec.name])
         model = peft_model.unload()  # the base again, without LoRA layers, for the next spec
     return folders

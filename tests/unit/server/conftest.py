@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from bench.random_adapter import build_random_adapter
 from server.engine.engine import Engine
-from tests.harness import make_peft_adapter
 
 # Different ranks and target modules on purpose: one batch must mix them.
 ADAPTER_SPECS: dict[str, dict] = {
@@ -37,7 +37,7 @@ def tiny_adapters(tiny_base_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-adapters")
     for seed, (name, spec) in enumerate(ADAPTER_SPECS.items()):
         # b_scale 4: big enough that adapters visibly disagree with the base
-        make_peft_adapter(tiny_base_dir, root / name, seed, b_scale=4.0, **spec)
+        build_random_adapter(tiny_base_dir, root / name, seed, b_scale=4.0, **spec)
     return root
 
 

@@ -54,8 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lorayard.engine")
 
 DEFAULT_PREFILL_CHUNK = 256
-PROFILE_DIR_ENV = "LORAYARD_TORCH_PROFILE_DIR"
 """Prompt tokens prefilled per engine iteration: bounds how long running streams wait."""
+PROFILE_DIR_ENV = "LORAYARD_TORCH_PROFILE_DIR"
 
 
 @dataclass(eq=False)
@@ -227,7 +227,6 @@ class Engine:
             waiting=waiting,
             batch_size=self._last_batch,
             kv_cache_usage=self.cache.usage(),
-            extra={"resident_adapters": float(len(self.runner.adapters))},
         )
 
     @property

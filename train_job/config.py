@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorayard.base_model import default_base_model
+from lorayard.base_model import Quantization, default_base_model
 from lorayard.volume import STAGING_DIR, InvalidAdapterName, validate_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -32,7 +32,6 @@ RUNS_DIR = "runs"
 finds them for ``--resume``) but outside what the server reads."""
 
 DataFormat = Literal["auto", "alpaca", "text_target", "prompt_completion", "messages", "sharegpt"]
-Quantization = Literal["4bit", "8bit"]
 
 
 class ConfigError(ValueError):
@@ -94,7 +93,7 @@ class TrainConfig(BaseModel):
     layers_to_transform: list[int] | None = Field(None, description="only these layer indices; default all")
     use_rslora: bool = Field(False, description="rank-stabilized LoRA (scaling alpha/sqrt(r))")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
-    quantization: Quantization | None = Field(
+    quantization: Quantization = Field(
         None, description="QLoRA: load the base in 4bit (NF4, double quant) or 8bit via bitsandbytes"
     )
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.fields import FieldInfo
 
 from lorayard.base_model import Quantization, default_base_model
+from lorayard.flags import add_field_flags, flag_name, flags_table
 
 ENV_PREFIX = "LORAYARD_"
 
@@ -58,10 +58,6 @@ def _env_value(name: str) -> str | None:
     return os.environ.get(ENV_PREFIX + name.upper())
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _quantization(flag_value: str | None, aliases: dict[str, bool | None]) -> str | None:
     """--quantization, else its aliases, else the same from the environment; two that differ: an error."""
     for layer in (
@@ -82,19 +78,12 @@ def _quantization(flag_value: str | None, aliases: dict[str, bool | None]) -> st
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Flags and LORAYARD_* env -> Settings; a bad value exits with the flag named."""
     parser = argparse.ArgumentParser(prog="python -m server", description="LoRAyard multi-adapter server")
-    for name, field in Settings.model_fields.items():
-        env = f" (env {ENV_PREFIX}{name.upper()})"
-        if field.annotation is bool:
-            parser.add_argument(
-                _flag(name), action=argparse.BooleanOptionalAction, default=None, help=field.description + env
-            )
-        else:
-            parser.add_argument(
-                _flag(name), default=None, choices=literal_choices(field), help=str(field.description) + env
-            )
+    add_field_flags(
+        parser, Settings.model_fields, help_suffix=lambda name: f" (env {ENV_PREFIX}{name.upper()})"
+    )
     for alias, value in QUANTIZATION_ALIASES.items():
         parser.add_argument(
-            _flag(alias), action="store_true", default=None, help=f"alias of --quantization {value}"
+            flag_name(alias), action="store_true", default=None, help=f"alias of --quantization {value}"
         )
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
@@ -118,28 +107,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         raise  # unreachable: parser.error exits
 
 
-def literal_choices(field: FieldInfo) -> list[str] | None:
-    """The allowed values of a ``Literal`` field (``X | None`` included), for argparse and docs."""
-    arms = [field.annotation, *get_args(field.annotation)]
-    literals = [arm for arm in arms if get_origin(arm) is Literal]
-    return [str(v) for v in get_args(literals[0])] if literals else None
-
-
-def default_text(field: FieldInfo) -> str:
-    """A field's default as a docs table shows it (a computed one by its factory's docstring)."""
-    if field.default_factory is not None:
-        return (field.default_factory.__doc__ or "computed").strip().rstrip(".")
-    return "none" if field.default is None else f"`{field.default}`"
-
-
 def flags_markdown() -> str:
     """The server's flags as a markdown table (flag, env, default, meaning), from the Settings fields."""
-    rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        flag = f"`{_flag(name)}`"
-        if field.annotation is bool:
-            flag += f" / `--no-{name.replace('_', '-')}`"
-        meaning = str(field.description).replace("|", "\\|")
-        rows.append(f"| {flag} | `{ENV_PREFIX}{name.upper()}` | {default_text(field)} | {meaning} |")
-    aliases = ", ".join(f"`{_flag(a)}` is `--quantization {q}`" for a, q in QUANTIZATION_ALIASES.items())
-    return "\n".join(rows) + f"\n\nAliases: {aliases} (and `{ENV_PREFIX}LOAD_IN_4BIT=true` likewise).\n"
+    aliases = ", ".join(f"`{flag_name(a)}` is `--quantization {q}`" for a, q in QUANTIZATION_ALIASES.items())
+    table = flags_table(Settings.model_fields, env=lambda name: ENV_PREFIX + name.upper())
+    return f"{table}\nAliases: {aliases} (and `{ENV_PREFIX}LOAD_IN_4BIT=true` likewise).\n"

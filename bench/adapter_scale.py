@@ -34,6 +34,7 @@ from bench.record import (
 )
 from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, base_label, load_base, make_adapters
 from server.adapters.registry import AdapterRegistry
+from server.settings import Settings
 
 GOAL_COLD_LOAD_MS = 100.0
 
@@ -77,7 +78,11 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     for n in args.sizes:
         build_volume(scratch / f"n{n}", template, n)
         registries[n] = AdapterRegistry(
-            scratch / f"n{n}", bench.engine, base_fingerprint="", max_loaded=args.max_loaded
+            scratch / f"n{n}",
+            bench.engine,
+            base_fingerprint="",
+            max_loaded=args.max_loaded,
+            poll_interval_s=Settings().poll_interval,  # never polls: the suite calls refresh() itself
         )
         await registries[n].refresh()
     try:

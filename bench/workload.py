@@ -21,6 +21,7 @@ from lorayard.adapter_files import load_adapter
 from lorayard.base_model import ResolvedBaseModel, cache_dir, default_base_model, resolve_base_model
 from server.engine.engine import Engine
 from server.engine.types import Request, SamplingParams
+from server.settings import Settings
 
 WARMUP_TOKENS = 8
 """Tokens per request in a suite's untimed warm-up run of each variant: on a GPU the first run of a
@@ -103,10 +104,22 @@ class AdapterSlot:
 class EngineBench:
     """An engine with adapters resident, plus a helper that runs a batch of requests and times it."""
 
-    def __init__(self, base: ResolvedBaseModel, device: str, max_batch_size: int, max_model_len: int) -> None:
-        self.engine = Engine.from_base(
-            base, device=device, eos_token_ids={2}, max_batch_size=max_batch_size, max_model_len=max_model_len
+    def __init__(
+        self,
+        base: ResolvedBaseModel,
+        device: str,
+        max_batch_size: int,
+        max_model_len: int,
+        profile_dir: Path | None = None,
+    ) -> None:
+        """Every other engine setting is the server's default; ``profile_dir``: see EngineProfile."""
+        settings = Settings(
+            device=device,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+            torch_profile_dir=profile_dir,
         )
+        self.engine = Engine.from_base(base, settings.engine_config(), eos_token_ids={2})
         self.handles: dict[str, AdapterSlot] = {}
 
     def load(self, folders: dict[str, Path]) -> None:

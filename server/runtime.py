@@ -50,14 +50,8 @@ class Runtime:
             engine = await asyncio.to_thread(
                 Engine.from_base,
                 base,
-                device=settings.device,
-                quantization=settings.quantization,
+                settings.engine_config(),
                 eos_token_ids=stop_token_ids(tokenizer),
-                max_batch_size=settings.max_batch_size,
-                max_queue=settings.max_queue,
-                max_model_len=settings.max_model_len,
-                kv_cache_memory_gb=settings.kv_cache_memory_gb,
-                prefill_chunk=settings.prefill_chunk,
                 metrics=self.metrics,
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)

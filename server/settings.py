@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flag_name, flags_table
+from server.engine.config import EngineConfig
 
 ENV_PREFIX = "LORAYARD_"
 
@@ -42,9 +43,25 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
     kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV-cache budget (default: 4 GB CPU)")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    torch_profile_dir: Path | None = Field(
+        None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
+    )
     poll_interval: float = Field(1.0, gt=0, description="seconds between adapters-volume scans")
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    def engine_config(self) -> EngineConfig:
+        """What the engine needs of these settings."""
+        return EngineConfig(
+            device=self.device,
+            quantization=self.quantization,
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            max_model_len=self.max_model_len,
+            kv_cache_memory_gb=self.kv_cache_memory_gb,
+            prefill_chunk=self.prefill_chunk,
+            torch_profile_dir=self.torch_profile_dir,
+        )
 
 
 QUANTIZATION_ALIASES = {"load_in_4bit": "4bit", "load_in_8bit": "8bit"}

@@ -18,11 +18,9 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,14 +46,10 @@ if TYPE_CHECKING:
 
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from lorayard.base_model import Quantization
+    from server.engine.config import EngineConfig
     from server.metrics import ServerMetrics
 
 log = logging.getLogger("lorayard.engine")
-
-DEFAULT_PREFILL_CHUNK = 256
-"""Prompt tokens prefilled per engine iteration: bounds how long running streams wait."""
-PROFILE_DIR_ENV = "LORAYARD_TORCH_PROFILE_DIR"
 
 
 @dataclass(eq=False)
@@ -104,25 +98,22 @@ class Engine:
     def __init__(
         self,
         model: PreTrainedModel,
+        engine_config: EngineConfig,
         *,
         eos_token_ids: set[int],
-        max_batch_size: int = 16,
-        max_queue: int = 256,
-        max_model_len: int = 2048,
-        kv_cache_memory_gb: float | None = None,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         metrics: ServerMetrics | None = None,
         fuse_linears: bool | None = None,
     ) -> None:
+        """``fuse_linears``: the model runner's choice (default: fused on a GPU only)."""
         self.model = model
+        self.engine_config = engine_config
         self.config: PretrainedConfig = model.config
         self.device = str(next(model.parameters()).device)
         self.dtype = model.dtype
-        self.max_model_len = min(
-            max_model_len, int(getattr(self.config, "max_position_embeddings", max_model_len))
-        )
-        self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        wanted_len = engine_config.max_model_len
+        self.max_model_len = min(wanted_len, int(getattr(self.config, "max_position_embeddings", wanted_len)))
+        self.max_queue = engine_config.max_queue
+        self.prefill_chunk = engine_config.prefill_chunk
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = int(self.config.vocab_size)
         """Width of the logits: every token id a request carries must be below it."""
@@ -132,7 +123,9 @@ class Engine:
         spec = KVCacheSpec(
             config.num_hidden_layers, config.num_key_value_heads, head_dim, self.max_model_len, self.dtype
         )
-        slots = slots_for_budget(spec, max_batch_size, kv_cache_memory_gb, self.device)
+        slots = slots_for_budget(
+            spec, engine_config.max_batch_size, engine_config.kv_cache_memory_gb, self.device
+        )
         self.max_batch_size = slots
         self.cache = KVCache(spec, slots, self.device)
         self.runner = ModelRunner(model, self.cache, fuse_linears)
@@ -152,20 +145,23 @@ class Engine:
     def from_base(
         cls,
         base: ResolvedBaseModel,
+        engine_config: EngineConfig,
         *,
-        device: str | None = None,
-        dtype: torch.dtype | None = None,
-        quantization: Quantization = None,
         eos_token_ids: set[int],
-        **kwargs: object,
+        dtype: torch.dtype | None = None,
+        metrics: ServerMetrics | None = None,
+        fuse_linears: bool | None = None,
     ) -> Engine:
-        """Load the base (optionally 4-bit/8-bit) and build an engine over it."""
-        device = device or default_device()
+        """Load the base on the config's device (optionally 4-bit/8-bit) and build an engine over it;
+        ``dtype`` None: the device's default (float32 on the CPU, bf16 on a GPU)."""
+        device = engine_config.device or default_device()
         model = load_base_model(
-            base, device=device, dtype=dtype or default_dtype(device), quantization=quantization
+            base, device=device, dtype=dtype or default_dtype(device), quantization=engine_config.quantization
         )
         model.eval()
-        return cls(model, eos_token_ids=eos_token_ids, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            model, engine_config, eos_token_ids=eos_token_ids, metrics=metrics, fuse_linears=fuse_linears
+        )
 
     # -- adapters (called by the registry, from worker threads) ---------------------------------
     def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
@@ -254,10 +250,10 @@ class Engine:
 
     @contextlib.contextmanager
     def _profiled(self) -> Iterator[None]:
-        """With ``LORAYARD_TORCH_PROFILE_DIR`` set, profile the engine thread (the profiler sees only
-        the thread it runs on) and write its op table there when the engine stops."""
-        folder = os.environ.get(PROFILE_DIR_ENV)
-        if not folder:
+        """With ``torch_profile_dir`` set, profile the engine thread (the profiler sees only the thread
+        it runs on) and write its op table there when the engine stops."""
+        out = self.engine_config.torch_profile_dir
+        if out is None:
             yield
             return
         # CPU activity only: the op table is self CPU time, which on a GPU is the launch work that
@@ -265,7 +261,6 @@ class Engine:
         # used it; the engine thread is rarely that one (bench.naive hung on an H100 with it).
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             yield
-        out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         averages = profiler.key_averages()
         (out / "engine_ops.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40))

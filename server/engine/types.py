@@ -6,7 +6,7 @@ HTTP, text or adapter names beyond the handle.
 
 Engine contract (``server.engine.engine.Engine``)::
 
-    engine = Engine.from_base(base, ...)          # built by server.runtime.Runtime.load from Settings
+    engine = Engine.from_base(base, settings.engine_config(), eos_token_ids=...)  # in server.runtime
     engine.start()                                # starts the engine thread
     stream = engine.submit(request)               # -> RequestStream; raises QueueFull / EngineStopped
     async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.random_adapter import build_random_adapter
 from server.engine.engine import Engine
+from server.settings import Settings
 
 # Different ranks and target modules on purpose: one batch must mix them.
 ADAPTER_SPECS: dict[str, dict] = {
@@ -47,9 +48,11 @@ def make_engine(tiny_base, test_device):
     compared token for token with PEFT's (on the CPU)."""
     engines: list[Engine] = []
 
-    def make(**kwargs) -> Engine:
-        defaults = {"device": test_device, "dtype": torch.float32, "eos_token_ids": set()}
-        engine = Engine.from_base(tiny_base, **{**defaults, **kwargs})
+    def make(*, fuse_linears: bool | None = None, **settings) -> Engine:
+        config = Settings(device=test_device, **settings).engine_config()
+        engine = Engine.from_base(
+            tiny_base, config, dtype=torch.float32, eos_token_ids=set(), fuse_linears=fuse_linears
+        )
         engines.append(engine)
         return engine
 

@@ -230,8 +230,8 @@ class Engine:
         stats = self.stats()
         return stats.running == 0 and stats.waiting == 0
 
-    async def drain(self, timeout_s: float = 60.0) -> None:
-        """Stop admitting new requests and wait (up to timeout_s) for in-flight ones to finish."""
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting new requests and wait (up to timeout_s: --drain-timeout) for in-flight ones."""
         self._draining = True
         deadline = time.monotonic() + timeout_s
         while not self.idle and time.monotonic() < deadline:

@@ -12,7 +12,7 @@ Engine contract (``server.engine.engine.Engine``)::
     async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason
     engine.abort(request_id)                      # client went away / stop string hit: frees the slot
     engine.stats() -> EngineStats                 # running, waiting, batch size, kv use
-    await engine.drain(); engine.stop()           # SIGTERM: finish in-flight, then stop the thread
+    await engine.drain(timeout_s); engine.stop()  # SIGTERM: finish in-flight, then stop the thread
 """
 
 from __future__ import annotations

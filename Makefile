@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml
 test: install  ## run the whole suite; the 15 slowest tests are listed at the end
 	$(PY) -m pytest -q --durations=15
 
-lint: install  ## ruff
+lint: install  ## ruff (lint and format) and mypy (settings in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy lorayard train_job server client
 
 demo: install  ## train two demo adapters, serve them, query them
 	$(PY) -m demo

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.record import (
@@ -59,11 +60,11 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _timed_ms(call: object, times: int) -> list[float]:
+def _timed_ms(call: Callable[[], object], times: int) -> list[float]:
     out = []
     for _ in range(times):
         start = time.perf_counter()
-        call()  # type: ignore[operator]
+        call()
         out.append((time.perf_counter() - start) * 1e3)
     return out
 

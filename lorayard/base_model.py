@@ -228,7 +228,8 @@ def load_base_model(
         raise BaseModelError(f"quantization must be '4bit', '8bit' or none, not {quantization!r}")
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     if quantization is None:
-        model = model.to(device)
+        # transformers wraps PreTrainedModel.to in a decorator that hides its signature from mypy
+        model = model.to(device)  # type: ignore[arg-type]
     return model
 
 

@@ -45,7 +45,10 @@ def _template_text(
     if tokenizer.chat_template is None:
         raise ChatFormatError("the base tokenizer has no chat template; use the completions format instead")
     text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        # Message is a TypedDict; transformers declares plain dict[str, str], which mypy will not equate
+        list(messages),  # type: ignore[arg-type]
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
     return str(text)
 

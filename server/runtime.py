@@ -7,7 +7,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
@@ -90,6 +90,17 @@ class Runtime:
             await self.registry.stop()
         if self.engine is not None:
             self.engine.stop()
+
+
+class ReadyRuntime(Protocol):
+    """A :class:`Runtime` whose base model has loaded: what the routes behind the readiness check see."""
+
+    settings: Settings
+    metrics: ServerMetrics
+    started_at: float
+    tokenizer: PreTrainedTokenizerBase
+    engine: Engine
+    registry: AdapterRegistry
 
 
 def require_api_key(request: Request) -> None:

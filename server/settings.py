@@ -98,9 +98,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     add_field_flags(
         parser, Settings.model_fields, help_suffix=lambda name: f" (env {ENV_PREFIX}{name.upper()})"
     )
-    for alias, value in QUANTIZATION_ALIASES.items():
+    for alias, quantization in QUANTIZATION_ALIASES.items():
         parser.add_argument(
-            flag_name(alias), action="store_true", default=None, help=f"alias of --quantization {value}"
+            flag_name(alias),
+            action="store_true",
+            default=None,
+            help=f"alias of --quantization {quantization}",
         )
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}

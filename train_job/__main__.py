@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from lorayard.base_model import ResolvedBaseModel
     from train_job.config import TrainConfig
@@ -74,7 +75,7 @@ def _show_example(example: Example, tokenizer: PreTrainedTokenizerBase) -> None:
         end = start
         while end < len(rendered.ids) and rendered.labels_mask[end] == rendered.labels_mask[start]:
             end += 1
-        piece = tokenizer.decode(rendered.ids[start:end])
+        piece = str(tokenizer.decode(rendered.ids[start:end]))
         if rendered.labels_mask[start]:
             text.append(f"⟦{piece}⟧", style="bold green")
         else:
@@ -202,7 +203,7 @@ def _train_evaluate_publish(
         published = publish_adapter(
             AdapterVolume(config.volume_dir),
             result.model,
-            result.model.get_base_model().config,
+            result.model.get_base_model().config,  # type: ignore[arg-type]  # PEFT types its base as a Module
             manifest,
             report,
             if_better=config.publish_if_better,
@@ -264,7 +265,7 @@ def run_generate(argv: list[str]) -> int:
     adapter = _adapter_folder(args.adapter, args.adapters_dir) if args.adapter else None
     base = _base_for(adapter, args.base_model)
     tokenizer = load_tokenizer(base)
-    model = load_base_model(base)
+    model: PreTrainedModel | PeftModel = load_base_model(base)
     if adapter is not None and not args.base_only:
         from peft import PeftModel
 

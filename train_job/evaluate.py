@@ -74,7 +74,7 @@ class EvalReport(BaseModel):
 
 @torch.no_grad()
 def completion_loss(
-    model: PreTrainedModel, examples: list[Example], *, pad_id: int, batch_size: int
+    model: PreTrainedModel | PeftModel, examples: list[Example], *, pad_id: int, batch_size: int
 ) -> tuple[float, int]:
     """(mean loss per trained token, number of trained tokens) over ``examples``."""
     device = next(model.parameters()).device
@@ -99,7 +99,7 @@ def completion_loss(
 
 @torch.no_grad()
 def generate_answer(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Message],
     *,
@@ -108,7 +108,8 @@ def generate_answer(
     """Greedy answer to ``messages``, prompt rendered exactly as the server renders it."""
     device = next(model.parameters()).device
     ids = torch.tensor([render_prompt(tokenizer, messages)], device=device)
-    output = model.generate(
+    # PeftModel forwards generate to its base through __getattr__, which torch types as Tensor | Module
+    output = model.generate(  # type: ignore[operator]
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,

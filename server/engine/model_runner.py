@@ -61,11 +61,12 @@ def fuse_weights(modules: list[torch.nn.Module]) -> torch.Tensor | None:
     """Concatenate bias-free ``nn.Linear`` weights along the output dim and make each module's weight a
     view into the result, so one matmul computes every module's output; None if any module is not a
     plain bias-free Linear (quantized layers keep their own matmuls)."""
-    if not all(type(m) is torch.nn.Linear and m.bias is None for m in modules):
+    linears = [m for m in modules if isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear]
+    if len(linears) < len(modules) or any(m.bias is not None for m in linears):
         return None
-    fused = torch.cat([m.weight.detach() for m in modules])
+    fused = torch.cat([m.weight.detach() for m in linears])
     start = 0
-    for module in modules:
+    for module in linears:
         end = start + module.weight.shape[0]
         module.weight = torch.nn.Parameter(fused[start:end], requires_grad=False)
         start = end
@@ -105,7 +106,8 @@ class ModelRunner:
 
     def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Llama's RMSNorm as one fused op (HF's module is seven)."""
-        return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)
+        # torch types a Module's attributes as Tensor | Module; an RMSNorm's weight is a Parameter
+        return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)  # type: ignore[arg-type]
 
     def _qkv(
         self, layer_index: int, x: torch.Tensor, segments: list[Segment], cos: torch.Tensor, sin: torch.Tensor

@@ -6,6 +6,7 @@ Precedence: flag > environment > the field's default (the one source of truth fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -51,17 +52,8 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     def engine_config(self) -> EngineConfig:
-        """What the engine needs of these settings."""
-        return EngineConfig(
-            device=self.device,
-            quantization=self.quantization,
-            max_batch_size=self.max_batch_size,
-            max_queue=self.max_queue,
-            max_model_len=self.max_model_len,
-            kv_cache_memory_gb=self.kv_cache_memory_gb,
-            prefill_chunk=self.prefill_chunk,
-            torch_profile_dir=self.torch_profile_dir,
-        )
+        """What the engine needs of these settings: each EngineConfig field is the setting of its name."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
 QUANTIZATION_ALIASES = {"load_in_4bit": "4bit", "load_in_8bit": "8bit"}

@@ -24,12 +24,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m lorayard.base_model --prepare
 	touch $(STAMP)
 
-test: install  ## run the whole suite
-	$(PY) -m pytest -q
+test: install  ## run the whole suite; the 15 slowest tests are listed at the end
+	$(PY) -m pytest -q --durations=15
 
-lint: install  ## ruff
+lint: install  ## ruff (lint and format) and mypy (settings in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy lorayard train_job server client
 
 demo: install  ## train two demo adapters, serve them, query them
 	$(PY) -m demo

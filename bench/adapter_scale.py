@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.record import (
@@ -34,6 +35,7 @@ from bench.record import (
 )
 from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, base_label, load_base, make_adapters
 from server.adapters.registry import AdapterRegistry
+from server.settings import Settings
 
 GOAL_COLD_LOAD_MS = 100.0
 
@@ -58,11 +60,11 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _timed_ms(call: object, times: int) -> list[float]:
+def _timed_ms(call: Callable[[], object], times: int) -> list[float]:
     out = []
     for _ in range(times):
         start = time.perf_counter()
-        call()  # type: ignore[operator]
+        call()
         out.append((time.perf_counter() - start) * 1e3)
     return out
 
@@ -77,7 +79,11 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     for n in args.sizes:
         build_volume(scratch / f"n{n}", template, n)
         registries[n] = AdapterRegistry(
-            scratch / f"n{n}", bench.engine, base_fingerprint="", max_loaded=args.max_loaded
+            scratch / f"n{n}",
+            bench.engine,
+            base_fingerprint="",
+            max_loaded=args.max_loaded,
+            poll_interval_s=Settings().poll_interval,  # never polls: the suite calls refresh() itself
         )
         await registries[n].refresh()
     try:

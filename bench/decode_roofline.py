@@ -108,7 +108,8 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
         bench.stop()
     if args.profile:
         with EngineProfile() as profile:
-            bench = EngineBench(base, args.device, 1, args.prompt_tokens + args.max_tokens + 8)
+            max_len = args.prompt_tokens + args.max_tokens + 8
+            bench = EngineBench(base, args.device, 1, max_len, profile_dir=profile.folder)
             bench.engine.start()
             start = time.perf_counter()
             await run_batch(bench.engine, prompt, args.max_tokens, [None])

@@ -178,7 +178,8 @@ async def _profile(
 ) -> None:
     """One more engine run of the equal workload, on a fresh engine that profiles its own thread."""
     with EngineProfile() as profile:
-        bench = EngineBench(base, args.device, args.concurrency, args.prompt_tokens + args.max_tokens + 8)
+        max_len = args.prompt_tokens + args.max_tokens + 8
+        bench = EngineBench(base, args.device, args.concurrency, max_len, profile_dir=profile.folder)
         bench.load(folders)
         bench.engine.start()
         start = time.perf_counter()

@@ -1,7 +1,8 @@
 """Where the time goes: torch-profiler op times grouped into a few categories that explain a ratio.
 
-The engine profiles its own thread when ``LORAYARD_TORCH_PROFILE_DIR`` is set (the profiler only sees
-the thread it runs on) and writes ``engine_ops.json``; a call on this thread is profiled directly.
+An engine profiles its own thread when its config names a ``torch_profile_dir`` (the server's
+``--torch-profile-dir``; the profiler only sees the thread it runs on) and writes ``engine_ops.json``
+there; a call on this thread is profiled directly.
 Time not inside any torch op is Python and framework overhead: the wall time minus the ops' self time.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from bench.record import SuiteResult, markdown_table
-from server.engine.engine import PROFILE_DIR_ENV
 
 GEMM = "GEMM (base and LoRA matmuls)"
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -94,18 +93,18 @@ def profile_here(call: Callable[[], Any]) -> tuple[list[dict[str, Any]], float]:
 
 
 class EngineProfile:
-    """Set the engine's profile folder for engines started inside the block; read their ops after."""
+    """A profile folder for an engine built inside the block (``EngineBench(..., profile_dir=folder)``);
+    read its ops after the engine stops."""
 
     def __enter__(self) -> EngineProfile:
         self._folder = tempfile.TemporaryDirectory(prefix="lorayard-profile-")
-        self._previous = os.environ.get(PROFILE_DIR_ENV)
-        os.environ[PROFILE_DIR_ENV] = self._folder.name
+        self.folder = Path(self._folder.name)
         return self
 
     def ops(self, timeout_s: float = 900) -> list[dict[str, Any]]:
         """The op rows the engine writes when it stops; summarising a long trace can outlast
         ``Engine.stop``'s join, so wait for the file."""
-        path = Path(self._folder.name) / "engine_ops.json"
+        path = self.folder / "engine_ops.json"
         deadline = time.monotonic() + timeout_s
         while not path.is_file():
             if time.monotonic() > deadline:
@@ -114,8 +113,4 @@ class EngineProfile:
         return json.loads(path.read_text())
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is None:
-            os.environ.pop(PROFILE_DIR_ENV, None)
-        else:
-            os.environ[PROFILE_DIR_ENV] = self._previous
         self._folder.cleanup()

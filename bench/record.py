@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from client import stats
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -185,17 +186,14 @@ def portable_args(argv: list[str]) -> list[str]:
     return out
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, q in [0, 100]."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
+    """The load tester's :func:`client.stats.percentile` (linear, numpy's default), so both report the
+    same p50 from the same data; NaN for no values, since a table cell reads better than a crash."""
+    return stats.percentile(values, q) if values else float("nan")
+
+
+def median(values: list[float]) -> float:
+    return percentile(values, 50)
 
 
 def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:

@@ -94,21 +94,20 @@ def _rss_bytes(pid: int) -> int:
 def _publish_random_adapters(base_spec: str, volume_dir: Path) -> None:
     """Two versions of each adapter (different ranks and targets), published like the training job does."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    from bench.random_adapter import build_random_adapter
     from lorayard.base_model import load_base_model
     from lorayard.volume import AdapterVolume, BaseModelRef, Manifest
 
     base = resolve_base_model(base_spec)
     volume = AdapterVolume(volume_dir)
+    model = load_base_model(base, device="cpu", dtype=torch.float32)
     targets = (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["up_proj", "down_proj"])
     for seed, (name, target) in enumerate(zip(ADAPTERS, targets, strict=True)):
         for version in (1, 2):
-            torch.manual_seed(seed * 10 + version)
-            model = load_base_model(base, device="cpu", dtype=torch.float32)
-            config = LoraConfig(r=4 * version, lora_alpha=8, target_modules=target, init_lora_weights=False)
             with volume.staging(name) as staged:
-                get_peft_model(model, config).save_pretrained(staged, safe_serialization=True)
+                lora = {"r": 4 * version, "lora_alpha": 8, "target_modules": target}
+                model = build_random_adapter(model, staged, seed * 10 + version, **lora).unload()
                 manifest = Manifest(
                     name=name, version=0, base_model=BaseModelRef(id=base.model_id, sha256=base.fingerprint)
                 )

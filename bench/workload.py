@@ -1,7 +1,7 @@
 """The shared workload: random PEFT adapters on disk, and an in-process engine driven by asyncio.
 
-Adapters are made the way a user's would be (peft ``get_peft_model`` + ``save_pretrained``) and kept in
-a cache folder keyed by their spec, so reruns skip the making.
+Adapters come from ``bench.random_adapter`` (PEFT's own output, as a user's would be) and are kept in a
+cache folder keyed by their spec, so reruns skip the making.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from bench.random_adapter import build_random_adapter
 from lorayard.adapter_files import load_adapter
 from lorayard.base_model import ResolvedBaseModel, cache_dir, default_base_model, resolve_base_model
 from server.engine.engine import Engine
 from server.engine.types import Request, SamplingParams
+from server.settings import Settings
 
 WARMUP_TOKENS = 8
 """Tokens per request in a suite's untimed warm-up run of each variant: on a GPU the first run of a
@@ -61,7 +63,6 @@ def make_adapters(
     base: ResolvedBaseModel, specs: list[AdapterSpec], root: Path | None = None
 ) -> dict[str, Path]:
     """Write each spec as a PEFT folder (cached by spec digest); returns name -> folder."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     root = root or adapter_cache()
@@ -71,14 +72,11 @@ def make_adapters(
         return folders
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     for spec in missing:
-        torch.manual_seed(spec.seed)
         targets = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
-        config = LoraConfig(
-            r=spec.rank, lora_alpha=2 * spec.rank, target_modules=targets, init_lora_weights=False
-        )
-        peft_model = get_peft_model(model, config)
         tmp = folders[spec.name].with_suffix(".tmp")
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        peft_model = build_random_adapter(
+            model, tmp, spec.seed, r=spec.rank, lora_alpha=2 * spec.rank, target_modules=targets
+        )
         tmp.rename(folders[spec.name])
         model = peft_model.unload()  # the base again, without LoRA layers, for the next spec
     return folders
@@ -106,10 +104,22 @@ class AdapterSlot:
 class EngineBench:
     """An engine with adapters resident, plus a helper that runs a batch of requests and times it."""
 
-    def __init__(self, base: ResolvedBaseModel, device: str, max_batch_size: int, max_model_len: int) -> None:
-        self.engine = Engine.from_base(
-            base, device=device, eos_token_ids={2}, max_batch_size=max_batch_size, max_model_len=max_model_len
+    def __init__(
+        self,
+        base: ResolvedBaseModel,
+        device: str,
+        max_batch_size: int,
+        max_model_len: int,
+        profile_dir: Path | None = None,
+    ) -> None:
+        """Every other engine setting is the server's default; ``profile_dir``: see EngineProfile."""
+        settings = Settings(
+            device=device,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+            torch_profile_dir=profile_dir,
         )
+        self.engine = Engine.from_base(base, settings.engine_config(), eos_token_ids={2})
         self.handles: dict[str, AdapterSlot] = {}
 
     def load(self, folders: dict[str, Path]) -> None:

@@ -68,7 +68,7 @@ class TextStream(BaseStream):
     def close(self) -> None:
         """Stop reading and release the connection."""
         if self._deltas is not None and hasattr(self._deltas, "close"):
-            self._deltas.close()  # type: ignore[attr-defined]
+            self._deltas.close()
 
     def __enter__(self) -> Self:
         return self
@@ -115,7 +115,7 @@ class AsyncTextStream(BaseStream):
     async def aclose(self) -> None:
         """Stop reading and release the connection."""
         if self._deltas is not None and hasattr(self._deltas, "aclose"):
-            await self._deltas.aclose()  # type: ignore[attr-defined]
+            await self._deltas.aclose()
 
     async def __aenter__(self) -> Self:
         return self

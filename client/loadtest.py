@@ -109,7 +109,7 @@ class LoadTestConfig(BaseModel):
     """Everything that defines a run; written into the results JSON as ``config``."""
 
     base_url: str
-    adapters: list[str | None] = Field(default_factory=lambda: [None])
+    adapters: list[str | None] = Field(default_factory=lambda: list[str | None]([None]))
     """Adapter refs to spread requests over; None is the bare base model."""
     weights: list[float] | None = None
     """Relative share of requests per adapter (same length as ``adapters``); default: equal."""

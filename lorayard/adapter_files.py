@@ -73,9 +73,6 @@ class AdapterWeights:
     def uses_dora(self) -> bool:
         return any(m.magnitude is not None for m in self.modules.values())
 
-    def num_parameters(self) -> int:
-        return sum(m.a.numel() + m.b.numel() for m in self.modules.values())
-
 
 def expected_linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each targetable linear layer of the base's architecture."""

@@ -36,6 +36,8 @@ _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "lorayard_fingerprint.json"
 
 Quantization = Literal["4bit", "8bit"] | None
+"""How to load a base: 4bit (NF4, double quant) or 8bit via bitsandbytes, None for plain weights; the
+server's and the training job's ``--quantization``."""
 
 
 class BaseModelError(RuntimeError):
@@ -226,7 +228,8 @@ def load_base_model(
         raise BaseModelError(f"quantization must be '4bit', '8bit' or none, not {quantization!r}")
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     if quantization is None:
-        model = model.to(device)
+        # transformers wraps PreTrainedModel.to in a decorator that hides its signature from mypy
+        model = model.to(device)  # type: ignore[arg-type]
     return model
 
 

@@ -75,7 +75,8 @@ def _template_text(
             "trained with a prompt template"
         )
     text = tokenizer.apply_chat_template(
-        list(messages),
+        # Message is a TypedDict; transformers declares plain dict[str, str], which mypy will not equate
+        list(messages),  # type: ignore[arg-type]
         chat_template=prompt_template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,

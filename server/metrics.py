@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-BASE_LABEL = "base"
-"""The ``adapter`` label value for requests without an adapter."""
-
 _LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -96,7 +93,8 @@ class ServerMetrics:
             ),
             requests=Counter(
                 f"{prefix}_requests",
-                "Finished requests by adapter and status (HTTP code or finish reason).",
+                "Requests that reached the engine, by adapter and status: ok, or error (failed, or the "
+                "client went away before the end).",
                 ["adapter", "status"],
                 registry=registry,
             ),
@@ -106,7 +104,9 @@ class ServerMetrics:
             waiting=Gauge(
                 f"{prefix}_num_requests_waiting", "Requests queued for admission.", registry=registry
             ),
-            batch_size=Gauge(f"{prefix}_batch_size", "Rows in the last forward pass.", registry=registry),
+            batch_size=Gauge(
+                f"{prefix}_batch_size", "Rows in the last batched decode step.", registry=registry
+            ),
             loaded_adapters=Gauge(
                 f"{prefix}_loaded_adapters", "Adapters resident in engine memory.", registry=registry
             ),

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
@@ -55,14 +55,8 @@ class Runtime:
             engine = await asyncio.to_thread(
                 Engine.from_base,
                 base,
-                device=settings.device,
-                quantization=settings.quantization,
+                settings.engine_config(),
                 eos_token_ids=stop_token_ids(tokenizer),
-                max_batch_size=settings.max_batch_size,
-                max_queue=settings.max_queue,
-                max_model_len=settings.max_model_len,
-                kv_cache_memory_gb=settings.kv_cache_memory_gb,
-                prefill_chunk=settings.prefill_chunk,
                 metrics=self.metrics,
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
@@ -110,6 +104,17 @@ class Runtime:
             await self.registry.stop()
         if self.engine is not None:
             self.engine.stop()
+
+
+class ReadyRuntime(Protocol):
+    """A :class:`Runtime` whose base model has loaded: what the routes behind the readiness check see."""
+
+    settings: Settings
+    metrics: ServerMetrics
+    started_at: float
+    tokenizer: PreTrainedTokenizerBase
+    engine: Engine
+    registry: AdapterRegistry
 
 
 def require_api_key(request: Request) -> None:

@@ -6,13 +6,16 @@ Precedence: flag > environment > the field's default (the one source of truth fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lorayard.base_model import default_base_model
+from lorayard.base_model import Quantization, default_base_model
+from lorayard.flags import add_field_flags, flag_name, flags_table
+from server.engine.config import EngineConfig
 
 ENV_PREFIX = "LORAYARD_"
 
@@ -22,8 +25,9 @@ class Settings(BaseModel):
 
     adapters_dir: Path = Field(Path("adapters"), description="the adapters volume to serve from")
     base_model: str = Field(default_factory=default_base_model, description="alias, local folder or hub id")
-    load_in_4bit: bool = Field(False, description="load the base 4-bit NF4 (bitsandbytes)")
-    load_in_8bit: bool = Field(False, description="load the base 8-bit (bitsandbytes)")
+    quantization: Quantization = Field(
+        None, description="load the base 4bit (NF4, double quant) or 8bit via bitsandbytes; LoRA on top"
+    )
     device: str | None = Field(None, description="cpu | cuda | cuda:N (default: cuda if available)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -40,43 +44,71 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
     kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV-cache budget (default: 4 GB CPU)")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    torch_profile_dir: Path | None = Field(
+        None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
+    )
     poll_interval: float = Field(1.0, gt=0, description="seconds between adapters-volume scans")
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    @model_validator(mode="after")
-    def _one_quantization(self) -> Settings:
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("choose one of --load-in-4bit and --load-in-8bit")
-        return self
+    def engine_config(self) -> EngineConfig:
+        """What the engine needs of these settings: each EngineConfig field is the setting of its name."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
 
-    @property
-    def quantization(self) -> Literal["4bit", "8bit"] | None:
-        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+QUANTIZATION_ALIASES = {"load_in_4bit": "4bit", "load_in_8bit": "8bit"}
+"""The server's first spelling of ``--quantization``, kept working: ``--load-in-4bit`` is
+``--quantization 4bit`` (and ``LORAYARD_LOAD_IN_4BIT=true`` is ``LORAYARD_QUANTIZATION=4bit``)."""
+
+_TRUE = ("1", "true", "yes", "on")
 
 
 def _env_value(name: str) -> str | None:
     return os.environ.get(ENV_PREFIX + name.upper())
 
 
+def _quantization(flag_value: str | None, aliases: dict[str, bool | None]) -> str | None:
+    """--quantization, else its aliases, else the same from the environment; two that differ: an error."""
+    for layer in (
+        [flag_value, *(QUANTIZATION_ALIASES[a] for a, on in aliases.items() if on)],
+        [
+            _env_value("quantization"),
+            *(q for a, q in QUANTIZATION_ALIASES.items() if (_env_value(a) or "").lower() in _TRUE),
+        ],
+    ):
+        chosen = {value for value in layer if value is not None}
+        if len(chosen) > 1:
+            raise ValueError(f"choose one quantization, got {' and '.join(sorted(chosen))}")
+        if chosen:
+            return chosen.pop()
+    return None
+
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Flags and LORAYARD_* env -> Settings; a bad value exits with the flag named."""
     parser = argparse.ArgumentParser(prog="python -m server", description="LoRAyard multi-adapter server")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = f" (env {ENV_PREFIX}{name.upper()})"
-        if field.annotation is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=field.description + env
-            )
-        else:
-            parser.add_argument(flag, default=None, help=field.description + env)
+    add_field_flags(
+        parser, Settings.model_fields, help_suffix=lambda name: f" (env {ENV_PREFIX}{name.upper()})"
+    )
+    for alias, quantization in QUANTIZATION_ALIASES.items():
+        parser.add_argument(
+            flag_name(alias),
+            action="store_true",
+            default=None,
+            help=f"alias of --quantization {quantization}",
+        )
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     for name in Settings.model_fields:
         value = args[name] if args[name] is not None else _env_value(name)
         if value is not None:
             values[name] = value
+    try:
+        values["quantization"] = _quantization(
+            args["quantization"], {a: args[a] for a in QUANTIZATION_ALIASES}
+        )
+    except ValueError as exc:
+        parser.error(f"--quantization: {exc}")
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
@@ -85,3 +117,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         )
         parser.error(problems)
         raise  # unreachable: parser.error exits
+
+
+def flags_markdown() -> str:
+    """The server's flags as a markdown table (flag, env, default, meaning), from the Settings fields."""
+    aliases = ", ".join(f"`{flag_name(a)}` is `--quantization {q}`" for a, q in QUANTIZATION_ALIASES.items())
+    table = flags_table(Settings.model_fields, env=lambda name: ENV_PREFIX + name.upper())
+    return f"{table}\nAliases: {aliases} (and `{ENV_PREFIX}LOAD_IN_4BIT=true` likewise).\n"

@@ -13,6 +13,19 @@ os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers by folder (one rule, not a ``pytestmark`` per file): ``integration`` for tests/integration/,
+    ``gpu`` for a tests/gpu/ folder and for every test that runs on ``test_device``."""
+    for item in items:
+        parts = item.path.resolve().relative_to(TESTS_DIR).parts
+        if parts[0] == "integration":
+            item.add_marker(pytest.mark.integration)
+        if "gpu" in parts[:-1] or "test_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)
+
 
 @pytest.fixture(scope="session")
 def test_device() -> str:

@@ -1,7 +1,7 @@
 """Real servers and real adapters for the integration tests: one way to start ``python -m server``.
 
-A server under test is the exact process a user runs, on 127.0.0.1 and a free port; a test adapter is
-PEFT's own ``save_pretrained`` output, optionally published to a volume by the volume contract.
+A server under test is the exact process a user runs, on 127.0.0.1 and a free port; a test adapter
+(``bench.random_adapter``, PEFT's own output) is published to a volume by the volume contract.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from lorayard.volume import AdapterVolume, BaseModelRef, Manifest
 
@@ -85,19 +82,6 @@ def start_server(
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not ready in {timeout}s:\n{server.log()}")
-
-
-def make_peft_adapter(base_dir: Path, out: Path, seed: int, *, b_scale: float = 1.0, **lora) -> None:
-    """A random LoRA saved by PEFT itself. ``init_lora_weights=False`` makes B non-zero so the adapter
-    changes outputs; ``b_scale`` sets how much (small: still sensible text; large: clearly different)."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(b_scale)
-    peft_model.save_pretrained(out, safe_serialization=True)
 
 
 def publish_folder(volume: AdapterVolume, name: str, source: Path, fingerprint: str, base_id: str) -> int:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from lorayard.base_model import ResolvedBaseModel
     from train_job.config import TrainConfig
@@ -33,17 +34,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process kille
 DRY_RUN_EXAMPLES = 3
 
 
-def _comma_list(value: str) -> list[str] | str:
-    return value if value == "all-linear" else [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _train_parser() -> argparse.ArgumentParser:
-    from train_job.config import DEFAULT_CONFIG, TrainConfig
-
-    fields = TrainConfig.model_fields
-
-    def described(name: str) -> str:
-        return str(fields[name].description)
+    from train_job.config import DEFAULT_CONFIG, add_config_flags
 
     parser = argparse.ArgumentParser(
         prog="python -m train_job",
@@ -53,34 +45,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, help=f"YAML config (default: the persona demo, {DEFAULT_CONFIG.name})"
     )
-    overrides = parser.add_argument_group("config overrides (a flag wins over the config file)")
-    flag = overrides.add_argument
-    flag("--adapters-dir", type=Path, help=described("adapters_dir"))
-    flag("--name", help=described("name"))
-    flag("--data", type=Path, nargs="+", help=described("data"))
-    flag("--val-data", type=Path, nargs="+", help=described("val_data"))
-    flag("--format", dest="data_format", help=described("data_format"))
-    flag("--base-model", help=described("base_model"))
-    flag("--output-dir", type=Path, help=described("output_dir"))
-    flag("--device", help=described("device"))
-    flag("--max-steps", type=int, help=described("max_steps"))
-    flag("--epochs", type=float, help=described("epochs"))
-    flag("--lr", type=float, help=described("lr"))
-    flag("--rank", type=int, help=described("rank"))
-    flag("--alpha", dest="lora_alpha", type=float, help=described("lora_alpha"))
-    flag("--target-modules", type=_comma_list, help="comma list, or all-linear")
-    flag("--batch-size", type=int, help=described("batch_size"))
-    flag("--grad-accum", type=int, help=described("grad_accum"))
-    flag("--max-length", type=int, help=described("max_length"))
-    flag("--eval-steps", type=int, help=described("eval_steps"))
-    flag("--save-steps", type=int, help=described("save_steps"))
-    flag("--seed", type=int, help=described("seed"))
-    flag("--quantization", choices=["4bit", "8bit"], help=described("quantization"))
-    flag("--packing", action="store_true", default=None, help=described("packing"))
-    flag("--use-dora", action="store_true", default=None, help=described("use_dora"))
-    flag("--use-rslora", action="store_true", default=None, help=described("use_rslora"))
-    flag("--report-to", nargs="+", help=described("report_to"))
-    flag("--publish-if-better", action="store_true", default=None, help=described("publish_if_better"))
+    add_config_flags(parser.add_argument_group("config overrides (a flag wins over the config file)"))
     actions = parser.add_argument_group("actions")
     actions.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     actions.add_argument(
@@ -111,7 +76,7 @@ def _show_example(example: Example, tokenizer: PreTrainedTokenizerBase) -> None:
         end = start
         while end < len(rendered.ids) and rendered.labels_mask[end] == rendered.labels_mask[start]:
             end += 1
-        piece = tokenizer.decode(rendered.ids[start:end])
+        piece = str(tokenizer.decode(rendered.ids[start:end]))
         if rendered.labels_mask[start]:
             text.append(f"⟦{piece}⟧", style="bold green")
         else:
@@ -271,7 +236,7 @@ def _train_evaluate_publish(
         published = publish_adapter(
             AdapterVolume(config.volume_dir),
             result.model,
-            result.model.get_base_model().config,
+            result.model.get_base_model().config,  # type: ignore[arg-type]  # PEFT types its base as a Module
             manifest,
             report,
             if_better=config.publish_if_better,
@@ -339,7 +304,7 @@ def run_generate(argv: list[str]) -> int:
     template = None
     if adapter is not None and (adapter / MANIFEST_FILE).is_file():
         template = read_manifest(adapter).prompt_template
-    model = load_base_model(base)
+    model: PreTrainedModel | PeftModel = load_base_model(base)
     if adapter is not None and not args.base_only:
         from peft import PeftModel
 

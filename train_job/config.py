@@ -8,6 +8,7 @@ YAML file are relative to that file, so a config and its data travel together. T
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorayard.base_model import default_base_model
+from lorayard.base_model import Quantization, default_base_model
+from lorayard.flags import add_field_flags, flags_table
 from lorayard.volume import STAGING_DIR, InvalidAdapterName, validate_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -32,7 +34,6 @@ RUNS_DIR = "runs"
 finds them for ``--resume``) but outside what the server reads."""
 
 DataFormat = Literal["auto", "alpaca", "text_target", "prompt_completion", "messages", "sharegpt"]
-Quantization = Literal["4bit", "8bit"]
 
 
 class ConfigError(ValueError):
@@ -96,12 +97,12 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description='decoder linears to adapt, or "all-linear" (q,k,v,o,gate,up,down)',
+        description='decoder linears to adapt (flag: a comma list), or "all-linear" (q,k,v,o,gate,up,down)',
     )
     layers_to_transform: list[int] | None = Field(None, description="only these layer indices; default all")
     use_rslora: bool = Field(False, description="rank-stabilized LoRA (scaling alpha/sqrt(r))")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
-    quantization: Quantization | None = Field(
+    quantization: Quantization = Field(
         None, description="QLoRA: load the base in 4bit (NF4, double quant) or 8bit via bitsandbytes"
     )
 
@@ -242,6 +243,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
     return _relative_to(path.resolve().parent, raw)
+
+
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"data_format": ("--format",), "lora_alpha": ("--alpha",)}
+"""The short spellings the job's flags were first given (scripts use them) beside ``--data-format`` and
+``--lora-alpha``: every other flag is its field's name."""
+
+
+def comma_list(value: str) -> list[str] | str:
+    """``q_proj,v_proj`` -> a list; ``all-linear`` stays as it is."""
+    return value if value == "all-linear" else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """A flag per TrainConfig field (``--max-steps``, ``--use-dora`` / ``--no-use-dora``...), default None."""
+    add_field_flags(
+        parser, TrainConfig.model_fields, aliases=FLAG_ALIASES, parse={"target_modules": comma_list}
+    )
+
+
+def flags_markdown() -> str:
+    """The training job's config flags as a markdown table (flag, default, meaning), from TrainConfig."""
+    return flags_table(TrainConfig.model_fields, aliases=FLAG_ALIASES)
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:

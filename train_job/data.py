@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorayard.chat_format import (
+    ROLES,
     ChatFormatError,
     Message,
     RenderedExample,
+    Role,
     chat_template_for,
     render_completion,
     render_conversation,
@@ -47,7 +49,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
 }
 COMPLETION_FORMATS = ("prompt_completion", "text_target")
 """Formats that train as raw prompt + completion + EOS on a base without a chat template."""
-SHAREGPT_ROLES = {
+SHAREGPT_ROLES: dict[str, Role] = {
     "system": "system",
     "human": "user",
     "user": "user",
@@ -245,7 +247,7 @@ def _chat_list(record: dict[str, Any], key: str, role_key: str, text_key: str) -
         raise _RecordProblem(f"field {key!r} must be a list, got {type(turns).__name__}")
     if not turns:
         raise _RecordProblem(f"field {key!r} is empty")
-    roles = SHAREGPT_ROLES if key == "conversations" else {r: r for r in ("system", "user", "assistant")}
+    roles: dict[str, Role] = SHAREGPT_ROLES if key == "conversations" else {r: r for r in ROLES}
     messages: list[Message] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -400,7 +402,7 @@ def prepare_data(
     """Every file validated and rendered; raises DataError listing all problems (up to ``max_errors``)."""
     issues = _Collector(max_errors)
     formats: dict[str, str] = {}
-    common = {
+    common: dict[str, Any] = {
         "data_format": data_format,
         "max_length": max_length,
         "system_prompt": system_prompt,

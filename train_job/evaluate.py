@@ -73,7 +73,7 @@ class EvalReport(BaseModel):
 
 @torch.no_grad()
 def completion_loss(
-    model: PreTrainedModel, examples: list[Example], *, pad_id: int, batch_size: int
+    model: PreTrainedModel | PeftModel, examples: list[Example], *, pad_id: int, batch_size: int
 ) -> tuple[float, int]:
     """(mean loss per trained token, number of trained tokens) over ``examples``."""
     device = next(model.parameters()).device
@@ -98,12 +98,17 @@ def completion_loss(
 
 @torch.no_grad()
 def generate_from_ids(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], *, max_new_tokens: int
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
 ) -> str:
     """Greedy answer to a prompt already rendered (the ids the server would send)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
-    output = model.generate(
+    # PeftModel forwards generate to its base through __getattr__, which torch types as Tensor | Module
+    output = model.generate(  # type: ignore[operator]
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,

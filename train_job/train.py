@@ -167,7 +167,8 @@ def lora_config(config: TrainConfig) -> Any:
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=config.rank,
-        lora_alpha=config.lora_alpha,
+        # PEFT annotates an int but only ever computes alpha / r (or / sqrt(r)): a float alpha is exact
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
         layers_to_transform=config.layers_to_transform,
@@ -361,7 +362,7 @@ def run_training(
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
     return TrainResult(
-        model=trainer.model,
+        model=trainer.model,  # type: ignore[arg-type]  # Trainer types it loosely: it is build_model's PeftModel
         global_step=state.global_step,
         train_loss=output.training_loss if not math.isnan(output.training_loss) else None,
         log_history=list(state.log_history),

@@ -92,10 +92,11 @@ class AdapterRegistry:
         engine: Engine,
         *,
         base_fingerprint: str,
-        max_loaded: int = 8,
-        poll_interval_s: float = 1.0,
+        max_loaded: int,
+        poll_interval_s: float,
         metrics: ServerMetrics | None = None,
     ) -> None:
+        """``max_loaded``, ``poll_interval_s``: the server's --max-loaded-adapters and --poll-interval."""
         self.volume = AdapterVolume(adapters_dir)
         self.engine = engine
         self.base_fingerprint = base_fingerprint

@@ -110,7 +110,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Registered per type so Starlette's ExceptionMiddleware answers them; only true bugs reach the
     # catch-all below (which logs the traceback and hides it from the client).
-    for kind in (APIError, *_MAPPED):
+    kinds: list[type[Exception]] = [APIError, *_MAPPED]
+    for kind in kinds:
         app.add_exception_handler(kind, _mapped)
 
     @app.exception_handler(Exception)

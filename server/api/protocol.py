@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -60,7 +60,7 @@ class SamplingFields(_Lenient):
         return stops
 
     def stop_strings(self) -> list[str]:
-        return list(self.stop or [])  # type: ignore[arg-type]
+        return list(self.stop or [])
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -84,7 +84,8 @@ class CompletionRequest(SamplingFields):
             value = value[0]
         if not value:
             raise ValueError("the prompt is empty")
-        return value
+        # pydantic matched one arm of the union: a list not of strings is the list[int] one
+        return cast(str | list[int], value)
 
 
 class LoadLoraRequest(_Lenient):

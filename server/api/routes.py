@@ -7,14 +7,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lorayard.chat_format import ChatFormatError, encode_text, render_prompt
+from lorayard.chat_format import ChatFormatError, Message, encode_text, render_prompt
 from lorayard.volume import AdapterNotFound, InvalidAdapterName
 from server.api.errors import APIError, NotReady
 from server.api.generation import ChoiceDelta, Generation, TokenLogprob, sampling_params
@@ -25,7 +25,7 @@ from server.api.protocol import (
     SamplingFields,
     UnloadLoraRequest,
 )
-from server.runtime import Runtime, require_api_key
+from server.runtime import ReadyRuntime, Runtime, require_api_key
 
 router = APIRouter()
 
@@ -35,17 +35,17 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def get_ready_runtime(request: Request) -> Runtime:
+def get_ready_runtime(request: Request) -> ReadyRuntime:
     runtime = get_runtime(request)
     if runtime.draining:
         raise APIError(503, "the server is shutting down", code="draining")
     if not runtime.ready:
         raise NotReady(runtime.load_error or "the server is loading the base model")
-    return runtime
+    return cast(ReadyRuntime, runtime)  # ready: tokenizer, engine and registry are set
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ReadyDep = Annotated[Runtime, Depends(get_ready_runtime)]
+ReadyDep = Annotated[ReadyRuntime, Depends(get_ready_runtime)]
 Authorized = [Depends(require_api_key)]
 
 
@@ -119,7 +119,7 @@ async def unload_lora_adapter(body: UnloadLoraRequest, runtime: ReadyDep) -> dic
 
 
 # -- generation ----------------------------------------------------------------------------------
-def _adapter_ref(body: SamplingFields, runtime: Runtime) -> str | None:
+def _adapter_ref(body: SamplingFields, runtime: ReadyRuntime) -> str | None:
     """`adapter` wins; else `model` names an adapter (vLLM/LoRAX style) or the base."""
     if body.adapter:
         return body.adapter
@@ -136,7 +136,7 @@ def _adapter_ref(body: SamplingFields, runtime: Runtime) -> str | None:
 
 
 async def _chat_prompt(
-    runtime: Runtime, ref: str | None, messages: list[dict[str, str]]
+    runtime: ReadyRuntime, ref: str | None, messages: list[Message]
 ) -> tuple[list[int], str | None]:
     """Prompt ids for a chat request, rendered with the prompt template the adapter's manifest records
     (an adapter trained on a base without a chat template) or the base's own; and the ref pinned to
@@ -152,13 +152,13 @@ async def _chat_prompt(
             template = manifest.prompt_template if manifest is not None else None
             ref = adapter.key
     try:
-        return render_prompt(runtime.tokenizer, messages, template), ref  # type: ignore[arg-type]
+        return render_prompt(runtime.tokenizer, messages, template), ref
     except ChatFormatError as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
 
 
 async def _start(
-    runtime: Runtime,
+    runtime: ReadyRuntime,
     request: Request,
     body: SamplingFields,
     prompt_ids: list[int],
@@ -222,6 +222,7 @@ async def _collect(
         if not done and await request.is_disconnected():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            # an async generator (Generation.deltas), typed as the AsyncIterator it is used as
             await deltas.aclose()  # type: ignore[attr-defined]
             raise asyncio.CancelledError
     task.result()
@@ -320,6 +321,7 @@ def _stream(
                 yield chunk([], usage=generation.usage.as_dict())
             yield "data: [DONE]\n\n"
         finally:
+            # an async generator (Generation.deltas), typed as the AsyncIterator it is used as
             await deltas.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -327,7 +329,7 @@ def _stream(
 
 @router.post("/v1/chat/completions", dependencies=Authorized)
 async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: ReadyDep) -> Response:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages: list[Message] = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids, ref = await _chat_prompt(runtime, _adapter_ref(body, runtime), messages)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -367,7 +369,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: ReadyD
             raise APIError(
                 400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value"
             )
-        prompt_ids = list(prompt)  # type: ignore[arg-type]
+        prompt_ids = [int(t) for t in prompt]
     else:
         prompt_ids = encode_text(runtime.tokenizer, prompt)
     generation, deltas, first = await _start(

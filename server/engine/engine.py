@@ -18,11 +18,9 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,14 +47,10 @@ if TYPE_CHECKING:
 
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from lorayard.base_model import Quantization
+    from server.engine.config import EngineConfig
     from server.metrics import ServerMetrics
 
 log = logging.getLogger("lorayard.engine")
-
-DEFAULT_PREFILL_CHUNK = 256
-PROFILE_DIR_ENV = "LORAYARD_TORCH_PROFILE_DIR"
-"""Prompt tokens prefilled per engine iteration: bounds how long running streams wait."""
 
 
 @dataclass(eq=False)
@@ -105,28 +99,27 @@ class Engine:
     def __init__(
         self,
         model: PreTrainedModel,
+        engine_config: EngineConfig,
         *,
         eos_token_ids: set[int],
-        max_batch_size: int = 16,
-        max_queue: int = 256,
-        max_model_len: int = 2048,
-        kv_cache_memory_gb: float | None = None,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         metrics: ServerMetrics | None = None,
         fuse_linears: bool | None = None,
     ) -> None:
+        """``fuse_linears``: the model runner's choice (default: fused on a GPU only)."""
         self.model = model
+        self.engine_config = engine_config
         self.config: PretrainedConfig = model.config
         architecture_for(self.config)  # UnsupportedArchitecture before anything is sized from it
         self.device = str(next(model.parameters()).device)
         self.dtype = model.dtype
+        wanted_len = engine_config.max_model_len
         self.max_model_len = min(
-            max_model_len,
-            int(getattr(self.config, "max_position_embeddings", max_model_len)),
-            exact_context_limit(self.config) or max_model_len,
+            wanted_len,
+            int(getattr(self.config, "max_position_embeddings", wanted_len)),
+            exact_context_limit(self.config) or wanted_len,
         )
-        self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        self.max_queue = engine_config.max_queue
+        self.prefill_chunk = engine_config.prefill_chunk
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = int(self.config.vocab_size)
         """Width of the logits: every token id a request carries must be below it."""
@@ -139,7 +132,9 @@ class Engine:
             self.max_model_len,
             self.dtype,
         )
-        slots = slots_for_budget(spec, max_batch_size, kv_cache_memory_gb, self.device)
+        slots = slots_for_budget(
+            spec, engine_config.max_batch_size, engine_config.kv_cache_memory_gb, self.device
+        )
         self.max_batch_size = slots
         self.cache = KVCache(spec, slots, self.device)
         self.runner = ModelRunner(model, self.cache, fuse_linears)
@@ -159,14 +154,15 @@ class Engine:
     def from_base(
         cls,
         base: ResolvedBaseModel,
+        engine_config: EngineConfig,
         *,
-        device: str | None = None,
-        dtype: torch.dtype | None = None,
-        quantization: Quantization = None,
         eos_token_ids: set[int],
-        **kwargs: object,
+        dtype: torch.dtype | None = None,
+        metrics: ServerMetrics | None = None,
+        fuse_linears: bool | None = None,
     ) -> Engine:
-        """Load the base (optionally 4-bit/8-bit) and build an engine over it.
+        """Load the base on the config's device (optionally 4-bit/8-bit) and build an engine over it;
+        ``dtype`` None: the device's default (float32 on the CPU, bf16 on a GPU).
 
         Raises UnsupportedArchitecture for a base we cannot serve exactly: from its config before any
         weight is read, or when the parity probe finds our forward disagreeing with transformers'.
@@ -176,12 +172,14 @@ class Engine:
         from server.engine.parity_probe import check_runner_parity
 
         architecture_for(AutoConfig.from_pretrained(base.path))
-        device = device or default_device()
+        device = engine_config.device or default_device()
         model = load_base_model(
-            base, device=device, dtype=dtype or default_dtype(device), quantization=quantization
+            base, device=device, dtype=dtype or default_dtype(device), quantization=engine_config.quantization
         )
         model.eval()
-        engine = cls(model, eos_token_ids=eos_token_ids, **kwargs)  # type: ignore[arg-type]
+        engine = cls(
+            model, engine_config, eos_token_ids=eos_token_ids, metrics=metrics, fuse_linears=fuse_linears
+        )
         check_runner_parity(model, engine.runner)
         return engine
 
@@ -245,7 +243,6 @@ class Engine:
             waiting=waiting,
             batch_size=self._last_batch,
             kv_cache_usage=self.cache.usage(),
-            extra={"resident_adapters": float(len(self.runner.adapters))},
         )
 
     @property
@@ -253,8 +250,8 @@ class Engine:
         stats = self.stats()
         return stats.running == 0 and stats.waiting == 0
 
-    async def drain(self, timeout_s: float = 60.0) -> None:
-        """Stop admitting new requests and wait (up to timeout_s) for in-flight ones to finish."""
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting new requests and wait (up to timeout_s: --drain-timeout) for in-flight ones."""
         self._draining = True
         deadline = time.monotonic() + timeout_s
         while not self.idle and time.monotonic() < deadline:
@@ -273,10 +270,10 @@ class Engine:
 
     @contextlib.contextmanager
     def _profiled(self) -> Iterator[None]:
-        """With ``LORAYARD_TORCH_PROFILE_DIR`` set, profile the engine thread (the profiler sees only
-        the thread it runs on) and write its op table there when the engine stops."""
-        folder = os.environ.get(PROFILE_DIR_ENV)
-        if not folder:
+        """With ``torch_profile_dir`` set, profile the engine thread (the profiler sees only the thread
+        it runs on) and write its op table there when the engine stops."""
+        out = self.engine_config.torch_profile_dir
+        if out is None:
             yield
             return
         # CPU activity only: the op table is self CPU time, which on a GPU is the launch work that
@@ -284,7 +281,6 @@ class Engine:
         # used it; the engine thread is rarely that one (bench.naive hung on an H100 with it).
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             yield
-        out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         averages = profiler.key_averages()
         (out / "engine_ops.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40))

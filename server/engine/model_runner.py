@@ -67,11 +67,12 @@ def fuse_weights(modules: list[torch.nn.Module]) -> torch.Tensor | None:
     """Concatenate bias-free ``nn.Linear`` weights along the output dim and make each module's weight a
     view into the result, so one matmul computes every module's output; None if any module is not a
     plain bias-free Linear (quantized layers keep their own matmuls)."""
-    if not all(type(m) is torch.nn.Linear and m.bias is None for m in modules):
+    linears = [m for m in modules if isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear]
+    if len(linears) < len(modules) or any(m.bias is not None for m in linears):
         return None
-    fused = torch.cat([m.weight.detach() for m in modules])
+    fused = torch.cat([m.weight.detach() for m in linears])
     start = 0
-    for module in modules:
+    for module in linears:
         end = start + module.weight.shape[0]
         module.weight = torch.nn.Parameter(fused[start:end], requires_grad=False)
         start = end
@@ -102,7 +103,7 @@ class ModelRunner:
         self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
         self.attn_softcap: float | None = getattr(config, "attn_logit_softcapping", None)
         self.final_softcap: float | None = getattr(config, "final_logit_softcapping", None)
-        layer_types = getattr(config, "layer_types", None)
+        layer_types: list[str] = list(getattr(config, "layer_types", None) or [])
         self.rope_keys: list[str | None] = (
             list(layer_types) if self.arch.rotary_per_layer_type else [None] * n_layers
         )
@@ -128,7 +129,8 @@ class ModelRunner:
         if not self.arch.plain_rms_norm:
             return module(x)
         eps = getattr(module, "variance_epsilon", None) or self.eps
-        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+        # torch types a Module's attributes as Tensor | Module; an RMSNorm's weight is a Parameter
+        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)  # type: ignore[arg-type]
 
     def _project_qkv(
         self, layer_index: int, x: torch.Tensor, segments: list[Segment]
@@ -139,8 +141,8 @@ class ModelRunner:
         attn = self.layers[layer_index].self_attn
         sizes = (heads * hd, kv_heads * hd, kv_heads * hd)
         if self.arch.fused_projections:  # LoRA targets the fused module as a whole (PEFT's layout)
-            qkv = self._linear(attn.qkv_proj, x, layer_index, "qkv_proj", segments)
-            return (qkv, *qkv.split(sizes, dim=-1))
+            whole = self._linear(attn.qkv_proj, x, layer_index, "qkv_proj", segments)
+            return (whole, *whole.split(sizes, dim=-1))
         fused = self.fused_qkv[layer_index]
         qkv = None if fused is None else F.linear(x, fused)
         q, k, v = (getattr(attn, name)(x) for name in QKV) if qkv is None else qkv.split(sizes, dim=-1)
@@ -236,7 +238,7 @@ class ModelRunner:
     ) -> dict[int | None, torch.Tensor]:
         """{window (None: full): mask}; ``visible`` is the causal mask, keys/positions broadcast like it."""
         masks: dict[int | None, torch.Tensor] = {None: visible}
-        for window in set(self.windows) - {None}:
+        for window in {w for w in self.windows if w is not None}:
             masks[window] = visible & (keys > positions - window)
         return masks
 

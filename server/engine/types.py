@@ -6,18 +6,18 @@ HTTP, text or adapter names beyond the handle.
 
 Engine contract (``server.engine.engine.Engine``)::
 
-    engine = Engine(model_runner_config...)       # built by server.app from Settings
+    engine = Engine.from_base(base, settings.engine_config(), eos_token_ids=...)  # in server.runtime
     engine.start()                                # starts the engine thread
     stream = engine.submit(request)               # -> RequestStream; raises QueueFull / EngineStopped
     async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason
     engine.abort(request_id)                      # client went away / stop string hit: frees the slot
     engine.stats() -> EngineStats                 # running, waiting, batch size, kv use
-    await engine.drain(); engine.stop()           # SIGTERM: finish in-flight, then stop the thread
+    await engine.drain(timeout_s); engine.stop()  # SIGTERM: finish in-flight, then stop the thread
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -78,7 +78,8 @@ class AdapterHandle(Protocol):
 
     @property
     def slot(self) -> int:
-        """Index of the adapter's weights in the engine's stacked LoRA buffers."""
+        """What ``Engine.load_adapter_weights`` returned for its weights: their key among the engine's
+        resident adapters."""
         ...
 
 
@@ -128,7 +129,6 @@ class EngineStats:
     batch_size: int
     kv_cache_usage: float
     """Fraction of KV-cache capacity in use, 0..1."""
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class EngineError(Exception):

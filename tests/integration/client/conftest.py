@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ServerProcess, make_peft_adapter, start_server
+from bench.random_adapter import build_random_adapter
+from tests.harness import ServerProcess, start_server
 
 API_KEY = "test-key"
 ADAPTERS = ("alpha", "beta")
@@ -32,7 +33,7 @@ def random_adapters_dir(tmp_path_factory, real_base) -> Path:
     """DIR/<name>/ for each name in ADAPTERS: PEFT's own save_pretrained output, safetensors."""
     folder = tmp_path_factory.mktemp("adapters")
     for seed, name in enumerate(ADAPTERS):
-        make_peft_adapter(
+        build_random_adapter(
             real_base.path, folder / name, seed, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
         )
     return folder

@@ -16,8 +16,6 @@ from client import (
     UnauthorizedError,
 )
 
-pytestmark = pytest.mark.integration
-
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 GREEDY = {"max_tokens": 8, "temperature": 0.0}
 

@@ -14,8 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import LorayardClient
 from client.__main__ import main
 
-pytestmark = pytest.mark.integration
-
 
 def _output_token_histogram(client: LorayardClient) -> dict[str, tuple[float, float]]:
     """adapter label -> (sum, count) of the server's per-request output-token histogram."""

@@ -8,8 +8,6 @@ import pytest
 
 from client import AsyncLorayardClient, RateLimitedError, RetryPolicy
 
-pytestmark = pytest.mark.integration
-
 QUESTION = [{"role": "user", "content": "Count to twenty."}]
 # Long enough that the first request is still running when the others arrive.
 LONG = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}

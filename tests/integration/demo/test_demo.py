@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
+from bench.random_adapter import build_random_adapter
 from demo.__main__ import CONFIGS
 from lorayard.volume import AdapterVolume
-from tests.harness import REPO, make_peft_adapter, publish_folder
-
-pytestmark = pytest.mark.integration
+from tests.harness import REPO, publish_folder
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -35,7 +34,9 @@ def test_demo_serves_and_queries_published_adapters(real_base, tmp_path):
     volume = AdapterVolume(tmp_path / "adapters")
     for seed, name in enumerate(CONFIGS):
         source = tmp_path / f"source-{name}"
-        make_peft_adapter(real_base.path, source, seed, b_scale=0.3, r=8, target_modules=["q_proj", "v_proj"])
+        build_random_adapter(
+            real_base.path, source, seed, b_scale=0.3, r=8, target_modules=["q_proj", "v_proj"]
+        )
         publish_folder(volume, name, source, real_base.fingerprint, real_base.model_id)
     env = {**os.environ, "COLUMNS": "200"}
     done = subprocess.run(

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.random_adapter import build_random_adapter
 from lorayard.volume import AdapterVolume
-from tests.harness import ServerProcess, make_peft_adapter, publish_folder, start_server
+from tests.harness import ServerProcess, publish_folder, start_server
 
 __all__ = ["ServerProcess", "make_tiny_adapter", "publish_folder", "start_server"]
 
@@ -20,7 +21,7 @@ API_KEY = "reliability-key"
 
 def make_tiny_adapter(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
     """A random q/v LoRA on the tiny base, in PEFT's own format."""
-    make_peft_adapter(base_dir, out, seed, r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    build_random_adapter(base_dir, out, seed, r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     return out
 
 

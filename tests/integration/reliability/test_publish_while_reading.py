@@ -7,7 +7,6 @@ returned. Every version a reader sees must load completely and be exactly what w
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 from pathlib import Path
@@ -15,13 +14,11 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
-from transformers import AutoConfig
+from transformers import AutoModelForCausalLM
 
-from lorayard.adapter_files import TARGETABLE_MODULES, expected_linear_shapes, load_adapter
+from bench.random_adapter import build_random_adapter
+from lorayard.adapter_files import TARGETABLE_MODULES, load_adapter
 from lorayard.volume import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
     AdapterNotFound,
     AdapterVolume,
     BaseModelRef,
@@ -32,41 +29,23 @@ NAME = "racy"
 SPEC = st.tuples(st.integers(1, 8), st.sets(st.sampled_from(TARGETABLE_MODULES), min_size=1, max_size=3))
 
 
-def write_adapter(folder: Path, config, rank: int, modules: set[str]) -> None:
-    """A PEFT-format LoRA file set, written directly (fast): random A, B for each target module."""
-    shapes = expected_linear_shapes(config)
-    tensors = {}
-    for layer in range(config.num_hidden_layers):
-        for module in sorted(modules):
-            group = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
-            in_features, out_features = shapes[module]
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features)
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank)
-    save_file(tensors, folder / ADAPTER_WEIGHTS_FILE)
-    adapter_config = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": sorted(modules),
-    }
-    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config))
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs=st.lists(SPEC, min_size=1, max_size=5))
 def test_reader_never_sees_a_torn_version(tiny_base_dir, specs):
-    config = AutoConfig.from_pretrained(tiny_base_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
+    config = model.config
     with tempfile.TemporaryDirectory() as tmp:
         volume = AdapterVolume(Path(tmp))
         published: dict[int, tuple[int, set[str]]] = {}
         failures: list[BaseException] = []
 
         def publisher() -> None:
+            base = model
             try:
-                for rank, modules in specs:
+                for seed, (rank, modules) in enumerate(specs):
                     with volume.staging(NAME) as staged:
-                        write_adapter(staged, config, rank, modules)
+                        lora = {"r": rank, "lora_alpha": 2 * rank, "target_modules": sorted(modules)}
+                        base = build_random_adapter(base, staged, seed, **lora).unload()
                         manifest = Manifest(name=NAME, version=0, base_model=BaseModelRef(id="t", sha256="0"))
                         version = volume.publish(staged, manifest).version
                     published[version] = (rank, modules)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.random_adapter import build_random_adapter
 from lorayard.volume import AdapterVolume
-from tests.harness import ServerProcess, make_peft_adapter, publish_folder, start_server
+from tests.harness import ServerProcess, publish_folder, start_server
 
 __all__ = ["ServerProcess", "publish_folder", "start_server"]
 
@@ -20,7 +21,7 @@ REAL_ADAPTERS = {
 
 def make_real_adapter(base_path: Path, out: Path, seed: int, **lora) -> None:
     # 0.3: changes answers without turning them into noise
-    make_peft_adapter(base_path, out, seed, b_scale=0.3, **lora)
+    build_random_adapter(base_path, out, seed, b_scale=0.3, **lora)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -16,7 +15,6 @@ from transformers import AutoModelForCausalLM
 from lorayard.adapter_files import load_adapter
 from lorayard.volume import AdapterVolume, read_manifest
 
-pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[3]
 PUBLISHED_FILES = {
     "adapter_config.json",

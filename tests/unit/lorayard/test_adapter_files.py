@@ -2,20 +2,16 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from bench.random_adapter import build_random_adapter
 from lorayard.adapter_files import AdapterFormatError, load_adapter
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 
 def _save_adapter(base_dir, folder, **lora):
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(init_lora_weights=False, **lora)
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    return peft_model
+    return build_random_adapter(base_dir, folder, seed=1, **lora)
 
 
 @pytest.mark.parametrize(
@@ -83,9 +79,9 @@ def test_an_adapter_for_another_architecture_is_refused_listing_the_targets(
     tiny_arch_base, tiny_base_dir, tmp_path
 ):
     """PEFT's Phi-3 adapter (LoRA on the fused qkv_proj/gate_up_proj) does not fit a Llama base."""
-    from tests.harness import make_peft_adapter
+    from bench.random_adapter import build_random_adapter
 
-    make_peft_adapter(
+    build_random_adapter(
         tiny_arch_base("phi3"), tmp_path / "phi", 0, r=4, lora_alpha=8, target_modules="all-linear"
     )
     assert load_adapter(

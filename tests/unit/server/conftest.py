@@ -9,8 +9,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from bench.random_adapter import build_random_adapter
 from server.engine.engine import Engine
-from tests.harness import make_peft_adapter
+from server.settings import Settings
 
 # Different ranks and target modules on purpose: one batch must mix them.
 ADAPTER_SPECS: dict[str, dict] = {
@@ -37,7 +38,7 @@ def tiny_adapters(tiny_base_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-adapters")
     for seed, (name, spec) in enumerate(ADAPTER_SPECS.items()):
         # b_scale 4: big enough that adapters visibly disagree with the base
-        make_peft_adapter(tiny_base_dir, root / name, seed, b_scale=4.0, **spec)
+        build_random_adapter(tiny_base_dir, root / name, seed, b_scale=4.0, **spec)
     return root
 
 
@@ -47,9 +48,11 @@ def make_engine(tiny_base, test_device):
     compared token for token with PEFT's (on the CPU)."""
     engines: list[Engine] = []
 
-    def make(**kwargs) -> Engine:
-        defaults = {"device": test_device, "dtype": torch.float32, "eos_token_ids": set()}
-        engine = Engine.from_base(tiny_base, **{**defaults, **kwargs})
+    def make(*, fuse_linears: bool | None = None, **settings) -> Engine:
+        config = Settings(device=test_device, **settings).engine_config()
+        engine = Engine.from_base(
+            tiny_base, config, dtype=torch.float32, eos_token_ids=set(), fuse_linears=fuse_linears
+        )
         engines.append(engine)
         return engine
 

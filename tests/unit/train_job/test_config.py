@@ -14,6 +14,7 @@ from train_job.config import (
     ENV_ADAPTERS_DIR,
     ConfigError,
     TrainConfig,
+    flags_markdown,
     load_config,
 )
 
@@ -83,3 +84,25 @@ def test_print_config_shows_the_resolved_config(tmp_path, capsys):
     assert shown["rank"] == 4 and shown["max_steps"] == 7
     assert shown["adapters_dir"] == str(tmp_path)
     assert set(shown) == set(TrainConfig.model_fields)
+
+
+def test_every_field_is_a_flag_and_the_first_spellings_still_work(tmp_path, capsys):
+    argv = ["--print-config", "--adapters-dir", str(tmp_path)]
+    argv += ["--format", "alpaca", "--alpha", "8", "--target-modules", "q_proj,v_proj", "--packing"]
+    argv += ["--no-load-best-model-at-end", "--layers-to-transform", "0", "1", "--report-to", "tensorboard"]
+    argv += ["--lr-scheduler", "linear", "--quantization", "4bit", "--warmup-ratio", "0.2"]
+    assert main(argv) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["data_format"] == "alpaca" and shown["lora_alpha"] == 8
+    assert shown["target_modules"] == ["q_proj", "v_proj"] and shown["packing"] is True
+    assert shown["load_best_model_at_end"] is False and shown["layers_to_transform"] == [0, 1]
+    assert shown["report_to"] == ["tensorboard"] and shown["lr_scheduler"] == "linear"
+    assert shown["quantization"] == "4bit" and shown["warmup_ratio"] == 0.2
+    table = flags_markdown()
+    for name in TrainConfig.model_fields:
+        assert f"`--{name.replace('_', '-')}`" in table
+
+
+def test_a_bad_flag_value_is_a_config_error(tmp_path, capsys):
+    assert main(["--print-config", "--adapters-dir", str(tmp_path), "--warmup-ratio", "2"]) == EXIT_CONFIG
+    assert "warmup_ratio" in capsys.readouterr().err

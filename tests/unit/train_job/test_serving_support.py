@@ -15,6 +15,7 @@ from lorayard.base_model import resolve_base_model
 from lorayard.volume import AdapterVolume
 from server.engine.engine import Engine
 from server.engine.types import Request, SamplingParams
+from server.settings import Settings
 from train_job.__main__ import EXIT_CONFIG, EXIT_SERVING_CHECK, main
 from train_job.publish import ServingCheckError, check_serving_compatible
 
@@ -62,10 +63,9 @@ def test_adapter_trained_by_the_job_serves_with_peft_parity(
     assert set(weights.target_modules) == set(ARCHITECTURES[model_type].lora_targets)
     engine = Engine.from_base(
         resolve_base_model(str(base)),
-        device="cpu",
+        Settings(device="cpu", max_model_len=64).engine_config(),
         dtype=torch.float32,
         eos_token_ids=set(),
-        max_model_len=64,
     )
 
     class Handle:

@@ -20,7 +20,13 @@ def volume(adapters_dir, tiny_adapters, tiny_base) -> AdapterVolume:
 
 
 def _registry(volume, engine, tiny_base, max_loaded=2) -> AdapterRegistry:
-    return AdapterRegistry(volume.root, engine, base_fingerprint=tiny_base.fingerprint, max_loaded=max_loaded)
+    return AdapterRegistry(
+        volume.root,
+        engine,
+        base_fingerprint=tiny_base.fingerprint,
+        max_loaded=max_loaded,
+        poll_interval_s=0.1,
+    )
 
 
 def test_pins_keep_adapters_resident_and_the_lru_evicts_only_idle_ones(volume, engine, tiny_base):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from bench.random_adapter import build_random_adapter
 from bench.random_base import SLIDING_WINDOW
 from lorayard.adapter_files import load_adapter
 from lorayard.architectures import ARCHITECTURES
@@ -26,7 +27,7 @@ from server.engine.kv_cache import KVCache, KVCacheSpec
 from server.engine.model_runner import ModelRunner
 from server.engine.parity_probe import probe_runner
 from server.engine.types import Request, SamplingParams
-from tests.harness import make_peft_adapter
+from server.settings import Settings
 
 from ..conftest import peft_greedy
 
@@ -51,16 +52,22 @@ def arch_bases(tmp_path_factory, tiny_arch_base):
             adapters = {}
             for seed, (name, spec) in enumerate(ADAPTERS.items()):
                 adapters[name] = root / name
-                make_peft_adapter(base, adapters[name], seed, b_scale=4.0, **spec)
+                build_random_adapter(base, adapters[name], seed, b_scale=4.0, **spec)
             built[model_type] = (base, adapters)
         return built[model_type]
 
     return get
 
 
-def _engine(base: Path, device: str, **kwargs) -> Engine:
-    defaults = {"device": device, "dtype": torch.float32, "eos_token_ids": set(), "max_model_len": 128}
-    return Engine.from_base(resolve_base_model(str(base)), **{**defaults, **kwargs})
+def _engine(base: Path, device: str, *, fuse_linears: bool | None = None, **settings) -> Engine:
+    config = Settings(device=device, **{"max_model_len": 128, **settings}).engine_config()
+    return Engine.from_base(
+        resolve_base_model(str(base)),
+        config,
+        dtype=torch.float32,
+        eos_token_ids=set(),
+        fuse_linears=fuse_linears,
+    )
 
 
 class _Handle:

@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorayard.base_model import default_base_model
+from lorayard.s3_storage import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_DIR
+from lorayard.storage import is_object_store
 
 ENV_PREFIX = "LORAYARD_"
 
@@ -20,7 +22,15 @@ ENV_PREFIX = "LORAYARD_"
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    adapters_dir: Path = Field(Path("adapters"), description="the adapters volume to serve from")
+    adapters_dir: Path | str = Field(
+        Path("adapters"), description="the adapters volume to serve from: a folder or s3://bucket/prefix"
+    )
+    adapter_cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR, description="where versions downloaded from an object store are kept"
+    )
+    adapter_cache_gb: float = Field(
+        DEFAULT_CACHE_BYTES / 2**30, gt=0, description="bound of that cache (least recently used go first)"
+    )
     base_model: str = Field(default_factory=default_base_model, description="alias, local folder or hub id")
     load_in_4bit: bool = Field(False, description="load the base 4-bit NF4 (bitsandbytes)")
     load_in_8bit: bool = Field(False, description="load the base 8-bit (bitsandbytes)")
@@ -40,9 +50,19 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
     kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV-cache budget (default: 4 GB CPU)")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
-    poll_interval: float = Field(1.0, gt=0, description="seconds between adapters-volume scans")
+    poll_interval: float = Field(
+        1.0, gt=0, description="seconds between adapters-volume scans (LATEST, canary splits, new adapters)"
+    )
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("adapters_dir", mode="before")
+    @classmethod
+    def _location(cls, value: object) -> object:
+        # An s3:// URL stays a string (a Path would fold its '//'); anything else is a folder.
+        if isinstance(value, str) and not is_object_store(value):
+            return Path(value)
+        return value
 
     @model_validator(mode="after")
     def _one_quantization(self) -> Settings:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,9 +32,9 @@ DEFAULT_ADAPTERS_DIR = Path("adapters")
 RUNS_DIR = "runs"
 """Checkpoints live in ``<adapters-dir>/.staging/runs/<name>``: on the volume (so a rescheduled pod
 finds them for ``--resume``) but outside what the server reads."""
-LOCAL_RUNS_DIR = Path(".lorayard") / RUNS_DIR
-"""With adapters on an object store, checkpoints default to ``./.lorayard/runs/<name>`` (set
-``output_dir`` to a persistent folder to resume in another pod)."""
+LOCAL_RUNS_DIR = Path(tempfile.gettempdir()) / "lorayard-runs"
+"""With adapters on an object store, checkpoints default to ``$TMPDIR/lorayard-runs/<name>`` (set
+``output_dir`` to a persistent folder to resume in another pod or after a reboot)."""
 
 DataFormat = Literal["auto", "alpaca", "text_target", "prompt_completion", "messages", "sharegpt"]
 Quantization = Literal["4bit", "8bit"]

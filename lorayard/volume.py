@@ -37,24 +37,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorayard.storage import (
-    STAGING_DIR,
-    FileDigest,
-    IntegrityError,
-    Storage,
-    StorageUnavailable,
-    VolumeError,
-    digest_file,
-    open_storage,
-    verify_folder,
-)
-
-__all__ = [
-    "STAGING_DIR",
-    "IntegrityError",
-    "StorageUnavailable",
-    "VolumeError",
-]
+# The storage's errors and staging folder are part of the volume's contract: importable from here.
+from lorayard.storage import STAGING_DIR as STAGING_DIR
+from lorayard.storage import FileDigest, Storage, digest_file, open_storage, verify_folder
+from lorayard.storage import IntegrityError as IntegrityError
+from lorayard.storage import StorageUnavailable as StorageUnavailable
+from lorayard.storage import VolumeError as VolumeError
 
 LATEST_FILE = "LATEST"
 MANIFEST_FILE = "manifest.json"

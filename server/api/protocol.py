@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Lenient(BaseModel):
-    # OpenAI clients send fields we don't use (user, response_format, ...): accept and ignore them.
+    # OpenAI clients send fields we don't use (response_format, metadata, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
 
 

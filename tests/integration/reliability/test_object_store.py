@@ -116,6 +116,15 @@ def test_serves_from_the_bucket_and_names_the_version(s3_server):
         timeout=60,
     ) as response:
         assert response.headers[VERSION_HEADER] == "v2"
+    completion = HTTP.post(
+        s3_server.v1 + "/completions", json={"adapter": "alpha@v1", "prompt": "a", "max_tokens": 1}
+    )
+    assert completion.headers[VERSION_HEADER] == "v1" and completion.json()["model"] == "alpha@v1"
+    too_long = HTTP.post(
+        s3_server.v1 + "/chat/completions",
+        json={"adapter": "alpha", "messages": [{"role": "user", "content": "hi"}], "user": "u" * 300},
+    )
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "user"
     models = {m["id"]: m for m in httpx.get(s3_server.v1 + "/models").json()["data"]}
     assert models["alpha"]["versions"] == ["v1", "v2"] and models["alpha"]["latest"] == "v2"
 

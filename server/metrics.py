@@ -1,7 +1,9 @@
 """Every Prometheus metric of the server, defined in one place.
 
-Latency histograms are labelled by ``adapter`` (``base`` for the plain base model): per-adapter
-TTFT, inter-token latency and end-to-end latency are what multi-adapter operators ask for.
+Latency histograms are labelled by ``adapter`` and ``version`` (``base`` for both on the plain base
+model; ``vN``, or ``plain`` for a plain PEFT folder): per-adapter TTFT, inter-token latency and
+end-to-end latency are what multi-adapter operators ask for, and per version they compare a canary
+with the version it may replace.
 Metrics live in a per-app :class:`CollectorRegistry` so tests can build several apps in one process.
 """
 
@@ -10,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BASE_LABEL = "base"
+"""The ``adapter`` and ``version`` label values for requests without an adapter."""
+ADAPTER_LABELS = ("adapter", "version")
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -59,43 +65,42 @@ class ServerMetrics:
             time_to_first_token=Histogram(
                 f"{prefix}_time_to_first_token_seconds",
                 "Time from request arrival to the first output token.",
-                ["adapter"],
+                ADAPTER_LABELS,
                 buckets=_LATENCY_BUCKETS,
                 registry=registry,
             ),
             inter_token_latency=Histogram(
                 f"{prefix}_inter_token_latency_seconds",
                 "Time between consecutive output tokens.",
-                ["adapter"],
+                ADAPTER_LABELS,
                 buckets=_LATENCY_BUCKETS,
                 registry=registry,
             ),
             e2e_latency=Histogram(
                 f"{prefix}_e2e_request_latency_seconds",
                 "Time from request arrival to its last token.",
-                ["adapter"],
+                ADAPTER_LABELS,
                 buckets=_LATENCY_BUCKETS,
                 registry=registry,
             ),
             prompt_tokens=Histogram(
                 f"{prefix}_prompt_tokens",
                 "Prompt tokens per request.",
-                ["adapter"],
+                ADAPTER_LABELS,
                 buckets=_TOKEN_BUCKETS,
                 registry=registry,
             ),
             output_tokens=Histogram(
                 f"{prefix}_output_tokens",
                 "Output tokens per request.",
-                ["adapter"],
+                ADAPTER_LABELS,
                 buckets=_TOKEN_BUCKETS,
                 registry=registry,
             ),
             requests=Counter(
                 f"{prefix}_requests",
-                "Requests that reached the engine, by adapter and status: ok, or error (failed, or the "
-                "client went away before the end).",
-                ["adapter", "status"],
+                "Finished requests by adapter, version and status (ok or error).",
+                [*ADAPTER_LABELS, "status"],
                 registry=registry,
             ),
             running=Gauge(
@@ -116,7 +121,7 @@ class ServerMetrics:
             adapter_load_seconds=Histogram(
                 f"{prefix}_adapter_load_seconds",
                 "Time to load an adapter from the volume.",
-                ["adapter"],
+                ADAPTER_LABELS,
                 buckets=_LATENCY_BUCKETS,
                 registry=registry,
             ),

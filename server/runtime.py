@@ -75,6 +75,8 @@ class Runtime:
             max_loaded=settings.max_loaded_adapters,
             poll_interval_s=settings.poll_interval,
             metrics=self.metrics,
+            cache_dir=settings.adapter_cache_dir,
+            cache_max_bytes=int(settings.adapter_cache_gb * 2**30),
         )
         await registry.start()
         self.tokenizer, self.engine, self.registry = tokenizer, engine, registry

@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flag_name, flags_table
+from lorayard.s3_storage import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_DIR
+from lorayard.storage import is_object_store
 from server.engine.config import EngineConfig
 
 ENV_PREFIX = "LORAYARD_"
@@ -23,7 +25,15 @@ ENV_PREFIX = "LORAYARD_"
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    adapters_dir: Path = Field(Path("adapters"), description="the adapters volume to serve from")
+    adapters_dir: Path | str = Field(
+        Path("adapters"), description="the adapters volume to serve from: a folder or s3://bucket/prefix"
+    )
+    adapter_cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR, description="where versions downloaded from an object store are kept"
+    )
+    adapter_cache_gb: float = Field(
+        DEFAULT_CACHE_BYTES / 2**30, gt=0, description="bound of that cache (least recently used go first)"
+    )
     base_model: str = Field(default_factory=default_base_model, description="alias, local folder or hub id")
     quantization: Quantization = Field(
         None, description="load the base 4bit (NF4, double quant) or 8bit via bitsandbytes; LoRA on top"
@@ -47,9 +57,19 @@ class Settings(BaseModel):
     torch_profile_dir: Path | None = Field(
         None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
     )
-    poll_interval: float = Field(1.0, gt=0, description="seconds between adapters-volume scans")
+    poll_interval: float = Field(
+        1.0, gt=0, description="seconds between adapters-volume scans (LATEST, canary splits, new adapters)"
+    )
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("adapters_dir", mode="before")
+    @classmethod
+    def _location(cls, value: object) -> object:
+        # An s3:// URL stays a string (a Path would fold its '//'); anything else is a folder.
+        if isinstance(value, str) and not is_object_store(value):
+            return Path(value)
+        return value
 
     def engine_config(self) -> EngineConfig:
         """What the engine needs of these settings: each EngineConfig field is the setting of its name."""

@@ -89,3 +89,50 @@ def adapters_dir(tmp_path) -> Path:
     folder = tmp_path / "adapters"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API on 127.0.0.1: moto's server mode on a free port, with dummy credentials.
+
+    The variables are the standard AWS ones, so boto3 in this process and in servers started by the
+    tests (which inherit the environment) find the endpoint and credentials the way production does.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in (*_AWS_TEST_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update({**_AWS_TEST_ENV, "AWS_ENDPOINT_URL": endpoint})
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request) -> str:
+    """A fresh bucket per test; returns its ``s3://bucket/adapters`` volume location."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}/adapters"

@@ -1,9 +1,10 @@
-"""``python -m train_job [train] | generate | merge``: the training job's command line.
+"""``python -m train_job [train] | generate | merge | promote | rollback | history``: the job's command line.
 
 Exit codes (one meaning each, so a pipeline can branch on them):
-0 published (or dry run / printed config); 1 unexpected failure; 2 bad config or flags;
-3 bad data (every problem listed); 4 --publish-if-better refused; 5 the serving check failed (the
-server would refuse the base or the adapter; checked before training and again before publishing);
+0 published (or dry run / printed config, promoted, rolled back); 1 unexpected failure; 2 bad config
+or flags; 3 bad data (every problem listed); 4 --publish-if-better refused; 5 the serving check failed
+(the server would refuse the base or the adapter; checked before training and again before publishing);
+6 promote/rollback refused (no such version, nothing to roll back; nothing changed);
 143 SIGTERM (a checkpoint was saved; run again with --resume).
 """
 
@@ -13,6 +14,7 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from lorayard.base_model import ResolvedBaseModel
+    from lorayard.volume import AdapterVolume
     from train_job.config import TrainConfig
     from train_job.data import Example, PreparedData
     from train_job.train import TerminationFlag
@@ -30,6 +33,7 @@ EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_NOT_BETTER = 4
 EXIT_SERVING_CHECK = 5
+EXIT_LIFECYCLE = 6
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
 DRY_RUN_EXAMPLES = 3
 
@@ -247,23 +251,21 @@ def _train_evaluate_publish(
     except ServingCheckError as exc:
         print(f"{exc}; nothing published", file=sys.stderr)
         return EXIT_SERVING_CHECK
-    print(f"published {published.key} -> {published.path}", flush=True)
+    print(f"published {published.key} -> {published.location or published.path}", flush=True)
     # The checkpoints served their purpose (resume); the published version is the result.
     shutil.rmtree(config.run_dir, ignore_errors=True)
     return EXIT_OK
 
 
 # -- generate and merge -----------------------------------------------------------------------------
-def _adapter_folder(value: str, adapters_dir: Path | None) -> Path:
+def _adapter_folder(value: str, adapters_dir: str | None) -> Path:
     """A folder path as is; otherwise ``name`` / ``name@vN`` on the adapters volume."""
     from lorayard.volume import AdapterVolume
+    from train_job.config import adapters_location
 
     if Path(value).is_dir():
         return Path(value)
-    from train_job.config import DEFAULT_ADAPTERS_DIR, ENV_ADAPTERS_DIR
-
-    root = adapters_dir or Path(os.environ.get(ENV_ADAPTERS_DIR) or DEFAULT_ADAPTERS_DIR)
-    return AdapterVolume(root).resolve(value).path
+    return AdapterVolume(adapters_location(adapters_dir)).resolve(value).path
 
 
 def _base_for(adapter: Path | None, base_model: str | None) -> ResolvedBaseModel:
@@ -281,7 +283,7 @@ def run_generate(argv: list[str]) -> int:
         prog="python -m train_job generate", description="Answer a prompt with an adapter, no server needed."
     )
     parser.add_argument("--adapter", help="adapter folder, or name / name@vN on --adapters-dir")
-    parser.add_argument("--adapters-dir", type=Path)
+    parser.add_argument("--adapters-dir", help="a folder or s3://bucket/prefix")
     parser.add_argument("--prompt", required=True, action="append", help="user message (repeat for several)")
     parser.add_argument("--system", help="system message (default: the chat template's)")
     parser.add_argument("--base-only", action="store_true", help="answer with the base, adapter disabled")
@@ -326,7 +328,7 @@ def run_merge(argv: list[str]) -> int:
         prog="python -m train_job merge", description="Write base + adapter as one full model."
     )
     parser.add_argument("--adapter", required=True, help="adapter folder, or name / name@vN")
-    parser.add_argument("--adapters-dir", type=Path)
+    parser.add_argument("--adapters-dir", help="a folder or s3://bucket/prefix")
     parser.add_argument("--out", type=Path, required=True, help="output folder (safetensors + tokenizer)")
     parser.add_argument("--base-model", help="default: the base named in the adapter's manifest")
     args = parser.parse_args(argv)
@@ -346,7 +348,92 @@ def run_merge(argv: list[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": run_train, "generate": run_generate, "merge": run_merge}
+# -- lifecycle: promote, canary, roll back, history ---------------------------------------------------
+def _lifecycle_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m train_job {prog}", description=description)
+    parser.add_argument("name", help="adapter name")
+    parser.add_argument(
+        "--adapters-dir",
+        help="a folder or s3://bucket/prefix (default $LORAYARD_ADAPTERS_DIR, else ./adapters)",
+    )
+    return parser
+
+
+def _open_volume(adapters_dir: str | None) -> AdapterVolume:
+    from lorayard.volume import AdapterVolume
+    from train_job.config import adapters_location
+
+    return AdapterVolume(adapters_location(adapters_dir))
+
+
+def _lifecycle(action: Callable[[], str]) -> int:
+    """Run one lifecycle change; its refusal is exit 6 with the reason, nothing changed."""
+    from lorayard.volume import VolumeError
+
+    try:
+        print(action(), flush=True)
+    except VolumeError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_LIFECYCLE
+    return EXIT_OK
+
+
+def run_promote(argv: list[str]) -> int:
+    parser = _lifecycle_parser(
+        "promote", "Point LATEST at a published version (ends a canary), or --canary P: send P%% to it."
+    )
+    parser.add_argument("version", help="v<N>")
+    parser.add_argument("--reason", help="why, recorded in the history")
+    parser.add_argument(
+        "--canary", type=float, metavar="PERCENT", help="split: PERCENT to this version, the rest to LATEST"
+    )
+    args = parser.parse_args(argv)
+    from lorayard.volume import parse_version
+
+    def promote() -> str:
+        volume = _open_volume(args.adapters_dir)
+        version = parse_version(args.version)
+        if args.canary is not None:
+            routing = volume.canary(args.name, version, args.canary, reason=args.reason)
+            split = ", ".join(f"{r.weight:g}% {r.version}" for r in routing.routes)
+            return f"{args.name}: canary split {split}"
+        entry = volume.promote(args.name, version, reason=args.reason)
+        return f"{args.name}: LATEST {entry.from_version} -> {entry.to}"
+
+    return _lifecycle(promote)
+
+
+def run_rollback(argv: list[str]) -> int:
+    parser = _lifecycle_parser(
+        "rollback", "Undo the last publish, promote or canary of NAME (repeat to walk further back)."
+    )
+    parser.add_argument("--reason", help="why, recorded in the history")
+    args = parser.parse_args(argv)
+
+    def rollback() -> str:
+        entry = _open_volume(args.adapters_dir).rollback(args.name, reason=args.reason)
+        return f"{args.name}: LATEST {entry.from_version} -> {entry.to} ({entry.reason})"
+
+    return _lifecycle(rollback)
+
+
+def run_history(argv: list[str]) -> int:
+    args = _lifecycle_parser("history", "Print NAME's history file (JSON lines, oldest first).").parse_args(
+        argv
+    )
+    return _lifecycle(
+        lambda: "".join(e.line() for e in _open_volume(args.adapters_dir).history(args.name)).rstrip("\n")
+    )
+
+
+COMMANDS = {
+    "train": run_train,
+    "generate": run_generate,
+    "merge": run_merge,
+    "promote": run_promote,
+    "rollback": run_rollback,
+    "history": run_history,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

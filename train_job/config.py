@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flags_table
+from lorayard.storage import is_object_store
 from lorayard.volume import STAGING_DIR, InvalidAdapterName, validate_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -32,6 +34,9 @@ DEFAULT_ADAPTERS_DIR = Path("adapters")
 RUNS_DIR = "runs"
 """Checkpoints live in ``<adapters-dir>/.staging/runs/<name>``: on the volume (so a rescheduled pod
 finds them for ``--resume``) but outside what the server reads."""
+LOCAL_RUNS_DIR = Path(tempfile.gettempdir()) / "lorayard-runs"
+"""With adapters on an object store, checkpoints default to ``$TMPDIR/lorayard-runs/<name>`` (set
+``output_dir`` to a persistent folder to resume in another pod or after a reboot)."""
 
 DataFormat = Literal["auto", "alpaca", "text_target", "prompt_completion", "messages", "sharegpt"]
 
@@ -47,8 +52,10 @@ class TrainConfig(BaseModel):
 
     # -- what and where ----------------------------------------------------------------------------
     name: str = Field("adapter", description="adapter name on the volume (1-64 letters, digits, . _ -)")
-    adapters_dir: Path | None = Field(
-        None, description=f"the adapters volume; default ${ENV_ADAPTERS_DIR}, else ./adapters"
+    adapters_dir: Path | str | None = Field(
+        None,
+        description=f"the adapters volume: a folder or s3://bucket/prefix; default ${ENV_ADAPTERS_DIR}, "
+        "else ./adapters",
     )
     base_model: str | None = Field(
         None,
@@ -148,6 +155,14 @@ class TrainConfig(BaseModel):
         False, description="refuse to publish when validation loss is worse than LATEST's"
     )
 
+    @field_validator("adapters_dir", mode="before")
+    @classmethod
+    def _location(cls, value: object) -> object:
+        # An s3:// URL stays a string (a Path would fold its '//'); anything else is a folder.
+        if isinstance(value, str) and not is_object_store(value):
+            return Path(value)
+        return value
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
@@ -176,16 +191,19 @@ class TrainConfig(BaseModel):
         return self.output_dir
 
     @property
-    def volume_dir(self) -> Path:
+    def volume_dir(self) -> Path | str:
+        """A local folder, or an ``s3://bucket/prefix`` string."""
         assert self.adapters_dir is not None, "resolve() fills adapters_dir"
         return self.adapters_dir
 
     def resolved(self) -> TrainConfig:
         """A copy with every environment-dependent default filled in and every path absolute."""
-        adapters_dir = (
-            self.adapters_dir or Path(os.environ.get(ENV_ADAPTERS_DIR) or DEFAULT_ADAPTERS_DIR)
-        ).absolute()
-        output_dir = (self.output_dir or adapters_dir / STAGING_DIR / RUNS_DIR / self.name).absolute()
+        adapters_dir = adapters_location(self.adapters_dir)
+        if isinstance(adapters_dir, str):
+            default_output = LOCAL_RUNS_DIR / self.name
+        else:
+            default_output = adapters_dir / STAGING_DIR / RUNS_DIR / self.name
+        output_dir = (self.output_dir or default_output).absolute()
         resolved = self.model_copy(
             update={
                 "adapters_dir": adapters_dir,
@@ -201,6 +219,12 @@ class TrainConfig(BaseModel):
 
     def to_jsonable(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def adapters_location(value: Path | str | None) -> Path | str:
+    """The adapters volume: ``value``, else $LORAYARD_ADAPTERS_DIR, else ./adapters; folders absolute."""
+    location = value or os.environ.get(ENV_ADAPTERS_DIR) or DEFAULT_ADAPTERS_DIR
+    return location if is_object_store(location) else Path(location).absolute()
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

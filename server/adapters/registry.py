@@ -1,12 +1,15 @@
 """The adapter registry: what is on the volume, what is resident in the engine, who is using what.
 
-* ``acquire("name")`` resolves LATEST (or ``name@vN``), loads the version off the event loop if it
-  is not resident, and pins it; ``release`` unpins. A request keeps the version it acquired even if
-  LATEST moves on meanwhile (versions are immutable folders, keyed ``name@vN``).
+* ``acquire("name", user)`` resolves LATEST, or the version a canary split routes ``user`` to (or
+  ``name@vN``), loads it off the event loop if it is not resident, and pins it; ``release`` unpins. A
+  request keeps the version it acquired even if LATEST moves on meanwhile (versions are immutable,
+  keyed ``name@vN``); the lease says which version that is.
 * At most ``max_loaded`` versions are resident; the least recently used *unpinned* one is evicted
   (SGLang's acquire/release discipline), so an adapter in use is never pulled from under a request.
 * A watcher polls the volume; a new adapter or a new LATEST is served by the next acquire, and the
-  cached listing for /v1/models is refreshed.
+  cached listing for /v1/models is refreshed. On an object store the polled LATEST and routing are
+  what acquire uses (no request reads S3 for them), and a version is loaded only once its download
+  verifies against its manifest (sha256 and size of every file).
 * A broken adapter (bad files, another base) raises :class:`AdapterLoadError` for that adapter only;
   a later fixed version loads normally.
 """
@@ -28,8 +31,11 @@ from lorayard.volume import (
     AdapterListing,
     AdapterNotFound,
     AdapterVolume,
+    IntegrityError,
     InvalidAdapterName,
+    Pointers,
     ResolvedAdapter,
+    StorageUnavailable,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +71,11 @@ def _file_identity(folder: Path) -> tuple[int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
+def version_label(version: int | None) -> str:
+    """The ``version`` metrics label: ``vN``, or ``plain`` for a plain PEFT folder."""
+    return "plain" if version is None else f"v{version}"
+
+
 @dataclass(frozen=True)
 class AdapterLease:
     """A pinned, resident adapter version (implements the engine's ``AdapterHandle``)."""
@@ -88,16 +99,18 @@ class AdapterStatus:
 class AdapterRegistry:
     def __init__(
         self,
-        adapters_dir: Path,
+        adapters_dir: Path | str,
         engine: Engine,
         *,
         base_fingerprint: str,
         max_loaded: int,
         poll_interval_s: float,
         metrics: ServerMetrics | None = None,
+        cache_dir: Path | None = None,
+        cache_max_bytes: int | None = None,
     ) -> None:
         """``max_loaded``, ``poll_interval_s``: the server's --max-loaded-adapters and --poll-interval."""
-        self.volume = AdapterVolume(adapters_dir)
+        self.volume = AdapterVolume(adapters_dir, cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
         self.engine = engine
         self.base_fingerprint = base_fingerprint
         self.max_loaded = max_loaded
@@ -128,8 +141,8 @@ class AdapterRegistry:
         """Re-scan the volume (cheap: directory listings and LATEST files only)."""
         try:
             self._listing = await asyncio.to_thread(self.volume.list)
-        except OSError as exc:  # an unreadable volume must not take the server down
-            log.error("cannot list adapters volume %s: %s", self.volume.root, exc)
+        except (OSError, StorageUnavailable) as exc:  # an unreadable volume must not take the server down
+            log.error("cannot list adapters volume %s: %s", self.volume.location, exc)
 
     async def _watch(self) -> None:
         while True:
@@ -137,12 +150,24 @@ class AdapterRegistry:
             await self.refresh()
 
     # -- requests -------------------------------------------------------------------------------
-    async def acquire(self, ref: str) -> AdapterLease:
-        """Resolve, load if needed, and pin. Raises InvalidAdapterName, AdapterNotFound, AdapterLoadError."""
+    def _polled(self, ref: str) -> Pointers | None:
+        """The last polled pointers of ``ref``'s name, where reading them per request would be costly."""
+        if self.volume.storage.cheap_reads:
+            return None
+        name = ref.partition("@")[0]
+        return next((a.pointers for a in self._listing if a.name == name and not a.plain), None)
+
+    async def acquire(self, ref: str, user: str | None = None) -> AdapterLease:
+        """Resolve (a canary split routes by ``user``), load if needed, and pin.
+
+        Raises InvalidAdapterName, AdapterNotFound, AdapterLoadError."""
         try:
-            adapter = await asyncio.to_thread(self.volume.resolve, ref)
+            adapter = await asyncio.to_thread(self.volume.resolve, ref, user=user, pointers=self._polled(ref))
             identity = await asyncio.to_thread(_file_identity, adapter.path)
-        except OSError as exc:
+        except IntegrityError as exc:
+            self._errors[ref.partition("@")[0]] = str(exc)
+            raise AdapterLoadError(f"adapter {ref!r}: {exc}") from exc
+        except (OSError, StorageUnavailable) as exc:
             raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable ({exc})") from exc
         async with self._lock:
             slot = self._current.get(adapter.key)
@@ -187,7 +212,9 @@ class AdapterRegistry:
         elapsed = time.perf_counter() - started
         log.info("loaded adapter %s in %.1f ms", adapter.key, elapsed * 1000)
         if self.metrics is not None:
-            self.metrics.adapter_load_seconds.labels(adapter=adapter.name).observe(elapsed)
+            self.metrics.adapter_load_seconds.labels(
+                adapter=adapter.name, version=version_label(adapter.version)
+            ).observe(elapsed)
         resident = _Resident(adapter, slot, identity=identity)
         self._resident[slot] = resident
         self._current[adapter.key] = slot
@@ -206,8 +233,11 @@ class AdapterRegistry:
             )
         try:
             weights = load_adapter(adapter.path, self.engine.config)
+            # After the format checks (their messages name the problem more precisely) and before the
+            # weights reach the engine: only files the manifest vouches for are served.
+            adapter.verify()
             return self.engine.load_adapter_weights(adapter.key, weights)
-        except (AdapterFormatError, OSError, ValueError) as exc:
+        except (AdapterFormatError, IntegrityError, OSError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: {exc}") from exc
 
     def _retire(self, resident: _Resident) -> None:
@@ -245,6 +275,8 @@ class AdapterRegistry:
         return next(s for s in self.list_models() if s.name == name)
 
     def _ref_from_path(self, name: str, path: str) -> str:
+        if self.volume.storage.local_root is None:
+            return self._ref_from_key(name, path)
         root = self.volume.root.resolve()
         candidate = Path(path)
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
@@ -253,6 +285,16 @@ class AdapterRegistry:
         parts = resolved.relative_to(root).parts
         if parts[0] != name or len(parts) > 2:
             raise InvalidAdapterName(f"lora_path {path!r} is not the folder of adapter {name!r}")
+        return name if len(parts) == 1 else f"{name}@{parts[1]}"
+
+    def _ref_from_key(self, name: str, path: str) -> str:
+        """On an object store ``lora_path`` is relative to the prefix: ``name`` or ``name/vN``."""
+        parts = [p for p in path.strip("/").split("/") if p]
+        if not parts or parts[0] != name or len(parts) > 2 or ".." in parts:
+            raise InvalidAdapterName(
+                f"lora_path {path!r} is not the folder of adapter {name!r} "
+                f"(on {self.volume.location} use {name!r} or '{name}/vN')"
+            )
         return name if len(parts) == 1 else f"{name}@{parts[1]}"
 
     async def unload(self, name: str) -> None:

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from server.adapters.registry import version_label
 from server.api.errors import APIError
 from server.api.protocol import SamplingFields
 from server.api.streaming import IncrementalDetokenizer, StopStringFilter
 from server.engine.types import Request, SamplingParams, TokenEvent, TopLogprob
+from server.metrics import BASE_LABEL
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -109,7 +111,11 @@ class Generation:
         self.n = n
         self.stops = stops
         self.lease = lease
-        self.adapter_label = lease.name if lease is not None else "base"
+        self.adapter_label = lease.name if lease is not None else BASE_LABEL
+        self.labels = {
+            "adapter": self.adapter_label,
+            "version": version_label(lease.version) if lease is not None else BASE_LABEL,
+        }
         self.usage = Usage(prompt_tokens=len(prompt_ids))
         self.request_ids = [uuid.uuid4().hex for _ in range(n)]
         self.arrival = time.perf_counter()
@@ -157,7 +163,7 @@ class Generation:
     async def _pump(self, index: int, stream: AsyncIterator[TokenEvent], queue: asyncio.Queue) -> None:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringFilter(self.stops)
-        labels = {"adapter": self.adapter_label}
+        labels = self.labels
         last_time: float | None = None
         try:
             async for event in stream:
@@ -199,8 +205,8 @@ class Generation:
         )
 
     def _record_request(self) -> None:
-        labels = {"adapter": self.adapter_label}
+        labels = self.labels
         self.metrics.e2e_latency.labels(**labels).observe(time.perf_counter() - self.arrival)
         self.metrics.prompt_tokens.labels(**labels).observe(self.usage.prompt_tokens)
         self.metrics.output_tokens.labels(**labels).observe(self.usage.completion_tokens)
-        self.metrics.requests.labels(adapter=self.adapter_label, status=self.status).inc()
+        self.metrics.requests.labels(**labels, status=self.status).inc()

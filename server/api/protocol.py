@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Lenient(BaseModel):
-    # OpenAI clients send fields we don't use (user, response_format, ...): accept and ignore them.
+    # OpenAI clients send fields we don't use (response_format, metadata, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
 
 
@@ -50,6 +50,9 @@ class SamplingFields(_Lenient):
     ignore_eos: bool = Field(False, description="vLLM extension: generate through end-of-turn")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: no stop before this many tokens")
     stop_token_ids: list[int] | None = None
+    user: str | None = Field(
+        None, max_length=256, description="end-user id: keeps them on one version of a canary split"
+    )
 
     @field_validator("stop")
     @classmethod

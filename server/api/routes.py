@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lorayard.chat_format import ChatFormatError, Message, encode_text, render_prompt
 from lorayard.volume import AdapterNotFound, InvalidAdapterName
+from server.adapters.registry import version_label
 from server.api.errors import APIError, NotReady
 from server.api.generation import ChoiceDelta, Generation, TokenLogprob, sampling_params
 from server.api.protocol import (
@@ -178,7 +179,7 @@ async def _start(
     lease = None
     if ref is not None:
         try:
-            lease = await runtime.registry.acquire(ref)
+            lease = await runtime.registry.acquire(ref, body.user)
         except AdapterNotFound as exc:
             raise APIError(
                 404, str(exc), param="adapter" if body.adapter else "model", code="adapter_not_found"
@@ -264,6 +265,20 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     }
 
 
+VERSION_HEADER = "x-lorayard-adapter-version"
+"""Which version of the adapter served the request (``vN``, or ``plain`` for a plain PEFT folder)."""
+
+
+def _served(
+    generation: Generation, body: SamplingFields, runtime: ReadyRuntime
+) -> tuple[str, dict[str, str]]:
+    """The response's ``model`` and headers: ``name@vN`` and the version header when an adapter served."""
+    lease = generation.lease
+    if lease is None:
+        return body.model or runtime.settings.base_model, {}
+    return lease.key, {VERSION_HEADER: version_label(lease.version)}
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -276,6 +291,7 @@ def _stream(
     model: str,
     include_usage: bool,
     want_logprobs: bool,
+    headers: dict[str, str],
 ) -> StreamingResponse:
     response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -324,7 +340,9 @@ def _stream(
             # an async generator (Generation.deltas), typed as the AsyncIterator it is used as
             await deltas.aclose()  # type: ignore[attr-defined]
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers}
+    )
 
 
 @router.post("/v1/chat/completions", dependencies=Authorized)
@@ -334,10 +352,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, runtim
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     generation, deltas, first = await _start(runtime, request, body, prompt_ids, max_tokens, logprobs, ref)
-    model = body.model or runtime.settings.base_model
+    model, headers = _served(generation, body, runtime)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream("chat", generation, deltas, first, model, include_usage, logprobs is not None)
+        return _stream("chat", generation, deltas, first, model, include_usage, logprobs is not None, headers)
     items = await _collect(deltas, first, request)
     choices = [
         {
@@ -356,7 +374,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, runtim
             "model": model,
             "choices": choices,
             "usage": generation.usage.as_dict(),
-        }
+        },
+        headers=headers,
     )
 
 
@@ -375,11 +394,11 @@ async def completions(body: CompletionRequest, request: Request, runtime: ReadyD
     generation, deltas, first = await _start(
         runtime, request, body, prompt_ids, body.max_tokens, body.logprobs, _adapter_ref(body, runtime)
     )
-    model = body.model or runtime.settings.base_model
+    model, headers = _served(generation, body, runtime)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(
-            "completion", generation, deltas, first, model, include_usage, body.logprobs is not None
+            "completion", generation, deltas, first, model, include_usage, body.logprobs is not None, headers
         )
     items = await _collect(deltas, first, request)
     echo = prompt if (body.echo and isinstance(prompt, str)) else ""
@@ -400,5 +419,6 @@ async def completions(body: CompletionRequest, request: Request, runtime: ReadyD
             "model": model,
             "choices": choices,
             "usage": generation.usage.as_dict(),
-        }
+        },
+        headers=headers,
     )

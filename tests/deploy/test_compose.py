@@ -24,6 +24,8 @@ VARIANTS = [
     (("compose.yaml",), ("monitoring",)),
     (("compose.yaml", "compose.gpu.yaml"), ()),
     (("compose.yaml", "compose.gpu.yaml"), ("train", "monitoring")),
+    (("compose.yaml",), ("s3",)),
+    (("compose.yaml",), ("s3", "s3-train")),
 ]
 
 
@@ -130,3 +132,27 @@ def test_monitoring_mounts_exist():
         assert ":" in services[name]["image"] and not services[name]["image"].endswith(":latest")
         for mount in services[name]["volumes"]:
             assert mount["read_only"] is True and (REPO / mount["source"]).exists(), mount
+
+
+def test_s3_profile_serves_from_minio_without_a_shared_volume():
+    services = compose_config("compose.yaml", profiles=("s3", "s3-train"))["services"]
+    assert set(compose_config("compose.yaml", profiles=("s3",))["services"]) == {
+        *("serve", "minio", "minio-init", "serve-s3")  # train-s3 is a one-off job, like train
+    }
+    minio = services["minio"]
+    assert ":" in minio["image"] and not minio["image"].endswith(":latest")
+    root_user = minio["environment"]["MINIO_ROOT_USER"]
+    root_password = minio["environment"]["MINIO_ROOT_PASSWORD"]
+    for name in ("serve-s3", "train-s3"):
+        env = services[name]["environment"]
+        bucket = env["LORAYARD_ADAPTERS_DIR"].removeprefix("s3://").partition("/")[0]
+        assert env["LORAYARD_ADAPTERS_DIR"].startswith("s3://") and bucket
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"  # the standard variable boto3 reads
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (root_user, root_password)
+        assert "/adapters" not in {m["target"] for m in services[name].get("volumes", [])}
+    assert f"local/{bucket}" in services["minio-init"]["command"][0]  # creates that bucket
+    assert services["serve-s3"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    serve, serve_s3 = services["serve"], services["serve-s3"]
+    assert serve_s3["healthcheck"] == serve["healthcheck"] and serve_s3["image"] == serve["image"]
+    assert [p["published"] for p in serve_s3["ports"]] != [p["published"] for p in serve["ports"]]

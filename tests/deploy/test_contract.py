@@ -39,6 +39,7 @@ from .conftest import (
     container,
     find,
     image_runtime,
+    kustomize,
 )
 
 FAST = ["--max-steps", "2"]
@@ -112,6 +113,8 @@ def process_env(
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
         "HF_HUB_OFFLINE": "1",
+        # the image's code is this checkout (not whichever one the venv has installed)
+        "PYTHONPATH": str(REPO),
     }
     for key, value in {**image.env, **service_env}.items():
         if key not in {"PATH", "VIRTUAL_ENV"}:  # the image's venv is this interpreter's
@@ -295,3 +298,82 @@ def test_kubernetes_job_then_deployment(tmp_path, tiny_base_dir, overlay_builds)
         liveness = serve_box["livenessProbe"]["httpGet"]
         assert httpx.get(f"http://127.0.0.1:{port}{liveness['path']}").status_code == 200
         assert "persona" in listed_models(port, "k8s-key")
+
+
+# -- adapters on an object store (moto's S3 server stands in for S3 / MinIO) ---------------------------
+
+
+def _ensure_bucket(location: str) -> str:
+    import boto3
+
+    bucket = location.removeprefix("s3://").partition("/")[0]
+    client = boto3.client("s3")
+    if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=bucket)
+    return bucket
+
+
+def test_kubernetes_s3_overlay_job_then_deployment(tmp_path, tiny_base_dir, s3_endpoint):
+    resources = kustomize(REPO / "k8s" / "overlays" / "s3")
+    job_pod = find(resources, "Job")["spec"]["template"]["spec"]
+    serve_pod = find(resources, "Deployment")["spec"]["template"]["spec"]
+    train_box, serve_box = container(job_pod, "train"), container(serve_pod, "serve")
+    train_image, serve_image = image_runtime("Dockerfile.train"), image_runtime("Dockerfile.serve")
+    sandbox = Sandbox.create(tmp_path, "Dockerfile.train")
+    sandbox.paths["/cache"] = tmp_path / "cache"  # the server's emptyDir download cache
+    sandbox.check_mounts(_mount_targets(job_pod, "train") + _mount_targets(serve_pod, "serve"))
+    for key, text in find(resources, "ConfigMap", "lorayard-train")["data"].items():
+        config = sandbox.host_paths_in(yaml.safe_load(text))
+        (sandbox.paths["/config"] / key).write_text(yaml.safe_dump(config))
+    # the `lorayard-s3` Secret a user creates (on EKS, IRSA instead); the endpoint is the test's S3
+    secrets = {
+        "lorayard-s3/AWS_ACCESS_KEY_ID": "testing",
+        "lorayard-s3/AWS_SECRET_ACCESS_KEY": "testing",
+        "lorayard-s3/AWS_ENDPOINT_URL": s3_endpoint,
+        "lorayard-s3/AWS_REGION": "us-east-1",
+        "lorayard-api-key/api-key": "k8s-key",
+    }
+    user_env = {"LORAYARD_BASE_MODEL": str(tiny_base_dir)}
+    train_env = process_env(train_image, _plain_env(train_box, secrets), sandbox, host_env=user_env)
+    location = train_env["LORAYARD_ADAPTERS_DIR"]
+    _ensure_bucket(location)
+    run_training(train_image, [*train_box["args"], *FAST], train_env, sandbox)
+    assert AdapterVolume(location, cache_dir=tmp_path / "check").latest("persona") == 1
+    assert not (sandbox.paths["/adapters"] / "persona").exists()
+
+    port = free_port()
+    serve_env = process_env(
+        serve_image, _plain_env(serve_box, secrets), sandbox, host_env=user_env, port=port
+    )
+    with serving(serve_image, [], serve_env, sandbox, serve_box["startupProbe"]["exec"]["command"]):
+        assert "persona" in listed_models(port, "k8s-key")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k8s-key", max_retries=0)
+        reply = client.chat.completions.with_raw_response.create(
+            model="persona", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+        assert reply.headers["x-lorayard-adapter-version"] == "v1"
+        assert list(sandbox.paths["/cache"].rglob("manifest.json"))  # served from a verified download
+
+
+def test_compose_s3_profile_train_then_serve(tmp_path, tiny_base_dir, s3_endpoint):
+    services = compose_config("compose.yaml", profiles=("s3", "s3-train"))["services"]
+    train, serve = services["train-s3"], services["serve-s3"]
+    train_image, serve_image = image_runtime("Dockerfile.train"), image_runtime("Dockerfile.serve")
+    sandbox = Sandbox.create(tmp_path, "Dockerfile.train")
+    sandbox.check_mounts([m["target"] for s in (train, serve) for m in s.get("volumes", [])])
+    user_env = {"LORAYARD_BASE_MODEL": str(tiny_base_dir), "LORAYARD_API_KEY": "compose-key"}
+
+    def container_env(service: dict[str, Any]) -> dict[str, str]:
+        env = dict(service["environment"])
+        # compose's network resolves `minio`; here the test's S3 answers in its place
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        env["AWS_ENDPOINT_URL"] = s3_endpoint
+        return env
+
+    train_env = process_env(train_image, container_env(train), sandbox, host_env=user_env)
+    _ensure_bucket(train_env["LORAYARD_ADAPTERS_DIR"])  # what minio-init does
+    run_training(train_image, FAST, train_env, sandbox)
+    port = free_port()
+    serve_env = process_env(serve_image, container_env(serve), sandbox, host_env=user_env, port=port)
+    with serving(serve_image, [], serve_env, sandbox, serve["healthcheck"]["test"][1:]):
+        assert "persona" in listed_models(port, "compose-key")

@@ -237,3 +237,50 @@ def test_readme_own_dataset_overlay(tmp_path):
         config = next(v for v in pod["volumes"] if v["name"] == "config")
         assert config["configMap"]["name"] == config_map["metadata"]["name"]
         assert container(pod, "train")["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+# -- the object-store overlay ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_build() -> list[dict[str, Any]]:
+    return kustomize(REPO / "k8s" / "overlays" / "s3")
+
+
+def test_s3_overlay_validates_strictly(s3_build, tmp_path):
+    validate_strictly(s3_build, tmp_path)
+
+
+def _quantity_gib(text: str) -> float:
+    units = {"Gi": 1.0, "Mi": 1 / 1024}
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(Gi|Mi)", text).groups()
+    return float(number) * units[unit]
+
+
+def test_s3_overlay_needs_no_shared_volume_and_takes_credentials_from_the_standard_chain(s3_build):
+    claims = [r for r in s3_build if r["kind"] == "PersistentVolumeClaim"]
+    assert claims and all("ReadWriteMany" not in c["spec"]["accessModes"] for c in claims)
+    assert not any(c["metadata"]["name"] == "lorayard-adapters" for c in claims)
+    account = find(s3_build, "ServiceAccount", "lorayard-adapters")
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]  # IRSA
+    for kind, name in (("Deployment", "serve"), ("Job", "train"), ("CronJob", "train")):
+        pod = _pod(find(s3_build, kind))
+        box = container(pod, name)
+        env = _env(box)
+        assert env["LORAYARD_ADAPTERS_DIR"].startswith("s3://")
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+            ref = env[variable]["secretKeyRef"]  # never a literal value in the manifest
+            assert ref["name"] == "lorayard-s3" and ref["optional"] is True  # absent: IRSA / the chain
+        assert pod["serviceAccountName"] == account["metadata"]["name"]
+        assert pod["automountServiceAccountToken"] is False  # IRSA projects its own token
+        assert "/adapters" not in {m["mountPath"] for m in box["volumeMounts"]}
+        assert not any(
+            v.get("persistentVolumeClaim", {}).get("claimName") == "lorayard-adapters" for v in pod["volumes"]
+        )
+        assert box["securityContext"]["readOnlyRootFilesystem"] is True
+    serve_pod = _pod(find(s3_build, "Deployment"))
+    serve_env = _env(container(serve_pod, "serve"))
+    volumes = {v["name"]: v for v in serve_pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(serve_pod, "serve")["volumeMounts"]}
+    cache = volumes[mounts[serve_env["LORAYARD_ADAPTER_CACHE_DIR"]]]["emptyDir"]
+    assert float(serve_env["LORAYARD_ADAPTER_CACHE_GB"]) < _quantity_gib(cache["sizeLimit"])

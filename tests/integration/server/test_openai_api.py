@@ -172,6 +172,6 @@ def test_invalid_json_and_utf8_are_400(real_server):
 def test_metrics_are_per_adapter(client, real_server):
     _chat(client, QUESTIONS[1], model="all16")
     text = httpx.get(real_server.base_url + "/metrics").text
-    assert 'lorayard_time_to_first_token_seconds_count{adapter="all16"}' in text
-    assert 'lorayard_requests_total{adapter="all16",status="ok"}' in text
+    assert 'lorayard_time_to_first_token_seconds_count{adapter="all16",version="plain"}' in text
+    assert 'lorayard_requests_total{adapter="all16",status="ok",version="plain"}' in text
     assert "lorayard_loaded_adapters" in text

@@ -124,3 +124,44 @@ def test_a_folder_replaced_in_place_is_reloaded_and_running_requests_keep_the_ol
         registry.release(fresh)
 
     asyncio.run(scenario())
+
+
+def test_a_canary_routes_by_user_and_leases_pin_their_version_across_a_promote(volume, engine, tiny_base):
+    volume.promote("qv4", 1)
+    volume.canary("qv4", 2, 50)
+
+    async def scenario():
+        registry = _registry(volume, engine, tiny_base, max_loaded=3)
+        await registry.refresh()
+        picks = {}
+        for i in range(12):
+            lease = await registry.acquire("qv4", f"user-{i}")
+            picks[f"user-{i}"] = lease.version
+            registry.release(lease)
+        assert set(picks.values()) == {1, 2}
+        for user, version in picks.items():  # sticky
+            lease = await registry.acquire("qv4", user)
+            assert (lease.version, lease.key) == (version, f"qv4@v{version}")
+            registry.release(lease)
+        running = await registry.acquire("qv4@v1")
+        volume.promote("qv4", 2)  # ends the split; the running request keeps v1
+        assert {(await registry.acquire("qv4", u)).version for u in picks} == {2}
+        assert running.slot in engine.runner.adapters and registry._resident[running.slot].pins == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_file_changed_after_publish_fails_its_manifest_check(volume, engine, tiny_base):
+    weights = volume.root / "all8" / "v1" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit in the last tensor's payload: still a readable safetensors file
+
+    async def scenario():
+        registry = _registry(volume, engine, tiny_base)
+        await registry.refresh()
+        weights.write_bytes(bytes(data))
+        with pytest.raises(AdapterLoadError, match="sha256"):
+            await registry.acquire("all8")
+        registry.release(await registry.acquire("qv4"))
+
+    asyncio.run(scenario())

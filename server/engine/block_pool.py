@@ -102,20 +102,20 @@ def blocks_for_budget(spec: BlockSpec, budget_gb: float | None, device: str, min
 
 
 class KVBlockStorage:
-    """k[layer], v[layer]: [num_blocks, block_size, kv_heads, head_dim].
+    """k[layer], v[layer]: [kv_heads, num_blocks, block_size, head_dim].
 
-    Token-major within a block (vLLM's flash layout): the gather ``k[layer][block_table]`` gives
-    [B, blocks, block_size, kv_heads, hd], which is a free view as [B, L, kv_heads, hd] and, transposed,
-    the [B, kv_heads, L, hd] attention wants, so reading costs one copy; the head-major alternative
-    [num_blocks, kv_heads, block_size, hd] needs a second copy to merge the block axes (measured in
-    bench/paged_attention.py). Writing a token is one index into the flat [num_blocks * block_size,
-    kv_heads, hd] view.
+    KV head outermost, so one gather of a request's blocks along dim 1 gives [kv_heads, R, M,
+    block_size, hd], a free view as [kv_heads, R, L, hd] whose last two dims (L, hd) are contiguous:
+    the layout attention kernels read fast, reached with ONE copy. Token-major blocks
+    ([num_blocks, block_size, kv_heads, hd], vLLM's) leave a stride of kv_heads * hd between tokens
+    after the gather, and per-block head-major ([num_blocks, kv_heads, block_size, hd]) needs a second
+    copy to merge the block axes; both measured slower in bench/paged_attention.py.
     """
 
     def __init__(self, spec: BlockSpec, num_blocks: int, device: str | torch.device) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (num_blocks, spec.block_size, spec.kv_heads, spec.head_dim)
+        shape = (spec.kv_heads, num_blocks, spec.block_size, spec.head_dim)
         self.k = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.layers)]
         self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.layers)]
 
@@ -233,11 +233,11 @@ class BlockPool:
 
     # -- admission --------------------------------------------------------------------------------
     def _lookup(
-        self, prompt_ids: Sequence[int], identity: AdapterIdentity
+        self, prompt_ids: Sequence[int], identity: AdapterIdentity, reuse_prefix: bool
     ) -> tuple[list[int], list[BlockHash]]:
         """The longest chain of cached full blocks that starts the prompt, leaving at least one prompt
         token uncached (the engine needs the last prompt token's logits). -> (block ids, their keys)."""
-        if not self.prefix_caching:
+        if not (self.prefix_caching and reuse_prefix):
             return [], []
         blocks: list[int] = []
         hashes: list[BlockHash] = []
@@ -257,24 +257,38 @@ class BlockPool:
         return self.num_free_blocks - sum(1 for b in hits if self._refs[b] == 0)
 
     def can_admit(
-        self, prompt_ids: Sequence[int], identity: AdapterIdentity, headroom_tokens: int = 0
+        self,
+        prompt_ids: Sequence[int],
+        identity: AdapterIdentity,
+        headroom_tokens: int = 0,
+        *,
+        reuse_prefix: bool = True,
     ) -> bool:
         """Would :meth:`admit` succeed now? Pure: changes nothing, counts no prefix statistics."""
-        hits, _ = self._lookup(prompt_ids, identity)
+        hits, _ = self._lookup(prompt_ids, identity, reuse_prefix)
         needed = self.blocks_for_tokens(len(prompt_ids) + headroom_tokens) - len(hits)
         return needed <= self._new_blocks_available(hits)
 
     def admit(
-        self, request_id: str, prompt_ids: Sequence[int], identity: AdapterIdentity, headroom_tokens: int = 0
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        identity: AdapterIdentity,
+        headroom_tokens: int = 0,
+        *,
+        reuse_prefix: bool = True,
     ) -> BlockTable | None:
         """Give a request blocks for its whole prompt, reusing the longest cached prefix; None (and
         nothing changed) unless the pool also keeps ``headroom_tokens`` more tokens' worth of blocks
-        free for it (decode room, so a newcomer does not force a preemption at once)."""
+        free for it (decode room, so a newcomer does not force a preemption at once).
+
+        ``reuse_prefix=False``: compute the whole prompt even if cached (a request that asks for prompt
+        logprobs needs every prompt position's logits); its blocks are still cached for others."""
         if not prompt_ids:
             raise ValueError("cannot admit an empty prompt")
         if request_id in self._tables:
             raise ValueError(f"request {request_id!r} already holds blocks")
-        hits, hashes = self._lookup(prompt_ids, identity)
+        hits, hashes = self._lookup(prompt_ids, identity, reuse_prefix)
         needed = self.blocks_for_tokens(len(prompt_ids) + headroom_tokens) - len(hits)
         if needed > self._new_blocks_available(hits):
             return None
@@ -294,7 +308,7 @@ class BlockPool:
             admitted=self._admissions,
         )
         self._tables[request_id] = table
-        if self.prefix_caching:
+        if self.prefix_caching and reuse_prefix:
             stats = self.prefix_stats[identity]
             stats.hit_tokens += cached
             stats.miss_tokens += len(prompt_ids) - cached

@@ -9,10 +9,12 @@ keys ``0 .. position(i)`` (causal). Output: ``[T, heads, hd]``, equal within flo
 ``scaled_dot_product_attention`` over each request's contiguous K/V. GQA: query head ``h`` reads
 KV head ``h // (heads // kv_heads)``, as in HF Llama.
 
-K/V live in :class:`server.engine.block_pool.KVBlockStorage` tensors ``[num_blocks, block_size,
-kv_heads, hd]``. Reading is one batched gather into a padded ``[R, kv_heads, L, hd]`` view plus one
-attention call: measured on the CPU against a gather per row and a head-major layout in
-bench/paged_attention.py (docs/paged_kv.md has the numbers and the choice).
+K/V live in :class:`server.engine.block_pool.KVBlockStorage` tensors ``[kv_heads, num_blocks,
+block_size, hd]``. Decode reads every row's blocks with one gather into a padded ``[R, kv_heads, L,
+hd]`` view and one attention call. Prefill does the same with queries padded to the longest chunk,
+unless padding would more than double the work (chunks of very different lengths), then one call per
+request. Measured against a gather per row, other block layouts and flex_attention in
+bench/paged_attention.py; docs/paged_kv.md has the numbers and the choice.
 
 The metadata (:class:`PagedBatch`) is built on the host from plain lists and moved to the device in
 one copy per tensor, so a step never waits on the device to plan itself.
@@ -42,6 +44,8 @@ class PagedBatch:
     pad_index: torch.Tensor
     """[T] long: row of each new token in the padded [R * max_query_len] query layout."""
     query_lens: tuple[int, ...]
+    context_list: tuple[int, ...]
+    """``context_lens`` on the host."""
     max_query_len: int
     max_context_len: int
 
@@ -49,6 +53,16 @@ class PagedBatch:
     def is_decode(self) -> bool:
         """Every request brings one token: the decode kernel needs no causal mask or padding."""
         return self.max_query_len == 1
+
+    @property
+    def pairs(self) -> int:
+        """Query-key pairs the requests need (each new token against its request's keys)."""
+        return sum(n * c for n, c in zip(self.query_lens, self.context_list, strict=True))
+
+    @property
+    def padded_pairs(self) -> int:
+        """Query-key pairs one padded attention call computes."""
+        return len(self.query_lens) * self.max_query_len * self.max_context_len
 
     @classmethod
     def build(
@@ -85,28 +99,35 @@ class PagedBatch:
             positions=per_token[1],
             pad_index=per_token[2],
             query_lens=tuple(query_lens),
+            context_list=tuple(context_lens),
             max_query_len=max_q,
             max_context_len=max(context_lens),
         )
 
 
+PAD_WASTE_LIMIT = 2.0
+"""Padded prefill computes R x max_query_len x max_context_len query-key pairs; above this multiple
+of the pairs the requests need, it runs one attention call per request instead (on the CPU a burst of
+equal chunks ran 2x faster padded, mixed chunk lengths 2x faster per request)."""
+
+
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Store new K/V: caches [num_blocks, bs, kv_heads, hd], slots [T], k and v [T, kv_heads, hd]."""
-    kv_heads, hd = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv_heads, hd)[slots] = k
-    v_cache.view(-1, kv_heads, hd)[slots] = v
+    """Store new K/V: caches [kv_heads, num_blocks, bs, hd], slots [T], k and v [T, kv_heads, hd]."""
+    kv_heads, _, _, hd = k_cache.shape
+    k_cache.view(kv_heads, -1, hd)[:, slots] = k.transpose(0, 1)
+    v_cache.view(kv_heads, -1, hd)[:, slots] = v.transpose(0, 1)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """cache [num_blocks, bs, kv_heads, hd], block_tables [R, M] -> [R, kv_heads, length, hd].
+    """cache [kv_heads, num_blocks, bs, hd], block_tables [R, M] -> [R, kv_heads, length, hd].
 
-    One gather copy; the block axes merge as a view and the head transpose is a stride change."""
+    One copy (the gather); the block axes merge as a view and the result's (L, hd) is contiguous."""
     r, m = block_tables.shape
-    _, bs, kv_heads, hd = cache.shape
-    gathered = cache[block_tables].view(r, m * bs, kv_heads, hd)
-    return gathered[:, :length].transpose(1, 2)
+    kv_heads, _, bs, hd = cache.shape
+    gathered = cache.index_select(1, block_tables.reshape(-1)).view(kv_heads, r, m * bs, hd)
+    return gathered[:, :, :length].transpose(0, 1)
 
 
 def paged_attention(
@@ -115,7 +136,9 @@ def paged_attention(
     """q [T, heads, hd] packed -> [T, heads, hd]; see the module docstring for the semantics."""
     if batch.is_decode:
         return decode_attention(q, k_cache, v_cache, batch)
-    return prefill_attention(q, k_cache, v_cache, batch)
+    if batch.padded_pairs > PAD_WASTE_LIMIT * batch.pairs:
+        return per_request_attention(q, k_cache, v_cache, batch)
+    return padded_prefill_attention(q, k_cache, v_cache, batch)
 
 
 def decode_attention(
@@ -126,7 +149,7 @@ def decode_attention(
     Each KV head's query heads stand in for the query-length axis ([R, kv_heads, group, hd]), so
     attention needs no GQA expansion and a [R, 1, 1, L] length mask covers every head."""
     r, heads, hd = q.shape
-    kv_heads = k_cache.shape[2]
+    kv_heads = k_cache.shape[0]
     length = batch.max_context_len
     keys = gather_kv(k_cache, batch.block_tables, length)
     values = gather_kv(v_cache, batch.block_tables, length)
@@ -136,7 +159,7 @@ def decode_attention(
     return out.reshape(r, heads, hd)
 
 
-def prefill_attention(
+def padded_prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
 ) -> torch.Tensor:
     """Packed chunks of R requests (varlen, causal over cached prefix + chunk): q [T, heads, hd] ->
@@ -158,3 +181,24 @@ def prefill_attention(
     mask = visible.view(r, 1, max_q, length)
     out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=mask, enable_gqa=True)
     return out.transpose(1, 2).reshape(r * max_q, heads, hd)[batch.pad_index]
+
+
+def per_request_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+) -> torch.Tensor:
+    """The same semantics, one gather and one attention call per request (no padding):
+    q [T, heads, hd] -> [T, heads, hd]."""
+    bs = k_cache.shape[2]
+    outs = []
+    start = 0
+    for r, (new, context) in enumerate(zip(batch.query_lens, batch.context_list, strict=True)):
+        table = batch.block_tables[r : r + 1, : -(-context // bs)]
+        keys = gather_kv(k_cache, table, context)  # [1, kv_heads, context, hd]
+        values = gather_kv(v_cache, table, context)
+        rows = q[start : start + new].transpose(0, 1)[None]  # [1, heads, new, hd]
+        start += new
+        positions = torch.arange(context - new, context, device=q.device)
+        mask = torch.arange(context, device=q.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)

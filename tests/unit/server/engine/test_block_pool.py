@@ -52,11 +52,11 @@ def test_budget_too_small_for_one_request_is_refused_naming_the_flags():
         blocks_for_budget(spec, 1e-6, "cpu", min_tokens=2048)
 
 
-def test_storage_is_token_major_per_layer():
+def test_storage_is_kv_head_outer_per_layer():
     spec = BlockSpec(layers=2, kv_heads=3, head_dim=8, block_size=BS, dtype=torch.float32)
     storage = KVBlockStorage(spec, num_blocks=5, device="cpu")
     assert len(storage.k) == len(storage.v) == 2
-    assert storage.k[0].shape == (5, BS, 3, 8)
+    assert storage.k[0].shape == (3, 5, BS, 8)
 
 
 # -- allocation and growth ------------------------------------------------------------------------
@@ -240,6 +240,19 @@ def test_prefix_caching_off_never_shares():
     b = pool.admit("b", [*SYSTEM, 1], None)
     assert b is not None and b.cached_tokens == 0
     assert pool.num_cached_blocks == 0 and not pool.prefix_stats
+
+
+def test_a_request_may_refuse_the_prefix_and_still_feed_the_cache():
+    pool = BlockPool(20, BS)
+    scoring = pool.admit("logprobs", [*SYSTEM, 2], None, reuse_prefix=False)
+    assert scoring is not None
+    pool.mark_computed(scoring, 13)
+    again = pool.admit("logprobs-again", [*SYSTEM, 2], None, reuse_prefix=False)
+    assert again is not None and again.cached_tokens == 0 and len(again.blocks) == 4
+    assert not pool.prefix_stats  # neither looked anything up
+    later = pool.admit("later", [*SYSTEM, 2, 5], None)
+    assert later is not None and later.cached_tokens == 12 and later.blocks[:3] == scoring.blocks[:3]
+    pool.check({"logprobs", "logprobs-again", "later"})
 
 
 def test_twin_prompts_computed_together_keep_one_cached_copy():

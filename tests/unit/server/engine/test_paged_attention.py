@@ -12,7 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.block_pool import BlockPool, BlockSpec, BlockTable, KVBlockStorage
-from server.engine.paged_attention import PagedBatch, gather_kv, paged_attention, write_kv
+from server.engine.paged_attention import (
+    PagedBatch,
+    gather_kv,
+    padded_prefill_attention,
+    paged_attention,
+    per_request_attention,
+    write_kv,
+)
+
+KERNELS = {"auto": paged_attention, "padded": padded_prefill_attention, "per_request": per_request_attention}
+"""paged_attention picks one of the others; each must be right on its own."""
 
 BS = 4
 HD = 8
@@ -66,7 +76,9 @@ class Scenario:
             self.pool.mark_computed(table, computed)
         return table
 
-    def run_pass(self, rows: list[tuple[BlockTable, str, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_pass(
+        self, rows: list[tuple[BlockTable, str, int]], kernel: str = "auto"
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One forward pass: each (table, key, new) writes its next ``new`` tokens' K/V and attends.
         -> (paged output [T, heads, hd], dense reference per request)."""
         batch = PagedBatch.build(
@@ -86,7 +98,7 @@ class Scenario:
             queries.append(q)
             expected.append(dense_reference(q, k, v, list(range(table.num_computed, end))))
         write_kv(self.storage.k[0], self.storage.v[0], batch.slots, torch.cat(new_k), torch.cat(new_v))
-        out = paged_attention(torch.cat(queries), self.storage.k[0], self.storage.v[0], batch)
+        out = KERNELS[kernel](torch.cat(queries), self.storage.k[0], self.storage.v[0], batch)
         return out, expected
 
     def scatter_pool(self) -> None:
@@ -106,16 +118,17 @@ DTYPES = [torch.float32, torch.bfloat16]
 HEADS = [(6, 2), (4, 4)]  # GQA group 3, and plain multi-head
 
 
+@pytest.mark.parametrize("kernel", ["auto", "per_request"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("heads", "kv_heads"), HEADS, ids=["gqa", "mha"])
-def test_decode_rows_of_different_lengths(test_device, dtype, heads, kv_heads):
+def test_decode_rows_of_different_lengths(test_device, dtype, heads, kv_heads, kernel):
     sc = Scenario(64, heads, kv_heads, dtype, test_device)
     sc.scatter_pool()
     rows = []
     for i, length in enumerate([1, 3, 4, 5, 17, 40]):
         table = sc.admit_computed(f"r{i}", [i] * length, f"r{i}", length - 1)  # last token not yet written
         rows.append((table, f"r{i}", 1))
-    batch_out, expected = sc.run_pass(rows)
+    batch_out, expected = sc.run_pass(rows, kernel)
     assert batch_out.shape == (6, heads, HD)
     assert_close(batch_out, expected, dtype)
 
@@ -136,8 +149,11 @@ def test_prefill_chunk_over_a_cached_prefix(test_device):
     assert_close(out, expected, torch.float32)
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_packed_prefill_of_several_requests_with_shared_cached_prefixes_and_a_decode_row(test_device, dtype):
+def test_packed_prefill_of_several_requests_with_shared_cached_prefixes_and_a_decode_row(
+    test_device, dtype, kernel
+):
     sc = Scenario(64, 6, 2, dtype, test_device)
     sc.scatter_pool()
     system = list(range(100, 112))  # three full blocks
@@ -154,7 +170,8 @@ def test_packed_prefill_of_several_requests_with_shared_cached_prefixes_and_a_de
     cold = sc.admit_computed("cold", list(range(9)), "cold", 0)
     decoding = sc.admit_computed("decoding", list(range(50, 56)), "decoding", 5)
     out, expected = sc.run_pass(
-        [(second, "system+7", 6), (cold, "cold", 9), (decoding, "decoding", 1), (third, "system+9", 1)]
+        [(second, "system+7", 6), (cold, "cold", 9), (decoding, "decoding", 1), (third, "system+9", 1)],
+        kernel,
     )
     assert out.shape == (6 + 9 + 1 + 1, 6, HD)
     assert_close(out, expected, dtype)
@@ -165,18 +182,25 @@ def test_write_kv_touches_only_the_given_slots():
     storage = KVBlockStorage(spec, 4, "cpu")
     k = torch.randn(3, 2, HD)
     write_kv(storage.k[0], storage.v[0], torch.tensor([5, 6, 13]), k, -k)
-    flat = storage.k[0].view(-1, 2, HD)
-    torch.testing.assert_close(flat[[5, 6, 13]], k)
-    torch.testing.assert_close(storage.v[0].view(-1, 2, HD)[[5, 6, 13]], -k)
+    flat = storage.k[0].view(2, -1, HD)  # [kv_heads, slots, hd]
+    torch.testing.assert_close(flat[:, [5, 6, 13]], k.transpose(0, 1))
+    torch.testing.assert_close(storage.v[0].view(2, -1, HD)[:, [5, 6, 13]], -k.transpose(0, 1))
     untouched = [s for s in range(16) if s not in (5, 6, 13)]
-    assert not flat[untouched].any()
+    assert not flat[:, untouched].any()
 
 
 def test_gather_reads_blocks_in_table_order():
-    cache = torch.arange(5 * BS * 1 * 1, dtype=torch.float32).view(5, BS, 1, 1)
+    cache = torch.arange(5 * BS * 1 * 1, dtype=torch.float32).view(1, 5, BS, 1)
     keys = gather_kv(cache, torch.tensor([[3, 1], [0, 0]]), 6)
     assert keys.shape == (2, 1, 6, 1)
     assert keys[0, 0, :, 0].tolist() == [12, 13, 14, 15, 4, 5]
+
+
+def test_prefill_pads_only_while_padding_costs_little():
+    equal = PagedBatch.build([[0, 1], [2, 3]], [8, 8], [4, 4], BS, "cpu")
+    assert equal.padded_pairs == equal.pairs == 64
+    skewed = PagedBatch.build([[0, 1, 2, 3], [4]], [16, 2], [16, 1], BS, "cpu")
+    assert skewed.padded_pairs == 2 * 16 * 16 and skewed.pairs == 16 * 16 + 2
 
 
 def test_batch_metadata_refuses_tokens_beyond_the_blocks():
@@ -192,12 +216,13 @@ def test_batch_metadata_refuses_tokens_beyond_the_blocks():
         max_size=5,
     ),
     gqa=st.sampled_from([(6, 2), (6, 3), (6, 6), (4, 1)]),
+    kernel=st.sampled_from(list(KERNELS)),
 )
-def test_random_packed_passes_equal_dense(requests, gqa):
+def test_random_packed_passes_equal_dense(requests, gqa, kernel):
     sc = Scenario(128, gqa[0], gqa[1], torch.float32, "cpu")
     rows = []
     for i, (new, cached) in enumerate(requests):
         table = sc.admit_computed(f"r{i}", [i] * (cached + new), f"r{i}", cached)
         rows.append((table, f"r{i}", new))
-    out, expected = sc.run_pass(rows)
+    out, expected = sc.run_pass(rows, kernel)
     assert_close(out, expected, torch.float32)

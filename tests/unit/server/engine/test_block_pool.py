@@ -400,18 +400,26 @@ class PoolMachine(RuleBasedStateMachine):
         for position, slot in enumerate(self.pool.slot_mapping(table, start, end), start):
             self.kv[slot] = (table.identity, tuple(table.token_ids[: position + 1]))
 
-    @rule(prompt=PROMPTS, ident=st.sampled_from(IDENTITIES))
-    def admit(self, prompt: list[int], ident: str | None) -> None:
+    @rule(
+        prompt=PROMPTS,
+        ident=st.sampled_from(IDENTITIES),
+        headroom=st.integers(0, 2 * BS),
+        reuse=st.booleans(),
+    )
+    def admit(self, prompt: list[int], ident: str | None, headroom: int, reuse: bool) -> None:
         free_before = self.pool.num_free_blocks
-        could = self.pool.can_admit(prompt, ident)
-        table = self.pool.admit(f"r{self.next_id}", prompt, ident)
+        could = self.pool.can_admit(prompt, ident, headroom, reuse_prefix=reuse)
+        table = self.pool.admit(f"r{self.next_id}", prompt, ident, headroom, reuse_prefix=reuse)
         self.next_id += 1
         assert (table is not None) == could
         if table is None:
             assert self.pool.num_free_blocks == free_before
             return
         assert table.cached_tokens % BS == 0 and table.cached_tokens < len(prompt)
+        assert reuse or table.cached_tokens == 0
         assert len(table.blocks) == self.pool.blocks_for_tokens(len(prompt))
+        room = self.pool.blocks_for_tokens(len(prompt) + headroom) - len(table.blocks)
+        assert self.pool.num_free_blocks >= room  # the decode headroom it was admitted with
 
     @precondition(lambda self: self.pool.live_tables())
     @rule(data=st.data())

@@ -13,8 +13,10 @@ K/V live in :class:`server.engine.block_pool.KVBlockStorage` tensors ``[kv_heads
 block_size, hd]``. Decode reads every row's blocks with one gather into a padded ``[R, kv_heads, L,
 hd]`` view and one attention call. Prefill does the same with queries padded to the longest chunk,
 unless padding would more than double the work (chunks of very different lengths), then one call per
-request. Measured against a gather per row, other block layouts and flex_attention in
-bench/paged_attention.py; docs/paged_kv.md has the numbers and the choice.
+request. A mixed pass (decode rows and prefill chunks, chunked prefill in the Sarathi manner) runs
+its decode rows and its chunks as two parts, each with its kernel. Measured against a gather per
+row, other block layouts and flex_attention in bench/paged_attention.py; docs/paged_kv.md has the
+numbers and the choice.
 
 The metadata (:class:`PagedBatch`) is built on the host from plain lists and moved to the device in
 one copy per tensor, so a step never waits on the device to plan itself.
@@ -48,6 +50,10 @@ class PagedBatch:
     """``context_lens`` on the host."""
     max_query_len: int
     max_context_len: int
+    parts: tuple[tuple[torch.Tensor, PagedBatch], ...] = ()
+    """A mixed pass (decode rows and prefill chunks): (token rows [T_part] into the packed T, the
+    part's own batch) for the decode rows and for the chunks, so each part gets its own kernel and a
+    decode row is never padded to the longest chunk. Empty otherwise."""
 
     @property
     def is_decode(self) -> bool:
@@ -92,6 +98,7 @@ class PagedBatch:
                 pad_index.append(r * max_q + i)
         tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
         per_token = torch.tensor([slots, positions, pad_index], dtype=torch.long).to(device)
+        mixed = min(query_lens) == 1 < max_q
         return cls(
             block_tables=tables.to(device),
             context_lens=torch.tensor(list(context_lens), dtype=torch.long).to(device),
@@ -102,7 +109,35 @@ class PagedBatch:
             context_list=tuple(context_lens),
             max_query_len=max_q,
             max_context_len=max(context_lens),
+            parts=cls._split(block_tables, context_lens, query_lens, block_size, device) if mixed else (),
         )
+
+    @classmethod
+    def _split(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: str | torch.device,
+    ) -> tuple[tuple[torch.Tensor, PagedBatch], ...]:
+        """The decode part and the prefill part of a mixed pass, with their rows in the packed T."""
+        starts = [0]
+        for new in query_lens:
+            starts.append(starts[-1] + new)
+        parts = []
+        for decode in (True, False):
+            members = [r for r, new in enumerate(query_lens) if (new == 1) == decode]
+            rows = [t for r in members for t in range(starts[r], starts[r + 1])]
+            part = cls.build(
+                [block_tables[r] for r in members],
+                [context_lens[r] for r in members],
+                [query_lens[r] for r in members],
+                block_size,
+                device,
+            )
+            parts.append((torch.tensor(rows, dtype=torch.long).to(device), part))
+        return tuple(parts)
 
 
 PAD_WASTE_LIMIT = 2.0
@@ -135,6 +170,11 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
 ) -> torch.Tensor:
     """q [T, heads, hd] packed -> [T, heads, hd]; see the module docstring for the semantics."""
+    if batch.parts:
+        out = torch.empty_like(q)
+        for rows, part in batch.parts:
+            out[rows] = paged_attention(q[rows], k_cache, v_cache, part)
+        return out
     if batch.is_decode:
         return decode_attention(q, k_cache, v_cache, batch)
     if batch.padded_pairs > PAD_WASTE_LIMIT * batch.pairs:

@@ -203,6 +203,17 @@ def test_prefill_pads_only_while_padding_costs_little():
     assert skewed.padded_pairs == 2 * 16 * 16 and skewed.pairs == 16 * 16 + 2
 
 
+def test_a_mixed_pass_splits_decode_rows_from_prefill_chunks():
+    # request 0: chunk of 3, request 1: decode, request 2: chunk of 2, request 3: decode
+    batch = PagedBatch.build([[0], [1], [2, 3], [4]], [3, 4, 6, 2], [3, 1, 2, 1], BS, "cpu")
+    (decode_rows, decode), (prefill_rows, prefill) = batch.parts
+    assert decode.is_decode and decode.query_lens == (1, 1) and decode_rows.tolist() == [3, 6]
+    assert prefill.query_lens == (3, 2) and prefill_rows.tolist() == [0, 1, 2, 4, 5]
+    assert not decode.parts and not prefill.parts
+    assert torch.equal(prefill.positions, batch.positions[prefill_rows])
+    assert not PagedBatch.build([[0], [1]], [3, 4], [1, 1], BS, "cpu").parts  # decode only: one part
+
+
 def test_batch_metadata_refuses_tokens_beyond_the_blocks():
     with pytest.raises(ValueError, match="request 0: 1 new tokens, 9 keys and 2 blocks do not fit"):
         PagedBatch.build([[0, 1]], [9], [1], BS, "cpu")

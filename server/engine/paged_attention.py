@@ -1,0 +1,245 @@
+"""Attention that reads K/V through block tables, in plain torch (CPU and GPU).
+
+Semantics: a forward pass covers R requests; request r brings ``query_lens[r]`` new tokens (a decode
+row brings 1, a prefill chunk more) at positions ``context_lens[r] - query_lens[r] ..
+context_lens[r] - 1``, packed one request after another into ``q: [T, heads, hd]``
+(T = sum of query_lens). Its keys are positions ``0 .. context_lens[r] - 1`` of its own blocks
+(cached prefix and this pass's tokens, written first by :func:`write_kv`), and query ``i`` sees
+keys ``0 .. position(i)`` (causal). Output: ``[T, heads, hd]``, equal within float tolerance to dense
+``scaled_dot_product_attention`` over each request's contiguous K/V. GQA: query head ``h`` reads
+KV head ``h // (heads // kv_heads)``, as in HF Llama.
+
+K/V live in :class:`server.engine.block_pool.KVBlockStorage` tensors ``[kv_heads, num_blocks,
+block_size, hd]``. Decode reads every row's blocks with one gather into a padded ``[R, kv_heads, L,
+hd]`` view and one attention call. Prefill does the same with queries padded to the longest chunk,
+unless padding would more than double the work (chunks of very different lengths), then one call per
+request. A mixed pass (decode rows and prefill chunks, chunked prefill in the Sarathi manner) runs
+its decode rows and its chunks as two parts, each with its kernel. Measured against a gather per
+row, other block layouts and flex_attention in bench/paged_attention.py; docs/paged_kv.md has the
+numbers and the choice.
+
+The metadata (:class:`PagedBatch`) is built on the host from plain lists and moved to the device in
+one copy per tensor, so a step never waits on the device to plan itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """Attention metadata for one forward pass over R requests' packed new tokens (T in all)."""
+
+    block_tables: torch.Tensor
+    """[R, M] long: request r's block ids, padded (with block 0, masked out) to the longest table."""
+    context_lens: torch.Tensor
+    """[R] long: keys request r sees after this pass (cached prefix + its new tokens)."""
+    slots: torch.Tensor
+    """[T] long: flat cache slot (``block * block_size + offset``) each new token's K/V is written to."""
+    positions: torch.Tensor
+    """[T] long: each new token's position in its request (for rotary and the causal mask)."""
+    pad_index: torch.Tensor
+    """[T] long: row of each new token in the padded [R * max_query_len] query layout."""
+    query_lens: tuple[int, ...]
+    context_list: tuple[int, ...]
+    """``context_lens`` on the host."""
+    max_query_len: int
+    max_context_len: int
+    parts: tuple[tuple[torch.Tensor, PagedBatch], ...] = ()
+    """A mixed pass (decode rows and prefill chunks): (token rows [T_part] into the packed T, the
+    part's own batch) for the decode rows and for the chunks, so each part gets its own kernel and a
+    decode row is never padded to the longest chunk. Empty otherwise."""
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request brings one token: the decode kernel needs no causal mask or padding."""
+        return self.max_query_len == 1
+
+    @property
+    def pairs(self) -> int:
+        """Query-key pairs the requests need (each new token against its request's keys)."""
+        return sum(n * c for n, c in zip(self.query_lens, self.context_list, strict=True))
+
+    @property
+    def padded_pairs(self) -> int:
+        """Query-key pairs one padded attention call computes."""
+        return len(self.query_lens) * self.max_query_len * self.max_context_len
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: str | torch.device,
+    ) -> PagedBatch:
+        """From host lists: each request's block ids, keys after the pass, and new tokens this pass."""
+        if not len(block_tables) == len(context_lens) == len(query_lens) > 0:
+            raise ValueError("a paged batch needs one block table, context and query length per request")
+        width = max(len(t) for t in block_tables)
+        max_q = max(query_lens)
+        slots: list[int] = []
+        positions: list[int] = []
+        pad_index: list[int] = []
+        for r, (table, context, new) in enumerate(zip(block_tables, context_lens, query_lens, strict=True)):
+            if not 0 < new <= context <= len(table) * block_size:
+                raise ValueError(
+                    f"request {r}: {new} new tokens, {context} keys and {len(table)} blocks do not fit"
+                )
+            for i, p in enumerate(range(context - new, context)):
+                slots.append(table[p // block_size] * block_size + p % block_size)
+                positions.append(p)
+                pad_index.append(r * max_q + i)
+        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        per_token = torch.tensor([slots, positions, pad_index], dtype=torch.long).to(device)
+        mixed = min(query_lens) == 1 < max_q
+        return cls(
+            block_tables=tables.to(device),
+            context_lens=torch.tensor(list(context_lens), dtype=torch.long).to(device),
+            slots=per_token[0],
+            positions=per_token[1],
+            pad_index=per_token[2],
+            query_lens=tuple(query_lens),
+            context_list=tuple(context_lens),
+            max_query_len=max_q,
+            max_context_len=max(context_lens),
+            parts=cls._split(block_tables, context_lens, query_lens, block_size, device) if mixed else (),
+        )
+
+    @classmethod
+    def _split(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: str | torch.device,
+    ) -> tuple[tuple[torch.Tensor, PagedBatch], ...]:
+        """The decode part and the prefill part of a mixed pass, with their rows in the packed T."""
+        starts = [0]
+        for new in query_lens:
+            starts.append(starts[-1] + new)
+        parts = []
+        for decode in (True, False):
+            members = [r for r, new in enumerate(query_lens) if (new == 1) == decode]
+            rows = [t for r in members for t in range(starts[r], starts[r + 1])]
+            part = cls.build(
+                [block_tables[r] for r in members],
+                [context_lens[r] for r in members],
+                [query_lens[r] for r in members],
+                block_size,
+                device,
+            )
+            parts.append((torch.tensor(rows, dtype=torch.long).to(device), part))
+        return tuple(parts)
+
+
+PAD_WASTE_LIMIT = 2.0
+"""Padded prefill computes R x max_query_len x max_context_len query-key pairs; above this multiple
+of the pairs the requests need, it runs one attention call per request instead. On the CPU a burst
+of equal chunks ran as fast padded as per request (on a GPU one call saves launches), chunks of
+32 to 256 tokens 4x faster per request (bench/paged_attention.py)."""
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store new K/V: caches [kv_heads, num_blocks, bs, hd], slots [T], k and v [T, kv_heads, hd]."""
+    kv_heads, _, _, hd = k_cache.shape
+    k_cache.view(kv_heads, -1, hd)[:, slots] = k.transpose(0, 1)
+    v_cache.view(kv_heads, -1, hd)[:, slots] = v.transpose(0, 1)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [kv_heads, num_blocks, bs, hd], block_tables [R, M] -> [R, kv_heads, length, hd].
+
+    One copy (the gather); the block axes merge as a view and the result's (L, hd) is contiguous."""
+    r, m = block_tables.shape
+    kv_heads, _, bs, hd = cache.shape
+    gathered = cache.index_select(1, block_tables.reshape(-1)).view(kv_heads, r, m * bs, hd)
+    return gathered[:, :, :length].transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+) -> torch.Tensor:
+    """q [T, heads, hd] packed -> [T, heads, hd]; see the module docstring for the semantics."""
+    if batch.parts:
+        out = torch.empty_like(q)
+        for rows, part in batch.parts:
+            out[rows] = paged_attention(q[rows], k_cache, v_cache, part)
+        return out
+    if batch.is_decode:
+        return decode_attention(q, k_cache, v_cache, batch)
+    if batch.padded_pairs > PAD_WASTE_LIMIT * batch.pairs:
+        return per_request_attention(q, k_cache, v_cache, batch)
+    return padded_prefill_attention(q, k_cache, v_cache, batch)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+) -> torch.Tensor:
+    """One query per request: q [R, heads, hd] -> [R, heads, hd].
+
+    Each KV head's query heads stand in for the query-length axis ([R, kv_heads, group, hd]), so
+    attention needs no GQA expansion and a [R, 1, 1, L] length mask covers every head."""
+    r, heads, hd = q.shape
+    kv_heads = k_cache.shape[0]
+    length = batch.max_context_len
+    keys = gather_kv(k_cache, batch.block_tables, length)
+    values = gather_kv(v_cache, batch.block_tables, length)
+    visible = torch.arange(length, device=q.device)[None, :] < batch.context_lens[:, None]
+    grouped = q.view(r, kv_heads, heads // kv_heads, hd)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible[:, None, None, :])
+    return out.reshape(r, heads, hd)
+
+
+def padded_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+) -> torch.Tensor:
+    """Packed chunks of R requests (varlen, causal over cached prefix + chunk): q [T, heads, hd] ->
+    [T, heads, hd], in one attention call over queries padded to [R, heads, max_query_len, hd].
+
+    A padding query row sees key 0 only (an all-masked row would give NaN) and is dropped after."""
+    _, heads, hd = q.shape
+    r = len(batch.query_lens)
+    length, max_q = batch.max_context_len, batch.max_query_len
+    keys = gather_kv(k_cache, batch.block_tables, length)
+    values = gather_kv(v_cache, batch.block_tables, length)
+    padded = q.new_zeros(r * max_q, heads, hd)
+    padded[batch.pad_index] = q
+    padded = padded.view(r, max_q, heads, hd).transpose(1, 2)  # [R, heads, max_q, hd]
+    # Query position of each padded row; padding rows get position 0 (they see key 0 alone).
+    query_pos = torch.zeros(r * max_q, dtype=torch.long, device=q.device)
+    query_pos[batch.pad_index] = batch.positions
+    visible = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]  # [R * max_q, L]
+    mask = visible.view(r, 1, max_q, length)
+    out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2).reshape(r * max_q, heads, hd)[batch.pad_index]
+
+
+def per_request_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+) -> torch.Tensor:
+    """The same semantics, one gather and one attention call per request (no padding):
+    q [T, heads, hd] -> [T, heads, hd]."""
+    bs = k_cache.shape[2]
+    outs = []
+    start = 0
+    for r, (new, context) in enumerate(zip(batch.query_lens, batch.context_list, strict=True)):
+        table = batch.block_tables[r : r + 1, : -(-context // bs)]
+        keys = gather_kv(k_cache, table, context)  # [1, kv_heads, context, hd]
+        values = gather_kv(v_cache, table, context)
+        rows = q[start : start + new].transpose(0, 1)[None]  # [1, heads, new, hd]
+        start += new
+        positions = torch.arange(context - new, context, device=q.device)
+        mask = torch.arange(context, device=q.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)

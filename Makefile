@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help install test lint demo serve bench bench-quick soak clean
+.PHONY: help install test lint docs demo serve bench bench-quick soak clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -31,6 +31,9 @@ lint: install  ## ruff (lint and format) and mypy (settings in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m mypy lorayard train_job server client
+
+docs: install  ## rewrite the generated tables in docs/ (flags, from the settings models)
+	$(PY) docs/generate.py
 
 demo: install  ## train two demo adapters, serve them, query them
 	$(PY) -m demo

@@ -39,7 +39,13 @@ if TYPE_CHECKING:
 
 CLAIM_FILE = ".publishing"
 """Written first, with If-None-Match: the publisher that creates it owns the version number."""
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorayard" / "adapters"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/lorayard/adapters``, else ``~/.cache/lorayard/adapters``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorayard" / "adapters"
+
+
 DEFAULT_CACHE_BYTES = 4 << 30
 _DOWNLOADING = ".downloading"
 _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -63,7 +69,7 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.location = f"{S3_SCHEME}{bucket}/{self.prefix}"
-        self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR) / bucket / self.prefix
+        self.cache_dir = Path(cache_dir or default_cache_dir()) / bucket / self.prefix
         self.cache_max_bytes = DEFAULT_CACHE_BYTES if cache_max_bytes is None else cache_max_bytes
         self._client = client
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flag_name, flags_table
-from lorayard.s3_storage import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_DIR
+from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
 from lorayard.storage import is_object_store
 from server.engine.config import EngineConfig
 
@@ -29,7 +29,8 @@ class Settings(BaseModel):
         Path("adapters"), description="the adapters volume to serve from: a folder or s3://bucket/prefix"
     )
     adapter_cache_dir: Path = Field(
-        DEFAULT_CACHE_DIR, description="where versions downloaded from an object store are kept"
+        default_factory=default_cache_dir,
+        description="where versions downloaded from an object store are kept",
     )
     adapter_cache_gb: float = Field(
         DEFAULT_CACHE_BYTES / 2**30, gt=0, description="bound of that cache (least recently used go first)"

@@ -1,11 +1,8 @@
-"""HTTP routes: thin. Parse -> pick adapter -> render prompt -> Generation -> OpenAI response/SSE."""
+"""HTTP routes: thin. Body -> serving (a validated EngineJob) -> Generation -> typed response or SSE."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -14,17 +11,21 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lorayard.chat_format import encode_text, render_prompt
-from lorayard.volume import AdapterNotFound
 from server.api.errors import APIError, NotReady
-from server.api.generation import ChoiceDelta, Generation, TokenLogprob, sampling_params
+from server.api.generation import ChoiceDelta, Generation
 from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     LoadLoraRequest,
-    SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
     UnloadLoraRequest,
 )
+from server.api.responses import ChatBuilder, CompletionBuilder
+from server.api.serving import EngineJob, chat_job, completion_job, detokenize_ids, tokenize_text
+from server.api.streaming import sse_stream
 from server.runtime import Runtime, require_api_key
 
 router = APIRouter()
@@ -119,76 +120,21 @@ async def unload_lora_adapter(body: UnloadLoraRequest, runtime: ReadyDep) -> dic
 
 
 # -- generation ----------------------------------------------------------------------------------
-def _adapter_ref(body: SamplingFields, runtime: Runtime) -> str | None:
-    """`adapter` wins; else `model` names an adapter (vLLM/LoRAX style) or the base."""
-    if body.adapter:
-        return body.adapter
-    if body.model is None or body.model == runtime.settings.base_model:
-        return None
-    if runtime.registry.known(body.model.partition("@")[0]):
-        return body.model
-    raise APIError(
-        404,
-        f"model {body.model!r} is neither the base model nor an adapter on the volume",
-        param="model",
-        code="model_not_found",
-    )
-
-
-async def _start(
-    runtime: Runtime,
-    request: Request,
-    body: SamplingFields,
-    prompt_ids: list[int],
-    max_tokens: int | None,
-    logprobs: int | None,
-) -> tuple[Generation, AsyncIterator[ChoiceDelta], ChoiceDelta | None]:
-    settings = runtime.settings
-    if body.n > settings.max_n:
-        raise APIError(400, f"n: at most {settings.max_n}", param="n", code="invalid_value")
-    params = sampling_params(body, max_tokens, logprobs, settings.max_tokens_limit)
-    if len(prompt_ids) + params.max_tokens > runtime.engine.max_model_len and max_tokens is None:
-        # No explicit max_tokens: fill the context window rather than refuse.
-        from dataclasses import replace
-
-        params = replace(params, max_tokens=max(1, runtime.engine.max_model_len - len(prompt_ids)))
-    ref = _adapter_ref(body, runtime)
-    lease = None
-    if ref is not None:
-        try:
-            lease = await runtime.registry.acquire(ref)
-        except AdapterNotFound as exc:
-            raise APIError(
-                404, str(exc), param="adapter" if body.adapter else "model", code="adapter_not_found"
-            ) from exc
-    generation = Generation(
-        engine=runtime.engine,
-        registry=runtime.registry,
-        tokenizer=runtime.tokenizer,
-        metrics=runtime.metrics,
-        prompt_ids=prompt_ids,
-        params=params,
-        n=body.n,
-        stops=body.stop_strings(),
-        lease=lease,
-    )
-    request.state.adapter = generation.adapter_label
-    request.state.usage = generation.usage
-    deltas = generation.deltas()
+async def _prepend(
+    first: ChoiceDelta | None, deltas: AsyncIterator[ChoiceDelta]
+) -> AsyncIterator[ChoiceDelta]:
     try:
-        # Pull the first delta now so engine refusals (queue full, context length) become a proper
-        # HTTP error instead of a broken stream.
-        first = await deltas.__anext__()
-    except StopAsyncIteration:
-        first = None
-    return generation, deltas, first
+        if first is not None:
+            yield first
+        async for delta in deltas:
+            yield delta
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
 
 
-async def _collect(
-    deltas: AsyncIterator[ChoiceDelta], first: ChoiceDelta | None, request: Request
-) -> list[ChoiceDelta]:
+async def _collect(deltas: AsyncIterator[ChoiceDelta], request: Request) -> list[ChoiceDelta]:
     """All deltas of a non-streamed request; a client that disconnects cancels the generation."""
-    items = [] if first is None else [first]
+    items: list[ChoiceDelta] = []
 
     async def consume() -> None:
         async for item in deltas:
@@ -200,181 +146,52 @@ async def _collect(
         if not done and await request.is_disconnected():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await deltas.aclose()  # type: ignore[attr-defined]
             raise asyncio.CancelledError
     task.result()
     return items
 
 
-def _merge(items: list[ChoiceDelta], n: int) -> list[tuple[str, str, list[TokenLogprob]]]:
-    texts = [""] * n
-    reasons = ["stop"] * n
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    for item in items:
-        texts[item.index] += item.text
-        logprobs[item.index] += item.logprobs
-        if item.finish_reason is not None:
-            reasons[item.index] = item.finish_reason
-    return list(zip(texts, reasons, logprobs, strict=True))
-
-
-def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-    return {
-        "content": [
-            {
-                "token": e.token,
-                "logprob": e.logprob,
-                "bytes": list(e.token.encode()),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in e.top],
-            }
-            for e in entries
-        ]
-    }
-
-
-def _completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [dict(e.top) for e in entries],
-        "text_offset": [],
-    }
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _stream(
-    kind: str,
-    generation: Generation,
-    deltas: AsyncIterator[ChoiceDelta],
-    first: ChoiceDelta | None,
-    model: str,
-    include_usage: bool,
-    want_logprobs: bool,
-) -> StreamingResponse:
-    response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return _sse(
-            {
-                "id": response_id,
-                "object": obj,
-                "created": created,
-                "model": model,
-                "choices": choices,
-                **extra,
-            }
+async def _generate(
+    runtime: Runtime, request: Request, job: EngineJob, builder: CompletionBuilder | ChatBuilder
+) -> Response:
+    generation = Generation(runtime, job)
+    request.state.generation = generation  # the access log and request counter read it
+    deltas = generation.deltas()
+    try:
+        # Pull the first delta now so refusals (queue full, unknown adapter, context length) become
+        # a proper HTTP error instead of a broken stream.
+        first: ChoiceDelta | None = await deltas.__anext__()
+    except StopAsyncIteration:
+        first = None
+    stream = _prepend(first, deltas)
+    if job.stream:
+        request.state.stream_errors = errors = []
+        chunks = sse_stream(builder.chunks(stream, generation.usage), errors)
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-
-    def choice(item: ChoiceDelta) -> dict[str, Any]:
-        if kind == "chat":
-            lp = _chat_logprobs(item.logprobs) if want_logprobs else None
-            return {
-                "index": item.index,
-                "delta": {"content": item.text} if item.text else {},
-                "logprobs": lp,
-                "finish_reason": item.finish_reason,
-            }
-        lp = _completion_logprobs(item.logprobs) if want_logprobs else None
-        return {"index": item.index, "text": item.text, "logprobs": lp, "finish_reason": item.finish_reason}
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            if kind == "chat":
-                roles = [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    for i in range(generation.n)
-                ]
-                yield chunk(roles)
-            if first is not None:
-                yield chunk([choice(first)])
-            async for item in deltas:
-                yield chunk([choice(item)])
-            if include_usage:
-                yield chunk([], usage=generation.usage.as_dict())
-            yield "data: [DONE]\n\n"
-        finally:
-            await deltas.aclose()  # type: ignore[attr-defined]
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    items = await _collect(stream, request)
+    return JSONResponse(builder.response(items, generation.usage).model_dump(mode="json"))
 
 
 @router.post("/v1/chat/completions", dependencies=Authorized)
 async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: ReadyDep) -> Response:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = render_prompt(runtime.tokenizer, messages)  # type: ignore[arg-type]
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    generation, deltas, first = await _start(runtime, request, body, prompt_ids, max_tokens, logprobs)
-    model = body.model or runtime.settings.base_model
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream("chat", generation, deltas, first, model, include_usage, logprobs is not None)
-    items = await _collect(deltas, first, request)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": _chat_logprobs(lps) if logprobs is not None else None,
-            "finish_reason": reason,
-        }
-        for i, (text, reason, lps) in enumerate(_merge(items, body.n))
-    ]
-    return JSONResponse(
-        {
-            "id": "chatcmpl-" + uuid.uuid4().hex,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": generation.usage.as_dict(),
-        }
-    )
+    job = chat_job(body, runtime)
+    return await _generate(runtime, request, job, ChatBuilder(job, runtime.tokenizer))
 
 
 @router.post("/v1/completions", dependencies=Authorized)
 async def completions(body: CompletionRequest, request: Request, runtime: ReadyDep) -> Response:
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        vocab = len(runtime.tokenizer)
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise APIError(
-                400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value"
-            )
-        prompt_ids = list(prompt)  # type: ignore[arg-type]
-    else:
-        prompt_ids = encode_text(runtime.tokenizer, prompt)
-    generation, deltas, first = await _start(
-        runtime, request, body, prompt_ids, body.max_tokens, body.logprobs
-    )
-    model = body.model or runtime.settings.base_model
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(
-            "completion", generation, deltas, first, model, include_usage, body.logprobs is not None
-        )
-    items = await _collect(deltas, first, request)
-    echo = prompt if (body.echo and isinstance(prompt, str)) else ""
-    choices = [
-        {
-            "index": i,
-            "text": echo + text,
-            "logprobs": _completion_logprobs(lps) if body.logprobs is not None else None,
-            "finish_reason": reason,
-        }
-        for i, (text, reason, lps) in enumerate(_merge(items, body.n))
-    ]
-    return JSONResponse(
-        {
-            "id": "cmpl-" + uuid.uuid4().hex,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": generation.usage.as_dict(),
-        }
-    )
+    job = completion_job(body, runtime)
+    return await _generate(runtime, request, job, CompletionBuilder(job, runtime.tokenizer))
+
+
+# -- tokenizer (vLLM's bodies) -------------------------------------------------------------------
+@router.post("/tokenize", dependencies=Authorized)
+async def tokenize(body: TokenizeRequest, runtime: ReadyDep) -> TokenizeResponse:
+    return tokenize_text(body, runtime)
+
+
+@router.post("/detokenize", dependencies=Authorized)
+async def detokenize(body: DetokenizeRequest, runtime: ReadyDep) -> DetokenizeResponse:
+    return detokenize_ids(body, runtime)

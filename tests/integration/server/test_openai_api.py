@@ -173,5 +173,5 @@ def test_metrics_are_per_adapter(client, real_server):
     _chat(client, QUESTIONS[1], model="all16")
     text = httpx.get(real_server.base_url + "/metrics").text
     assert 'lorayard_time_to_first_token_seconds_count{adapter="all16"}' in text
-    assert 'lorayard_requests_total{adapter="all16",status="ok"}' in text
+    assert 'lorayard_requests_total{adapter="all16",status="200"}' in text
     assert "lorayard_loaded_adapters" in text

@@ -39,12 +39,13 @@ from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype
 from server.engine.kv_cache import KVCache, KVCacheSpec, slots_for_budget
 from server.engine.lora_ops import ResidentAdapter, segments_of
 from server.engine.model_runner import DecodeBatch, ModelRunner, PrefillRow
-from server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row
+from server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row, score_tokens
 from server.engine.types import (
     EngineStats,
     EngineStopped,
     FinishReason,
     InvalidRequest,
+    PromptLogprob,
     PromptTooLong,
     QueueFull,
     Request,
@@ -76,6 +77,12 @@ class _Sequence:
     prefilled: int = 0
     finished: bool = False
     arrival: float = field(default_factory=time.monotonic)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+    """With ``prompt_logprobs`` asked: filled chunk by chunk during prefill (the first token has none)."""
+
+    def __post_init__(self) -> None:
+        if self.request.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def adapter_slot(self) -> int | None:
@@ -362,16 +369,28 @@ class Engine:
             if budget <= 0:
                 break
             prompt = seq.request.prompt_ids
-            chunk = prompt[seq.prefilled : seq.prefilled + budget]
+            start = seq.prefilled
+            chunk = prompt[start : start + budget]
             budget -= len(chunk)
-            try:
-                logits = self.runner.prefill(PrefillRow(seq.slot, chunk, seq.prefilled, seq.adapter_slot))
-            except Exception as exc:  # this prompt's forward alone: fail it, free its slot
+            row = PrefillRow(seq.slot, chunk, start, seq.adapter_slot)
+            try:  # this prompt's forward alone: if it fails, fail it and free its slot
+                logits = self.runner.prefill(row, all_positions=seq.prompt_logprobs is not None)
+                if seq.prompt_logprobs is not None:
+                    # Position i scores token i + 1: the chunk's last logits score the next chunk's first.
+                    targets = prompt[start + 1 : start + len(chunk) + 1]
+                    seq.prompt_logprobs.extend(
+                        score_tokens(logits, targets, seq.request.params.prompt_logprobs)
+                    )
+            except Exception as exc:
                 self._fail(seq, "prefill", exc)
                 continue
             seq.prefilled += len(chunk)
-            if not seq.in_prefill:
-                self._sample_and_accept([seq], logits[None])
+            if seq.in_prefill:
+                continue
+            if seq.request.params.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
+                self._finish(seq, "length")
+            else:
+                self._sample_and_accept([seq], logits[-1:])
 
     def _decode(self) -> None:
         rows = [s for s in self._running if not s.in_prefill and not s.finished]
@@ -438,6 +457,7 @@ class Engine:
                 finish_reason=finish,
                 prompt_tokens=len(seq.request.prompt_ids),
                 output_tokens=n,
+                prompt_logprobs=self._prompt_logprobs(seq) if n == 1 else None,
             ),
         )
         if finish is not None:
@@ -458,9 +478,17 @@ class Engine:
                 prompt_tokens=len(seq.request.prompt_ids),
                 output_tokens=len(seq.state.output_ids),
                 error=error,
+                prompt_logprobs=self._prompt_logprobs(seq) if not seq.state.output_ids else None,
             ),
         )
         self._retire(seq)
+
+    @staticmethod
+    def _prompt_logprobs(seq: _Sequence) -> tuple[PromptLogprob | None, ...] | None:
+        """For the request's first event: complete once its prefill is (None on an early abort)."""
+        if seq.prompt_logprobs is None or seq.in_prefill:
+            return None
+        return tuple(seq.prompt_logprobs)
 
     def _retire(self, seq: _Sequence) -> None:
         seq.finished = True

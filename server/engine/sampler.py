@@ -1,4 +1,4 @@
-"""Token selection: penalties, temperature, top-k / top-p, seeded sampling, logprobs.
+"""Token selection: penalties, temperature, top-k / top-p, seeded sampling, logprobs; prompt scoring.
 
 The greedy rows of a batch (all of them in the common serving and benchmark case) are one argmax;
 rows that sample or use penalties are processed on their own, so the engine can fail one row's
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.types import SamplingParams, TopLogprob
+from server.engine.types import PromptLogprob, SamplingParams, TopLogprob
 
 
 @dataclass
@@ -120,3 +120,23 @@ def greedy_tokens(logits: torch.Tensor, seqs: list[SequenceState]) -> list[Sampl
     for i, token in zip(plain, torch.argmax(rows, dim=-1).tolist(), strict=True):
         tokens[i] = SampledToken(int(token))
     return tokens
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], top: int) -> list[PromptLogprob]:
+    """logits: [n, vocab] float32 with n >= len(targets); row i scores ``targets[i]``.
+
+    Each target's logprob under the model's own distribution (no temperature, penalties or bias, as
+    OpenAI's echo and vLLM's prompt_logprobs report it) and the ``top`` most likely alternatives.
+    """
+    if not targets:
+        return []
+    logprobs = torch.log_softmax(logits[: len(targets)], dim=-1)
+    index = torch.tensor(targets, device=logits.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    if top == 0:
+        return [PromptLogprob(value) for value in chosen]
+    best = torch.topk(logprobs, top, dim=-1)
+    return [
+        PromptLogprob(value, tuple(TopLogprob(int(i), float(v)) for v, i in zip(values, ids, strict=True)))
+        for value, values, ids in zip(chosen, best.values.tolist(), best.indices.tolist(), strict=True)
+    ]

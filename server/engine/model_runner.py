@@ -153,8 +153,12 @@ class ModelRunner:
 
     # -- passes ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: PrefillRow) -> torch.Tensor:
-        """Run one prompt chunk, writing its K/V into the row's slot. Returns last-token logits [vocab]."""
+    def prefill(self, row: PrefillRow, all_positions: bool = False) -> torch.Tensor:
+        """Run one prompt chunk, writing its K/V into the row's slot.
+
+        Returns float32 logits [1, vocab] for the chunk's last token, or [len(ids), vocab] for every
+        position with ``all_positions`` (prompt logprobs: position i scores token i + 1).
+        """
         t = len(row.ids)
         end = row.start + t
         ids = torch.tensor(row.ids, device=self.device)
@@ -179,8 +183,8 @@ class ModelRunner:
             h = residual + self._linear(layer.self_attn.o_proj, out, i, "o_proj", segments)
             h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h), segments)
         self.cache.lengths[row.slot] = end
-        last = self._norm(self.model.model.norm, h[-1:])
-        return self.model.lm_head(last)[0].float()
+        scored = h if all_positions else h[-1:]
+        return self.model.lm_head(self._norm(self.model.model.norm, scored)).float()
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Token selection: penalties, temperature, top-k / top-p, seeded sampling, logprobs.
+"""Token selection: penalties, temperature, top-k / top-p, seeded sampling, logprobs; prompt scoring.
 
-The all-greedy batch (the common serving and benchmark case) is one argmax; rows that sample or
-use penalties are processed on their own.
+The greedy rows of a batch (all of them in the common serving and benchmark case) are one argmax;
+rows that sample or use penalties are processed on their own, so the engine can fail one row's
+sampling without touching the others.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.types import SamplingParams, TopLogprob
+from server.engine.types import PromptLogprob, SamplingParams, TopLogprob
 
 
 @dataclass
@@ -108,8 +109,34 @@ def sample_row(logits: torch.Tensor, seq: SequenceState, eos_ids: frozenset[int]
     return SampledToken(token, float(logprobs[token]), tops)
 
 
-def sample(logits: torch.Tensor, seqs: list[SequenceState], eos_ids: frozenset[int]) -> list[SampledToken]:
-    """logits: [B, vocab] -> one token per row."""
-    if not any(seq.needs_processing for seq in seqs):
-        return [SampledToken(int(t)) for t in torch.argmax(logits, dim=-1).tolist()]
-    return [sample_row(logits[i], seq, eos_ids) for i, seq in enumerate(seqs)]
+def greedy_tokens(logits: torch.Tensor, seqs: list[SequenceState]) -> list[SampledToken | None]:
+    """logits: [B, vocab] -> the argmax of every row that needs no processing (one batched op and one
+    device read), None for the rows that :func:`sample_row` must handle one by one."""
+    plain = [i for i, seq in enumerate(seqs) if not seq.needs_processing]
+    tokens: list[SampledToken | None] = [None] * len(seqs)
+    if not plain:
+        return tokens
+    rows = logits if len(plain) == len(seqs) else logits[plain]
+    for i, token in zip(plain, torch.argmax(rows, dim=-1).tolist(), strict=True):
+        tokens[i] = SampledToken(int(token))
+    return tokens
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], top: int) -> list[PromptLogprob]:
+    """logits: [n, vocab] float32 with n >= len(targets); row i scores ``targets[i]``.
+
+    Each target's logprob under the model's own distribution (no temperature, penalties or bias, as
+    OpenAI's echo and vLLM's prompt_logprobs report it) and the ``top`` most likely alternatives.
+    """
+    if not targets:
+        return []
+    logprobs = torch.log_softmax(logits[: len(targets)], dim=-1)
+    index = torch.tensor(targets, device=logits.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    if top == 0:
+        return [PromptLogprob(value) for value in chosen]
+    best = torch.topk(logprobs, top, dim=-1)
+    return [
+        PromptLogprob(value, tuple(TopLogprob(int(i), float(v)) for v, i in zip(values, ids, strict=True)))
+        for value, values, ids in zip(chosen, best.values.tolist(), best.indices.tolist(), strict=True)
+    ]

@@ -145,7 +145,14 @@ class EngineStopped(EngineError):
 
 class InvalidRequest(EngineError, ValueError):
     """The request cannot run as asked (a token id outside the vocabulary, a grammar that does not
-    compile, ...); the API answers 400. The API validates first; this is the engine's own guard."""
+    compile, ...); the API answers 400. The API validates first; this is the engine's own guard.
+
+    ``param`` names the offending :class:`Request` / :class:`SamplingParams` field (``prompt_ids``,
+    ``stop_token_ids``, ``logit_bias``, ``guided``, ...), for the error's ``param``."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLong(EngineError):

@@ -22,14 +22,32 @@ class SequenceState:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    """Seeded requests: created on first use, on the device of the probabilities it samples."""
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    """``logit_bias`` as (ids [n] long, values [n] float32) on the logits' device, built once."""
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int]) -> SequenceState:
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator()
-            generator.manual_seed(params.seed)
-        return cls(params=params, prompt_ids=prompt_ids, generator=generator)
+        return cls(params=params, prompt_ids=prompt_ids)
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The request's own generator (None unseeded): torch.multinomial refuses a CPU generator for
+        CUDA probabilities, so it lives where the logits do."""
+        if self.params.seed is None:
+            return None
+        if self.generator is None:  # a request's logits never change device
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.params.seed)
+        return self.generator
+
+    def bias_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bias is None:
+            ids, values = zip(*self.params.logit_bias, strict=True)
+            self.bias = (
+                torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
+        return self.bias
 
     @property
     def needs_processing(self) -> bool:
@@ -40,6 +58,7 @@ class SequenceState:
             or p.frequency_penalty != 0.0
             or p.repetition_penalty != 1.0
             or p.logprobs is not None
+            or bool(p.logit_bias)  # a biased greedy row's argmax is not the plain one
             or (p.min_tokens > len(self.output_ids))
         )
 
@@ -84,6 +103,9 @@ def sample_row(logits: torch.Tensor, seq: SequenceState, eos_ids: frozenset[int]
     """logits: [vocab] float32 for one row -> the chosen token (and logprobs when asked)."""
     p = seq.params
     logits = _apply_penalties(logits.clone(), seq)
+    if p.logit_bias:  # OpenAI: added to the logits before sampling (so before temperature)
+        ids, values = seq.bias_on(logits.device)
+        logits.index_add_(0, ids, values)
     if len(seq.output_ids) < p.min_tokens:
         for token in eos_ids | p.stop_token_ids:
             logits[token] = float("-inf")
@@ -93,7 +115,7 @@ def sample_row(logits: torch.Tensor, seq: SequenceState, eos_ids: frozenset[int]
     else:
         processed = _top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(processed, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        token = int(torch.multinomial(probs, 1, generator=seq.generator_on(probs.device)))
     if p.logprobs is None:
         return SampledToken(token)
     logprobs = torch.log_softmax(processed, dim=-1)

@@ -86,6 +86,10 @@ def _json_response(status: int, body: dict) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# The engine names its own fields (server.engine.types); the client knows the request's.
+_ENGINE_FIELDS = {"prompt_ids": "prompt", "guided": "response_format"}
+
+
 def error_response(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
@@ -108,6 +112,8 @@ def _param_of(exc: Exception) -> str | None:
         return "adapter"
     if isinstance(exc, PromptTooLong):
         return "messages"
+    if isinstance(exc, InvalidRequest):
+        return _ENGINE_FIELDS.get(exc.param or "", exc.param)
     return None
 
 

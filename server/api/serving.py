@@ -47,9 +47,31 @@ REFUSED_FIELDS: dict[str, str] = {
     "guided_grammar": "`guided_grammar` is not supported: only JSON (response_format) can be enforced",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
+    "min_p": "`min_p` is not supported: use top_p or top_k",
+    "typical_p": "`typical_p` is not supported: use top_p or top_k",
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "`length_penalty` (beam search) is not supported",
+    "allowed_token_ids": "`allowed_token_ids` is not supported: use logit_bias (+100) or response_format",
+    "bad_words": "`bad_words` is not supported: use logit_bias (-100) on their token ids",
+    "include_stop_str_in_output": "`include_stop_str_in_output` is not supported: stop strings are cut",
+    "skip_special_tokens": "`skip_special_tokens: false` is not supported: special tokens are skipped",
+    "truncate_prompt_tokens": "prompt truncation is not supported: send a shorter prompt",
+    "chat_template": "a per-request chat template is not supported: the base's template is used",
+    "continue_final_message": "`continue_final_message` is not supported: use /v1/completions",
 }
-"""Fields a client may send that we cannot honour: refused with a 400 saying what to send instead.
-Other unknown fields (``user``, ``metadata``, ...) change nothing about the output and are ignored."""
+"""Fields a client may send that we cannot honour: refused with a 400 saying what to send instead,
+unless they carry their no-op value (:data:`_NO_OP_VALUES`). Other unknown fields (``user``,
+``metadata``, ...) change nothing about the output and are ignored."""
+
+_NO_OP_VALUES: dict[str, object] = {
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "continue_final_message": False,
+}
 
 
 @dataclass(frozen=True)
@@ -97,7 +119,7 @@ def _bad(param: str, message: str) -> APIError:
 def _refuse_unsupported(body: SamplingFields) -> None:
     for name in sorted(body.extra_fields()):
         value = (body.model_extra or {})[name]
-        if name in REFUSED_FIELDS and value is not None:
+        if name in REFUSED_FIELDS and value is not None and value != _NO_OP_VALUES.get(name, ...):
             raise APIError(400, REFUSED_FIELDS[name], param=name, code="unsupported_field")
     best_of = (body.model_extra or {}).get("best_of")
     if best_of not in (None, 1, body.n):

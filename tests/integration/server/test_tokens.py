@@ -91,3 +91,19 @@ def test_tokenizer_routes_refuse_bad_bodies(real_server, path, body, param):
     response = httpx.post(real_server.base_url + path, json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("min_p", 0.1), ("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("suffix", "!"), ("best_of", 3)],
+)
+def test_fields_we_cannot_honour_are_refused_by_name(real_server, field, value):
+    body = {"model": BASE, "prompt": "Hello", "max_tokens": 2, field: value}
+    response = httpx.post(real_server.v1 + "/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_no_op_values_of_refused_fields_are_accepted(real_server):
+    body = {"model": BASE, "prompt": "Hello", "max_tokens": 2, "min_p": 0.0, "skip_special_tokens": True}
+    assert httpx.post(real_server.v1 + "/completions", json=body, timeout=60).status_code == 200

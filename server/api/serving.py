@@ -58,6 +58,9 @@ REFUSED_FIELDS: dict[str, str] = {
     "truncate_prompt_tokens": "prompt truncation is not supported: send a shorter prompt",
     "chat_template": "a per-request chat template is not supported: the base's template is used",
     "continue_final_message": "`continue_final_message` is not supported: use /v1/completions",
+    # Declared by /v1/completions, so only ever an unknown field on chat:
+    "echo": "`echo` is only supported on /v1/completions",
+    "prompt_logprobs": "`prompt_logprobs` is only supported on /v1/completions",
 }
 """Fields a client may send that we cannot honour: refused with a 400 saying what to send instead,
 unless they carry their no-op value (:data:`_NO_OP_VALUES`). Other unknown fields (``user``,
@@ -71,6 +74,7 @@ _NO_OP_VALUES: dict[str, object] = {
     "include_stop_str_in_output": False,
     "skip_special_tokens": True,
     "continue_final_message": False,
+    "echo": False,
 }
 
 

@@ -53,8 +53,9 @@ def fuzz_server(tiny_base_dir, tmp_path_factory, tiny_adapter_source):
     server.stop()
 
 
-def _stream_text(base_url: str, body: dict) -> str:
-    """The text of a streamed completion; fails on any error event."""
+def _stream_text(base_url: str, body: dict, running: threading.Event | None = None) -> str:
+    """The text of a streamed completion; fails on any error event. ``running`` is set once the
+    first chunk arrived (the request is in the engine's batch)."""
     text = ""
     with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200, response.read()
@@ -64,6 +65,8 @@ def _stream_text(base_url: str, body: dict) -> str:
             chunk = json.loads(line[6:])
             assert "error" not in chunk, chunk
             text += "".join(c["text"] for c in chunk["choices"])
+            if running is not None:
+                running.set()
     return text
 
 
@@ -150,14 +153,15 @@ def test_no_request_hurts_an_innocent_stream(fuzz_server):
 
         def run_innocent() -> None:
             try:
-                started.set()
-                innocent.append(_stream_text(base_url, INNOCENT))
+                innocent.append(_stream_text(base_url, INNOCENT, started))
             except BaseException as exc:  # reported by the assertion below
                 innocent.append(exc)
+            finally:
+                started.set()
 
         thread = threading.Thread(target=run_innocent)
         thread.start()
-        started.wait()
+        started.wait(60)  # the innocent stream is running: the hostile request joins its batch
         status, text = _send(base_url, path, body)
         thread.join(60)
         assert status < 500, (path, body, status, text)

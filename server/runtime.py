@@ -16,6 +16,7 @@ from lorayard.chat_format import stop_token_ids
 from server.adapters.registry import AdapterRegistry
 from server.api.errors import APIError
 from server.engine.engine import Engine
+from server.engine.guided import GuidedCompiler
 from server.metrics import ServerMetrics
 from server.settings import Settings
 
@@ -47,18 +48,23 @@ class Runtime:
         try:
             base = await asyncio.to_thread(resolve_base_model, settings.base_model)
             tokenizer = await asyncio.to_thread(load_tokenizer, base)
+            eos_token_ids = stop_token_ids(tokenizer)
             engine = await asyncio.to_thread(
                 Engine.from_base,
                 base,
                 device=settings.device,
                 quantization=settings.quantization,
-                eos_token_ids=stop_token_ids(tokenizer),
+                eos_token_ids=eos_token_ids,
                 max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue,
                 max_model_len=settings.max_model_len,
                 kv_cache_memory_gb=settings.kv_cache_memory_gb,
                 prefill_chunk=settings.prefill_chunk,
                 metrics=self.metrics,
+            )
+            # Structured output needs the tokenizer's byte strings, for the width of the model's logits.
+            engine.guided = await asyncio.to_thread(
+                GuidedCompiler, tokenizer, engine.vocab_size, eos_token_ids
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
         except Exception as exc:  # reported on /ready; the process stays up for inspection

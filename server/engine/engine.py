@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
     from lorayard.base_model import Quantization
+    from server.engine.guided import GuidedCompiler, GuidedMatcher
     from server.metrics import ServerMetrics
 
 log = logging.getLogger("lorayard.engine")
@@ -128,7 +130,10 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         metrics: ServerMetrics | None = None,
         fuse_linears: bool | None = None,
+        guided: GuidedCompiler | None = None,
     ) -> None:
+        """guided: structured output's grammar compiler for the served tokenizer (None: requests with
+        ``guided`` are refused); the runtime sets it once the tokenizer is loaded."""
         self.model = model
         self.config: PretrainedConfig = model.config
         self.device = str(next(model.parameters()).device)
@@ -142,6 +147,10 @@ class Engine:
         self.vocab_size = int(self.config.vocab_size)
         """Width of the logits: every token id a request carries must be below it."""
         self.metrics = metrics
+        self._guided: GuidedCompiler | None = None
+        self.guided = guided
+        self._grammar_thread: ThreadPoolExecutor | None = None
+        """Fills constrained rows' token masks while the forward pass runs (created on first use)."""
         config = self.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         spec = KVCacheSpec(
@@ -182,6 +191,21 @@ class Engine:
         model.eval()
         return cls(model, eos_token_ids=eos_token_ids, **kwargs)  # type: ignore[arg-type]
 
+    @property
+    def guided(self) -> GuidedCompiler | None:
+        """Structured output's grammar compiler; None: requests with ``guided`` are refused."""
+        return self._guided
+
+    @guided.setter
+    def guided(self, compiler: GuidedCompiler | None) -> None:
+        # A narrower mask would leave the logits past its end unmasked: a silent wrong answer.
+        if compiler is not None and compiler.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"the grammar compiler's vocabulary ({compiler.vocab_size}) is not the width of the "
+                f"model's logits ({self.vocab_size})"
+            )
+        self._guided = compiler
+
     # -- adapters (called by the registry, from worker threads) ---------------------------------
     def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
         """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
@@ -209,7 +233,12 @@ class Engine:
         if self._draining or self._stopped.is_set():
             raise EngineStopped("the server is shutting down")
         self._validate(request)
-        return self._enqueue(request)
+        guide = None
+        if request.params.guided is not None:
+            if self.guided is None:
+                raise InvalidRequest("structured output is not available on this engine", "guided")
+            guide = self.guided.matcher(request.params.guided)  # compiles (cached by schema text)
+        return self._enqueue(request, guide)
 
     def _validate(self, request: Request) -> None:
         """The engine's own guard (the API validates first): whatever indexes a tensor is checked."""
@@ -222,6 +251,9 @@ class Engine:
         self._check_token_ids("logit_bias", [token for token, _bias in params.logit_bias])
         if params.max_tokens < 0:
             raise InvalidRequest(f"max_tokens must be >= 0, got {params.max_tokens}", "max_tokens")
+        if params.guided is not None and params.min_tokens > 0:
+            # Once the document is complete the grammar allows only end-of-turn, which min_tokens bans.
+            raise InvalidRequest("min_tokens cannot be combined with structured output", "min_tokens")
         for name, count in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
             if count is not None and not 0 <= count <= self.vocab_size:
                 raise InvalidRequest(f"{name} must be in 0..{self.vocab_size}, got {count}", name)
@@ -239,17 +271,14 @@ class Engine:
                 field_name,
             )
 
-    def _enqueue(self, request: Request) -> RequestStream:
+    def _enqueue(self, request: Request, guide: GuidedMatcher | None = None) -> RequestStream:
         with self._lock:
             if len(self._waiting) + len(self._incoming) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-            seq = _Sequence(
-                request,
-                SequenceState.create(request.params, request.prompt_ids),
-                asyncio.get_running_loop(),
-                queue,
-            )
+            state = SequenceState.create(request.params, request.prompt_ids)
+            state.guide = guide
+            seq = _Sequence(request, state, asyncio.get_running_loop(), queue)
             self._incoming.append(seq)
         self._wakeup.set()
         return RequestStream(request.request_id, queue)
@@ -287,6 +316,8 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._grammar_thread is not None:
+            self._grammar_thread.shutdown(wait=False)
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -373,6 +404,8 @@ class Engine:
             chunk = prompt[start : start + budget]
             budget -= len(chunk)
             row = PrefillRow(seq.slot, chunk, start, seq.adapter_slot)
+            last_chunk = start + len(chunk) == len(prompt)
+            masks = self._fill_masks([seq]) if last_chunk and seq.request.params.max_tokens else None
             try:  # this prompt's forward alone: if it fails, fail it and free its slot
                 logits = self.runner.prefill(row, all_positions=seq.prompt_logprobs is not None)
                 if seq.prompt_logprobs is not None:
@@ -382,6 +415,7 @@ class Engine:
                         score_tokens(logits, targets, seq.request.params.prompt_logprobs)
                     )
             except Exception as exc:
+                _settle(masks)
                 self._fail(seq, "prefill", exc)
                 continue
             seq.prefilled += len(chunk)
@@ -390,7 +424,7 @@ class Engine:
             if seq.request.params.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
                 self._finish(seq, "length")
             else:
-                self._sample_and_accept([seq], logits[-1:])
+                self._sample_and_accept([seq], logits[-1:], masks)
 
     def _decode(self) -> None:
         rows = [s for s in self._running if not s.in_prefill and not s.finished]
@@ -411,9 +445,11 @@ class Engine:
             tokens=[s.state.output_ids[-1] for s in rows],
             segments=segments_of([s.adapter_slot for s in rows], [1] * len(rows)),
         )
+        masks = self._fill_masks(rows)
         try:
             logits = self.runner.decode(batch)
         except Exception as exc:
+            _settle(masks)  # the retry fills again; never two fills of one matcher at once
             if len(rows) == 1:
                 self._fail(rows[0], "decode", exc)
                 return
@@ -422,10 +458,29 @@ class Engine:
             self._decode_rows(rows[:half])
             self._decode_rows(rows[half:])
             return
-        self._sample_and_accept(rows, logits)
+        self._sample_and_accept(rows, logits, masks)
 
-    def _sample_and_accept(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
-        """logits: [len(rows), vocab]. A row whose sampling or acceptance raises fails alone."""
+    def _fill_masks(self, rows: list[_Sequence]) -> Future[None] | None:
+        """Start filling the constrained rows' token masks on the grammar thread, so the grammar work
+        overlaps the forward pass (torch releases the GIL in its ops); None without such rows."""
+        guides = [s.state.guide for s in rows if s.state.guide is not None]
+        if not guides:
+            return None
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="lorayard-grammar")
+
+        def fill() -> None:
+            for guide in guides:
+                guide.fill()  # keeps its own error, raised when its row samples
+
+        return self._grammar_thread.submit(fill)
+
+    def _sample_and_accept(
+        self, rows: list[_Sequence], logits: torch.Tensor, masks: Future[None] | None = None
+    ) -> None:
+        """logits: [len(rows), vocab]; masks: the constrained rows' mask fill, awaited first. A row
+        whose sampling or acceptance raises fails alone."""
+        _settle(masks)
         greedy = greedy_tokens(logits, [s.state for s in rows])
         for i, seq in enumerate(rows):
             try:
@@ -438,13 +493,17 @@ class Engine:
         """Record a sampled token, send it, and retire the row if it finished."""
         state = seq.state
         params = state.params
+        if state.guide is not None:
+            state.guide.accept(token.token_id)  # raises if the grammar refuses it: this row fails
         state.output_ids.append(token.token_id)
         n = len(state.output_ids)
         finish: FinishReason | None = None
         is_stop = token.token_id in params.stop_token_ids or (
             token.token_id in self.eos_token_ids and not params.ignore_eos
         )
-        if is_stop and n >= params.min_tokens:
+        if state.guide is not None and state.guide.terminated:
+            finish = "stop"  # the document is complete (and its end-of-turn token accepted, if any)
+        elif is_stop and n >= params.min_tokens:
             finish = "stop"
         elif n >= params.max_tokens or len(seq.request.prompt_ids) + n >= self.max_model_len:
             finish = "length"
@@ -510,3 +569,10 @@ class Engine:
         self.metrics.waiting.set(stats.waiting)
         self.metrics.batch_size.set(stats.batch_size)
         self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
+
+
+def _settle(masks: Future[None] | None) -> None:
+    """Wait for a mask fill (its errors stay with each matcher, see GuidedMatcher.fill)."""
+    if masks is not None:
+        with contextlib.suppress(Exception):
+            masks.result()

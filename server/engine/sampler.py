@@ -8,10 +8,14 @@ sampling without touching the others.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.types import PromptLogprob, SamplingParams, TopLogprob
+
+if TYPE_CHECKING:
+    from server.engine.guided import GuidedMatcher
 
 
 @dataclass
@@ -25,6 +29,8 @@ class SequenceState:
     """Seeded requests: created on first use, on the device of the probabilities it samples."""
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
     """``logit_bias`` as (ids [n] long, values [n] float32) on the logits' device, built once."""
+    guide: GuidedMatcher | None = None
+    """Structured output: the grammar whose mask (filled by the engine before sampling) applies."""
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int]) -> SequenceState:
@@ -59,6 +65,7 @@ class SequenceState:
             or p.repetition_penalty != 1.0
             or p.logprobs is not None
             or bool(p.logit_bias)  # a biased greedy row's argmax is not the plain one
+            or self.guide is not None
             or (p.min_tokens > len(self.output_ids))
         )
 
@@ -109,6 +116,8 @@ def sample_row(logits: torch.Tensor, seq: SequenceState, eos_ids: frozenset[int]
     if len(seq.output_ids) < p.min_tokens:
         for token in eos_ids | p.stop_token_ids:
             logits[token] = float("-inf")
+    if seq.guide is not None:
+        seq.guide.apply(logits)
     if p.greedy:
         token = int(torch.argmax(logits))
         processed = logits
@@ -120,12 +129,14 @@ def sample_row(logits: torch.Tensor, seq: SequenceState, eos_ids: frozenset[int]
         return SampledToken(token)
     logprobs = torch.log_softmax(processed, dim=-1)
     top = torch.topk(logprobs, p.logprobs) if p.logprobs > 0 else None
+    # Tokens that top-k / top-p or a grammar ruled out (-inf) are no alternatives (nor valid JSON).
     tops = (
         ()
         if top is None
         else tuple(
             TopLogprob(int(i), float(v))
             for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            if v != float("-inf")
         )
     )
     return SampledToken(token, float(logprobs[token]), tops)

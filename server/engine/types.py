@@ -8,7 +8,11 @@ Engine contract (``server.engine.engine.Engine``)::
 
     engine = Engine(model_runner_config...)       # built by server.app from Settings
     engine.start()                                # starts the engine thread
-    stream = engine.submit(request)               # -> RequestStream; raises QueueFull / EngineStopped
+    stream = engine.submit(request)               # -> RequestStream; raises InvalidRequest (a bad id, a
+                                                  # schema that does not compile), PromptTooLong,
+                                                  # QueueFull, EngineStopped
+    await asyncio.to_thread(engine.guided.compile, params.guided)  # optional, before submit: a new
+                                                  # schema's compile (ms) off the event loop; cached
     async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason
     engine.abort(request_id)                      # client went away / stop string hit: frees the slot
     engine.stats() -> EngineStats                 # running, waiting, batch size, kv use

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from lorayard.volume import AdapterNotFound
 from server.api.errors import APIError, EngineFailed
 from server.api.streaming import IncrementalDetokenizer, StopStringFilter
-from server.engine.types import PromptLogprob, Request, SamplingParams, TokenEvent, TopLogprob
+from server.engine.types import InvalidRequest, PromptLogprob, Request, SamplingParams, TokenEvent, TopLogprob
 from server.metrics import BASE_LABEL, UNRESOLVED_LABEL
 
 if TYPE_CHECKING:
@@ -95,8 +95,20 @@ class Generation:
             return params
         return replace(params, seed=params.seed + index)
 
+    async def _compile_grammar(self) -> None:
+        """A new schema compiles (milliseconds, cached) off the event loop, before submit; one the
+        grammar library refuses is a 400 naming the field it came from."""
+        guided, compiler = self.job.params.guided, self.engine.guided
+        if guided is None or compiler is None:
+            return  # None: submit refuses it (structured output unavailable)
+        try:
+            await asyncio.to_thread(compiler.compile, guided)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param=self.job.guided_param, code="invalid_value") from exc
+
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Lease, submit (raises QueueFull/PromptTooLong/EngineStopped before anything is sent), stream."""
+        await self._compile_grammar()
         async with adapter_lease(self.registry, self.job.adapter, self.job.adapter_param) as lease:
             if lease is not None:
                 self.adapter_label = lease.name

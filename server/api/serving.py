@@ -114,6 +114,8 @@ class EngineJob:
     vllm_prompt_logprobs: bool = False
     """Return vLLM's ``prompt_logprobs`` field (by token id) on each choice."""
     tools: ToolCalling | None = None
+    guided_param: str = "response_format"
+    """The field the grammar came from ("response_format" or "tools"), for a 400's ``param``."""
 
 
 def _bad(param: str, message: str) -> APIError:
@@ -282,6 +284,9 @@ def _sampling_params(
     vocab = runtime.engine.vocab_size
     if body.n > runtime.settings.max_n:
         raise _bad("n", f"at most {runtime.settings.max_n}")
+    if guided is not None and body.min_tokens > 0:
+        # The grammar may allow nothing but the end once a document is complete.
+        raise _bad("min_tokens", "cannot be combined with structured output (response_format or tools)")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -383,6 +388,7 @@ def chat_job(body: ChatCompletionRequest, runtime: Runtime) -> EngineJob:
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         logprobs=logprobs is not None,
         tools=tools,
+        guided_param="response_format" if tools is None else "tools",
     )
 
 

@@ -13,8 +13,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response, install_error_handlers
 from server.api.routes import router
+from server.metrics import COUNTED_PATHS, UNRESOLVED_LABEL, ServerMetrics
 from server.runtime import Runtime
 from server.settings import Settings
+
+UNRESOLVED_LABELS = {"adapter": UNRESOLVED_LABEL, "version": UNRESOLVED_LABEL}
+"""Labels of a request refused before it was resolved (a bad body): never what the client sent."""
 
 log = logging.getLogger("lorayard.access")
 
@@ -64,10 +68,15 @@ class BodySizeLimit:
 
 
 class AccessLog:
-    """One line per request: method, path, adapter, status, tokens, duration. Never the API key."""
+    """One line per request: method, path, adapter, status, tokens, duration. Never the API key.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Also counts every answered generation request by HTTP status (``lorayard_requests_total``): here,
+    because refusals (4xx from validation, 404, 429) never reach the generation code.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,9 +95,15 @@ class AccessLog:
             await self.app(scope, receive, send_wrapper)
         finally:
             state = scope.get("state", {})
-            usage = state.get("usage")
+            generation = state.get("generation")
+            usage = generation.usage if generation is not None else None
             tokens = f" prompt={usage.prompt_tokens} output={usage.completion_tokens}" if usage else ""
-            adapter = f" adapter={state['adapter']}" if "adapter" in state else ""
+            adapter = f" adapter={generation.adapter_label}" if generation is not None else ""
+            if scope["path"] in COUNTED_PATHS and status:
+                # A stream's status is sent before it runs; if it failed later, count its error's.
+                final = (state.get("stream_errors") or [status])[0]
+                labels = generation.labels if generation is not None else UNRESOLVED_LABELS
+                self.metrics.requests.labels(**labels, status=str(final)).inc()
             log.info(
                 "%s %s %s%s%s %.1fms",
                 scope["method"],
@@ -118,5 +133,5 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    app.add_middleware(AccessLog)
+    app.add_middleware(AccessLog, metrics=runtime.metrics)
     return app

@@ -16,6 +16,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 BASE_LABEL = "base"
 """The ``adapter`` and ``version`` label values for requests without an adapter."""
 ADAPTER_LABELS = ("adapter", "version")
+UNRESOLVED_LABEL = "unresolved"
+"""The ``adapter`` label of a request refused before an adapter was resolved (bad body, unknown
+adapter): never the name the client sent, so clients cannot grow the label set."""
+COUNTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""The routes ``lorayard_requests_total`` counts (every answer, 2xx to 5xx)."""
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -99,7 +104,8 @@ class ServerMetrics:
             ),
             requests=Counter(
                 f"{prefix}_requests",
-                "Finished requests by adapter, version and status (ok or error).",
+                "Answered generation requests by adapter, version and HTTP status code, refusals included"
+                " (a stream that fails after its 200 header counts under the status of its error event).",
                 [*ADAPTER_LABELS, "status"],
                 registry=registry,
             ),

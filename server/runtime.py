@@ -18,6 +18,7 @@ from lorayard.chat_format import stop_token_ids
 from server.adapters.registry import AdapterRegistry
 from server.api.errors import APIError
 from server.engine.engine import Engine
+from server.engine.guided import GuidedCompiler
 from server.metrics import ServerMetrics
 from server.settings import Settings
 
@@ -52,12 +53,17 @@ class Runtime:
         try:
             base = await asyncio.to_thread(resolve_base_model, settings.base_model)
             tokenizer = await asyncio.to_thread(load_tokenizer, base)
+            eos_token_ids = stop_token_ids(tokenizer)
             engine = await asyncio.to_thread(
                 Engine.from_base,
                 base,
                 settings.engine_config(),
-                eos_token_ids=stop_token_ids(tokenizer),
+                eos_token_ids=eos_token_ids,
                 metrics=self.metrics,
+            )
+            # Structured output needs the tokenizer's byte strings, for the width of the model's logits.
+            engine.guided = await asyncio.to_thread(
+                GuidedCompiler, tokenizer, engine.vocab_size, eos_token_ids
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
         except (UnsupportedArchitecture, BaseModelError) as exc:  # expected refusals: one line

@@ -61,6 +61,8 @@ class _Resident:
     last_used: float = 0.0
     identity: tuple[int, int, int] | None = None
     """(device, inode, mtime) of the weights file when loaded: tells a folder replaced in place."""
+    prompt_template: str | None = None
+    """The chat template its manifest records (trained on a base without one), else None."""
 
 
 def _file_identity(folder: Path) -> tuple[int, int, int] | None:
@@ -84,6 +86,9 @@ class AdapterLease:
     version: int | None
     key: str
     slot: int
+    prompt_template: str | None = None
+    """The prompt template this version was trained with (its manifest's), for chat requests: the
+    server renders them exactly as training rendered its examples. None: the base's own template."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,9 @@ class AdapterRegistry:
             resident.pins += 1
             resident.last_used = time.monotonic()
             self._resident.move_to_end(resident.slot)
-            return AdapterLease(adapter.name, adapter.version, adapter.key, resident.slot)
+            return AdapterLease(
+                adapter.name, adapter.version, adapter.key, resident.slot, resident.prompt_template
+            )
 
     def release(self, lease: AdapterLease) -> None:
         resident = self._resident.get(lease.slot)
@@ -204,7 +211,7 @@ class AdapterRegistry:
             self._evict(victim)
         started = time.perf_counter()
         try:
-            slot = await asyncio.to_thread(self._read_and_upload, adapter)
+            slot, prompt_template = await asyncio.to_thread(self._read_and_upload, adapter)
         except AdapterLoadError as exc:
             self._errors[adapter.name] = str(exc)
             raise
@@ -215,13 +222,14 @@ class AdapterRegistry:
             self.metrics.adapter_load_seconds.labels(
                 adapter=adapter.name, version=version_label(adapter.version)
             ).observe(elapsed)
-        resident = _Resident(adapter, slot, identity=identity)
+        resident = _Resident(adapter, slot, identity=identity, prompt_template=prompt_template)
         self._resident[slot] = resident
         self._current[adapter.key] = slot
         self._set_loaded_gauge()
         return resident
 
-    def _read_and_upload(self, adapter: ResolvedAdapter) -> int:
+    def _read_and_upload(self, adapter: ResolvedAdapter) -> tuple[int, str | None]:
+        """Check, verify and upload one version; returns its engine slot and its prompt template."""
         try:
             manifest = adapter.manifest()
         except (OSError, ValueError) as exc:
@@ -236,7 +244,8 @@ class AdapterRegistry:
             # After the format checks (their messages name the problem more precisely) and before the
             # weights reach the engine: only files the manifest vouches for are served.
             adapter.verify()
-            return self.engine.load_adapter_weights(adapter.key, weights)
+            slot = self.engine.load_adapter_weights(adapter.key, weights)
+            return slot, manifest.prompt_template if manifest is not None else None
         except (AdapterFormatError, IntegrityError, OSError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: {exc}") from exc
 

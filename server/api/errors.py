@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorayard.volume import AdapterNotFound, InvalidAdapterName
 from server.adapters.registry import AdapterLoadError, AdaptersBusy
-from server.engine.types import EngineStopped, PromptTooLong, QueueFull
+from server.engine.types import EngineStopped, InvalidRequest, PromptTooLong, QueueFull
 
 log = logging.getLogger("lorayard.api")
 
@@ -33,6 +33,10 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+
+class EngineFailed(Exception):
+    """The engine failed this one request (its row alone; the batch ran on): answered as a 500."""
 
 
 class NotReady(APIError):
@@ -58,17 +62,38 @@ _MAPPED: dict[type[Exception], tuple[int, str]] = {
     AdapterLoadError: (422, "adapter_load_failed"),
     AdaptersBusy: (503, "adapters_busy"),
     PromptTooLong: (400, "context_length_exceeded"),
+    InvalidRequest: (400, "invalid_request"),
+    EngineFailed: (500, "engine_error"),
     QueueFull: (429, "queue_full"),
     EngineStopped: (503, "draining"),
 }
 
 
+def _body(status: int, message: str, param: str | None, code: str | None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "error"), "param": param, "code": code}}
+
+
+def error_body(exc: Exception) -> dict:
+    """OpenAI's error JSON for any exception (a bug's text is not shown to the client)."""
+    status, code = status_of(exc)
+    known = isinstance(exc, APIError) or any(isinstance(exc, kind) for kind in _MAPPED)
+    message = str(exc) if known else "internal server error"
+    return _body(status, message, _param_of(exc), code)
+
+
+def _json_response(status: int, body: dict) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# The engine names its own fields (server.engine.types); the client knows the request's.
+_ENGINE_FIELDS = {"prompt_ids": "prompt", "guided": "response_format"}
+
+
 def error_response(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "error"), "param": param, "code": code}}
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _json_response(status, _body(status, message, param, code))
 
 
 def status_of(exc: Exception) -> tuple[int, str | None]:
@@ -87,6 +112,8 @@ def _param_of(exc: Exception) -> str | None:
         return "adapter"
     if isinstance(exc, PromptTooLong):
         return "messages"
+    if isinstance(exc, InvalidRequest):
+        return _ENGINE_FIELDS.get(exc.param or "", exc.param)
     return None
 
 
@@ -105,8 +132,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, message)
 
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
-        status, code = status_of(exc)
-        return error_response(status, str(exc), param=_param_of(exc), code=code)
+        return _json_response(status_of(exc)[0], error_body(exc))
 
     # Registered per type so Starlette's ExceptionMiddleware answers them; only true bugs reach the
     # catch-all below (which logs the traceback and hides it from the client).

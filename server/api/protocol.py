@@ -1,17 +1,27 @@
-"""OpenAI request types (plus vLLM's extensions), validated by pydantic; a bad field -> 400 naming it."""
+"""OpenAI request and response types (plus vLLM's extensions).
+
+Requests: pydantic checks each field's own type and range (a bad one -> 400 naming it); every check
+that needs the server (vocabulary, limits, adapters, schemas) is in :mod:`server.api.serving`.
+Responses and stream chunks are typed here too, so chat and completions build them one way.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 
 class _Lenient(BaseModel):
-    # OpenAI clients send fields we don't use (response_format, metadata, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # OpenAI clients send fields we don't use (user, metadata, ...): accept and ignore them. Fields we
+    # cannot honour are refused by name in server.api.serving (REFUSED_FIELDS), never dropped silently.
+    model_config = ConfigDict(extra="allow")
+
+    def extra_fields(self) -> set[str]:
+        return set(self.model_extra or ())
 
 
+# -- requests ------------------------------------------------------------------------------------
 class TextPart(_Lenient):
     type: Literal["text"]
     text: str
@@ -29,12 +39,46 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" shadows a BaseModel attribute: kept under another name, spelled "schema" on the wire.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class SamplingFields(_Lenient):
     """Fields shared by chat and completions."""
 
     model: str | None = Field(None, description="the base model id, or an adapter name")
     adapter: str | None = Field(None, description="adapter to use: 'name' (LATEST) or 'name@vN'")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo (score the prompt)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="0 or -1: off")
@@ -45,6 +89,10 @@ class SamplingFields(_Lenient):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # A near-zero penalty divides logits into inf (NaN probabilities): bound it away from 0.
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in -100..100 added to its logit"
+    )
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate through end-of-turn")
@@ -71,24 +119,49 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] = Field(description="text, or token ids")
+    prompt: Prompt = Field(description="text, or token ids (one prompt per request)")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="vLLM extension: logprobs of the prompt tokens, this many top"
+    )
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str):
+    def _one_prompt(cls, value: Prompt) -> str | list[int]:
+        # A batch of one (lm-eval and the openai client send prompts as lists) is that prompt.
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
             if len(value) != 1:
                 raise ValueError("only one prompt per request is supported")
             value = value[0]
         if not value:
             raise ValueError("the prompt is empty")
-        # pydantic matched one arm of the union: a list not of strings is the list[int] one
-        return cast(str | list[int], value)
+        return value  # type: ignore[return-value]
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize: a text ``prompt`` or chat ``messages`` (rendered by the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = Field(True, description="text prompts only: the tokenizer's own specials")
+    add_generation_prompt: bool = Field(True, description="messages only: end with the assistant header")
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
 
 
 class LoadLoraRequest(_Lenient):
@@ -98,3 +171,145 @@ class LoadLoraRequest(_Lenient):
 
 class UnloadLoraRequest(_Lenient):
     lora_name: str
+
+
+# -- responses -----------------------------------------------------------------------------------
+class _DropNones(BaseModel):
+    """Serialised without its None fields (stream deltas carry only what changed, as OpenAI's do)."""
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token (the first prompt token's is null)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class VllmLogprob(BaseModel):
+    """vLLM's per-token entry of ``prompt_logprobs``, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, VllmLogprob] | None] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprobEntry(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprobEntry):
+    top_logprobs: list[TopLogprobEntry]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class FunctionCallDelta(_DropNones):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_DropNones):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class ChatDelta(_DropNones):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -1,4 +1,4 @@
-"""From engine token events to text: incremental detokenization and stop strings.
+"""From engine token events to text and SSE: incremental detokenization, stop strings, event framing.
 
 Multi-byte characters (Chinese, emoji) span several byte-level tokens; a delta is only released once
 it decodes without a trailing U+FFFD, so no chunk ever carries half a character. Stop strings may
@@ -7,11 +7,19 @@ span chunks, so the last ``len(longest stop) - 1`` characters are held back unti
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel
+
+from server.api.errors import error_body, status_of
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("lorayard.api")
 
 _REPLACEMENT = "\ufffd"
 
@@ -19,14 +27,15 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """Feed token ids one at a time; get back the text they add (possibly "" while incomplete)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self._prefix = 0  # ids before this index are fully emitted and only kept as context
         self._read = 0  # ids before this index have produced their text
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -71,3 +80,33 @@ class StopStringFilter:
         out = self.text[self.sent : upto]
         self.sent = max(self.sent, upto)
         return out
+
+
+def sse_event(payload: BaseModel | dict) -> str:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else _json(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _json(payload: dict) -> str:
+    import json
+
+    return json.dumps(payload, ensure_ascii=False)
+
+
+async def sse_stream(chunks: AsyncIterator[BaseModel], on_error: list[int]) -> AsyncIterator[str]:
+    """Frame chunks as SSE, ending with ``[DONE]``. A failure after the headers went out cannot change
+    the HTTP status: it is sent as an OpenAI error event (and its status appended to ``on_error``)."""
+    try:
+        async for chunk in chunks:
+            yield sse_event(chunk)
+    except Exception as exc:
+        status, _ = status_of(exc)
+        if status >= 500:
+            log.error("stream failed: %r", exc)
+        on_error.append(status)
+        yield sse_event(error_body(exc))
+    yield SSE_DONE

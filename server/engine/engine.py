@@ -8,6 +8,13 @@ All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
    a long prompt never stalls running streams for long and a short request starts at once;
 4. runs ONE batched decode step for every running row, whatever its adapter;
 5. sends each row's token to its request's asyncio queue and retires finished rows.
+
+Failures are per row: an exception while sampling or accepting one row's token finishes that row
+alone with an error event; a failing prefill chunk fails its sequence alone; a failing decode
+forward is retried in halves, so only the rows whose own forward fails (an adapter gone, ...) are
+failed and their slots freed, and the engine keeps serving. :meth:`Engine.submit` refuses token ids
+outside the vocabulary (:class:`InvalidRequest`) before they can index a tensor (on a GPU an
+out-of-range index is a device-side assert that poisons the whole process).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,11 +39,13 @@ from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype
 from server.engine.kv_cache import KVCache, KVCacheSpec, slots_for_budget
 from server.engine.lora_ops import ResidentAdapter, segments_of
 from server.engine.model_runner import DecodeBatch, ModelRunner, PrefillRow
-from server.engine.sampler import SampledToken, SequenceState, sample, sample_row
+from server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row, score_tokens
 from server.engine.types import (
     EngineStats,
     EngineStopped,
     FinishReason,
+    InvalidRequest,
+    PromptLogprob,
     PromptTooLong,
     QueueFull,
     Request,
@@ -43,11 +53,12 @@ from server.engine.types import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from transformers import PretrainedConfig, PreTrainedModel
 
     from server.engine.config import EngineConfig
+    from server.engine.guided import GuidedCompiler, GuidedMatcher
     from server.metrics import ServerMetrics
 
 log = logging.getLogger("lorayard.engine")
@@ -63,6 +74,12 @@ class _Sequence:
     prefilled: int = 0
     finished: bool = False
     arrival: float = field(default_factory=time.monotonic)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+    """With ``prompt_logprobs`` asked: filled chunk by chunk during prefill (the first token has none)."""
+
+    def __post_init__(self) -> None:
+        if self.request.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def adapter_slot(self) -> int | None:
@@ -104,8 +121,11 @@ class Engine:
         eos_token_ids: set[int],
         metrics: ServerMetrics | None = None,
         fuse_linears: bool | None = None,
+        guided: GuidedCompiler | None = None,
     ) -> None:
-        """``fuse_linears``: the model runner's choice (default: fused on a GPU only)."""
+        """``fuse_linears``: the model runner's choice (default: fused on a GPU only). ``guided``:
+        structured output's grammar compiler for the served tokenizer (None: requests with ``guided``
+        are refused); the runtime sets it once the tokenizer is loaded."""
         self.model = model
         self.engine_config = engine_config
         self.config: PretrainedConfig = model.config
@@ -124,6 +144,10 @@ class Engine:
         self.vocab_size = int(self.config.vocab_size)
         """Width of the logits: every token id a request carries must be below it."""
         self.metrics = metrics
+        self._guided: GuidedCompiler | None = None
+        self.guided = guided
+        self._grammar_thread: ThreadPoolExecutor | None = None
+        """Fills constrained rows' token masks while the forward pass runs (created on first use)."""
         config = self.config
         spec = KVCacheSpec(
             config.num_hidden_layers,
@@ -183,6 +207,21 @@ class Engine:
         check_runner_parity(model, engine.runner)
         return engine
 
+    @property
+    def guided(self) -> GuidedCompiler | None:
+        """Structured output's grammar compiler; None: requests with ``guided`` are refused."""
+        return self._guided
+
+    @guided.setter
+    def guided(self, compiler: GuidedCompiler | None) -> None:
+        # A narrower mask would leave the logits past its end unmasked: a silent wrong answer.
+        if compiler is not None and compiler.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"the grammar compiler's vocabulary ({compiler.vocab_size}) is not the width of the "
+                f"model's logits ({self.vocab_size})"
+            )
+        self._guided = compiler
+
     # -- adapters (called by the registry, from worker threads) ---------------------------------
     def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
         """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
@@ -206,26 +245,56 @@ class Engine:
             self._thread.start()
 
     def submit(self, request: Request) -> RequestStream:
+        """Queue a request; raises InvalidRequest, PromptTooLong, QueueFull or EngineStopped."""
         if self._draining or self._stopped.is_set():
             raise EngineStopped("the server is shutting down")
+        self._validate(request)
+        guide = None
+        if request.params.guided is not None:
+            if self.guided is None:
+                raise InvalidRequest("structured output is not available on this engine", "guided")
+            guide = self.guided.matcher(request.params.guided)  # compiles (cached by schema text)
+        return self._enqueue(request, guide)
+
+    def _validate(self, request: Request) -> None:
+        """The engine's own guard (the API validates first): whatever indexes a tensor is checked."""
+        params = request.params
         prompt_len = len(request.prompt_ids)
         if prompt_len == 0:
-            raise ValueError("the prompt is empty")
-        if prompt_len + request.params.max_tokens > self.max_model_len:
+            raise InvalidRequest("the prompt is empty", "prompt_ids")
+        self._check_token_ids("prompt_ids", request.prompt_ids)
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
+        self._check_token_ids("logit_bias", [token for token, _bias in params.logit_bias])
+        if params.max_tokens < 0:
+            raise InvalidRequest(f"max_tokens must be >= 0, got {params.max_tokens}", "max_tokens")
+        if params.guided is not None and params.min_tokens > 0:
+            # Once the document is complete the grammar allows only end-of-turn, which min_tokens bans.
+            raise InvalidRequest("min_tokens cannot be combined with structured output", "min_tokens")
+        for name, count in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if count is not None and not 0 <= count <= self.vocab_size:
+                raise InvalidRequest(f"{name} must be in 0..{self.vocab_size}, got {count}", name)
+        if prompt_len + params.max_tokens > self.max_model_len:
             raise PromptTooLong(
-                f"the prompt ({prompt_len} tokens) plus max_tokens ({request.params.max_tokens}) exceeds "
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the context window of {self.max_model_len} tokens"
             )
+
+    def _check_token_ids(self, field_name: str, ids: Iterable[int]) -> None:
+        bad = [token for token in ids if not 0 <= token < self.vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"{field_name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                field_name,
+            )
+
+    def _enqueue(self, request: Request, guide: GuidedMatcher | None = None) -> RequestStream:
         with self._lock:
             if len(self._waiting) + len(self._incoming) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-            seq = _Sequence(
-                request,
-                SequenceState.create(request.params, request.prompt_ids),
-                asyncio.get_running_loop(),
-                queue,
-            )
+            state = SequenceState.create(request.params, request.prompt_ids)
+            state.guide = guide
+            seq = _Sequence(request, state, asyncio.get_running_loop(), queue)
             self._incoming.append(seq)
         self._wakeup.set()
         return RequestStream(request.request_id, queue)
@@ -262,6 +331,8 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._grammar_thread is not None:
+            self._grammar_thread.shutdown(wait=False)
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -298,7 +369,10 @@ class Engine:
                 continue
             try:
                 self._step()
-            except Exception as exc:  # a bug must fail its requests, never kill the engine thread
+            except Exception as exc:
+                # Rows fail alone inside the step (see _prefill, _decode_rows, _sample_and_accept);
+                # this is the last resort for a bug in the scheduling itself, which must fail the
+                # running requests and never kill the engine thread.
                 log.exception("engine step failed")
                 for seq in list(self._running):
                     self._finish(seq, "abort", error=f"{type(exc).__name__}: {exc}")
@@ -340,41 +414,109 @@ class Engine:
             if budget <= 0:
                 break
             prompt = seq.request.prompt_ids
-            chunk = prompt[seq.prefilled : seq.prefilled + budget]
-            logits = self.runner.prefill(PrefillRow(seq.slot, chunk, seq.prefilled, seq.adapter_slot))
-            seq.prefilled += len(chunk)
+            start = seq.prefilled
+            chunk = prompt[start : start + budget]
             budget -= len(chunk)
-            if not seq.in_prefill:
-                self._accept(seq, sample_row(logits, seq.state, self.eos_token_ids))
+            row = PrefillRow(seq.slot, chunk, start, seq.adapter_slot)
+            last_chunk = start + len(chunk) == len(prompt)
+            masks = self._fill_masks([seq]) if last_chunk and seq.request.params.max_tokens else None
+            try:  # this prompt's forward alone: if it fails, fail it and free its slot
+                logits = self.runner.prefill(row, all_positions=seq.prompt_logprobs is not None)
+                top = seq.request.params.prompt_logprobs
+                if seq.prompt_logprobs is not None and top is not None:
+                    # Position i scores token i + 1: the chunk's last logits score the next chunk's first.
+                    targets = prompt[start + 1 : start + len(chunk) + 1]
+                    seq.prompt_logprobs.extend(score_tokens(logits, targets, top))
+            except Exception as exc:
+                _settle(masks)
+                self._fail(seq, "prefill", exc)
+                continue
+            seq.prefilled += len(chunk)
+            if seq.in_prefill:
+                continue
+            if seq.request.params.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
+                self._finish(seq, "length")
+            else:
+                self._sample_and_accept([seq], logits[-1:], masks)
 
     def _decode(self) -> None:
         rows = [s for s in self._running if not s.in_prefill and not s.finished]
         self._last_batch = len(rows)
-        if not rows:
-            return
-        # Group rows by adapter so each adapter's rows are one contiguous segment for lora_ops.
-        rows.sort(key=lambda s: -1 if s.adapter_slot is None else s.adapter_slot)
+        if rows:
+            # Group rows by adapter so each adapter's rows are one contiguous segment for lora_ops.
+            self._decode_rows(sorted(rows, key=lambda s: -1 if s.adapter_slot is None else s.adapter_slot))
+
+    def _decode_rows(self, rows: list[_Sequence]) -> None:
+        """One decode forward over rows; if it fails, each half again, down to the failing rows.
+
+        Retrying is safe: a row's forward rewrites the same K/V at the same position, and cache
+        lengths only move after a forward returns.
+        """
         batch = DecodeBatch(
             slots=[s.slot for s in rows],
             positions=[len(s.request.prompt_ids) + len(s.state.output_ids) - 1 for s in rows],
             tokens=[s.state.output_ids[-1] for s in rows],
             segments=segments_of([s.adapter_slot for s in rows], [1] * len(rows)),
         )
-        logits = self.runner.decode(batch)
-        for seq, token in zip(rows, sample(logits, [s.state for s in rows], self.eos_token_ids), strict=True):
-            self._accept(seq, token)
+        masks = self._fill_masks(rows)
+        try:
+            logits = self.runner.decode(batch)
+        except Exception as exc:
+            _settle(masks)  # the retry fills again; never two fills of one matcher at once
+            if len(rows) == 1:
+                self._fail(rows[0], "decode", exc)
+                return
+            log.warning("decode of %d rows failed (%r); retrying in halves", len(rows), exc)
+            half = len(rows) // 2
+            self._decode_rows(rows[:half])
+            self._decode_rows(rows[half:])
+            return
+        self._sample_and_accept(rows, logits, masks)
+
+    def _fill_masks(self, rows: list[_Sequence]) -> Future[None] | None:
+        """Start filling the constrained rows' token masks on the grammar thread, so the grammar work
+        overlaps the forward pass (torch releases the GIL in its ops); None without such rows."""
+        guides = [s.state.guide for s in rows if s.state.guide is not None]
+        if not guides:
+            return None
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="lorayard-grammar")
+
+        def fill() -> None:
+            for guide in guides:
+                guide.fill()  # keeps its own error, raised when its row samples
+
+        return self._grammar_thread.submit(fill)
+
+    def _sample_and_accept(
+        self, rows: list[_Sequence], logits: torch.Tensor, masks: Future[None] | None = None
+    ) -> None:
+        """logits: [len(rows), vocab]; masks: the constrained rows' mask fill, awaited first. A row
+        whose sampling or acceptance raises fails alone."""
+        _settle(masks)
+        greedy = greedy_tokens(logits, [s.state for s in rows])
+        for i, seq in enumerate(rows):
+            try:
+                token = greedy[i] or sample_row(logits[i], seq.state, self.eos_token_ids)
+                self._accept(seq, token)
+            except Exception as exc:
+                self._fail(seq, "sampling", exc)
 
     def _accept(self, seq: _Sequence, token: SampledToken) -> None:
         """Record a sampled token, send it, and retire the row if it finished."""
         state = seq.state
         params = state.params
+        if state.guide is not None:
+            state.guide.accept(token.token_id)  # raises if the grammar refuses it: this row fails
         state.output_ids.append(token.token_id)
         n = len(state.output_ids)
         finish: FinishReason | None = None
         is_stop = token.token_id in params.stop_token_ids or (
             token.token_id in self.eos_token_ids and not params.ignore_eos
         )
-        if is_stop and n >= params.min_tokens:
+        if state.guide is not None and state.guide.terminated:
+            finish = "stop"  # the document is complete (and its end-of-turn token accepted, if any)
+        elif is_stop and n >= params.min_tokens:
             finish = "stop"
         elif n >= params.max_tokens or len(seq.request.prompt_ids) + n >= self.max_model_len:
             finish = "length"
@@ -387,10 +529,17 @@ class Engine:
                 finish_reason=finish,
                 prompt_tokens=len(seq.request.prompt_ids),
                 output_tokens=n,
+                prompt_logprobs=self._prompt_logprobs(seq) if n == 1 else None,
             ),
         )
         if finish is not None:
             self._retire(seq)
+
+    def _fail(self, seq: _Sequence, stage: str, exc: Exception) -> None:
+        """Finish one request with an error event (the API answers 500) and free its slot."""
+        log.error("request %s failed in %s", seq.request.request_id, stage, exc_info=exc)
+        if not seq.finished:
+            self._finish(seq, "abort", error=f"{stage} failed: {type(exc).__name__}: {exc}")
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
         self._emit(
@@ -401,9 +550,17 @@ class Engine:
                 prompt_tokens=len(seq.request.prompt_ids),
                 output_tokens=len(seq.state.output_ids),
                 error=error,
+                prompt_logprobs=self._prompt_logprobs(seq) if not seq.state.output_ids else None,
             ),
         )
         self._retire(seq)
+
+    @staticmethod
+    def _prompt_logprobs(seq: _Sequence) -> tuple[PromptLogprob | None, ...] | None:
+        """For the request's first event: complete once its prefill is (None on an early abort)."""
+        if seq.prompt_logprobs is None or seq.in_prefill:
+            return None
+        return tuple(seq.prompt_logprobs)
 
     def _retire(self, seq: _Sequence) -> None:
         seq.finished = True
@@ -425,3 +582,10 @@ class Engine:
         self.metrics.waiting.set(stats.waiting)
         self.metrics.batch_size.set(stats.batch_size)
         self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
+
+
+def _settle(masks: Future[None] | None) -> None:
+    """Wait for a mask fill (its errors stay with each matcher, see GuidedMatcher.fill)."""
+    if masks is not None:
+        with contextlib.suppress(Exception):
+            masks.result()

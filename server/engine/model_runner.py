@@ -274,8 +274,12 @@ class ModelRunner:
 
     # -- passes ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: PrefillRow) -> torch.Tensor:
-        """Run one prompt chunk, writing its K/V into the row's slot. Returns last-token logits [vocab]."""
+    def prefill(self, row: PrefillRow, all_positions: bool = False) -> torch.Tensor:
+        """Run one prompt chunk, writing its K/V into the row's slot.
+
+        Returns float32 logits [1, vocab] for the chunk's last token, or [len(ids), vocab] for every
+        position with ``all_positions`` (prompt logprobs: position i scores token i + 1).
+        """
         t = len(row.ids)
         end = row.start + t
         ids = torch.tensor(row.ids, device=self.device)
@@ -301,7 +305,7 @@ class ModelRunner:
         for i in range(len(self.layers)):
             h = self._block(i, h, segments, ropes[self.rope_keys[i]], attend)
         self.cache.lengths[row.slot] = end
-        return self._logits(h[-1:])[0]
+        return self._logits(h if all_positions else h[-1:])
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch) -> torch.Tensor:

@@ -70,10 +70,10 @@ def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> P
     slot = runner.cache.allocate()
     try:
         ours = {
-            _FIRST_CHUNK - 1: runner.prefill(PrefillRow(slot, tokens[:_FIRST_CHUNK], 0, None)),
+            _FIRST_CHUNK - 1: runner.prefill(PrefillRow(slot, tokens[:_FIRST_CHUNK], 0, None))[-1],
             _SECOND_CHUNK - 1: runner.prefill(
                 PrefillRow(slot, tokens[_FIRST_CHUNK:_SECOND_CHUNK], _FIRST_CHUNK, None)
-            ),
+            )[-1],
         }
         for position in range(_SECOND_CHUNK, PROBE_LENGTH):
             ours[position] = runner.decode(DecodeBatch([slot], [position], [tokens[position]], []))[0]

@@ -8,7 +8,11 @@ Engine contract (``server.engine.engine.Engine``)::
 
     engine = Engine.from_base(base, settings.engine_config(), eos_token_ids=...)  # in server.runtime
     engine.start()                                # starts the engine thread
-    stream = engine.submit(request)               # -> RequestStream; raises QueueFull / EngineStopped
+    stream = engine.submit(request)               # -> RequestStream; raises InvalidRequest (a bad id, a
+                                                  # schema that does not compile), PromptTooLong,
+                                                  # QueueFull, EngineStopped
+    await asyncio.to_thread(engine.guided.compile, params.guided)  # optional, before submit: a new
+                                                  # schema's compile (ms) off the event loop; cached
     async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason
     engine.abort(request_id)                      # client went away / stop string hit: frees the slot
     engine.stats() -> EngineStats                 # running, waiting, batch size, kv use
@@ -145,7 +149,14 @@ class EngineStopped(EngineError):
 
 class InvalidRequest(EngineError, ValueError):
     """The request cannot run as asked (a token id outside the vocabulary, a grammar that does not
-    compile, ...); the API answers 400. The API validates first; this is the engine's own guard."""
+    compile, ...); the API answers 400. The API validates first; this is the engine's own guard.
+
+    ``param`` names the offending :class:`Request` / :class:`SamplingParams` field (``prompt_ids``,
+    ``stop_token_ids``, ``logit_bias``, ``guided``, ...), for the error's ``param``."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLong(EngineError):

@@ -173,5 +173,15 @@ def test_metrics_are_per_adapter(client, real_server):
     _chat(client, QUESTIONS[1], model="all16")
     text = httpx.get(real_server.base_url + "/metrics").text
     assert 'lorayard_time_to_first_token_seconds_count{adapter="all16",version="plain"}' in text
-    assert 'lorayard_requests_total{adapter="all16",status="ok",version="plain"}' in text
+    assert 'lorayard_requests_total{adapter="all16",status="200",version="plain"}' in text
+    # Refusals count too, by status, without the made-up names clients send.
+    for body in ({"model": "no-such-model"}, {"temperature": -1}):
+        httpx.post(
+            real_server.v1 + "/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], **body},
+        )
+    text = httpx.get(real_server.base_url + "/metrics").text
+    assert 'lorayard_requests_total{adapter="unresolved",status="400",version="unresolved"}' in text
+    assert 'lorayard_requests_total{adapter="unresolved",status="404",version="unresolved"}' in text
+    assert "no-such-model" not in text
     assert "lorayard_loaded_adapters" in text

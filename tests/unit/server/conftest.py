@@ -48,11 +48,17 @@ def make_engine(tiny_base, test_device):
     compared token for token with PEFT's (on the CPU)."""
     engines: list[Engine] = []
 
-    def make(*, fuse_linears: bool | None = None, **settings) -> Engine:
+    def make(*, fuse_linears=None, eos_token_ids=(), guided=None, **settings) -> Engine:
+        """``settings``: server Settings fields; ``guided``: a grammar compiler, as the runtime sets."""
         config = Settings(device=test_device, **settings).engine_config()
         engine = Engine.from_base(
-            tiny_base, config, dtype=torch.float32, eos_token_ids=set(), fuse_linears=fuse_linears
+            tiny_base,
+            config,
+            dtype=torch.float32,
+            eos_token_ids=set(eos_token_ids),
+            fuse_linears=fuse_linears,
         )
+        engine.guided = guided
         engines.append(engine)
         return engine
 

@@ -1,0 +1,117 @@
+"""The serving layer's pure checks and builders, without a server: ids, logit_bias, schemas, tool calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jsonschema
+import pytest
+
+from server.api.errors import APIError, EngineFailed
+from server.api.protocol import ChatCompletionRequest, ResponseFormat
+from server.api.responses import TokenTexts, _tool_call
+from server.api.serving import ToolCalling, _guided_from_format, _logit_bias, _token_ids, _tool_calling
+from server.api.streaming import SSE_DONE, sse_stream
+
+VOCAB = 100
+
+
+def _param(call) -> str | None:
+    with pytest.raises(APIError) as info:
+        call()
+    assert info.value.status == 400
+    return info.value.param
+
+
+def test_token_ids_must_be_in_the_vocabulary():
+    assert _token_ids("prompt", [0, 99], VOCAB) == [0, 99]
+    for bad in ([-1], [100], [10**9]):
+        assert _param(lambda bad=bad: _token_ids("stop_token_ids", bad, VOCAB)) == "stop_token_ids"
+
+
+def test_logit_bias_keys_are_strings_of_ids_and_values_bounded():
+    assert _logit_bias({"7": 100, "3": -100.0}, VOCAB) == ((3, -100.0), (7, 100.0))
+    assert _logit_bias(None, VOCAB) == ()
+    for bad in ({"x": 1}, {"100": 1}, {"-1": 1}, {"5": 100.5}):
+        assert _param(lambda bad=bad: _logit_bias(bad, VOCAB)) == "logit_bias"
+
+
+def test_response_format_becomes_a_grammar_or_a_400():
+    assert _guided_from_format(ResponseFormat(type="text")) is None
+    assert _guided_from_format(ResponseFormat(type="json_object")).kind == "json_object"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    guided = _guided_from_format(
+        ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    )
+    assert guided.kind == "json_schema" and json.loads(guided.schema) == schema
+    bad = ResponseFormat.model_validate(
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 1}}}
+    )
+    assert _param(lambda: _guided_from_format(bad)) == "response_format.json_schema.schema"
+
+
+def _chat(**extra) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **extra})
+
+
+def _tool(name: str, schema: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": schema}}
+
+
+A = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+B = {"type": "object", "properties": {"y": {"type": "string"}}, "required": ["y"]}
+
+
+def test_required_with_several_tools_is_a_schema_choosing_one():
+    calling, guided = _tool_calling(_chat(tools=[_tool("a", A), _tool("b", B)], tool_choice="required"))
+    assert calling.names == ("a", "b") and calling.named is None
+    schema = json.loads(guided.schema)
+    jsonschema.validate({"name": "b", "arguments": {"y": "s"}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "a", "arguments": {"y": "s"}}, schema)
+
+
+def test_named_tool_is_its_parameters_schema():
+    named = {"type": "function", "function": {"name": "b"}}
+    calling, guided = _tool_calling(_chat(tools=[_tool("a", A), _tool("b", B)], tool_choice=named))
+    assert calling.named == "b" and json.loads(guided.schema) == B
+
+
+def test_auto_and_default_tool_choice_are_refused_none_ignores():
+    assert _param(lambda: _tool_calling(_chat(tools=[_tool("a", A)]))) == "tool_choice"
+    assert _param(lambda: _tool_calling(_chat(tools=[_tool("a", A)], tool_choice="auto"))) == "tool_choice"
+    assert _tool_calling(_chat(tools=[_tool("a", A)], tool_choice="none")) is None
+    assert _param(lambda: _tool_calling(_chat(tools=[_tool("a", A), _tool("a", B)], tool_choice="required")))
+
+
+def test_tool_call_from_output_text():
+    call = _tool_call(ToolCalling(("a",)), '{"x": 1}')
+    assert call.function.name == "a" and json.loads(call.function.arguments) == {"x": 1}
+    call = _tool_call(ToolCalling(("a", "b")), '{"name": "b", "arguments": {"y": "s"}}')
+    assert call.function.name == "b" and json.loads(call.function.arguments) == {"y": "s"}
+    assert _tool_call(ToolCalling(("a",)), '{"x": ') is None  # cut by max_tokens: no call
+
+
+def test_text_offsets_follow_the_decoded_text(real_tokenizer):
+    texts = TokenTexts(real_tokenizer)
+    text = "Hello wörld, 你好!"
+    ids = real_tokenizer(text)["input_ids"]
+    offsets = texts.offsets(ids)
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(text)
+    assert texts(ids[0]) == "Hello"
+
+
+def test_a_stream_that_fails_ends_with_an_error_event_and_done():
+    async def chunks():
+        yield ResponseFormat(type="text")
+        raise EngineFailed("row failed")
+
+    async def run() -> list[str]:
+        return [event async for event in sse_stream(chunks(), errors)]
+
+    errors: list[int] = []
+    events = asyncio.run(run())
+    assert events[-1] == SSE_DONE and errors == [500]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "engine_error" and error["message"] == "row failed"

@@ -1,0 +1,102 @@
+"""logit_bias per row in mixed batches, and seeded sampling that does not depend on the batch."""
+
+import asyncio
+import uuid
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from server.engine.sampler import SequenceState
+from server.engine.types import Request, SamplingParams
+
+from ..conftest import peft_greedy
+from .test_engine import PROMPTS, _collect, _load
+
+
+def _hf_biased_greedy(base_dir, adapter_dir, prompt, max_new_tokens, bias):
+    """The reference: HF generate with its own SequenceBiasLogitsProcessor (single-token biases)."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            sequence_bias={(token,): value for token, value in bias},
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _run(engine, cases):
+    async def run():
+        engine.start()
+        return await asyncio.gather(*(_collect(engine, Request(uuid.uuid4().hex, *case)) for case in cases))
+
+    return [tokens for tokens, _last in asyncio.run(run())]
+
+
+def test_logit_bias_per_row_in_a_mixed_adapter_batch(engine, tiny_base_dir, tiny_adapters):
+    """Greedy rows with and without a bias, on the base and an adapter, in one batch: each biased row
+    equals HF's greedy generate with the same bias (so biased greedy rows left the fast path), the
+    unbiased rows are untouched, and +100 on a token makes a sampled row emit only that token."""
+    handle = _load(engine, tiny_base_dir, tiny_adapters, "all8")
+    n = 10
+    plain_base = peft_greedy(tiny_base_dir, None, PROMPTS[0], n)
+    plain_adapter = peft_greedy(tiny_base_dir, tiny_adapters / "all8", PROMPTS[1], n)
+    ban = tuple((token, -100.0) for token in sorted(set(plain_base[:4])))  # its own favourites, banned
+    nudge = ((plain_adapter[3], 6.0), (77, 3.5))
+    forced = 4093
+    greedy = SamplingParams(max_tokens=n, temperature=0.0)
+    cases = [
+        (PROMPTS[0], SamplingParams(max_tokens=n, temperature=0.0, logit_bias=ban), None),
+        (PROMPTS[0], greedy, None),
+        (PROMPTS[1], SamplingParams(max_tokens=n, temperature=0.0, logit_bias=nudge), handle),
+        (PROMPTS[1], greedy, handle),
+        (
+            PROMPTS[2],
+            SamplingParams(max_tokens=n, temperature=1.0, seed=3, logit_bias=((forced, 100.0),)),
+            handle,
+        ),
+    ]
+    banned, base, nudged, adapter, sampled = _run(engine, cases)
+    assert base == plain_base and adapter == plain_adapter
+    assert banned == _hf_biased_greedy(tiny_base_dir, None, PROMPTS[0], n, ban)
+    assert not set(banned) & {token for token, _ in ban}
+    assert nudged == _hf_biased_greedy(tiny_base_dir, tiny_adapters / "all8", PROMPTS[1], n, nudge)
+    assert nudged != plain_adapter
+    assert sampled == [forced] * n
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_any_batch(make_engine):
+    """The generator is the request's own: a seeded row draws the same tokens alone and next to other
+    sampling rows (which draw from their own generators or the global one)."""
+    engine = make_engine(max_batch_size=8, max_model_len=128)
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    [alone] = _run(engine, [(PROMPTS[0], seeded)])
+    crowd = [
+        (PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.0)),
+        (PROMPTS[0], seeded),
+        (PROMPTS[2], SamplingParams(max_tokens=16, temperature=0.7, seed=99)),
+        (PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.0)),
+    ]
+    _, in_batch, _, _ = _run(engine, crowd)
+    assert in_batch == alone
+    other_seed = _run(
+        engine, [(PROMPTS[0], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=4321))]
+    )
+    assert other_seed[0] != alone
+
+
+def test_seeded_generator_lives_on_the_logits_device(test_device):
+    """On CUDA a CPU generator cannot sample CUDA probabilities; the generator follows the logits."""
+    state = SequenceState.create(SamplingParams(max_tokens=1, seed=7), [1])
+    device = torch.zeros(1, device=test_device).device  # as the logits report it: cuda:0, not cuda
+    generator = state.generator_on(device)
+    assert generator is not None and generator.device.type == device.type
+    assert state.generator_on(device) is generator  # one stream of draws per request
+    assert SequenceState.create(SamplingParams(max_tokens=1), [1]).generator_on(device) is None

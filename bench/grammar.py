@@ -317,6 +317,7 @@ def chosen(result: SuiteResult) -> str:
 def run(args: argparse.Namespace) -> SuiteResult:
     config = {
         "repeats": args.repeats,
+        "base": "no model: the embedded base's tokenizer",
         "schema": SCHEMA,
         "versions": {name: version(package) for name, package in PACKAGES.items()},
     }

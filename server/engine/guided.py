@@ -4,8 +4,8 @@ sequence, and the token mask the sampler applies to that sequence's row.
 The grammar work is xgrammar's, chosen by measurement (``python -m bench.grammar``, results in
 bench/results/grammar/): on the CPU, for our 49152-token vocabulary and a typical JSON schema, its
 mask fill + accept costs a few microseconds per token, several times less than llguidance's (whose
-lazily built masks spike to milliseconds) and outlines-core's (whose schema compile takes most of a
-second, and a plain JSON object grammar tens of seconds); it compiles a schema in tens of ms.
+lazily built masks spike to tenths of a millisecond) and outlines-core's (whose schema compile takes
+a second or more, and a plain JSON object grammar tens of seconds); it compiles a schema in 5-20 ms.
 
 Semantics:
 

@@ -48,6 +48,7 @@ LLAMA_CPP_SRC ?=
 bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU); bench/README.md from results
 	for suite in multi_adapter naive head_of_line adapter_scale decode_roofline training; do \
 		$(PY) -m bench.$$suite $(BENCH_ARGS) || exit 1; done
+	$(PY) -m bench.grammar  # grammar masks are CPU work wherever the model runs: no BENCH_ARGS
 	@if [ -n "$(LLAMA_PYTHON)" ]; then \
 		$(PY) -m bench.llama_cpp --llama-python $(LLAMA_PYTHON) \
 			$(if $(LLAMA_CPP_SRC),--llama-cpp-src $(LLAMA_CPP_SRC)) || exit 1; \

@@ -250,7 +250,8 @@ def _measure(args: argparse.Namespace, result: SuiteResult) -> None:
     result.config.update(vocab=vocab, document_tokens=[len(d) for d in documents])
     for backend in ("cpu", "torch_native"):
         result.rows.append({"kind": "apply", "backend": backend, "us": _apply_us(vocab, backend)})
-    for name, make in CANDIDATES.items():
+    for name in args.libraries:
+        make = CANDIDATES[name]
         start = time.perf_counter()
         candidate = make(tokenizer, vocab, args.threads)
         result.rows.append({"kind": "setup", "library": name, "seconds": time.perf_counter() - start})
@@ -310,20 +311,24 @@ def eligible(result: SuiteResult, library: str) -> bool:
 def chosen(result: SuiteResult) -> str:
     """Among the eligible libraries, the lowest mean per-token step (mask fill + accept) on the JSON
     schema: the mean, spikes included, is what a long constrained generation pays per token."""
-    libraries = [lib for lib in CANDIDATES if eligible(result, lib)] or list(CANDIDATES)
+    measured = result.config["libraries"]
+    libraries = [lib for lib in measured if eligible(result, lib)] or measured
     return min(libraries, key=lambda lib: per_token(result, lib, "json_schema")["step_mean_us"])
 
 
-def run(args: argparse.Namespace) -> SuiteResult:
+def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
+    """Measure and fill the headline figures (``tiny`` is unused: only the tokenizer is needed)."""
     config = {
         "repeats": args.repeats,
+        "base": "no model: the embedded base's tokenizer",
         "schema": SCHEMA,
-        "versions": {name: version(package) for name, package in PACKAGES.items()},
+        "libraries": args.libraries,
+        "versions": {name: version(PACKAGES[name]) for name in args.libraries},
     }
     with measuring("grammar", args, config) as result:
         _measure(args, result)
     best = chosen(result)
-    for lib in CANDIDATES:
+    for lib in result.config["libraries"]:
         stats = per_token(result, lib, "json_schema")
         result.add_headline(
             f"{lib}: mask fill + accept per token, JSON schema (mean)", stats["step_mean_us"], "us"
@@ -336,7 +341,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
 
 def details(result: SuiteResult) -> str:
     rows = []
-    for lib in CANDIDATES:
+    for lib in result.config["libraries"]:
         for grammar in GRAMMARS:
             s = per_token(result, lib, grammar)
             rows.append(
@@ -378,7 +383,7 @@ def details(result: SuiteResult) -> str:
         "with plain torch ops (what the engine uses on a GPU)"
         + f".\n\nChosen: **{chosen(result)}**: the lowest mean step on the JSON schema among the libraries "
         f"that compile each grammar within {COMPILE_LIMIT_MS:.0f} ms "
-        f"({', '.join(lib for lib in CANDIDATES if eligible(result, lib))})."
+        f"({', '.join(lib for lib in result.config['libraries'] if eligible(result, lib))})."
     )
 
 
@@ -388,7 +393,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    libs = list(CANDIDATES)
+    libs = result.config["libraries"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     width = 0.38
     for offset, grammar in ((-width / 2, "json_schema"), (width / 2, "json_object")):
@@ -403,10 +408,11 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     plt.close(fig)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--libraries", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
+    args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
     return args

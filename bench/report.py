@@ -28,6 +28,7 @@ SUITES = (
     "adapter_scale",
     "decode_roofline",
     "training",
+    "grammar",
 )
 """Suites in the order the README shows them (each is ``python -m bench.<suite>``)."""
 

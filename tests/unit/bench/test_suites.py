@@ -12,7 +12,17 @@ import math
 
 import pytest
 
-from bench import adapter_scale, decode_roofline, head_of_line, multi_adapter, naive, record, report, training
+from bench import (
+    adapter_scale,
+    decode_roofline,
+    grammar,
+    head_of_line,
+    multi_adapter,
+    naive,
+    record,
+    report,
+    training,
+)
 
 SUITES = {
     "multi_adapter": (
@@ -32,6 +42,8 @@ SUITES = {
         decode_roofline,
         ["--batches", "2", "--max-tokens", "8", "--copy-mb", "8", "--repeats", "1"],
     ),
+    # the tokenizer only; outlines-core's JSON-object compile alone takes tens of seconds
+    "grammar": (grammar, ["--libraries", "xgrammar", "llguidance", "--repeats", "1"]),
 }
 
 

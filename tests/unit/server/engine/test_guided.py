@@ -145,6 +145,21 @@ def test_without_end_of_turn_tokens_the_grammar_ends_the_row(make_engine, real_t
         (GuidedDecoding("json_schema", '{"type": "objectx"}'), 'Unsupported type "objectx"'),
         (GuidedDecoding("json_schema", json.dumps({"type": "string", "pattern": "(("})), "parenthesis"),
         (GuidedDecoding("json_schema", None), "needs a schema"),
+        # compiled by xgrammar but not enforced: refused by us, naming the keyword and where it is
+        (
+            GuidedDecoding(
+                "json_schema", json.dumps({**ORDER, "properties": {"tags": {"uniqueItems": True}}})
+            ),
+            "'uniqueItems' (at #/properties/tags)",
+        ),
+        (
+            GuidedDecoding("json_schema", json.dumps({"anyOf": [{"not": {"type": "string"}}]})),
+            "'not' (at #/anyOf/0)",
+        ),
+        (
+            GuidedDecoding("json_schema", json.dumps({"allOf": [{"type": "integer"}, {"minimum": 5}]})),
+            "'allOf'",
+        ),
     ],
 )
 def test_a_schema_the_library_cannot_compile_is_an_invalid_request(make_engine, compiler, guided, reason):
@@ -154,6 +169,12 @@ def test_a_schema_the_library_cannot_compile_is_an_invalid_request(make_engine, 
     assert refused.value.param == "guided"
     assert reason in str(refused.value)
     assert not str(refused.value).split("output: ", 1)[-1].startswith("[")  # no C++ log prefix
+
+
+def test_keywords_are_found_only_where_they_are_keywords(compiler):
+    """A property named like an unenforced keyword is just a property."""
+    schema = {"type": "object", "properties": {"not": {"type": "integer"}, "if": {"enum": ["a"]}}}
+    compiler.compile(GuidedDecoding("json_schema", json.dumps(schema)))
 
 
 def test_structured_output_needs_a_compiler_and_no_min_tokens(make_engine, compiler, real_tokenizer):

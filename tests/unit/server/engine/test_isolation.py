@@ -88,7 +88,7 @@ def test_a_failing_forward_fails_only_its_rows(engine, tiny_base_dir, tiny_adapt
     async def run():
         engine.start()
         doomed_stream = engine.submit(
-            _request(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0.0), doomed)
+            _request(PROMPTS[0], SamplingParams(max_tokens=240, temperature=0.0), doomed)
         )
         long = SamplingParams(max_tokens=100, temperature=0.0)  # still decoding when the forward fails
         base = asyncio.create_task(_collect(engine, _request(PROMPTS[1], long)))
@@ -104,7 +104,7 @@ def test_a_failing_forward_fails_only_its_rows(engine, tiny_base_dir, tiny_adapt
     doomed_events, (base, adapted), (_, prefill_last), (after_tokens, _) = asyncio.run(run())
     assert doomed_events[-1].finish_reason == "abort"
     assert "decode failed: KeyError" in doomed_events[-1].error
-    assert doomed_events[-1].output_tokens < 200
+    assert doomed_events[-1].output_tokens < 240
     assert base[0] == peft_greedy(tiny_base_dir, None, PROMPTS[1], 100)
     assert adapted[0] == peft_greedy(tiny_base_dir, tiny_adapters / "all8", PROMPTS[2], 100)
     assert base[1].error is None and adapted[1].error is None

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from server.engine.sampler import SequenceState
+from server.engine.sampler import SequenceState, greedy_tokens, sample_row
 from server.engine.types import Request, SamplingParams
 
 from ..conftest import peft_greedy
@@ -100,3 +100,23 @@ def test_seeded_generator_lives_on_the_logits_device(test_device):
     assert generator is not None and generator.device.type == device.type
     assert state.generator_on(device) is generator  # one stream of draws per request
     assert SequenceState.create(SamplingParams(max_tokens=1), [1]).generator_on(device) is None
+
+
+def test_greedy_rows_are_one_argmax_and_the_others_are_left_to_sample_row():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    states = [
+        SequenceState.create(SamplingParams(max_tokens=1, temperature=0.0), [1]),
+        SequenceState.create(SamplingParams(max_tokens=1, temperature=0.0, logit_bias=((2, 9.0),)), [1]),
+        SequenceState.create(SamplingParams(max_tokens=1, temperature=0.0), [1]),
+    ]
+    tokens = greedy_tokens(logits, states)
+    assert [t.token_id if t else None for t in tokens] == [1, None, 2]
+    assert sample_row(logits[1], states[1], frozenset()).token_id == 2  # 1.0 + 9.0 beats 2.0
+
+
+def test_alternatives_ruled_out_are_not_reported():
+    """top_k 1 leaves one finite logprob: -inf alternatives would not even be valid JSON."""
+    state = SequenceState.create(SamplingParams(max_tokens=1, temperature=1.0, top_k=1, logprobs=3), [1])
+    token = sample_row(torch.tensor([0.5, 2.0, 1.0, -1.0]), state, frozenset())
+    assert token.token_id == 1 and token.logprob == 0.0
+    assert [t.token_id for t in token.top_logprobs] == [1]

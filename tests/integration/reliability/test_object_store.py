@@ -154,7 +154,7 @@ def test_a_canary_split_routes_as_the_routing_file_says_and_users_stick(
     assert served(s3_server, "alpha@v2", on_canary) == "v2"
     metrics = httpx.get(s3_server.base_url + "/metrics").text
     for version in ("v1", "v2"):
-        assert f'lorayard_requests_total{{adapter="alpha",status="ok",version="{version}"}}' in metrics
+        assert f'lorayard_requests_total{{adapter="alpha",status="200",version="{version}"}}' in metrics
     train_job("promote", "alpha", "v2", "--adapters-dir", bucket_location)  # ends the split
     wait_until(lambda: served(s3_server, "alpha", on_canary) == "v2")
 

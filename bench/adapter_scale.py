@@ -31,6 +31,7 @@ from bench.record import (
     measuring,
     median,
     percentile,
+    save_figure,
     suite_main,
 )
 from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, base_label, load_base, make_adapters
@@ -218,9 +219,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     ax.set_xlabel("adapters on the volume")
     ax.set_ylabel("ms (median)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "adapter_scale.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "adapter_scale.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

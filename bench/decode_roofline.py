@@ -35,6 +35,7 @@ from bench.record import (
     measuring,
     median,
     paired_ratios,
+    save_figure,
     suite_main,
 )
 from bench.workload import EngineBench, base_label, bench_prompt, load_base, run_batch
@@ -196,9 +197,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     ax.set_xlabel("batch size (rows decoding together)")
     ax.set_ylabel("decode tokens/s (median)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "batch_scaling.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "batch_scaling.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,6 +33,7 @@ from bench.record import (
     measuring,
     median,
     percentile,
+    save_figure,
     suite_main,
 )
 
@@ -403,9 +404,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("mask fill + accept per token, us (mean)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "per_token.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "per_token.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,6 +21,7 @@ from bench.record import (
     measuring,
     median,
     percentile,
+    save_figure,
     suite_main,
 )
 from bench.workload import (
@@ -169,9 +170,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     ax.set_xlabel("latency, submit to last token (s)")
     ax.set_yticks([])
     ax.set_title("Short request vs long requests already running (repeat 0)")
-    fig.tight_layout()
-    fig.savefig(folder / "timeline.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "timeline.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -60,6 +60,7 @@ from bench.record import (
     median,
     paired_ratios,
     percentile,
+    save_figure,
     suite_main,
 )
 from bench.workload import load_base, make_adapters, mixed_specs
@@ -518,9 +519,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
         ax.set_ylabel(label)
     axes[1].legend(fontsize=8, loc="upper left")  # short TTFT bars at the lowest concurrency
     fig.suptitle(f"ours (float32) vs llama.cpp ({result.config['gguf']}), {result.machine.threads} thread(s)")
-    fig.tight_layout()
-    fig.savefig(folder / "llama_cpp.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "llama_cpp.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

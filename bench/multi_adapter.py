@@ -21,6 +21,7 @@ from bench.record import (
     measuring,
     median,
     paired_ratios,
+    save_figure,
     suite_main,
 )
 from bench.workload import (
@@ -61,9 +62,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     ax.set_ylabel("output tokens/s (median)")
     ax.set_title("Engine throughput: base vs mixed adapters")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "throughput.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "throughput.png")
 
 
 async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | None) -> None:

@@ -41,6 +41,7 @@ from bench.record import (
     measuring,
     median,
     paired_ratios,
+    save_figure,
     suite_main,
 )
 from bench.workload import (
@@ -270,9 +271,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
         f"batch {result.config['concurrency']}"
     )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "naive.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "naive.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,7 +35,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.record import SuiteResult, common_arguments, markdown_table, measuring, median, suite_main
+from bench.record import (
+    SuiteResult,
+    common_arguments,
+    markdown_table,
+    measuring,
+    median,
+    save_figure,
+    suite_main,
+)
 from server.engine.paged_attention import (
     PagedBatch,
     gather_kv,
@@ -422,9 +430,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("ms per call (median)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "times.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "times.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -247,3 +247,12 @@ def write_result(result: SuiteResult, out: Path | None, details: str) -> Path:
     (folder / "table.md").write_text(text)
     print(text)
     return folder
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (120 dpi PNG) and close a matplotlib figure: every suite's plots end so."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

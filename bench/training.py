@@ -41,6 +41,7 @@ from bench.record import (
     measuring,
     median,
     paired_ratios,
+    save_figure,
     setup_torch,
     suite_main,
 )
@@ -336,9 +337,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     right.set_ylabel("peak RSS MiB (median)")
     for ax in (left, right):
         ax.tick_params(axis="x", labelrotation=15)
-    fig.tight_layout()
-    fig.savefig(folder / "training.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "training.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -208,6 +208,14 @@ def is_object_store(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(S3_SCHEME)
 
 
+def location_value(value: object) -> object:
+    """A settings field's raw adapters location: an ``s3://`` URL stays a string (a Path would fold its
+    ``//``); any other string is a folder."""
+    if isinstance(value, str) and not is_object_store(value):
+        return Path(value)
+    return value
+
+
 def open_storage(
     location: str | Path, *, cache_dir: Path | None = None, cache_max_bytes: int | None = None
 ) -> Storage:

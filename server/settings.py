@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flag_name, flags_table
 from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
-from lorayard.storage import is_object_store
+from lorayard.storage import location_value
 from server.engine.config import EngineConfig
 
 ENV_PREFIX = "LORAYARD_"
@@ -64,13 +64,7 @@ class Settings(BaseModel):
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    @field_validator("adapters_dir", mode="before")
-    @classmethod
-    def _location(cls, value: object) -> object:
-        # An s3:// URL stays a string (a Path would fold its '//'); anything else is a folder.
-        if isinstance(value, str) and not is_object_store(value):
-            return Path(value)
-        return value
+    _location = field_validator("adapters_dir", mode="before")(location_value)
 
     def engine_config(self) -> EngineConfig:
         """What the engine needs of these settings: each EngineConfig field is the setting of its name."""

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flags_table
-from lorayard.storage import is_object_store
+from lorayard.storage import is_object_store, location_value
 from lorayard.volume import STAGING_DIR, InvalidAdapterName, validate_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -155,13 +155,7 @@ class TrainConfig(BaseModel):
         False, description="refuse to publish when validation loss is worse than LATEST's"
     )
 
-    @field_validator("adapters_dir", mode="before")
-    @classmethod
-    def _location(cls, value: object) -> object:
-        # An s3:// URL stays a string (a Path would fold its '//'); anything else is a folder.
-        if isinstance(value, str) and not is_object_store(value):
-            return Path(value)
-        return value
+    _location = field_validator("adapters_dir", mode="before")(location_value)
 
     @field_validator("name")
     @classmethod

@@ -309,6 +309,33 @@ def _sampling_params(
     )
 
 
+def _job(
+    kind: Literal["chat", "completion"],
+    body: SamplingFields,
+    runtime: ReadyRuntime,
+    *,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    **specific: Any,
+) -> EngineJob:
+    """The job with the fields both endpoints fill alike; ``specific``: the endpoint's own."""
+    adapter, adapter_param = _adapter_ref(body, runtime)
+    return EngineJob(
+        kind=kind,
+        prompt_ids=prompt_ids,
+        params=params,
+        n=body.n,
+        stops=body.stop_strings(),
+        adapter=adapter,
+        adapter_param=adapter_param,
+        model=body.model or runtime.settings.base_model,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        user=body.user,
+        **specific,
+    )
+
+
 def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     """/v1/completions body -> job. ``echo`` + ``logprobs`` also scores the prompt tokens."""
     _refuse_unsupported(body)
@@ -327,7 +354,6 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     prompt_logprobs = body.prompt_logprobs
     if body.echo and (body.logprobs is not None or max_tokens == 0):
         prompt_logprobs = max(prompt_logprobs or 0, body.logprobs or 0)
-    adapter, adapter_param = _adapter_ref(body, runtime)
     params = _sampling_params(
         body,
         runtime,
@@ -336,21 +362,15 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         prompt_logprobs=prompt_logprobs,
         guided=_guided_from_format(body.response_format),
     )
-    return EngineJob(
-        kind="completion",
+    return _job(
+        "completion",
+        body,
+        runtime,
         prompt_ids=prompt_ids,
         params=params,
-        n=body.n,
-        stops=body.stop_strings(),
-        adapter=adapter,
-        adapter_param=adapter_param,
-        model=body.model or runtime.settings.base_model,
-        stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
         logprobs=body.logprobs is not None,
         echo=prompt_text if body.echo else None,
         vllm_prompt_logprobs=body.prompt_logprobs is not None,
-        user=body.user,
     )
 
 
@@ -366,7 +386,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     """/v1/chat/completions body -> job, with response_format or forced tool calls as a grammar."""
     _refuse_unsupported(body)
     messages: list[Message] = [{"role": m.role, "content": m.text()} for m in body.messages]
-    adapter, adapter_param = _adapter_ref(body, runtime)
+    adapter = _adapter_ref(body, runtime)[0]
     # A base without a chat template: only an adapter's own prompt template can render the chat,
     # known once its version is leased (canary routing picks it); Generation renders it then.
     deferred = adapter is not None and runtime.tokenizer.chat_template is None
@@ -382,21 +402,15 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
             raise _bad("response_format", "cannot be combined with a forced tool call (tool_choice)")
         tools, guided = calling
     params = _sampling_params(body, runtime, max_tokens=max_tokens, logprobs=logprobs, guided=guided)
-    return EngineJob(
-        kind="chat",
+    return _job(
+        "chat",
+        body,
+        runtime,
         prompt_ids=prompt_ids,
         params=params,
-        n=body.n,
-        stops=body.stop_strings(),
-        adapter=adapter,
-        adapter_param=adapter_param,
-        model=body.model or runtime.settings.base_model,
-        stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
         logprobs=logprobs is not None,
         tools=tools,
         guided_param="response_format" if tools is None else "tools",
-        user=body.user,
         messages=tuple(messages),
     )
 

@@ -73,9 +73,15 @@ def engine(make_engine) -> Engine:
 
 
 def peft_greedy(
-    base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new_tokens: int, **load_kwargs
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    bias: list[tuple[int, float]] | None = None,
+    **load_kwargs,
 ) -> list[int]:
-    """The reference: plain PEFT (or the plain base) generate, do_sample=False."""
+    """The reference: plain PEFT (or the plain base) generate, do_sample=False; ``bias``: single-token
+    logit biases through HF's own SequenceBiasLogitsProcessor."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **load_kwargs)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
@@ -87,5 +93,6 @@ def peft_greedy(
             do_sample=False,
             eos_token_id=None,
             pad_token_id=0,
+            sequence_bias={(token,): value for token, value in bias} if bias else None,
         )
     return out[0, len(prompt) :].tolist()

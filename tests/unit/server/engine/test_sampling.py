@@ -4,32 +4,12 @@ import asyncio
 import uuid
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from server.engine.sampler import SequenceState, greedy_tokens, sample_row
 from server.engine.types import Request, SamplingParams
 
 from ..conftest import peft_greedy
 from .test_engine import PROMPTS, _collect, _load
-
-
-def _hf_biased_greedy(base_dir, adapter_dir, prompt, max_new_tokens, bias):
-    """The reference: HF generate with its own SequenceBiasLogitsProcessor (single-token biases)."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            sequence_bias={(token,): value for token, value in bias},
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 def _run(engine, cases):
@@ -65,9 +45,9 @@ def test_logit_bias_per_row_in_a_mixed_adapter_batch(engine, tiny_base_dir, tiny
     ]
     banned, base, nudged, adapter, sampled = _run(engine, cases)
     assert base == plain_base and adapter == plain_adapter
-    assert banned == _hf_biased_greedy(tiny_base_dir, None, PROMPTS[0], n, ban)
+    assert banned == peft_greedy(tiny_base_dir, None, PROMPTS[0], n, ban)
     assert not set(banned) & {token for token, _ in ban}
-    assert nudged == _hf_biased_greedy(tiny_base_dir, tiny_adapters / "all8", PROMPTS[1], n, nudge)
+    assert nudged == peft_greedy(tiny_base_dir, tiny_adapters / "all8", PROMPTS[1], n, nudge)
     assert nudged != plain_adapter
     assert sampled == [forced] * n
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -113,7 +113,7 @@ class Generation:
         except InvalidRequest as exc:
             raise APIError(400, str(exc), param=self.job.guided_param, code="invalid_value") from exc
 
-    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+    async def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
         """Lease, submit (raises QueueFull/PromptTooLong/EngineStopped before anything is sent), stream."""
         await self._compile_grammar()
         job = self.job

@@ -145,6 +145,7 @@ class CompletionRequest(SamplingFields):
             value = value[0]
         if not value:
             raise ValueError("the prompt is empty")
+        # a one-element batch was unwrapped above: what is left is one prompt (text or ids)
         return value  # type: ignore[return-value]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Any, cast
 
@@ -123,7 +123,7 @@ async def unload_lora_adapter(body: UnloadLoraRequest, runtime: ReadyDep) -> dic
 
 # -- generation ----------------------------------------------------------------------------------
 async def _prepend(
-    first: ChoiceDelta | None, deltas: AsyncIterator[ChoiceDelta]
+    first: ChoiceDelta | None, deltas: AsyncGenerator[ChoiceDelta, None]
 ) -> AsyncIterator[ChoiceDelta]:
     try:
         if first is not None:
@@ -131,7 +131,7 @@ async def _prepend(
         async for delta in deltas:
             yield delta
     finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
+        await deltas.aclose()
 
 
 async def _collect(deltas: AsyncIterator[ChoiceDelta], request: Request) -> list[ChoiceDelta]:

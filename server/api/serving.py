@@ -341,6 +341,7 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     _refuse_unsupported(body)
     prompt = body.prompt
     if isinstance(prompt, list):
+        # the field's validator leaves one prompt: a list here is token ids (checked just below)
         prompt_ids = _token_ids("prompt", list(prompt), runtime.engine.vocab_size)  # type: ignore[arg-type]
         prompt_text = str(runtime.tokenizer.decode(prompt_ids, skip_special_tokens=False))
     else:

@@ -316,10 +316,12 @@ def _job(
     *,
     prompt_ids: list[int],
     params: SamplingParams,
+    ref: tuple[str | None, str],
     **specific: Any,
 ) -> EngineJob:
-    """The job with the fields both endpoints fill alike; ``specific``: the endpoint's own."""
-    adapter, adapter_param = _adapter_ref(body, runtime)
+    """The job with the fields both endpoints fill alike; ``ref``: :func:`_adapter_ref`'s answer;
+    ``specific``: the endpoint's own fields."""
+    adapter, adapter_param = ref
     return EngineJob(
         kind=kind,
         prompt_ids=prompt_ids,
@@ -355,6 +357,7 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     prompt_logprobs = body.prompt_logprobs
     if body.echo and (body.logprobs is not None or max_tokens == 0):
         prompt_logprobs = max(prompt_logprobs or 0, body.logprobs or 0)
+    ref = _adapter_ref(body, runtime)
     params = _sampling_params(
         body,
         runtime,
@@ -369,6 +372,7 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         runtime,
         prompt_ids=prompt_ids,
         params=params,
+        ref=ref,
         logprobs=body.logprobs is not None,
         echo=prompt_text if body.echo else None,
         vllm_prompt_logprobs=body.prompt_logprobs is not None,
@@ -387,7 +391,8 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     """/v1/chat/completions body -> job, with response_format or forced tool calls as a grammar."""
     _refuse_unsupported(body)
     messages: list[Message] = [{"role": m.role, "content": m.text()} for m in body.messages]
-    adapter = _adapter_ref(body, runtime)[0]
+    ref = _adapter_ref(body, runtime)
+    adapter = ref[0]
     # A base without a chat template: only an adapter's own prompt template can render the chat,
     # known once its version is leased (canary routing picks it); Generation renders it then.
     deferred = adapter is not None and runtime.tokenizer.chat_template is None
@@ -409,6 +414,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         runtime,
         prompt_ids=prompt_ids,
         params=params,
+        ref=ref,
         logprobs=logprobs is not None,
         tools=tools,
         guided_param="response_format" if tools is None else "tools",

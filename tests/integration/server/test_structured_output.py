@@ -205,7 +205,15 @@ def test_langchain_with_structured_output(real_server):
         population: int
 
     llm = ChatOpenAI(
-        model=BASE, base_url=real_server.v1, api_key="unused", temperature=0.7, max_tokens=120, max_retries=0
+        model=BASE,
+        base_url=real_server.v1,
+        api_key="unused",
+        temperature=0.7,
+        max_tokens=120,
+        max_retries=0,
+        # Seeded: unseeded, a sampled tool call sometimes spends its 120 tokens on whitespace and
+        # ends cut (langchain then returns None), which made this test fail about one run in three.
+        seed=1,
     )
     for method in ("json_schema", "function_calling"):
         result = llm.with_structured_output(City, method=method).invoke("Tell me about Paris.")

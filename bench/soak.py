@@ -6,7 +6,8 @@ closed-loop clients for ``--duration`` seconds (mixed adapters and pinned versio
 random cancels mid-stream and disconnects before the answer), and then checks:
 
 * zero 5xx answers,
-* no leaked slots: ``lorayard_num_requests_running`` and ``_waiting`` on /metrics back to 0,
+* no leaked requests or KV blocks: ``lorayard_num_requests_running``, ``_waiting`` and the used
+  blocks of ``lorayard_kv_cache_blocks`` on /metrics back to 0,
 * the server's resident memory (VmRSS from /proc) grew under ``--max-rss-growth`` between the end of
   warm-up and the end of the run.
 
@@ -207,6 +208,7 @@ def _wait_idle(base_url: str, timeout: float = 60) -> dict[str, float]:
         gauges = {
             "running": _metric(text, "lorayard_num_requests_running"),
             "waiting": _metric(text, "lorayard_num_requests_waiting"),
+            "kv_blocks_used": _metric(text, 'lorayard_kv_cache_blocks{state="used"}'),
         }
         if (gauges["running"] == 0 and gauges["waiting"] == 0) or time.monotonic() > deadline:
             return gauges
@@ -273,7 +275,8 @@ def run_soak(cfg: SoakConfig, work: Path) -> dict[str, object]:
     server_errors = sum(n for status, n in tally.statuses.items() if status.startswith("5"))
     checks = {
         "no_5xx": server_errors == 0,
-        "no_leaked_slots": gauges["running"] == 0 and gauges["waiting"] == 0,
+        "no_leaked_requests": gauges["running"] == 0 and gauges["waiting"] == 0,
+        "no_leaked_kv_blocks": gauges["kv_blocks_used"] == 0,
         "rss_growth_under_limit": growth < cfg.max_rss_growth,
         "server_exited_cleanly": process.returncode == 0,
     }

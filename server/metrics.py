@@ -59,6 +59,10 @@ class ServerMetrics:
     batch_size: Gauge
     loaded_adapters: Gauge
     kv_cache_usage: Gauge
+    kv_blocks: Gauge
+    preemptions: Counter
+    prefix_cache_queries: Counter
+    prefix_cache_hits: Counter
     adapter_load_seconds: Histogram
 
     @classmethod
@@ -123,6 +127,31 @@ class ServerMetrics:
             ),
             kv_cache_usage=Gauge(
                 f"{prefix}_kv_cache_usage_ratio", "Fraction of the KV cache in use.", registry=registry
+            ),
+            kv_blocks=Gauge(
+                f"{prefix}_kv_cache_blocks",
+                "KV blocks by state: used (held by running requests), cached (a reusable prefix no"
+                " request holds, reclaimed least recently used first), free.",
+                ["state"],
+                registry=registry,
+            ),
+            preemptions=Counter(
+                f"{prefix}_preemptions",
+                "Requests preempted because the KV pool ran dry (recomputed when readmitted).",
+                registry=registry,
+            ),
+            prefix_cache_queries=Counter(
+                f"{prefix}_prefix_cache_query_tokens",
+                "Prompt tokens looked up in the prefix cache.",
+                ADAPTER_LABELS,
+                registry=registry,
+            ),
+            prefix_cache_hits=Counter(
+                f"{prefix}_prefix_cache_hit_tokens",
+                "Prompt tokens whose KV came from the prefix cache (computed before under the same"
+                " adapter version); hits / queries is the hit rate.",
+                ADAPTER_LABELS,
+                registry=registry,
             ),
             adapter_load_seconds=Histogram(
                 f"{prefix}_adapter_load_seconds",

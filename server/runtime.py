@@ -87,11 +87,12 @@ class Runtime:
         await registry.start()
         self.tokenizer, self.engine, self.registry = tokenizer, engine, registry
         log.info(
-            "ready: base %s on %s in %.1f s, %d KV slots, adapters from %s",
+            "ready: base %s on %s in %.1f s, %d requests at most, %d KV blocks, adapters from %s",
             settings.base_model,
             engine.device,
             time.perf_counter() - started,
             engine.max_batch_size,
+            engine.pool.num_blocks,
             settings.adapters_dir,
         )
 

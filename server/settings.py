@@ -46,14 +46,21 @@ class Settings(BaseModel):
         None, description="require 'Authorization: Bearer KEY' on every route but /health"
     )
     metrics_public: bool = Field(True, description="serve /metrics without the API key")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="running requests (KV slots) at most")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="running requests at most (default: 16 on the CPU, 256 on a GPU)"
+    )
     max_loaded_adapters: int = Field(8, ge=1, description="adapter versions resident in memory at most")
     max_queue: int = Field(256, ge=1, description="waiting requests at most; past it: 429")
     max_model_len: int = Field(2048, ge=16, description="context window: prompt + max_tokens")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
-    kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV-cache budget (default: 4 GB CPU)")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="KV-cache budget (default: 4 GB on the CPU, most of the free GPU memory)"
+    )
+    prefix_caching: bool = Field(
+        True, description="reuse the KV of prompt prefixes already computed under the same adapter version"
+    )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     torch_profile_dir: Path | None = Field(
         None, description="profile the engine thread (torch.profiler); its op table is written here on stop"

@@ -55,6 +55,8 @@ class ChoiceDelta:
 class UsageCount:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (the most any of the request's choices found)."""
 
 
 @contextlib.asynccontextmanager
@@ -199,6 +201,7 @@ class Generation:
                 if finish is not None:
                     text += stops.flush()
                     self.usage.completion_tokens += event.output_tokens
+                    self._record_prefix_lookup(event)
                     reason = "stop" if finish == "abort" else finish
                     await queue.put(ChoiceDelta(index, text, reason, logprobs, prompt_logprobs))
                     return
@@ -207,6 +210,14 @@ class Generation:
                     prompt_logprobs = None
         except Exception as exc:
             await queue.put(exc)
+
+    def _record_prefix_lookup(self, event: TokenEvent) -> None:
+        """The prefix-cache hit metric, per adapter version, for a request the engine admitted."""
+        if event.cached_tokens is None:
+            return
+        self.usage.cached_tokens = max(self.usage.cached_tokens, event.cached_tokens)
+        self.metrics.prefix_cache_queries.labels(**self.labels).inc(event.prompt_tokens)
+        self.metrics.prefix_cache_hits.labels(**self.labels).inc(event.cached_tokens)
 
     def _record_latencies(self) -> None:
         labels = self.labels

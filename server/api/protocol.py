@@ -183,10 +183,16 @@ class _DropNones(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (computed before under the same weights)."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogprobs(BaseModel):

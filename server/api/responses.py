@@ -27,6 +27,7 @@ from server.api.protocol import (
     CompletionLogprobs,
     FunctionCall,
     FunctionCallDelta,
+    PromptTokensDetails,
     ToolCall,
     ToolCallDelta,
     TopLogprobEntry,
@@ -48,6 +49,7 @@ def usage_of(count: UsageCount) -> Usage:
         prompt_tokens=count.prompt_tokens,
         completion_tokens=count.completion_tokens,
         total_tokens=count.prompt_tokens + count.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=count.cached_tokens),
     )
 
 

@@ -35,8 +35,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.kv_cache import DEFAULT_CPU_BUDGET_GB
-
 if TYPE_CHECKING:
     from server.engine.types import AdapterHandle
 
@@ -45,7 +43,11 @@ DEFAULT_BLOCK_SIZE = 16
 large enough that block tables stay short and a gather moves contiguous runs of K/V."""
 
 GPU_FREE_SHARE = 0.8
-"""Share of free GPU memory the KV pool takes when no budget is given (as ``slots_for_budget``)."""
+"""Share of free GPU memory the KV pool takes when no budget is given."""
+
+DEFAULT_CPU_BUDGET_GB = 4.0
+"""KV budget when none is given on the CPU (the pool is also capped at what ``max_batch_size``
+requests of ``max_model_len`` tokens can use, so small models never allocate it all)."""
 
 BlockHash = bytes
 """sha256 digest (32 bytes) of a full block's key; see :func:`hash_block`."""
@@ -198,7 +200,9 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
-        self._free: collections.deque[int] = collections.deque(range(num_blocks))
+        # Used as a stack (recently freed blocks first: warm in the CPU's caches, and the pages of a
+        # pool larger than the load needs are never touched); block 0 is handed out first.
+        self._free: collections.deque[int] = collections.deque(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
         """The key a block is registered under in ``_cached``; None: not in the prefix cache."""
@@ -218,7 +222,13 @@ class BlockPool:
 
     @property
     def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache, referenced or not."""
         return len(self._cached)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Cached blocks no live request uses: kept for prefix hits, reclaimed when space is needed."""
+        return len(self._evictable)
 
     def usage(self) -> float:
         """Share of blocks referenced by live requests, 0..1 (cached-unreferenced blocks count as free:
@@ -384,7 +394,7 @@ class BlockPool:
     def _take_block(self) -> int:
         """A block for new K/V: a free one, else the least recently released cached one."""
         if self._free:
-            block = self._free.popleft()
+            block = self._free.pop()
         else:
             block, _ = self._evictable.popitem(last=False)
             key = self._hash_of[block]

@@ -11,6 +11,17 @@ from pathlib import Path
 
 from lorayard.base_model import Quantization
 
+CPU_MAX_BATCH_SIZE = 16
+"""On the CPU a step is compute-bound: past about 16 rows a bigger batch only stretches every stream's
+inter-token latency (bench/multi_adapter.py)."""
+GPU_MAX_BATCH_SIZE = 256
+"""vLLM's default: a small model on a GPU is launch- and bandwidth-bound far beyond 16 rows, so the
+KV pool, not this limit, should decide how many requests run."""
+
+
+def default_max_batch_size(device: str) -> int:
+    return GPU_MAX_BATCH_SIZE if device.startswith("cuda") else CPU_MAX_BATCH_SIZE
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -18,14 +29,17 @@ class EngineConfig:
     """cpu | cuda | cuda:N; None: cuda when available."""
     quantization: Quantization
     """Load the base 4bit or 8bit via bitsandbytes; None: plain weights."""
-    max_batch_size: int
-    """Running requests at most: the KV-cache slots wanted (fewer if the KV budget does not hold them)."""
+    max_batch_size: int | None
+    """Running requests at most (fewer while the KV pool cannot hold more); None:
+    :func:`default_max_batch_size` for the device."""
     max_queue: int
     """Waiting requests at most; ``submit`` raises QueueFull past it."""
     max_model_len: int
     """Context window, prompt + max_tokens (capped at the base's max_position_embeddings)."""
     kv_cache_memory_gb: float | None
     """KV-cache budget; None: 4 GB on the CPU, 80% of free memory on a GPU."""
+    prefix_caching: bool
+    """Share computed KV blocks between requests with the same prefix under the same weights."""
     prefill_chunk: int
     """Prompt tokens prefilled per engine iteration: bounds how long running streams wait."""
     torch_profile_dir: Path | None

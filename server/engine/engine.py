@@ -3,18 +3,22 @@
 All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
 
 1. takes new requests and aborts from the API (thread-safe hand-off);
-2. admits waiting requests FIFO while KV slots and ``max_batch_size`` allow;
-3. prefills newcomers, at most ``prefill_chunk`` prompt tokens per iteration (chunked prefill), so
-   a long prompt never stalls running streams for long and a short request starts at once;
-4. runs ONE batched decode step for every running row, whatever its adapter;
-5. sends each row's token to its request's asyncio queue and retires finished rows.
+2. admits waiting requests FIFO while ``max_batch_size`` and free KV blocks allow: each gets blocks
+   for its whole prompt from the paged pool (:mod:`server.engine.block_pool`), reusing the longest
+   cached prefix computed under the same weights (prefix caching);
+3. runs ONE forward pass over every running row: one token for each decoding row, and prompt chunks
+   of the newcomers, several requests at once, up to ``prefill_chunk`` prompt tokens per iteration
+   (batched chunked prefill), so a long prompt never stalls running streams for long;
+4. samples a token for every row whose pending tokens are all computed, sends it to its request's
+   asyncio queue, retires finished rows and gives every other row room for its next token; when the
+   pool runs dry, the most recently admitted request is preempted (its blocks freed, its tokens
+   recomputed when it is readmitted: its stream only pauses).
 
 Failures are per row: an exception while sampling or accepting one row's token finishes that row
-alone with an error event; a failing prefill chunk fails its sequence alone; a failing decode
-forward is retried in halves, so only the rows whose own forward fails (an adapter gone, ...) are
-failed and their slots freed, and the engine keeps serving. :meth:`Engine.submit` refuses token ids
-outside the vocabulary (:class:`InvalidRequest`) before they can index a tensor (on a GPU an
-out-of-range index is a device-side assert that poisons the whole process).
+alone with an error event; a failing forward pass is retried in halves, so only the rows whose own
+forward fails (an adapter gone, ...) are failed and their blocks freed, and the engine keeps serving.
+:meth:`Engine.submit` refuses token ids outside the vocabulary (:class:`InvalidRequest`) before they
+can index a tensor (on a GPU an out-of-range index is a device-side assert that poisons the process).
 """
 
 from __future__ import annotations
@@ -29,16 +33,26 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from lorayard.adapter_files import AdapterWeights
 from lorayard.architectures import architecture_for, exact_context_limit, head_dim
 from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
-from server.engine.kv_cache import KVCache, KVCacheSpec, slots_for_budget
-from server.engine.lora_ops import ResidentAdapter, segments_of
-from server.engine.model_runner import DecodeBatch, ModelRunner, PrefillRow
+from server.engine.block_pool import (
+    DEFAULT_BLOCK_SIZE,
+    BlockPool,
+    BlockSpec,
+    BlockTable,
+    KVBlockStorage,
+    adapter_identity,
+    blocks_for_budget,
+    choose_victim,
+)
+from server.engine.config import default_max_batch_size
+from server.engine.lora_ops import ResidentAdapter
+from server.engine.model_runner import ModelRunner, PassRow
 from server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row, score_tokens
 from server.engine.types import (
     EngineStats,
@@ -70,8 +84,12 @@ class _Sequence:
     state: SequenceState
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent]
-    slot: int = -1
-    prefilled: int = 0
+    pool_id: str
+    """The request's name in the block pool: unique even if two requests share a request id."""
+    table: BlockTable | None = None
+    """Its KV blocks while running; None while waiting (never admitted, or preempted)."""
+    cached_tokens: int | None = None
+    """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
     finished: bool = False
     arrival: float = field(default_factory=time.monotonic)
     prompt_logprobs: list[PromptLogprob | None] | None = None
@@ -86,8 +104,14 @@ class _Sequence:
         return None if self.request.adapter is None else self.request.adapter.slot
 
     @property
-    def in_prefill(self) -> bool:
-        return self.prefilled < len(self.request.prompt_ids)
+    def scoring(self) -> bool:
+        """Prompt logprobs asked and not complete yet: every prompt position must be computed."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.request.prompt_ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its KV must hold: the prompt and every token generated so far."""
+        return self.request.prompt_ids + self.state.output_ids
 
 
 class RequestStream:
@@ -149,19 +173,25 @@ class Engine:
         self._grammar_thread: ThreadPoolExecutor | None = None
         """Fills constrained rows' token masks while the forward pass runs (created on first use)."""
         config = self.config
-        spec = KVCacheSpec(
+        spec = BlockSpec(
             config.num_hidden_layers,
             config.num_key_value_heads,
             head_dim(config),
-            self.max_model_len,
+            DEFAULT_BLOCK_SIZE,
             self.dtype,
         )
-        slots = slots_for_budget(
-            spec, engine_config.max_batch_size, engine_config.kv_cache_memory_gb, self.device
+        self.max_batch_size = engine_config.max_batch_size or default_max_batch_size(self.device)
+        # The budget is a ceiling: more blocks than max_batch_size requests at full length could use
+        # would only hold cold prefix cache (and on the CPU, memory the pages never needed).
+        num_blocks = min(
+            blocks_for_budget(spec, engine_config.kv_cache_memory_gb, self.device, self.max_model_len),
+            self.max_batch_size * spec.blocks_for_tokens(self.max_model_len),
         )
-        self.max_batch_size = slots
-        self.cache = KVCache(spec, slots, self.device)
-        self.runner = ModelRunner(model, self.cache, fuse_linears)
+        self.kv = KVBlockStorage(spec, num_blocks, self.device)
+        self.pool = BlockPool(num_blocks, spec.block_size, prefix_caching=engine_config.prefix_caching)
+        self.runner = ModelRunner(model, self.kv, fuse_linears)
+        self.preemptions = 0
+        self._pool_ids = itertools.count()
         self._adapter_slots = itertools.count()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -294,7 +324,8 @@ class Engine:
             queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
             state = SequenceState.create(request.params, request.prompt_ids)
             state.guide = guide
-            seq = _Sequence(request, state, asyncio.get_running_loop(), queue)
+            pool_id = f"{request.request_id}#{next(self._pool_ids)}"
+            seq = _Sequence(request, state, asyncio.get_running_loop(), queue, pool_id)
             self._incoming.append(seq)
         self._wakeup.set()
         return RequestStream(request.request_id, queue)
@@ -311,8 +342,20 @@ class Engine:
             running=len(self._running),
             waiting=waiting,
             batch_size=self._last_batch,
-            kv_cache_usage=self.cache.usage(),
+            kv_cache_usage=self.pool.usage(),
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_used=self.pool.num_blocks - self.pool.num_free_blocks,
+            kv_blocks_cached=self.pool.num_evictable_blocks,
+            preemptions=self.preemptions,
         )
+
+    def check_kv(self) -> None:
+        """The KV pool's books (:meth:`BlockPool.check`): every block in exactly one state, and only
+        running requests holding blocks. Raises BlockAccountingError; call it while the engine is idle
+        (the soak's and the tests' leak check)."""
+        with self._lock:
+            live = [s.pool_id for s in self._running]
+            self.pool.check(live)
 
     @property
     def idle(self) -> bool:
@@ -370,13 +413,25 @@ class Engine:
             try:
                 self._step()
             except Exception as exc:
-                # Rows fail alone inside the step (see _prefill, _decode_rows, _sample_and_accept);
+                # Rows fail alone inside the step (see _run_pass, _sample_and_accept);
                 # this is the last resort for a bug in the scheduling itself, which must fail the
                 # running requests and never kill the engine thread.
                 log.exception("engine step failed")
                 for seq in list(self._running):
                     self._finish(seq, "abort", error=f"{type(exc).__name__}: {exc}")
+            self._check_idle_books()
             self._publish_gauges()
+
+    def _check_idle_books(self) -> None:
+        """With nothing running, every block must be free or a cached prefix: O(1) to check, so it runs
+        on every idle step; a leak is logged with the pool's full accounting (and shows as used blocks
+        in the kv_cache_blocks gauge)."""
+        if self._running or self.pool.num_free_blocks == self.pool.num_blocks:
+            return
+        try:
+            self.pool.check([])
+        except AssertionError as exc:
+            log.error("KV blocks leaked: %s", exc)
 
     def _has_work(self) -> bool:
         return bool(self._running or self._waiting or self._incoming or self._aborts)
@@ -384,8 +439,10 @@ class Engine:
     def _step(self) -> None:
         self._take_incoming()
         self._admit()
-        self._prefill()
-        self._decode()
+        planned = self._plan()
+        self._last_batch = len(planned)
+        if planned:
+            self._run_pass(planned)
 
     def _take_incoming(self) -> None:
         with self._lock:
@@ -394,84 +451,142 @@ class Engine:
             aborts, self._aborts = self._aborts, set()
         if not aborts:
             return
-        for seq in [s for s in self._waiting if s.request.request_id in aborts]:
-            self._waiting.remove(seq)
-            self._emit(
-                seq, TokenEvent(None, finish_reason="abort", prompt_tokens=len(seq.request.prompt_ids))
-            )
-        for seq in [s for s in self._running if s.request.request_id in aborts]:
+        for seq in [s for s in (*self._waiting, *self._running) if s.request.request_id in aborts]:
             self._finish(seq, "abort")
 
     def _admit(self) -> None:
-        while self._waiting and self.cache.free_slots > 0:
-            seq = self._waiting.popleft()
-            seq.slot = self.cache.allocate()
+        """FIFO while the batch limit and the pool allow; a preempted request waits at the front."""
+        while self._waiting and len(self._running) < self.max_batch_size:
+            seq = self._waiting[0]
+            params = seq.request.params
+            tokens = seq.tokens
+            # Decode room for the first new tokens, so a newcomer does not force a preemption at once.
+            headroom = min(self.pool.block_size, params.max_tokens - len(seq.state.output_ids))
+            table = self.pool.admit(
+                seq.pool_id,
+                tokens,
+                adapter_identity(seq.request.adapter),
+                headroom,
+                reuse_prefix=not seq.scoring,  # prompt logprobs need every position's logits
+            )
+            if table is None:
+                break
+            self._waiting.popleft()
+            if seq.cached_tokens is None:
+                seq.cached_tokens = table.cached_tokens
+            seq.table = table
             self._running.append(seq)
 
-    def _prefill(self) -> None:
+    def _plan(self) -> list[tuple[_Sequence, PassRow]]:
+        """This iteration's rows: every running request's pending tokens, prompt chunks within the
+        ``prefill_chunk`` budget (oldest first), one token for each decoding request."""
+        planned = []
         budget = self.prefill_chunk
-        for seq in [s for s in self._running if s.in_prefill]:
-            if budget <= 0:
-                break
-            prompt = seq.request.prompt_ids
-            start = seq.prefilled
-            chunk = prompt[start : start + budget]
-            budget -= len(chunk)
-            row = PrefillRow(seq.slot, chunk, start, seq.adapter_slot)
-            last_chunk = start + len(chunk) == len(prompt)
-            masks = self._fill_masks([seq]) if last_chunk and seq.request.params.max_tokens else None
-            try:  # this prompt's forward alone: if it fails, fail it and free its slot
-                logits = self.runner.prefill(row, all_positions=seq.prompt_logprobs is not None)
-                top = seq.request.params.prompt_logprobs
-                if seq.prompt_logprobs is not None and top is not None:
-                    # Position i scores token i + 1: the chunk's last logits score the next chunk's first.
-                    targets = prompt[start + 1 : start + len(chunk) + 1]
-                    seq.prompt_logprobs.extend(score_tokens(logits, targets, top))
-            except Exception as exc:
-                _settle(masks)
-                self._fail(seq, "prefill", exc)
+        for seq in self._running:
+            table = seq.table
+            assert table is not None
+            start = table.num_computed
+            pending = len(table.token_ids) - start
+            count = pending if pending == 1 else min(pending, budget)
+            if count <= 0:
                 continue
-            seq.prefilled += len(chunk)
-            if seq.in_prefill:
+            if pending > 1:
+                budget -= count
+            samples = count == pending
+            logits: Literal["last", "all", "none"] = "last" if samples else "none"
+            if seq.scoring:
+                logits = "all"
+            ids = table.token_ids[start : start + count]
+            planned.append((seq, PassRow(ids, start, table.blocks, seq.adapter_slot, logits)))
+        return planned
+
+    def _run_pass(self, planned: list[tuple[_Sequence, PassRow]]) -> None:
+        """One forward pass over the planned rows; if it fails, each half again, down to the failing
+        rows. Retrying is safe: a row rewrites the same K/V at the same positions, and nothing is
+        marked computed before a pass returns."""
+        samplers = [seq for seq, row in planned if self._samples(seq, row)]
+        masks = self._fill_masks([seq for seq in samplers if seq.request.params.max_tokens])
+        try:
+            outputs = self.runner.forward([row for _, row in planned])
+        except Exception as exc:
+            _settle(masks)  # the retry fills again; never two fills of one matcher at once
+            if len(planned) == 1:
+                seq = planned[0][0]
+                self._fail(seq, "decode" if seq.state.output_ids else "prefill", exc)
+                return
+            log.warning("forward pass over %d rows failed (%r); retrying in halves", len(planned), exc)
+            half = len(planned) // 2
+            self._run_pass(planned[:half])
+            self._run_pass(planned[half:])
+            return
+        sampling: list[tuple[_Sequence, torch.Tensor]] = []
+        for (seq, row), logits in zip(planned, outputs, strict=True):
+            assert seq.table is not None
+            self.pool.mark_computed(seq.table, row.start + len(row.ids))
+            try:
+                self._score_prompt(seq, row, logits)
+            except Exception as exc:
+                self._fail(seq, "prompt logprobs", exc)
+                continue
+            if not self._samples(seq, row):
                 continue
             if seq.request.params.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
                 self._finish(seq, "length")
             else:
-                self._sample_and_accept([seq], logits[-1:], masks)
+                assert logits is not None
+                sampling.append((seq, logits[-1:]))
+        if sampling:
+            rows = [seq for seq, _ in sampling]
+            self._sample_and_accept(rows, torch.cat([logits for _, logits in sampling]), masks)
+            for seq in rows:
+                if not seq.finished and seq.table is not None:
+                    self._make_room(seq)
+        else:
+            _settle(masks)
 
-    def _decode(self) -> None:
-        rows = [s for s in self._running if not s.in_prefill and not s.finished]
-        self._last_batch = len(rows)
-        if rows:
-            # Group rows by adapter so each adapter's rows are one contiguous segment for lora_ops.
-            self._decode_rows(sorted(rows, key=lambda s: -1 if s.adapter_slot is None else s.adapter_slot))
+    def _samples(self, seq: _Sequence, row: PassRow) -> bool:
+        """Does this row compute every pending token (so its last logits pick the next token)?"""
+        assert seq.table is not None
+        return row.start + len(row.ids) == len(seq.table.token_ids)
 
-    def _decode_rows(self, rows: list[_Sequence]) -> None:
-        """One decode forward over rows; if it fails, each half again, down to the failing rows.
-
-        Retrying is safe: a row's forward rewrites the same K/V at the same position, and cache
-        lengths only move after a forward returns.
-        """
-        batch = DecodeBatch(
-            slots=[s.slot for s in rows],
-            positions=[len(s.request.prompt_ids) + len(s.state.output_ids) - 1 for s in rows],
-            tokens=[s.state.output_ids[-1] for s in rows],
-            segments=segments_of([s.adapter_slot for s in rows], [1] * len(rows)),
-        )
-        masks = self._fill_masks(rows)
-        try:
-            logits = self.runner.decode(batch)
-        except Exception as exc:
-            _settle(masks)  # the retry fills again; never two fills of one matcher at once
-            if len(rows) == 1:
-                self._fail(rows[0], "decode", exc)
-                return
-            log.warning("decode of %d rows failed (%r); retrying in halves", len(rows), exc)
-            half = len(rows) // 2
-            self._decode_rows(rows[:half])
-            self._decode_rows(rows[half:])
+    def _score_prompt(self, seq: _Sequence, row: PassRow, logits: torch.Tensor | None) -> None:
+        """Prompt logprobs for the prompt positions this row computed (position i scores token i + 1)."""
+        top = seq.request.params.prompt_logprobs
+        if not seq.scoring or top is None or logits is None:
             return
-        self._sample_and_accept(rows, logits, masks)
+        assert seq.prompt_logprobs is not None
+        prompt = seq.request.prompt_ids
+        targets = prompt[row.start + 1 : min(row.start + len(row.ids) + 1, len(prompt))]
+        seq.prompt_logprobs.extend(score_tokens(logits, targets, top))
+
+    def _make_room(self, seq: _Sequence) -> None:
+        """Record the row's new token in its block table, preempting the most recently admitted
+        requests while the pool has no block for it (possibly this very row)."""
+        assert seq.table is not None
+        token = seq.state.output_ids[-1]
+        while not self.pool.append_token(seq.table, token):
+            holders = {id(s.table): s for s in self._running if s.table is not None}
+            victim_table = choose_victim(s.table for s in holders.values() if s.table is not None)
+            assert victim_table is not None  # seq itself holds blocks
+            victim = holders[id(victim_table)]
+            self._preempt(victim)
+            if victim is seq:
+                return
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Free a running request's blocks and queue it first: readmitted, it recomputes its prompt and
+        output so far (mostly prefix hits when its blocks are still cached), then samples on."""
+        assert seq.table is not None
+        self.pool.preempt(seq.table)
+        seq.table = None
+        self._running.remove(seq)
+        if seq.scoring:  # its prompt logprobs are recomputed from the first position
+            seq.prompt_logprobs = [None]
+        self._waiting.appendleft(seq)
+        self.preemptions += 1
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
+        log.info("preempted request %s (KV pool full)", seq.request.request_id)
 
     def _fill_masks(self, rows: list[_Sequence]) -> Future[None] | None:
         """Start filling the constrained rows' token masks on the grammar thread, so the grammar work
@@ -530,13 +645,14 @@ class Engine:
                 prompt_tokens=len(seq.request.prompt_ids),
                 output_tokens=n,
                 prompt_logprobs=self._prompt_logprobs(seq) if n == 1 else None,
+                cached_tokens=seq.cached_tokens,
             ),
         )
         if finish is not None:
             self._retire(seq)
 
     def _fail(self, seq: _Sequence, stage: str, exc: Exception) -> None:
-        """Finish one request with an error event (the API answers 500) and free its slot."""
+        """Finish one request with an error event (the API answers 500) and free its blocks."""
         log.error("request %s failed in %s", seq.request.request_id, stage, exc_info=exc)
         if not seq.finished:
             self._finish(seq, "abort", error=f"{stage} failed: {type(exc).__name__}: {exc}")
@@ -551,6 +667,7 @@ class Engine:
                 output_tokens=len(seq.state.output_ids),
                 error=error,
                 prompt_logprobs=self._prompt_logprobs(seq) if not seq.state.output_ids else None,
+                cached_tokens=seq.cached_tokens,
             ),
         )
         self._retire(seq)
@@ -558,7 +675,7 @@ class Engine:
     @staticmethod
     def _prompt_logprobs(seq: _Sequence) -> tuple[PromptLogprob | None, ...] | None:
         """For the request's first event: complete once its prefill is (None on an early abort)."""
-        if seq.prompt_logprobs is None or seq.in_prefill:
+        if seq.prompt_logprobs is None or seq.scoring:
             return None
         return tuple(seq.prompt_logprobs)
 
@@ -566,7 +683,11 @@ class Engine:
         seq.finished = True
         if seq in self._running:
             self._running.remove(seq)
-            self.cache.release(seq.slot)
+        elif seq in self._waiting:  # aborted while waiting (never admitted, or preempted)
+            self._waiting.remove(seq)
+        if seq.table is not None:
+            self.pool.free(seq.table)
+            seq.table = None
 
     @staticmethod
     def _emit(seq: _Sequence, event: TokenEvent) -> None:
@@ -582,6 +703,13 @@ class Engine:
         self.metrics.waiting.set(stats.waiting)
         self.metrics.batch_size.set(stats.batch_size)
         self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
+        free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
+        for state, count in (
+            ("used", stats.kv_blocks_used),
+            ("cached", stats.kv_blocks_cached),
+            ("free", free),
+        ):
+            self.metrics.kv_blocks.labels(state=state).set(count)
 
 
 def _settle(masks: Future[None] | None) -> None:

@@ -1,5 +1,11 @@
-"""Our own forward pass for the decoder architectures of :mod:`lorayard.architectures`, over our KV
-cache, with per-row LoRA.
+"""Our own forward pass for the decoder architectures of :mod:`lorayard.architectures`, over the paged
+KV cache, with per-row LoRA.
+
+One pass (:meth:`ModelRunner.forward`) runs the new tokens of several requests packed into one
+``[T, hidden]`` batch: decode rows (one token each) and prompt chunks of any length, each request under
+its own adapter, reading and writing K/V through its block table (:mod:`server.engine.paged_attention`).
+Every linear runs once over the packed rows, so a burst of newcomers prefills in one pass instead of
+one per request (chunked prefill in the vLLM/Sarathi manner).
 
 The base's HF modules are *called* for every matmul (so bitsandbytes 4-bit/8-bit layers work
 unchanged), for the embedding, the rotary embedding, the activation and every norm that is not plain
@@ -19,43 +25,43 @@ the two GEMMs it replaces (batch 16 and 64), and q/k/v gained nothing.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from lorayard.architectures import architecture_for, head_dim, sliding_window
-from server.engine.kv_cache import KVCache
-from server.engine.lora_ops import FUSED_GROUPS, ResidentAdapter, Segment, apply_lora, apply_lora_group
+from server.engine.block_pool import KVBlockStorage
+from server.engine.lora_ops import (
+    FUSED_GROUPS,
+    ResidentAdapter,
+    Segment,
+    apply_lora,
+    apply_lora_group,
+    segments_of,
+)
+from server.engine.paged_attention import PagedBatch, paged_attention, write_kv
 
 QKV = FUSED_GROUPS["qkv"]
 GATE_UP = FUSED_GROUPS["gate_up"]
 
 
 @dataclass(frozen=True)
-class PrefillRow:
-    """A chunk of one request's prompt: ``ids`` at positions ``start .. start + len(ids) - 1``."""
+class PassRow:
+    """One request's new tokens in a forward pass: ``ids`` at positions ``start .. start + len(ids) - 1``,
+    K/V read and written through ``blocks`` (its block table, covering every position up to the last)."""
 
-    slot: int
     ids: list[int]
     start: int
+    blocks: list[int]
     adapter_slot: int | None
-
-
-@dataclass(frozen=True)
-class DecodeBatch:
-    """One new token per row: row r writes ``tokens[r]`` at ``positions[r]`` of cache slot ``slots[r]``.
-
-    Rows are grouped by adapter (``segments``). Plain lists: the runner moves them to the device in
-    one copy and never reads device memory back to plan the step.
-    """
-
-    slots: list[int]
-    positions: list[int]
-    tokens: list[int]
-    segments: list[Segment]
+    logits: Literal["last", "all", "none"] = "last"
+    """Which of its positions need logits: the last (it samples), all (prompt logprobs), none (a
+    prompt chunk before the last)."""
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +86,11 @@ def fuse_weights(modules: list[torch.nn.Module]) -> torch.Tensor | None:
 
 
 class ModelRunner:
-    """Runs prefill chunks and batched decode steps; owns nothing but references to the HF modules."""
+    """Runs packed forward passes; owns nothing but references to the HF modules and the KV storage."""
 
-    def __init__(self, model: PreTrainedModel, cache: KVCache, fuse_linears: bool | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, storage: KVBlockStorage, fuse_linears: bool | None = None
+    ) -> None:
         """fuse_linears: one matmul per q/k/v and gate/up group (default: on a GPU only).
 
         Raises UnsupportedArchitecture for a base that :mod:`lorayard.architectures` does not list.
@@ -90,7 +98,8 @@ class ModelRunner:
         config = model.config
         self.arch = architecture_for(config)
         self.model = model
-        self.cache = cache
+        self.storage = storage
+        self.block_size = storage.spec.block_size
         decoder = model.model
         self.layers = decoder.layers
         self.num_heads = config.num_attention_heads
@@ -114,6 +123,12 @@ class ModelRunner:
             self.fused_qkv = [fuse_weights([getattr(x.self_attn, n) for n in QKV]) for x in self.layers]
             self.fused_gate_up = [fuse_weights([getattr(x.mlp, n) for n in GATE_UP]) for x in self.layers]
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
+
+    def over(self, storage: KVBlockStorage) -> ModelRunner:
+        """This runner (same model, fused weights and adapters) over other KV storage (the parity probe)."""
+        other = copy.copy(self)
+        other.storage, other.block_size = storage, storage.spec.block_size
+        return other
 
     # -- layers ---------------------------------------------------------------------------------
     def _linear(
@@ -233,38 +248,6 @@ class ModelRunner:
             ropes[key] = (cos[0, :, None, :], sin[0, :, None, :])
         return ropes
 
-    def _masks(
-        self, visible: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
-    ) -> dict[int | None, torch.Tensor]:
-        """{window (None: full): mask}; ``visible`` is the causal mask, keys/positions broadcast like it."""
-        masks: dict[int | None, torch.Tensor] = {None: visible}
-        for window in {w for w in self.windows if w is not None}:
-            masks[window] = visible & (keys > positions - window)
-        return masks
-
-    def _attention(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor,
-        layer: int,
-        gqa: bool,
-    ) -> torch.Tensor:
-        """SDPA, or for soft-capped logits (Gemma 2, which SDPA cannot do) the same math written out."""
-        scale = self.scaling[layer]
-        if self.attn_softcap is None:
-            return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
-            )
-        if gqa:
-            group = q.shape[-3] // keys.shape[-3]
-            keys, values = keys.repeat_interleave(group, dim=-3), values.repeat_interleave(group, dim=-3)
-        scores = (q @ keys.transpose(-1, -2)) * scale
-        scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
-
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] -> float32 logits [N, vocab], soft-capped where the architecture does (Gemma 2)."""
         logits = self.model.lm_head(self._norm(self.model.model.norm, h))
@@ -274,89 +257,65 @@ class ModelRunner:
 
     # -- passes ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: PrefillRow, all_positions: bool = False) -> torch.Tensor:
-        """Run one prompt chunk, writing its K/V into the row's slot.
+    def forward(self, rows: list[PassRow]) -> list[torch.Tensor | None]:
+        """One forward pass over every row's new tokens, writing their K/V into the rows' blocks.
 
-        Returns float32 logits [1, vocab] for the chunk's last token, or [len(ids), vocab] for every
-        position with ``all_positions`` (prompt logprobs: position i scores token i + 1).
+        Returns per row (in the order given) float32 logits: [1, vocab] for its last token, [len(ids),
+        vocab] for every position with ``logits="all"`` (position i scores token i + 1), None with
+        ``"none"``. Rows are packed grouped by adapter (one LoRA segment per adapter) and unpacked after.
         """
-        t = len(row.ids)
-        end = row.start + t
-        ids = torch.tensor(row.ids, device=self.device)
-        positions = torch.arange(row.start, end, device=self.device)
-        segments = [] if row.adapter_slot is None else [Segment(0, t, row.adapter_slot)]
+        order = sorted(
+            range(len(rows)), key=lambda r: -1 if rows[r].adapter_slot is None else rows[r].adapter_slot
+        )
+        packed = [rows[r] for r in order]
+        lengths = [len(row.ids) for row in packed]
+        batch = PagedBatch.build(
+            [row.blocks for row in packed],
+            [row.start + n for row, n in zip(packed, lengths, strict=True)],
+            lengths,
+            self.block_size,
+            self.device,
+        )
+        segments = segments_of([row.adapter_slot for row in packed], lengths)
+        wanted: list[int] = []  # packed token rows whose logits are returned, row after row
+        first = 0
+        for row, n in zip(packed, lengths, strict=True):
+            if row.logits == "all":
+                wanted.extend(range(first, first + n))
+            elif row.logits == "last":
+                wanted.append(first + n - 1)
+            first += n
+        ids = torch.tensor([t for row in packed for t in row.ids]).to(self.device, non_blocking=True)
         h = self.model.model.embed_tokens(ids)
-        ropes = self._ropes(h, positions)
-        # Causal over the cached prefix plus this chunk: query i sees keys 0 .. start + i (the last
-        # `window` of them in a sliding-window layer).
-        keys_at = torch.arange(end, device=self.device)[None, :]
-        masks = self._masks(keys_at <= positions[:, None], keys_at, positions[:, None])
+        ropes = self._ropes(h, batch.positions)
+        heads, hd = self.num_heads, self.head_dim
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.cache.k[i][row.slot, :, row.start : end] = k.transpose(0, 1)
-            self.cache.v[i][row.slot, :, row.start : end] = v.transpose(0, 1)
-            keys = self.cache.k[i][row.slot, :, :end]
-            values = self.cache.v[i][row.slot, :, :end]
-            out = self._attention(
-                q.transpose(0, 1)[None], keys[None], values[None], masks[self.windows[i]], i, gqa=True
-            )  # [1, heads, t, hd]
-            return out[0].transpose(0, 1).reshape(t, self.num_heads * self.head_dim)
+            k_cache, v_cache = self.storage.k[i], self.storage.v[i]
+            write_kv(k_cache, v_cache, batch.slots, k, v)
+            out = paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                batch,
+                scale=self.scaling[i],
+                window=self.windows[i],
+                softcap=self.attn_softcap,
+            )
+            return out.reshape(-1, heads * hd)
 
         for i in range(len(self.layers)):
             h = self._block(i, h, segments, ropes[self.rope_keys[i]], attend)
-        self.cache.lengths[row.slot] = end
-        return self._logits(h if all_positions else h[-1:])
-
-    @torch.inference_mode()
-    def decode(self, batch: DecodeBatch) -> torch.Tensor:
-        """One token for each row; K/V appended at each row's position. Returns logits [B, vocab]."""
-        b = len(batch.tokens)
-        length = max(batch.positions) + 1
-        # Rows are ordered by adapter, not by slot. When the rows' slots are one contiguous range
-        # (a full or freshly filled batch), attention reads that range of the cache as a view, with
-        # queries permuted into slot order, instead of gathering a copy of every row's K/V per layer.
-        by_slot = sorted(range(b), key=batch.slots.__getitem__)
-        first = batch.slots[by_slot[0]]
-        contiguous = batch.slots[by_slot[-1]] - first + 1 == b
-        unsort = sorted(range(b), key=by_slot.__getitem__)
-        host = torch.tensor([batch.tokens, batch.positions, batch.slots, by_slot, unsort])
-        tokens, positions, slots, by_slot_t, unsort_t = host.to(self.device, non_blocking=True)
-        h = self.model.model.embed_tokens(tokens)
-        ropes = self._ropes(h, positions)
-        # Row r sees keys 0 .. positions[r] (the last `window` in a sliding layer); slots are padded
-        # to the longest row.
-        keys_at = torch.arange(length, device=self.device)[None, :]
-        masks = {
-            w: m[:, None, None, :]
-            for w, m in self._masks(keys_at <= positions[:, None], keys_at, positions[:, None]).items()
-        }
-        if contiguous:
-            masks = {w: m[by_slot_t] for w, m in masks.items()}
-        grouped = (b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.cache.k[i][slots, :, positions] = k
-            self.cache.v[i][slots, :, positions] = v
-            mask = masks[self.windows[i]]
-            # One query per row: each KV head's query heads stand in for the query-length axis, so
-            # attention needs no GQA expansion and the [B, 1, 1, L] mask broadcasts over them.
-            if contiguous:
-                keys = self.cache.k[i][first : first + b, :, :length]
-                values = self.cache.v[i][first : first + b, :, :length]
-                out = self._attention(q[by_slot_t].reshape(grouped), keys, values, mask, i, gqa=False)[
-                    unsort_t
-                ]
-            else:
-                keys = self.cache.k[i][slots, :, :length]
-                values = self.cache.v[i][slots, :, :length]
-                out = self._attention(q.reshape(grouped), keys, values, mask, i, gqa=False)
-            return out.reshape(b, self.num_heads * self.head_dim)
-
-        for i in range(len(self.layers)):
-            h = self._block(i, h, batch.segments, ropes[self.rope_keys[i]], attend)
-        for slot, position in zip(batch.slots, batch.positions, strict=True):
-            self.cache.lengths[slot] = position + 1
-        return self._logits(h)
+        logits = self._logits(h[torch.tensor(wanted, device=self.device)]) if wanted else None
+        results: list[torch.Tensor | None] = [None] * len(rows)
+        taken = 0
+        for r, row, n in zip(order, packed, lengths, strict=True):
+            count = {"all": n, "last": 1, "none": 0}[row.logits]
+            if count:
+                assert logits is not None
+                results[r] = logits[taken : taken + count]
+                taken += count
+        return results
 
     def dense_weight(self, layer: int, name: str) -> torch.Tensor:
         """The base weight [out, in] of one linear, for DoRA's norm; refused for quantized layers."""

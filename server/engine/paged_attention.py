@@ -18,6 +18,10 @@ its decode rows and its chunks as two parts, each with its kernel. Measured agai
 row, other block layouts and flex_attention in bench/paged_attention.py; docs/paged_kv.md has the
 numbers and the choice.
 
+Every kernel takes the layer's ``scale``, its sliding ``window`` (query at position p sees keys
+p - window + 1 .. p, as HF's sliding layers) and Gemma 2's attention-logit ``softcap``, which SDPA
+cannot apply, so a soft-capped layer writes the same math out (:func:`attend`).
+
 The metadata (:class:`PagedBatch`) is built on the host from plain lists and moved to the device in
 one copy per tensor, so a step never waits on the device to plan itself.
 """
@@ -25,7 +29,7 @@ one copy per tensor, so a step never waits on the device to plan itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +54,14 @@ class PagedBatch:
     """``context_lens`` on the host."""
     max_query_len: int
     max_context_len: int
+    query_pos: torch.Tensor | None = None
+    """[R * max_query_len] long: each padded query row's position (padding rows: 0); None for decode."""
     parts: tuple[tuple[torch.Tensor, PagedBatch], ...] = ()
     """A mixed pass (decode rows and prefill chunks): (token rows [T_part] into the packed T, the
     part's own batch) for the decode rows and for the chunks, so each part gets its own kernel and a
     decode row is never padded to the longest chunk. Empty otherwise."""
+    masks: dict[tuple[str, int | None], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    """Attention masks by (kernel, window), built once per pass and shared by every layer."""
 
     @property
     def is_decode(self) -> bool:
@@ -99,6 +107,12 @@ class PagedBatch:
         tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
         per_token = torch.tensor([slots, positions, pad_index], dtype=torch.long).to(device)
         mixed = min(query_lens) == 1 < max_q
+        query_pos = None
+        if max_q > 1:  # padding rows get position 0 (they see key 0 alone: an all-masked row is NaN)
+            padded_pos = [0] * (len(query_lens) * max_q)
+            for row, position in zip(pad_index, positions, strict=True):
+                padded_pos[row] = position
+            query_pos = torch.tensor(padded_pos, dtype=torch.long).to(device)
         return cls(
             block_tables=tables.to(device),
             context_lens=torch.tensor(list(context_lens), dtype=torch.long).to(device),
@@ -109,6 +123,7 @@ class PagedBatch:
             context_list=tuple(context_lens),
             max_query_len=max_q,
             max_context_len=max(context_lens),
+            query_pos=query_pos,
             parts=cls._split(block_tables, context_lens, query_lens, block_size, device) if mixed else (),
         )
 
@@ -166,24 +181,70 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> t
     return gathered[:, :, :length].transpose(0, 1)
 
 
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+def visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) visibility: key_pos [..., L] broadcast against query_pos [..., 1]."""
+    seen = key_pos <= query_pos
+    return seen if window is None else seen & (key_pos > query_pos - window)
+
+
+def attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scale: float | None,
+    softcap: float | None,
+    gqa: bool,
 ) -> torch.Tensor:
-    """q [T, heads, hd] packed -> [T, heads, hd]; see the module docstring for the semantics."""
+    """SDPA, or for soft-capped logits (Gemma 2, which SDPA cannot do) the same math written out."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:
+        group = q.shape[-3] // keys.shape[-3]
+        keys, values = keys.repeat_interleave(group, dim=-3), values.repeat_interleave(group, dim=-3)
+    scores = (q @ keys.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q [T, heads, hd] packed -> [T, heads, hd]; see the module docstring for the semantics.
+
+    scale: None is 1/sqrt(hd); window: sliding-window size (None: full causal); softcap: tanh cap of
+    the attention logits (Gemma 2)."""
+    options = {"scale": scale, "window": window, "softcap": softcap}
     if batch.parts:
         out = torch.empty_like(q)
         for rows, part in batch.parts:
-            out[rows] = paged_attention(q[rows], k_cache, v_cache, part)
+            out[rows] = paged_attention(q[rows], k_cache, v_cache, part, **options)
         return out
     if batch.is_decode:
-        return decode_attention(q, k_cache, v_cache, batch)
+        return decode_attention(q, k_cache, v_cache, batch, **options)
     if batch.padded_pairs > PAD_WASTE_LIMIT * batch.pairs:
-        return per_request_attention(q, k_cache, v_cache, batch)
-    return padded_prefill_attention(q, k_cache, v_cache, batch)
+        return per_request_attention(q, k_cache, v_cache, batch, **options)
+    return padded_prefill_attention(q, k_cache, v_cache, batch, **options)
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query per request: q [R, heads, hd] -> [R, heads, hd].
 
@@ -194,14 +255,25 @@ def decode_attention(
     length = batch.max_context_len
     keys = gather_kv(k_cache, batch.block_tables, length)
     values = gather_kv(v_cache, batch.block_tables, length)
-    visible = torch.arange(length, device=q.device)[None, :] < batch.context_lens[:, None]
+    mask = batch.masks.get(("decode", window))
+    if mask is None:
+        key_pos = torch.arange(length, device=q.device)[None, :]
+        mask = visible(key_pos, batch.context_lens[:, None] - 1, window)[:, None, None, :]
+        batch.masks["decode", window] = mask
     grouped = q.view(r, kv_heads, heads // kv_heads, hd)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible[:, None, None, :])
+    out = attend(grouped, keys, values, mask, scale=scale, softcap=softcap, gqa=False)
     return out.reshape(r, heads, hd)
 
 
 def padded_prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Packed chunks of R requests (varlen, causal over cached prefix + chunk): q [T, heads, hd] ->
     [T, heads, hd], in one attention call over queries padded to [R, heads, max_query_len, hd].
@@ -215,17 +287,25 @@ def padded_prefill_attention(
     padded = q.new_zeros(r * max_q, heads, hd)
     padded[batch.pad_index] = q
     padded = padded.view(r, max_q, heads, hd).transpose(1, 2)  # [R, heads, max_q, hd]
-    # Query position of each padded row; padding rows get position 0 (they see key 0 alone).
-    query_pos = torch.zeros(r * max_q, dtype=torch.long, device=q.device)
-    query_pos[batch.pad_index] = batch.positions
-    visible = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]  # [R * max_q, L]
-    mask = visible.view(r, 1, max_q, length)
-    out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=mask, enable_gqa=True)
+    mask = batch.masks.get(("padded", window))
+    if mask is None:
+        assert batch.query_pos is not None  # built for every pass with a chunk
+        key_pos = torch.arange(length, device=q.device)[None, :]
+        mask = visible(key_pos, batch.query_pos[:, None], window).view(r, 1, max_q, length)
+        batch.masks["padded", window] = mask
+    out = attend(padded, keys, values, mask, scale=scale, softcap=softcap, gqa=True)
     return out.transpose(1, 2).reshape(r * max_q, heads, hd)[batch.pad_index]
 
 
 def per_request_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The same semantics, one gather and one attention call per request (no padding):
     q [T, heads, hd] -> [T, heads, hd]."""
@@ -238,8 +318,11 @@ def per_request_attention(
         values = gather_kv(v_cache, table, context)
         rows = q[start : start + new].transpose(0, 1)[None]  # [1, heads, new, hd]
         start += new
-        positions = torch.arange(context - new, context, device=q.device)
-        mask = torch.arange(context, device=q.device)[None, :] <= positions[:, None]
-        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, enable_gqa=True)
+        mask = batch.masks.get((f"request {r}", window))
+        if mask is None:
+            positions = torch.arange(context - new, context, device=q.device)
+            mask = visible(torch.arange(context, device=q.device)[None, :], positions[:, None], window)
+            batch.masks[f"request {r}", window] = mask
+        out = attend(rows, keys, values, mask, scale=scale, softcap=softcap, gqa=True)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorayard.architectures import UnsupportedArchitecture, architecture_for, head_dim
-from server.engine.kv_cache import KVCache, KVCacheSpec
-from server.engine.model_runner import DecodeBatch, ModelRunner, PrefillRow
+from server.engine.block_pool import BlockSpec, KVBlockStorage
+from server.engine.model_runner import ModelRunner, PassRow
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 PROBE_LENGTH = 16
 """Tokens in the probe: two prefill chunks of 5, then one decode step for each of the rest."""
 _FIRST_CHUNK, _SECOND_CHUNK = 5, 10
+_BLOCK_SIZE = 4
+_BLOCKS = [3, 1, 0, 2]
+"""The probe's block table: out of order, so reading and writing through the table is checked too."""
 
 TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.1}
 """Largest logit difference accepted, relative to the largest logit (at least 1). A forward that gets
@@ -52,33 +55,33 @@ def probe_tokens(vocab_size: int) -> list[int]:
 
 
 def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> ProbeResult:
-    """Compare ``runner`` (default: a fresh one-slot runner over ``model``) with ``model``'s forward.
+    """Compare ``runner`` (default: a fresh runner over ``model``) with ``model``'s forward.
 
-    Uses one free slot of the runner's cache and gives it back (a fresh runner when that cache is too
-    short for the probe). UnsupportedArchitecture for a base that no spec lists (before anything runs).
+    The probe runs over a few KV blocks of its own (the runner's weights and choices, not its cache).
+    UnsupportedArchitecture for a base that no spec lists (before anything runs).
     """
     architecture_for(model.config)
-    if runner is None or runner.cache.spec.max_model_len < PROBE_LENGTH:
-        config = model.config
-        spec = KVCacheSpec(
-            config.num_hidden_layers, config.num_key_value_heads, head_dim(config), PROBE_LENGTH, model.dtype
-        )
-        runner = ModelRunner(model, KVCache(spec, 1, str(runner_device(model))), fuse_linears=False)
-    tokens = probe_tokens(int(model.config.vocab_size))
+    config = model.config
+    spec = BlockSpec(
+        config.num_hidden_layers, config.num_key_value_heads, head_dim(config), _BLOCK_SIZE, model.dtype
+    )
+    storage = KVBlockStorage(spec, len(_BLOCKS), runner_device(model))
+    runner = ModelRunner(model, storage, fuse_linears=False) if runner is None else runner.over(storage)
+    tokens = probe_tokens(int(config.vocab_size))
     with torch.inference_mode():
         reference = model(torch.tensor([tokens], device=runner.device), use_cache=False).logits[0].float()
-    slot = runner.cache.allocate()
-    try:
-        ours = {
-            _FIRST_CHUNK - 1: runner.prefill(PrefillRow(slot, tokens[:_FIRST_CHUNK], 0, None))[-1],
-            _SECOND_CHUNK - 1: runner.prefill(
-                PrefillRow(slot, tokens[_FIRST_CHUNK:_SECOND_CHUNK], _FIRST_CHUNK, None)
-            )[-1],
-        }
-        for position in range(_SECOND_CHUNK, PROBE_LENGTH):
-            ours[position] = runner.decode(DecodeBatch([slot], [position], [tokens[position]], []))[0]
-    finally:
-        runner.cache.release(slot)
+
+    def last_logits(start: int, end: int) -> torch.Tensor:
+        (logits,) = runner.forward([PassRow(tokens[start:end], start, _BLOCKS, None)])
+        assert logits is not None
+        return logits[-1]
+
+    ours = {
+        _FIRST_CHUNK - 1: last_logits(0, _FIRST_CHUNK),
+        _SECOND_CHUNK - 1: last_logits(_FIRST_CHUNK, _SECOND_CHUNK),
+    }
+    for position in range(_SECOND_CHUNK, PROBE_LENGTH):
+        ours[position] = last_logits(position, position + 1)
     positions = sorted(ours)
     difference = (torch.stack([ours[p] for p in positions]) - reference[positions]).abs().max()
     scale = max(float(reference[positions].abs().max()), 1.0)

@@ -14,8 +14,8 @@ Engine contract (``server.engine.engine.Engine``)::
     await asyncio.to_thread(engine.guided.compile, params.guided)  # optional, before submit: a new
                                                   # schema's compile (ms) off the event loop; cached
     async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason
-    engine.abort(request_id)                      # client went away / stop string hit: frees the slot
-    engine.stats() -> EngineStats                 # running, waiting, batch size, kv use
+    engine.abort(request_id)                      # client went away / stop string hit: frees its blocks
+    engine.stats() -> EngineStats                 # running, waiting, batch size, KV blocks
     await engine.drain(timeout_s); engine.stop()  # SIGTERM: finish in-flight, then stop the thread
 """
 
@@ -124,6 +124,9 @@ class TokenEvent:
     """Set (with finish_reason "abort") when the engine failed this request; the API answers 500."""
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     """On the first event of a request with ``prompt_logprobs``: one entry per prompt token, None first."""
+    cached_tokens: int | None = None
+    """Prompt tokens whose K/V came from the prefix cache at admission (OpenAI's
+    usage.prompt_tokens_details.cached_tokens); None: the request was never admitted."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,14 @@ class EngineStats:
     waiting: int
     batch_size: int
     kv_cache_usage: float
-    """Fraction of KV-cache capacity in use, 0..1."""
+    """Fraction of KV blocks held by live requests, 0..1 (cached, unreferenced blocks count as free)."""
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    """Blocks held by live requests."""
+    kv_blocks_cached: int = 0
+    """Blocks no live request holds that keep a cached prefix (reclaimed least recently used first)."""
+    preemptions: int = 0
+    """Requests preempted since start (the pool ran dry mid-decode; recomputed when readmitted)."""
 
 
 class EngineError(Exception):

@@ -22,8 +22,8 @@ from bench.random_base import SLIDING_WINDOW
 from lorayard.adapter_files import load_adapter
 from lorayard.architectures import ARCHITECTURES
 from lorayard.base_model import resolve_base_model
+from server.engine.block_pool import BlockSpec, KVBlockStorage
 from server.engine.engine import Engine
-from server.engine.kv_cache import KVCache, KVCacheSpec
 from server.engine.model_runner import ModelRunner
 from server.engine.parity_probe import probe_runner
 from server.engine.types import Request, SamplingParams
@@ -142,8 +142,8 @@ def test_parity_probe_passes_and_catches_a_wrong_spec(arch_bases, model_type):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     assert probe_runner(model).ok
     config = model.config
-    spec = KVCacheSpec(config.num_hidden_layers, config.num_key_value_heads, 16, 32, torch.float32)
-    runner = ModelRunner(model, KVCache(spec, 1, "cpu"), fuse_linears=False)
+    spec = BlockSpec(config.num_hidden_layers, config.num_key_value_heads, 16, 16, torch.float32)
+    runner = ModelRunner(model, KVBlockStorage(spec, 2, "cpu"), fuse_linears=False)
     arch = runner.arch
     if arch.sandwich_norms:
         runner.arch = dataclasses.replace(arch, plain_rms_norm=True)  # forgets Gemma's (1 + w)

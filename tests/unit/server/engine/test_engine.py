@@ -96,7 +96,7 @@ def test_limits_and_abort(make_engine):
 
     stats = asyncio.run(run())
     assert stats.running == 0 and stats.waiting == 0
-    assert engine.cache.free_slots == 1
+    engine.check_kv()  # the aborted and finished requests hold no blocks
 
 
 def test_4bit_base_with_adapter_matches_peft_on_the_same_4bit_base(make_engine, tiny_base_dir, tiny_adapters):

@@ -180,32 +180,71 @@ def test_adapter_deleted_mid_stream(fault_server, volume, tiny_adapter_source, f
 
 
 def _logprobs(server, adapter: str) -> list[float]:
+    return _answer(server, adapter)[0]
+
+
+def _answer(server, adapter: str) -> tuple[list[float], int, str]:
+    """(the answer's token logprobs, its prompt tokens served from the prefix cache, the model that
+    served it)."""
     response = chat(server, adapter, logprobs=True, max_tokens=4)
     assert response.status_code == 200, response.text
-    return [t["logprob"] for t in response.json()["choices"][0]["logprobs"]["content"]]
+    body = response.json()
+    logprobs = [t["logprob"] for t in body["choices"][0]["logprobs"]["content"]]
+    return logprobs, body["usage"]["prompt_tokens_details"]["cached_tokens"], body["model"]
 
 
 def test_plain_folder_replaced_in_place_serves_the_new_files(
     fault_server, volume, tiny_adapter_source, other_adapter_source, good_name
 ):
-    """A plain PEFT folder swapped for another adapter (same name, same key) is reloaded, not stale."""
+    """A plain PEFT folder swapped for another adapter (same name, same key) is reloaded, not stale:
+    neither its weights nor the prompt prefix the old weights computed (vLLM #30931) are reused."""
     plain = copy_folder(tiny_adapter_source, volume.root / "swapped")
     wait_until(lambda: chat(fault_server, "swapped").status_code == 200)
-    before = _logprobs(fault_server, "swapped")
+    before, before_cached, _ = _answer(fault_server, "swapped")
+    assert before_cached > 0  # the prompt's prefix is cached under the old weights
     out: list = []
     thread = _stream(fault_server, "swapped", out)  # pins the old weights while the swap happens
     wait_until(lambda: len(out) > 2)
     staged = copy_folder(other_adapter_source, volume.root / ".swap-tmp")
     shutil.rmtree(plain)
     staged.rename(plain)
-    after = _logprobs(fault_server, "swapped")
+    after, after_cached, _ = _answer(fault_server, "swapped")
     thread.join(timeout=60)
     assert out[-1] == "data: [DONE]"
+    assert after_cached == 0
+    assert _answer(fault_server, "swapped")[1] > 0  # the new weights' own prefix is reused
     shutil.rmtree(volume.root / ".swap-tmp", ignore_errors=True)
     reference = copy_folder(other_adapter_source, volume.root / "reference")
     wait_until(lambda: chat(fault_server, "reference").status_code == 200)
     assert after == _logprobs(fault_server, "reference") and after != before
     shutil.rmtree(reference)
+    assert_others_serve(fault_server, good_name)
+
+
+def _served_by(server, adapter: str) -> str | None:
+    """The version a name is served by, asked with a prompt shorter than a KV block (so it caches
+    nothing another request could reuse)."""
+    body = {"model": adapter, "prompt": "hi", "max_tokens": 1}
+    return httpx.post(server.v1 + "/completions", json=body, timeout=60).json().get("model")
+
+
+def test_a_new_version_never_reuses_the_old_versions_prefix(
+    fault_server, volume, tiny_adapter_source, other_adapter_source, fault_fingerprint, good_name
+):
+    """v2 of a name, published while v1's prompt prefix is cached, computes the prompt afresh and
+    answers exactly as the same weights published under another name do."""
+    publish(volume, "versioned", tiny_adapter_source, fault_fingerprint)
+    wait_until(lambda: chat(fault_server, "versioned").status_code == 200)
+    _, cached_v1, model_v1 = _answer(fault_server, "versioned")
+    assert cached_v1 > 0 and model_v1 == "versioned@v1"
+    publish(volume, "versioned", other_adapter_source, fault_fingerprint)
+    wait_until(lambda: _served_by(fault_server, "versioned") == "versioned@v2")
+    v2, cached_v2, model_v2 = _answer(fault_server, "versioned")
+    assert model_v2 == "versioned@v2" and cached_v2 == 0
+    assert _answer(fault_server, "versioned")[1] > 0
+    publish(volume, "versioned-twin", other_adapter_source, fault_fingerprint)
+    wait_until(lambda: chat(fault_server, "versioned-twin").status_code == 200)
+    assert v2 == _logprobs(fault_server, "versioned-twin")
     assert_others_serve(fault_server, good_name)
 
 

@@ -105,7 +105,7 @@ def test_queue_full_is_429_with_retry_after(limited_server):
     assert rejected.json()["error"]["type"] == "rate_limit_error"
 
 
-def test_client_disconnect_frees_the_slot(limited_server):
+def test_client_disconnect_frees_its_kv_blocks(limited_server):
     url = limited_server.v1 + "/chat/completions"
     with httpx.stream(
         "POST", url, json={**CHAT, "max_tokens": 120, "ignore_eos": True, "stream": True}, headers=_auth()
@@ -115,10 +115,14 @@ def test_client_disconnect_frees_the_slot(limited_server):
     deadline = time.monotonic() + 10
     while True:
         metrics = httpx.get(limited_server.base_url + "/metrics").text
-        running = [line for line in metrics.splitlines() if line.startswith("lorayard_num_requests_running ")]
-        if running and float(running[0].split()[1]) == 0:
+        gauges = {
+            line.split()[0]: float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith(("lorayard_num_requests_running ", 'lorayard_kv_cache_blocks{state="used"}'))
+        }
+        if len(gauges) == 2 and not any(gauges.values()):
             break
-        assert time.monotonic() < deadline, "the slot was not freed after the client went away"
+        assert time.monotonic() < deadline, f"not freed after the client went away: {gauges}"
         time.sleep(0.2)
     assert httpx.post(url, json=CHAT, headers=_auth(), timeout=30).status_code == 200
 

@@ -74,8 +74,11 @@ class Step:
     """The results folder a suite step writes (its name under bench/results/cuda/)."""
 
 
-def steps(work: Path, quick: bool = False) -> list[Step]:
-    """The run, in priority order (what matters most first, the riskiest last)."""
+def steps(
+    work: Path, quick: bool = False, *, device: str = "cuda", like: Path = CARRIED / "like"
+) -> list[Step]:
+    """The run, in priority order (what matters most first, the riskiest last). ``device`` cpu: the
+    same plan on the CPU (its tests run a step of it there); ``like``: the 135M base's config source."""
     small, large = work / "bases" / "smollm2-135m-random", work / "bases" / "llama-8b-random"
     results = work / "results"
     small_env = {"LORAYARD_BASE_MODEL": str(small)}
@@ -86,7 +89,7 @@ def steps(work: Path, quick: bool = False) -> list[Step]:
         out = out or name
         return Step(
             out,
-            ("bench." + name, "--device", "cuda", *args, "--out", str(results / out)),
+            ("bench." + name, "--device", device, *args, "--out", str(results / out)),
             timeout_s,
             env or small_env,
             out,
@@ -100,9 +103,9 @@ def steps(work: Path, quick: bool = False) -> list[Step]:
                 "bench.random_base",
                 str(small),
                 "--like",
-                str(CARRIED / "like"),
+                str(like),
                 "--device",
-                "cuda",
+                device,
                 "--dtype",
                 "bfloat16",
             ),
@@ -123,7 +126,7 @@ def steps(work: Path, quick: bool = False) -> list[Step]:
             "engine tests on cuda",
             (*pytest, "-m", "gpu", "tests/unit/server/engine", "tests/unit/server/adapters"),
             150,
-            {**small_env, "LORAYARD_TEST_DEVICE": "cuda"},
+            {**small_env, "LORAYARD_TEST_DEVICE": device},
         ),
         suite(
             "decode_roofline",
@@ -194,8 +197,13 @@ def prepare() -> None:
 
 
 def _install_wheels(work: Path) -> dict[str, str]:
-    """Install the carried wheels into a private folder; returns the environment that finds them."""
-    wheels = sorted((CARRIED / "wheels").glob("*.whl"))
+    """Install the carried wheels whose package this Python lacks into a private folder; returns the
+    environment that finds them. (A wheel's file name starts with its import name in every WHEELS.)"""
+    from importlib.util import find_spec
+
+    wheels = [
+        w for w in sorted((CARRIED / "wheels").glob("*.whl")) if find_spec(w.name.split("-")[0]) is None
+    ]
     site = work / "site"
     if wheels:
         subprocess.run(
@@ -221,13 +229,17 @@ def _format_row(step: Step, status: str, seconds: float) -> str:
     return f"| {step.name} | {status} | {seconds:.0f} | `{shlex.join(step.argv)}` |"
 
 
-def run(
-    out: Path, work: Path, budget_s: float, dry_run: bool, quick: bool, only: list[str] | None = None
-) -> int:
-    plan = [s for s in steps(work, quick) if not only or s.name in only]
-    if only and len(plan) < len(only):
+def run(args: argparse.Namespace) -> int:
+    """Run the plan (``args``: the ``run`` subcommand's options); 0 if every step passed."""
+    out, work, budget_s = args.out, args.work, args.budget
+    plan = [
+        s
+        for s in steps(work, args.quick, device=args.device, like=args.like)
+        if not args.only or s.name in args.only
+    ]
+    if args.only and len(plan) < len(args.only):
         raise SystemExit(f"--only names unknown steps; the steps are {[s.name for s in steps(work)]}")
-    if dry_run:
+    if args.dry_run:
         for step in plan:
             env = " ".join(f"{k}={v}" for k, v in step.env.items())
             print(f"[{step.timeout_s:>3}s] {env} python -m {shlex.join(step.argv)}")
@@ -244,9 +256,9 @@ def run(
         "NO_PROXY": "127.0.0.1,localhost",
         "LORAYARD_CACHE": str(work / "cache"),
     }
-    (logs / "nvidia-smi.txt").write_text(
-        subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
-    )
+    if shutil.which("nvidia-smi"):  # the GPU, driver and clocks the figures came from
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+        (logs / "nvidia-smi.txt").write_text(smi)
     rows = ["| step | status | s | command |", "|---|---|---|---|"]
     failures = 0
     for step in plan:
@@ -306,11 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     go.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     go.add_argument("--quick", action="store_true", help="the base and the tests only")
+    go.add_argument("--device", default="cuda", help="cpu: the same steps on the CPU (a check of the plan)")
+    go.add_argument("--like", type=Path, default=CARRIED / "like", help="config + tokenizer of the 135M base")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare()
         return 0
-    return run(args.out, args.work, args.budget, args.dry_run, args.quick, args.only)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ exists, and the bases it builds have the shapes it names (the run itself needs t
 from __future__ import annotations
 
 import importlib
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,18 @@ def test_only_reruns_the_named_steps_and_refuses_unknown_ones(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
     with pytest.raises(SystemExit, match="--only names unknown steps"):
         gpu_run.main(["run", *work, "--only", "no such step"])
+
+
+def test_a_step_runs_for_real_and_the_three_files_come_back(real_base, tmp_path):
+    """The run itself, on the CPU: the 135M base's build step (bf16; ~10 s, the one test of how the run
+    starts its steps, records them and packs what comes back), the summary and archives."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["run", "--device", "cpu", "--like", str(real_base.path), "--work", str(work), "--out", str(out)]
+    assert gpu_run.main([*argv, "--only", "build 135M base"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "results.tar.gz", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "| build 135M base | ok |" in summary
+    built = AutoConfig.from_pretrained(work / "bases" / "smollm2-135m-random")
+    assert built.hidden_size == AutoConfig.from_pretrained(real_base.path).hidden_size
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert "logs/build_135M_base.log" in tar.getnames()

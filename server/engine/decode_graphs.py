@@ -20,7 +20,9 @@ host reads such as ``.item()`` or ``.tolist()``, no shapes that depend on values
 over a fixed key length or a fixed-width block table), keeps every tensor it reads from outside
 (weights, KV cache, stacked LoRA) at a fixed address, and returns one tensor whose first dim is the
 rows. Padded rows must be harmless: the pad values (a scratch KV slot, the stacked LoRA's zero row,
-...) are the caller's to choose, per input.
+...) are the caller's to choose, per input. A bucket's first graph run also runs the step ``warmup``
+times eagerly on the same inputs before capturing it, so the step must give the same result when
+repeated (a decode step does: it rewrites the same K/V at the same positions).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ where the real weights cannot travel (the GPU machine receives at most 64 MiB; t
 alone is 98 MB). Same shapes means the same speed, so benchmarks on it are fair; only what the model
 says is noise.
 
-    python -m bench.random_base OUT [--like FOLDER] [--tiny | --architecture MODEL_TYPE]
+    python -m bench.random_base OUT [--like FOLDER] [--tiny | --llama-8b | --architecture MODEL_TYPE]
+        [--device cuda] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ TINY: dict[str, Any] = {
     "max_position_embeddings": 512,
 }
 """Overrides for the tiny model: same architecture family and vocabulary, a narrow width, 2 layers."""
+
+
+LLAMA_8B: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+"""Llama-3-8B's shape (its published config.json), over the default base's Llama config and tokenizer:
+token ids stay below the tokenizer's size, the lm_head reads the full 128256-row matrix."""
 
 
 SLIDING_WINDOW = 5
@@ -114,10 +131,20 @@ def build_random_architecture(
     return out
 
 
-def build_random_base(like: Path, out: Path, overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Write a float32 random-weight model with ``like``'s config (plus ``overrides``) and tokenizer.
+def build_random_base(
+    like: Path,
+    out: Path,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Path:
+    """Write a random-weight model with ``like``'s config (plus ``overrides``) and tokenizer.
 
-    ``like`` needs only config and tokenizer files, no weights.
+    ``like`` needs only config and tokenizer files, no weights. ``device``: where the weights are
+    initialized (on a GPU an 8B model takes seconds there, minutes on the CPU); ``dtype``: the dtype
+    they are made and saved in (bfloat16 halves an 8B model's 32 GB).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -125,7 +152,8 @@ def build_random_base(like: Path, out: Path, overrides: dict[str, Any] | None = 
     config = AutoConfig.from_pretrained(like)
     config.update(overrides or {})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(like).save_pretrained(out)
@@ -136,7 +164,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--like", type=Path, default=None, help="config source (default: the default base)")
-    parser.add_argument("--tiny", action="store_true", help="2 layers, width 64 (the unit tests' model)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--tiny", action="store_true", help="2 layers, width 64 (the unit tests' model)")
+    shape.add_argument("--llama-8b", action="store_true", help="Llama-3-8B's shape (LLAMA_8B)")
+    parser.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--architecture",
         choices=sorted(TINY_ARCHITECTURES),
@@ -150,7 +182,8 @@ def main() -> None:
     if args.architecture:
         print(build_random_architecture(args.architecture, args.like, args.out))
         return
-    print(build_random_base(args.like, args.out, TINY if args.tiny else None))
+    overrides = TINY if args.tiny else LLAMA_8B if args.llama_8b else None
+    print(build_random_base(args.like, args.out, overrides, device=args.device, dtype=args.dtype))
 
 
 if __name__ == "__main__":

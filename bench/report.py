@@ -22,6 +22,7 @@ from bench.record import (
 
 SUITES = (
     "multi_adapter",
+    "stacked_lora",
     "naive",
     "llama_cpp",
     "head_of_line",

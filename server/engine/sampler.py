@@ -78,16 +78,20 @@ class SampledToken:
 
 
 def _apply_penalties(logits: torch.Tensor, seq: SequenceState) -> torch.Tensor:
+    # Index and count tensors live where the logits do: a CPU tensor of counts subtracted from CUDA
+    # logits is a device mismatch (only 0-dim CPU tensors mix with CUDA ones).
     p = seq.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), dtype=torch.long)
+        seen_ids = sorted(set(seq.prompt_ids) | set(seq.output_ids))
+        seen = torch.tensor(seen_ids, dtype=torch.long, device=logits.device)
         if seen.numel():
             values = logits[seen]
             logits[seen] = torch.where(
                 values > 0, values / p.repetition_penalty, values * p.repetition_penalty
             )
     if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        ids, counts = torch.tensor(seq.output_ids, dtype=torch.long).unique(return_counts=True)
+        output = torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device)
+        ids, counts = output.unique(return_counts=True)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
     return logits
 

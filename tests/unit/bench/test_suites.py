@@ -21,6 +21,7 @@ from bench import (
     naive,
     record,
     report,
+    stacked_lora,
     training,
 )
 
@@ -41,6 +42,10 @@ SUITES = {
     "decode_roofline": (
         decode_roofline,
         ["--batches", "2", "--max-tokens", "8", "--copy-mb", "8", "--repeats", "1"],
+    ),
+    "stacked_lora": (
+        stacked_lora,
+        ["--batches", "1", "4", "--adapters", "1", "3", "--iters", "2", "--repeats", "1"],
     ),
     # the tokenizer only; outlines-core's JSON-object compile alone takes tens of seconds
     "grammar": (grammar, ["--libraries", "xgrammar", "llguidance", "--repeats", "1"]),

@@ -42,8 +42,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,15 +58,23 @@ from bench.record import (
     paired_ratios,
     percentile,
     save_figure,
+    setup_torch,
     suite_main,
 )
 from bench.workload import (
     WARMUP_TOKENS,
+    AdapterSlot,
+    EngineBench,
+    RequestTiming,
     base_label,
+    bench_prompt,
     load_base,
     make_adapters,
     mixed_specs,
+    run_batch,
+    run_request,
 )
+from server.settings import Settings
 
 BASELINE_REF = "304e28a"
 """Main before the paged KV cache: the slot-per-request engine the suite compares against."""
@@ -93,13 +102,12 @@ class EngineWorker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.base = load_base(args.base)
-        self.bench: Any = None
-        self.handles: list[Any] = []
+        self.bench: EngineBench | None = None
+        self.handles: list[AdapterSlot] = []
 
     def build(self, settings: dict[str, Any], adapters: dict[str, str]) -> dict[str, Any]:
+        """Stop the engine built before, if any, and build and start one with ``settings``."""
         import server
-        from bench.workload import EngineBench
-        from server.settings import Settings
 
         tree = Path(server.__file__).resolve().parents[1]
         if not tree.is_relative_to(Path.cwd().resolve()):
@@ -116,13 +124,17 @@ class EngineWorker:
         }
 
     @property
+    def engine(self) -> Any:
+        if self.bench is None:
+            raise RuntimeError("no engine: send build first")
+        return self.bench.engine
+
+    @property
     def vocab_size(self) -> int:
-        return int(self.bench.engine.config.vocab_size)
+        return int(self.engine.config.vocab_size)
 
     async def ttft(self, repeat: int, pairs: int, prefix_tokens: int, suffix_tokens: int) -> dict[str, Any]:
         """Alternating shared-prefix and unique-prefix requests, one at a time; TTFT of each."""
-        from bench.workload import run_request
-
         shared = random_prompt("shared-prefix", prefix_tokens, self.vocab_size)
         out: dict[str, list[float]] = {"shared": [], "unique": []}
         for i in range(pairs):
@@ -134,7 +146,7 @@ class EngineWorker:
                     else random_prompt(f"unique-{repeat}-{i}", prefix_tokens, self.vocab_size)
                 )
                 suffix = random_prompt(f"suffix-{variant}-{repeat}-{i}", suffix_tokens, self.vocab_size)
-                timing = await run_request(self.bench.engine, prefix + suffix, 1, None)
+                timing = await run_request(self.engine, prefix + suffix, 1, None)
                 out[variant].append(timing.ttft)
         return out
 
@@ -142,8 +154,6 @@ class EngineWorker:
         self, repeat: int, requests: int, prompt_tokens: int, max_tokens: int
     ) -> dict[str, Any]:
         """All requests at once; the peak of ``engine.stats().running`` while they run."""
-        import time
-
         prompts = [
             random_prompt(f"capacity-{repeat}-{i}", prompt_tokens, self.vocab_size) for i in range(requests)
         ]
@@ -158,11 +168,9 @@ class EngineWorker:
 
     async def throughput(self, concurrency: int, max_tokens: int, prompt_tokens: int) -> dict[str, Any]:
         """bench.multi_adapter's batch: one fixed prompt, adapters round-robin; output tok/s."""
-        from bench.workload import bench_prompt, run_batch
-
         prompt = bench_prompt(self.base, prompt_tokens)
         handles = [self.handles[i % len(self.handles)] for i in range(concurrency)]
-        tps, _ = await run_batch(self.bench.engine, prompt, max_tokens, handles)
+        tps, _ = await run_batch(self.engine, prompt, max_tokens, handles)
         return {"tokens_per_s": tps}
 
     async def burst(self, repeat: int, requests: int, lengths: list[int], max_tokens: int) -> dict[str, Any]:
@@ -175,23 +183,22 @@ class EngineWorker:
         timings = await self._gather(prompts, max_tokens, [None, *self.handles])
         return {"ttft_s": [t.ttft for t in timings]}
 
-    async def _gather(self, prompts: list[list[int]], max_tokens: int, pool: list[Any]) -> list[Any]:
-        from bench.workload import run_request
-
+    async def _gather(
+        self, prompts: list[list[int]], max_tokens: int, pool: list[AdapterSlot | None]
+    ) -> list[RequestTiming]:
         return list(
             await asyncio.gather(
-                *(
-                    run_request(self.bench.engine, p, max_tokens, pool[i % len(pool)])
-                    for i, p in enumerate(prompts)
-                )
+                *(run_request(self.engine, p, max_tokens, pool[i % len(pool)]) for i, p in enumerate(prompts))
             )
         )
 
-    async def _peak_running(self, work: Any) -> tuple[int, Any]:
+    async def _peak_running(
+        self, work: Coroutine[Any, Any, list[RequestTiming]]
+    ) -> tuple[int, list[RequestTiming]]:
         task = asyncio.ensure_future(work)
         peak = 0
         while not task.done():
-            peak = max(peak, self.bench.engine.stats().running)
+            peak = max(peak, self.engine.stats().running)
             await asyncio.wait({task}, timeout=POLL_S)
         return peak, task.result()
 
@@ -214,8 +221,6 @@ class EngineWorker:
 
 def worker_main(args: argparse.Namespace) -> None:
     """Serve commands from stdin until it closes; replies are JSON lines on the original stdout."""
-    from bench.record import setup_torch
-
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to stderr, never into the protocol
     setup_torch(args)
@@ -557,18 +562,21 @@ def _plot(result: SuiteResult, folder: Path) -> None:
 
     engines = list(result.config["engines"])
     rows = result.rows
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+    ttft = [_median_of(rows, "ttft_s", measure="ttft", variant=v) * 1e3 for v in ("shared", "unique")]
+    axes[0].bar(["shared", "unique"], ttft, color=["tab:green", "tab:orange"])
+    axes[0].set_title("TTFT by prefix, current engine (ms)", fontsize=9)
+    concurrency = result.config["throughput"]["concurrency"]
     panels = [
-        ("TTFT, shared prefix (ms)", "ttft_s", {"measure": "ttft", "variant": "shared"}, 1e3),
-        ("TTFT, unique prefix (ms)", "ttft_s", {"measure": "ttft", "variant": "unique"}, 1e3),
-        ("requests running at once", "peak_running", {"measure": "capacity"}, 1),
-        ("output tok/s, concurrency", "tokens_per_s", {"measure": "throughput"}, 1),
-        ("burst TTFT p50 (ms)", "ttft_p50_s", {"measure": "burst"}, 1e3),
+        ("requests running at once", "peak_running", "capacity", 1),
+        (f"output tok/s, concurrency {concurrency}", "tokens_per_s", "throughput", 1),
+        ("burst TTFT p50 (ms)", "ttft_p50_s", "burst", 1e3),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.2))
-    for ax, (title, key, where, scale) in zip(axes, panels, strict=True):
-        values = [_median_of(rows, key, engine=e, **where) * scale for e in engines]
+    for ax, (title, key, measure, scale) in zip(axes[1:], panels, strict=True):
+        values = [_median_of(rows, key, engine=e, measure=measure) * scale for e in engines]
         ax.bar(engines, values, color=["tab:blue", "tab:gray"][: len(engines)])
         ax.set_title(title, fontsize=9)
+    for ax in axes:
         ax.tick_params(labelsize=8)
     fig.suptitle("Paged KV engine (current) vs slot cache (baseline), medians")
     save_figure(fig, folder / "paged_kv.png")

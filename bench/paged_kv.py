@@ -280,11 +280,17 @@ class WorkerProcess:
         assert self.process.stdin is not None and self.process.stdout is not None
         return self.process.stdin, self.process.stdout
 
-    def close(self) -> None:
-        """Close its stdin (it stops its engine and exits); kill it if it does not."""
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """After a normal run, close its stdin (it stops its engine and exits); after a failure or
+        SIGTERM, terminate it at once rather than wait for a command in flight."""
         stdin, _ = self._pipes()
         with contextlib.suppress(OSError):
             stdin.close()
+        if exc_type is not None:
+            self.process.terminate()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -454,10 +460,10 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         trees = {"current": REPO}
         if not args.current_only:
             trees["baseline"] = export_tree(args.baseline_ref, Path(scratch) / "baseline")
-        workers = {}
-        for name, tree in trees.items():
-            workers[name] = WorkerProcess(name, tree, args, tiny)
-            workers_open.callback(workers[name].close)
+        workers = {
+            name: workers_open.enter_context(WorkerProcess(name, tree, args, tiny))
+            for name, tree in trees.items()
+        }
         _serve_phase(args, result, workers, adapters)
         _capacity_phase(args, result, workers, adapters)
     _add_headlines(result, args)

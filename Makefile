@@ -46,7 +46,7 @@ demo: install  ## train two demo adapters, serve them, query them
 LLAMA_PYTHON ?=
 LLAMA_CPP_SRC ?=
 bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU); bench/README.md from results
-	for suite in multi_adapter stacked_lora naive head_of_line adapter_scale decode_roofline training; do \
+	for suite in multi_adapter stacked_lora naive head_of_line paged_kv adapter_scale decode_roofline training; do \
 		$(PY) -m bench.$$suite $(BENCH_ARGS) || exit 1; done
 	$(PY) -m bench.grammar  # grammar masks are CPU work wherever the model runs: no BENCH_ARGS
 	@if [ -n "$(LLAMA_PYTHON)" ]; then \
@@ -57,7 +57,7 @@ bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU);
 
 # Quick runs go to build/bench-quick/, so they never replace the committed full results.
 bench-quick: install  ## a quick subset of the benchmark suites (< 5 min on a laptop CPU)
-	for suite in multi_adapter stacked_lora naive head_of_line adapter_scale decode_roofline; do \
+	for suite in multi_adapter stacked_lora naive head_of_line paged_kv adapter_scale decode_roofline; do \
 		$(PY) -m bench.$$suite --quick --out build/bench-quick/$$suite $(BENCH_ARGS) || exit 1; done
 
 # SOAK_ARGS=--tiny soaks a tiny random base (a minute's smoke run: SOAK_ARGS="--tiny --duration 30").

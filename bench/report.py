@@ -26,6 +26,7 @@ SUITES = (
     "naive",
     "llama_cpp",
     "head_of_line",
+    "paged_kv",
     "adapter_scale",
     "decode_roofline",
     "training",

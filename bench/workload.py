@@ -111,6 +111,7 @@ class EngineBench:
         max_batch_size: int,
         max_model_len: int,
         profile_dir: Path | None = None,
+        kv_cache_memory_gb: float | None = None,
     ) -> None:
         """Every other engine setting is the server's default; ``profile_dir``: see EngineProfile."""
         settings = Settings(
@@ -118,6 +119,7 @@ class EngineBench:
             max_batch_size=max_batch_size,
             max_model_len=max_model_len,
             torch_profile_dir=profile_dir,
+            kv_cache_memory_gb=kv_cache_memory_gb,
         )
         self.engine = Engine.from_base(base, settings.engine_config(), eos_token_ids={2})
         self.handles: dict[str, AdapterSlot] = {}

@@ -19,6 +19,7 @@ from bench import (
     head_of_line,
     multi_adapter,
     naive,
+    paged_kv,
     record,
     report,
     stacked_lora,
@@ -46,6 +47,17 @@ SUITES = {
     "stacked_lora": (
         stacked_lora,
         ["--batches", "1", "4", "--adapters", "1", "3", "--iters", "2", "--repeats", "1"],
+    ),
+    # Both workers: this tree as current and as baseline (HEAD, which a shallow clone has too).
+    "paged_kv": (
+        paged_kv,
+        [
+            *("--baseline-ref", "HEAD", "--prefix-tokens", "40", "--suffix-tokens", "4", "--pairs", "1"),
+            *("--capacity-requests", "4", "--capacity-prompt-tokens", "20", "--capacity-max-tokens", "2"),
+            *("--capacity-repeats", "1", "--concurrency", "2", "--max-tokens", "3", "--adapters", "2"),
+            *("--repeats", "1", "--burst", "2", "--burst-prompt-tokens", "20", "40"),
+            *("--burst-max-tokens", "2"),
+        ],
     ),
     # the tokenizer only; outlines-core's JSON-object compile alone takes tens of seconds
     "grammar": (grammar, ["--libraries", "xgrammar", "llguidance", "--repeats", "1"]),

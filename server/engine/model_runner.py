@@ -64,6 +64,11 @@ class PassRow:
     prompt chunk before the last)."""
 
 
+def _adapter_order(adapter_slot: int | None) -> int:
+    """Sort key that groups rows by adapter, the base's rows first."""
+    return -1 if adapter_slot is None else adapter_slot
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -264,9 +269,7 @@ class ModelRunner:
         vocab] for every position with ``logits="all"`` (position i scores token i + 1), None with
         ``"none"``. Rows are packed grouped by adapter (one LoRA segment per adapter) and unpacked after.
         """
-        order = sorted(
-            range(len(rows)), key=lambda r: -1 if rows[r].adapter_slot is None else rows[r].adapter_slot
-        )
+        order = sorted(range(len(rows)), key=lambda r: _adapter_order(rows[r].adapter_slot))
         packed = [rows[r] for r in order]
         lengths = [len(row.ids) for row in packed]
         batch = PagedBatch.build(

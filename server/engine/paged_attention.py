@@ -223,17 +223,20 @@ def paged_attention(
 
     scale: None is 1/sqrt(hd); window: sliding-window size (None: full causal); softcap: tanh cap of
     the attention logits (Gemma 2)."""
-    options = {"scale": scale, "window": window, "softcap": softcap}
     if batch.parts:
         out = torch.empty_like(q)
         for rows, part in batch.parts:
-            out[rows] = paged_attention(q[rows], k_cache, v_cache, part, **options)
+            out[rows] = paged_attention(
+                q[rows], k_cache, v_cache, part, scale=scale, window=window, softcap=softcap
+            )
         return out
     if batch.is_decode:
-        return decode_attention(q, k_cache, v_cache, batch, **options)
-    if batch.padded_pairs > PAD_WASTE_LIMIT * batch.pairs:
-        return per_request_attention(q, k_cache, v_cache, batch, **options)
-    return padded_prefill_attention(q, k_cache, v_cache, batch, **options)
+        kernel = decode_attention
+    elif batch.padded_pairs > PAD_WASTE_LIMIT * batch.pairs:
+        kernel = per_request_attention
+    else:
+        kernel = padded_prefill_attention
+    return kernel(q, k_cache, v_cache, batch, scale=scale, window=window, softcap=softcap)
 
 
 def decode_attention(

@@ -185,3 +185,23 @@ def test_metrics_are_per_adapter(client, real_server):
     assert 'lorayard_requests_total{adapter="unresolved",status="404",version="unresolved"}' in text
     assert "no-such-model" not in text
     assert "lorayard_loaded_adapters" in text
+
+
+def _metric_value(text: str, sample: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample))
+
+
+def test_the_chat_templates_system_prompt_is_served_from_the_prefix_cache(client, real_server):
+    """SmolLM2's template puts the same default system prompt before every chat: a second chat on the
+    same adapter reuses its KV (openai's usage.prompt_tokens_details.cached_tokens), answers exactly
+    as the first did, and the hit is counted per adapter version."""
+    metrics = real_server.base_url + "/metrics"
+    hits = 'lorayard_prefix_cache_hit_tokens_total{adapter="all16",version="plain"}'
+    before = _metric_value(httpx.get(metrics).text, hits)
+    first = _chat(client, QUESTIONS[2], model="all16")
+    again = _chat(client, QUESTIONS[2], model="all16")
+    assert again.choices[0].message.content == first.choices[0].message.content
+    details = again.usage.prompt_tokens_details
+    assert details is not None and 0 < details.cached_tokens < again.usage.prompt_tokens
+    assert details.cached_tokens % 16 == 0
+    assert _metric_value(httpx.get(metrics).text, hits) - before >= details.cached_tokens

@@ -200,8 +200,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
-        # Used as a stack (recently freed blocks first: warm in the CPU's caches, and the pages of a
-        # pool larger than the load needs are never touched); block 0 is handed out first.
+        # Used as a stack: the most recently freed block is reused first, still warm in the CPU's
+        # caches; block 0 is handed out first.
         self._free: collections.deque[int] = collections.deque(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks
         self._hash_of: list[BlockHash | None] = [None] * num_blocks

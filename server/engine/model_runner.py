@@ -25,10 +25,14 @@ the two GEMMs it replaces (batch 16 and 64), and q/k/v gained nothing.
 
 from __future__ import annotations
 
+import collections
 import copy
+import logging
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,7 @@ from transformers import PreTrainedModel
 
 from lorayard.architectures import architecture_for, head_dim, sliding_window
 from server.engine.block_pool import KVBlockStorage
+from server.engine.decode_graphs import DecodeGraphs, Mode, StaticInput
 from server.engine.lora_ops import (
     FUSED_GROUPS,
     ResidentAdapter,
@@ -44,7 +49,16 @@ from server.engine.lora_ops import (
     apply_lora_group,
     segments_of,
 )
-from server.engine.paged_attention import PagedBatch, paged_attention, write_kv
+from server.engine.paged_attention import (
+    PagedBatch,
+    fixed_decode_attention,
+    fixed_decode_mask,
+    paged_attention,
+    write_kv,
+)
+from server.engine.stacked_lora import ZERO_ROW, StackedLora, StackedLoraRefused, StackedRows
+
+log = logging.getLogger("lorayard.engine")
 
 QKV = FUSED_GROUPS["qkv"]
 GATE_UP = FUSED_GROUPS["gate_up"]
@@ -62,6 +76,75 @@ class PassRow:
     logits: Literal["last", "all", "none"] = "last"
     """Which of its positions need logits: the last (it samples), all (prompt logprobs), none (a
     prompt chunk before the last)."""
+
+
+STACKED_R_MAX = 64
+"""The stacked LoRA's rank bound (its buffers are padded to it): an adapter of a higher rank is not
+stacked, and a decode pass holding it runs eagerly with the segment path."""
+
+
+@dataclass(frozen=True)
+class StaticDecode:
+    """How the runner runs a pass of decode rows only in static shapes (docs/gpu.md)."""
+
+    mode: Mode
+    """static (padded to a bucket, run eagerly) or graph (replayed as a CUDA graph per bucket)."""
+    max_batch_size: int
+    """The largest bucket: a bigger decode pass runs eagerly."""
+    max_model_len: int
+    """Every block table is padded to the blocks this many tokens need."""
+    scratch_block: int
+    """A KV block of the storage that no request owns: padded rows write their K/V there."""
+    stack_capacity: int
+    """Adapters the stacked LoRA holds at once (the engine's resident adapters at most)."""
+    r_max: int = STACKED_R_MAX
+
+
+class LoraDeltas(Protocol):
+    """Adds every token's LoRA delta to a linear's output, in place; false when no token has one."""
+
+    def __bool__(self) -> bool: ...
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None: ...
+
+    def apply_group(
+        self, outputs: dict[str, torch.Tensor], x: torch.Tensor, layer: int, group: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class SegmentDeltas:
+    """The packed pass's LoRA: one segment of rows per adapter (:mod:`lora_ops`)."""
+
+    segments: list[Segment]
+    adapters: dict[int, ResidentAdapter]
+
+    def __bool__(self) -> bool:
+        return bool(self.segments)
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
+        apply_lora(y, x, layer, name, self.segments, self.adapters)
+
+    def apply_group(self, outputs: dict[str, torch.Tensor], x: torch.Tensor, layer: int, group: str) -> None:
+        apply_lora_group(outputs, x, layer, group, self.segments, self.adapters)
+
+
+@dataclass(frozen=True)
+class StackedDeltas:
+    """The static decode step's LoRA: each row's buffer row of the stack (:mod:`stacked_lora`), the
+    same ops whatever the rows hold."""
+
+    stack: StackedLora
+    rows: StackedRows
+
+    def __bool__(self) -> bool:
+        return True
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> None:
+        self.stack.apply(y, x, layer, name, self.rows)
+
+    def apply_group(self, outputs: dict[str, torch.Tensor], x: torch.Tensor, layer: int, group: str) -> None:
+        self.stack.apply_group(outputs, x, layer, group, self.rows)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +172,14 @@ class ModelRunner:
     """Runs packed forward passes; owns nothing but references to the HF modules and the KV storage."""
 
     def __init__(
-        self, model: PreTrainedModel, storage: KVBlockStorage, fuse_linears: bool | None = None
+        self,
+        model: PreTrainedModel,
+        storage: KVBlockStorage,
+        fuse_linears: bool | None = None,
+        static_decode: StaticDecode | None = None,
     ) -> None:
-        """fuse_linears: one matmul per q/k/v and gate/up group (default: on a GPU only).
+        """fuse_linears: one matmul per q/k/v and gate/up group (default: on a GPU only);
+        static_decode: run decode passes in static shapes (None: every pass is the packed one).
 
         Raises UnsupportedArchitecture for a base that :mod:`lorayard.architectures` does not list.
         """
@@ -123,20 +211,76 @@ class ModelRunner:
             self.fused_qkv = [fuse_weights([getattr(x.self_attn, n) for n in QKV]) for x in self.layers]
             self.fused_gate_up = [fuse_weights([getattr(x.mlp, n) for n in GATE_UP]) for x in self.layers]
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
+        self.static_decode = static_decode
+        self.stack: StackedLora | None = None
+        self.stack_rows: dict[int, int] = {}
+        """Adapter slot -> its stacked buffer row (adapters the stack refused or had no room for are
+        absent: a decode pass holding one runs eagerly)."""
+        self._stack_lock = threading.Lock()  # the registry loads adapters from worker threads
+        self.graphs: DecodeGraphs | None = None
+        self.static_passes: collections.Counter[int] = collections.Counter()
+        """Decode passes the static step ran, by bucket (for tests and benchmarks)."""
+        if static_decode is not None:
+            self._init_static(static_decode)
+
+    def _init_static(self, static: StaticDecode) -> None:
+        self.stack = StackedLora.from_config(
+            self.model.config,
+            static.stack_capacity,
+            static.r_max,
+            device=self.device,
+            dtype=self.model.dtype,
+        )
+        self.table_width = math.ceil(static.max_model_len / self.block_size)
+        if not 0 <= static.scratch_block < self.storage.num_blocks:
+            raise ValueError(f"scratch block {static.scratch_block} is not in the KV storage")
+        self._key_pos = torch.arange(self.table_width * self.block_size, device=self.device)
+        """[W * block_size]: the key positions of a padded table, a fixed tensor the graphs read."""
+        inputs = {
+            "tokens": StaticInput(torch.long, pad=0),
+            # A padded row sees one key (position 0 of the scratch block): never an all-masked row.
+            "context_lens": StaticInput(torch.long, pad=1),
+            "block_tables": StaticInput(torch.long, pad=static.scratch_block, shape=(self.table_width,)),
+            "lora_rows": StaticInput(torch.long, pad=ZERO_ROW),
+        }
+        self.graphs = DecodeGraphs(
+            self._static_step, inputs, static.max_batch_size, device=self.device, mode=static.mode
+        )
+
+    # -- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, slot: int, resident: ResidentAdapter) -> None:
+        """Make an adapter resident under ``slot``, and stacked when the static step runs and the stack
+        takes it (in place: captured graphs stay valid)."""
+        self.adapters[slot] = resident
+        if self.stack is None:
+            return
+        with self._stack_lock:
+            try:
+                self.stack_rows[slot] = self.stack.write(resident)
+            except StackedLoraRefused as exc:
+                log.info("adapter %s decodes through the eager path: %s", resident.key, exc)
+
+    def remove_adapter(self, slot: int) -> None:
+        self.adapters.pop(slot, None)
+        with self._stack_lock:
+            row = self.stack_rows.pop(slot, None)
+            if row is not None and self.stack is not None:
+                self.stack.evict(row)
 
     def over(self, storage: KVBlockStorage) -> ModelRunner:
         """This runner (same model, fused weights and adapters) over other KV storage (the parity probe)."""
         other = copy.copy(self)
         other.storage, other.block_size = storage, storage.spec.block_size
+        other.graphs = None  # its step reads this runner's storage: the copy runs every pass packed
         return other
 
     # -- layers ---------------------------------------------------------------------------------
     def _linear(
-        self, module: torch.nn.Module, x: torch.Tensor, layer: int, name: str, segments: list[Segment]
+        self, module: torch.nn.Module, x: torch.Tensor, layer: int, name: str, lora: LoraDeltas
     ) -> torch.Tensor:
         y = module(x)
-        if segments:
-            apply_lora(y, x, layer, name, segments, self.adapters)
+        if lora:
+            lora.apply(y, x, layer, name)
         return y
 
     def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +292,7 @@ class ModelRunner:
         return F.rms_norm(x, (x.shape[-1],), module.weight, eps)  # type: ignore[arg-type]
 
     def _project_qkv(
-        self, layer_index: int, x: torch.Tensor, segments: list[Segment]
+        self, layer_index: int, x: torch.Tensor, lora: LoraDeltas
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, hidden] -> (qkv, q, k, v), LoRA applied: q [N, heads * hd], k, v [N, kv_heads * hd],
         column views of qkv [N, (heads + 2 kv_heads) * hd] when one matmul computed them (else None)."""
@@ -156,27 +300,26 @@ class ModelRunner:
         attn = self.layers[layer_index].self_attn
         sizes = (heads * hd, kv_heads * hd, kv_heads * hd)
         if self.arch.fused_projections:  # LoRA targets the fused module as a whole (PEFT's layout)
-            whole = self._linear(attn.qkv_proj, x, layer_index, "qkv_proj", segments)
+            whole = self._linear(attn.qkv_proj, x, layer_index, "qkv_proj", lora)
             return (whole, *whole.split(sizes, dim=-1))
         fused = self.fused_qkv[layer_index]
         qkv = None if fused is None else F.linear(x, fused)
         q, k, v = (getattr(attn, name)(x) for name in QKV) if qkv is None else qkv.split(sizes, dim=-1)
-        if segments:  # members are separate tensors or column views of qkv: deltas land in place
-            outputs = dict(zip(QKV, (q, k, v), strict=True))
-            apply_lora_group(outputs, x, layer_index, "qkv", segments, self.adapters)
+        if lora:  # members are separate tensors or column views of qkv: deltas land in place
+            lora.apply_group(dict(zip(QKV, (q, k, v), strict=True)), x, layer_index, "qkv")
         return qkv, q, k, v
 
     def _qkv(
         self,
         layer_index: int,
         x: torch.Tensor,
-        segments: list[Segment],
+        lora: LoraDeltas,
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, hidden] -> q [N, heads, hd], k/v [N, kv_heads, hd] with rotary applied to q, k."""
         n = x.shape[0]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv, q, k, v = self._project_qkv(layer_index, x, segments)
+        qkv, q, k, v = self._project_qkv(layer_index, x, lora)
         v = v.reshape(n, kv_heads, hd)
         if self.arch.qk_norm:
             attn = self.layers[layer_index].self_attn
@@ -198,12 +341,10 @@ class ModelRunner:
             qk = torch.cat((part * cos + _rotate_half(part) * sin, qk[..., rotary:]), dim=-1)
         return qk[:, :heads], qk[:, heads:], v
 
-    def _mlp(self, layer_index: int, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def _mlp(self, layer_index: int, x: torch.Tensor, lora: LoraDeltas) -> torch.Tensor:
         mlp = self.layers[layer_index].mlp
         if self.arch.fused_projections:
-            gate, up = self._linear(mlp.gate_up_proj, x, layer_index, "gate_up_proj", segments).chunk(
-                2, dim=-1
-            )
+            gate, up = self._linear(mlp.gate_up_proj, x, layer_index, "gate_up_proj", lora).chunk(2, dim=-1)
             act = mlp.activation_fn
         else:
             fused = self.fused_gate_up[layer_index]
@@ -211,31 +352,30 @@ class ModelRunner:
                 gate, up = F.linear(x, fused).chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            if segments:
-                outputs = dict(zip(GATE_UP, (gate, up), strict=True))
-                apply_lora_group(outputs, x, layer_index, "gate_up", segments, self.adapters)
+            if lora:
+                lora.apply_group(dict(zip(GATE_UP, (gate, up), strict=True)), x, layer_index, "gate_up")
             act = mlp.act_fn
-        return self._linear(mlp.down_proj, act(gate) * up, layer_index, "down_proj", segments)
+        return self._linear(mlp.down_proj, act(gate) * up, layer_index, "down_proj", lora)
 
     def _block(
         self,
         i: int,
         h: torch.Tensor,
-        segments: list[Segment],
+        lora: LoraDeltas,
         rope: tuple[torch.Tensor, torch.Tensor],
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """One decoder block: h [N, hidden] -> [N, hidden]; ``attend`` writes K/V and returns the
         attention output [N, heads * hd]."""
         layer = self.layers[i]
-        q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), segments, rope)
-        out = self._linear(layer.self_attn.o_proj, attend(i, q, k, v), i, "o_proj", segments)
+        q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), lora, rope)
+        out = self._linear(layer.self_attn.o_proj, attend(i, q, k, v), i, "o_proj", lora)
         if self.arch.sandwich_norms:
             h = h + self._norm(layer.post_attention_layernorm, out)
-            mlp = self._mlp(i, self._norm(layer.pre_feedforward_layernorm, h), segments)
+            mlp = self._mlp(i, self._norm(layer.pre_feedforward_layernorm, h), lora)
             return h + self._norm(layer.post_feedforward_layernorm, mlp)
         h = h + out
-        return h + self._mlp(i, self._norm(layer.post_attention_layernorm, h), segments)
+        return h + self._mlp(i, self._norm(layer.post_attention_layernorm, h), lora)
 
     def _ropes(
         self, x: torch.Tensor, positions: torch.Tensor
@@ -263,7 +403,19 @@ class ModelRunner:
         Returns per row (in the order given) float32 logits: [1, vocab] for its last token, [len(ids),
         vocab] for every position with ``logits="all"`` (position i scores token i + 1), None with
         ``"none"``. Rows are packed grouped by adapter (one LoRA segment per adapter) and unpacked after.
+        A pass of decode rows only runs the static step where :meth:`_static_batch` allows; with
+        mode graph its logits are views of the graph's output, valid until the next pass.
         """
+        static = self._static_batch(rows)
+        if static is not None:
+            assert self.graphs is not None
+            logits = self.graphs.run(static)
+            assert self.graphs.last_bucket is not None
+            self.static_passes[self.graphs.last_bucket] += 1
+            return [None if row.logits == "none" else logits[r : r + 1] for r, row in enumerate(rows)]
+        return self._packed_forward(rows)
+
+    def _packed_forward(self, rows: list[PassRow]) -> list[torch.Tensor | None]:
         order = sorted(
             range(len(rows)), key=lambda r: -1 if rows[r].adapter_slot is None else rows[r].adapter_slot
         )
@@ -276,7 +428,7 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
-        segments = segments_of([row.adapter_slot for row in packed], lengths)
+        lora = SegmentDeltas(segments_of([row.adapter_slot for row in packed], lengths), self.adapters)
         wanted: list[int] = []  # packed token rows whose logits are returned, row after row
         first = 0
         for row, n in zip(packed, lengths, strict=True):
@@ -305,7 +457,7 @@ class ModelRunner:
             return out.reshape(-1, heads * hd)
 
         for i in range(len(self.layers)):
-            h = self._block(i, h, segments, ropes[self.rope_keys[i]], attend)
+            h = self._block(i, h, lora, ropes[self.rope_keys[i]], attend)
         logits = self._logits(h[torch.tensor(wanted, device=self.device)]) if wanted else None
         results: list[torch.Tensor | None] = [None] * len(rows)
         taken = 0
@@ -316,6 +468,72 @@ class ModelRunner:
                 results[r] = logits[taken : taken + count]
                 taken += count
         return results
+
+    # -- the static decode step -------------------------------------------------------------------
+    def _static_batch(self, rows: list[PassRow]) -> dict[str, torch.Tensor] | None:
+        """The static step's inputs for a pass of decode rows only (host tensors, unpadded), or None
+        when the pass runs packed: a prompt chunk in it, more rows than the largest bucket, an adapter
+        the stack does not hold (DoRA, rank above r_max, the stack full), or no static step at all."""
+        graphs = self.graphs
+        if graphs is None or len(rows) > graphs.buckets[-1] or any(len(row.ids) != 1 for row in rows):
+            return None
+        lora_rows = []
+        for row in rows:
+            if row.adapter_slot is None:
+                lora_rows.append(ZERO_ROW)
+            elif (stacked := self.stack_rows.get(row.adapter_slot)) is not None:
+                lora_rows.append(stacked)
+            else:
+                return None
+        assert self.static_decode is not None
+        width, scratch = self.table_width, self.static_decode.scratch_block
+        tables = []
+        for row in rows:
+            used = row.start // self.block_size + 1  # the blocks holding positions 0 .. start
+            if used > width or len(row.blocks) < used:
+                return None
+            tables.append([*row.blocks[:used], *[scratch] * (width - used)])
+        return {
+            "tokens": torch.tensor([row.ids[0] for row in rows], dtype=torch.long),
+            "context_lens": torch.tensor([row.start + 1 for row in rows], dtype=torch.long),
+            "block_tables": torch.tensor(tables, dtype=torch.long),
+            "lora_rows": torch.tensor(lora_rows, dtype=torch.long),
+        }
+
+    def _static_step(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One decode token per row in shapes fixed by the bucket: -> float32 logits [B, vocab].
+
+        inputs (the static buffers' views, B rows): tokens [B]; context_lens [B] (keys after this
+        token: its position + 1); block_tables [B, W] (padded with the scratch block); lora_rows [B]
+        (stacked buffer rows). Positions, write slots, the attention masks and the LoRA mask are
+        computed here from them, on the device; nothing is read back to the host (docs/gpu.md, the
+        step's contract)."""
+        assert self.stack is not None
+        tokens, context_lens = inputs["tokens"], inputs["context_lens"]
+        tables = inputs["block_tables"]
+        bs = self.block_size
+        positions = context_lens - 1
+        slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
+        h = self.model.model.embed_tokens(tokens)
+        ropes = self._ropes(h, positions)
+        lora = StackedDeltas(self.stack, self.stack.select(inputs["lora_rows"]))
+        masks: dict[int | None, torch.Tensor] = {}
+        heads, hd = self.num_heads, self.head_dim
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache, v_cache = self.storage.k[i], self.storage.v[i]
+            write_kv(k_cache, v_cache, slots, k, v)
+            window = self.windows[i]
+            if window not in masks:
+                masks[window] = fixed_decode_mask(self._key_pos, context_lens, window)
+            out = fixed_decode_attention(
+                q, k_cache, v_cache, tables, masks[window], scale=self.scaling[i], softcap=self.attn_softcap
+            )
+            return out.reshape(-1, heads * hd)
+
+        for i in range(len(self.layers)):
+            h = self._block(i, h, lora, ropes[self.rope_keys[i]], attend)
+        return self._logits(h)
 
     def dense_weight(self, layer: int, name: str) -> torch.Tensor:
         """The base weight [out, in] of one linear, for DoRA's norm; refused for quantized layers."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 import math
 import threading
@@ -147,6 +148,10 @@ class StackedDeltas:
         self.stack.apply_group(outputs, x, layer, group, self.rows)
 
 
+NO_LORA = SegmentDeltas([], {})
+"""No row has an adapter: every linear is the base's alone."""
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -217,7 +222,9 @@ class ModelRunner:
         """Adapter slot -> its stacked buffer row (adapters the stack refused or had no room for are
         absent: a decode pass holding one runs eagerly)."""
         self._stack_lock = threading.Lock()  # the registry loads adapters from worker threads
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: dict[bool, DecodeGraphs] = {}
+        """The static step's wrappers, keyed by whether the pass has a row with an adapter: a pass of
+        base rows only skips the stack (whose masked matmuls read every resident adapter's weights)."""
         self.static_passes: collections.Counter[int] = collections.Counter()
         """Decode passes the static step ran, by bucket (for tests and benchmarks)."""
         if static_decode is not None:
@@ -243,9 +250,16 @@ class ModelRunner:
             "block_tables": StaticInput(torch.long, pad=static.scratch_block, shape=(self.table_width,)),
             "lora_rows": StaticInput(torch.long, pad=ZERO_ROW),
         }
-        self.graphs = DecodeGraphs(
-            self._static_step, inputs, static.max_batch_size, device=self.device, mode=static.mode
-        )
+        self.graphs = {
+            with_lora: DecodeGraphs(
+                functools.partial(self._static_step, with_lora=with_lora),
+                inputs,
+                static.max_batch_size,
+                device=self.device,
+                mode=static.mode,
+            )
+            for with_lora in (False, True)
+        }
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, slot: int, resident: ResidentAdapter) -> None:
@@ -271,7 +285,7 @@ class ModelRunner:
         """This runner (same model, fused weights and adapters) over other KV storage (the parity probe)."""
         other = copy.copy(self)
         other.storage, other.block_size = storage, storage.spec.block_size
-        other.graphs = None  # its step reads this runner's storage: the copy runs every pass packed
+        other.graphs = {}  # their step reads this runner's storage: the copy runs every pass packed
         return other
 
     # -- layers ---------------------------------------------------------------------------------
@@ -407,13 +421,22 @@ class ModelRunner:
         mode graph its logits are views of the graph's output, valid until the next pass.
         """
         static = self._static_batch(rows)
-        if static is not None:
-            assert self.graphs is not None
-            logits = self.graphs.run(static)
-            assert self.graphs.last_bucket is not None
-            self.static_passes[self.graphs.last_bucket] += 1
-            return [None if row.logits == "none" else logits[r : r + 1] for r, row in enumerate(rows)]
-        return self._packed_forward(rows)
+        if static is None:
+            return self._packed_forward(rows)
+        graphs = self.graphs[bool(static["lora_rows"].any())]
+        try:
+            logits = graphs.run(static)
+        except Exception:
+            if graphs.mode != "graph":
+                raise
+            # A step that cannot be captured (an op that syncs with the host, a layer that refuses
+            # capture) must not fail requests: every later pass runs packed, which is exact.
+            log.exception("capturing the decode step as a CUDA graph failed; decoding eagerly from now on")
+            self.graphs = {}
+            return self._packed_forward(rows)
+        assert graphs.last_bucket is not None
+        self.static_passes[graphs.last_bucket] += 1
+        return [None if row.logits == "none" else logits[r : r + 1] for r, row in enumerate(rows)]
 
     def _packed_forward(self, rows: list[PassRow]) -> list[torch.Tensor | None]:
         order = sorted(
@@ -474,8 +497,9 @@ class ModelRunner:
         """The static step's inputs for a pass of decode rows only (host tensors, unpadded), or None
         when the pass runs packed: a prompt chunk in it, more rows than the largest bucket, an adapter
         the stack does not hold (DoRA, rank above r_max, the stack full), or no static step at all."""
-        graphs = self.graphs
-        if graphs is None or len(rows) > graphs.buckets[-1] or any(len(row.ids) != 1 for row in rows):
+        if not self.graphs or len(rows) > self.graphs[True].buckets[-1]:
+            return None
+        if any(len(row.ids) != 1 for row in rows):
             return None
         lora_rows = []
         for row in rows:
@@ -500,14 +524,14 @@ class ModelRunner:
             "lora_rows": torch.tensor(lora_rows, dtype=torch.long),
         }
 
-    def _static_step(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _static_step(self, inputs: dict[str, torch.Tensor], *, with_lora: bool) -> torch.Tensor:
         """One decode token per row in shapes fixed by the bucket: -> float32 logits [B, vocab].
 
         inputs (the static buffers' views, B rows): tokens [B]; context_lens [B] (keys after this
         token: its position + 1); block_tables [B, W] (padded with the scratch block); lora_rows [B]
-        (stacked buffer rows). Positions, write slots, the attention masks and the LoRA mask are
-        computed here from them, on the device; nothing is read back to the host (docs/gpu.md, the
-        step's contract)."""
+        (stacked buffer rows; read only ``with_lora``). Positions, write slots, the attention masks
+        and the LoRA mask are computed here from them, on the device; nothing is read back to the
+        host (docs/gpu.md, the step's contract)."""
         assert self.stack is not None
         tokens, context_lens = inputs["tokens"], inputs["context_lens"]
         tables = inputs["block_tables"]
@@ -516,7 +540,9 @@ class ModelRunner:
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
         h = self.model.model.embed_tokens(tokens)
         ropes = self._ropes(h, positions)
-        lora = StackedDeltas(self.stack, self.stack.select(inputs["lora_rows"]))
+        lora: LoraDeltas = NO_LORA
+        if with_lora:
+            lora = StackedDeltas(self.stack, self.stack.select(inputs["lora_rows"]))
         masks: dict[int | None, torch.Tensor] = {}
         heads, hd = self.num_heads, self.head_dim
 

@@ -90,8 +90,9 @@ def _decode(runner: ModelRunner, slots: list[int | None], steps: int) -> list[to
         ([1], 1),
         ([1, 1, 0, None], 4),
         ([2, None], 2),
+        ([None, None, None], 4),  # base rows only: the step without the stack
     ],
-    ids=["3-in-4", "1", "4-in-4", "2-in-2"],
+    ids=["3-in-4", "1", "4-in-4", "2-in-2", "base-3-in-4"],
 )
 def test_static_decode_equals_the_packed_pass(runners, slots, bucket):
     eager, static = runners
@@ -199,7 +200,8 @@ def test_graph_decode_on_cuda_equals_the_packed_pass(tiny_base_dir, tiny_adapter
     graph = StaticDecode("graph", 4, BLOCK * BLOCKS_PER_ROW, scratch_block=scratch, stack_capacity=4)
     eager = _runner(model, adapters, None, scratch)
     graphed = _runner(model, adapters, graph, scratch + 1)
-    for slots in ([None, 0, 2], [1], [1, 1, 0, None]):
+    for slots in ([None, 0, 2], [1], [1, 1, 0, None], [None, None]):
         for want, have in zip(_decode(eager, slots, 4), _decode(graphed, slots, 4), strict=True):
             torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-3)
-    assert graphed.graphs is not None and set(graphed.graphs.captured) == {1, 4}
+    assert graphed.graphs[True].captured == (1, 4)  # the passes with an adapter row
+    assert graphed.graphs[False].captured == (2,)  # base rows only: the step without the stack

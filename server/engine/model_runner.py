@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -231,13 +232,14 @@ class ModelRunner:
             self._init_static(static_decode)
 
     def _init_static(self, static: StaticDecode) -> None:
-        self.stack = StackedLora.from_config(
-            self.model.config,
-            static.stack_capacity,
-            static.r_max,
-            device=self.device,
-            dtype=self.model.dtype,
-        )
+        if self.stack is None:
+            self.stack = StackedLora.from_config(
+                self.model.config,
+                static.stack_capacity,
+                static.r_max,
+                device=self.device,
+                dtype=self.model.dtype,
+            )
         self.table_width = math.ceil(static.max_model_len / self.block_size)
         if not 0 <= static.scratch_block < self.storage.num_blocks:
             raise ValueError(f"scratch block {static.scratch_block} is not in the KV storage")
@@ -281,11 +283,23 @@ class ModelRunner:
             if row is not None and self.stack is not None:
                 self.stack.evict(row)
 
-    def over(self, storage: KVBlockStorage) -> ModelRunner:
-        """This runner (same model, fused weights and adapters) over other KV storage (the parity probe)."""
+    def over(self, storage: KVBlockStorage, max_model_len: int | None = None) -> ModelRunner:
+        """This runner (same model, fused weights, adapters and stack) over other KV storage (the
+        parity probe). With a static step, the copy gets its own over ``storage``, run eagerly
+        (``"static"``: the graph's step without capturing it) for passes of up to ``max_model_len``
+        tokens, with the storage's last block as its scratch block; None: every pass runs packed."""
         other = copy.copy(self)
         other.storage, other.block_size = storage, storage.spec.block_size
-        other.graphs = {}  # their step reads this runner's storage: the copy runs every pass packed
+        other.graphs = {}  # this runner's steps read this runner's storage
+        other.static_passes = collections.Counter()
+        if self.static_decode is not None and max_model_len is not None:
+            other.static_decode = dataclasses.replace(
+                self.static_decode,
+                mode="static",
+                max_model_len=max_model_len,
+                scratch_block=storage.num_blocks - 1,
+            )
+            other._init_static(other.static_decode)
         return other
 
     # -- layers ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from server.engine.block_pool import BlockSpec, KVBlockStorage
 from server.engine.config import resolve_decode_mode
 from server.engine.lora_ops import ResidentAdapter
 from server.engine.model_runner import ModelRunner, PassRow, StaticDecode
+from server.engine.parity_probe import PROBE_LENGTH, probe_runner
 from server.engine.types import Request, SamplingParams
 from server.settings import Settings
 
@@ -173,6 +174,17 @@ def test_static_engine_matches_peft_for_a_padded_mixed_batch(make_engine, tiny_b
             assert engine.runner.static_passes[4] >= max_tokens - 2
         else:  # every decode pass holds the DoRA row until it finishes
             assert sum(engine.runner.static_passes.values()) == before
+
+
+def test_the_startup_probe_checks_the_static_step_against_hf(make_engine):
+    """An engine with a static step probes it at startup: the probe's decode positions go through the
+    step (over the probe's own blocks, never the engine's), against HF's forward."""
+    engine = make_engine(decode_mode="static", max_batch_size=4, max_model_len=64)
+    result = probe_runner(engine.model, engine.runner)
+    assert result.ok and result.static_decode_steps == PROBE_LENGTH - 10  # after two chunks of 5
+    assert not engine.runner.static_passes  # the engine's own step never ran
+    eager = make_engine(max_batch_size=4, max_model_len=64)
+    assert probe_runner(eager.model, eager.runner).static_decode_steps == 0
 
 
 def test_the_decode_mode_setting():

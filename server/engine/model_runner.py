@@ -21,6 +21,13 @@ rotary runs once over q and k together, RMSNorm is one fused op, and a decode st
 the device before its logits (positions and slots are known on the host). On the CPU the linears
 stay apart: one thread's GEMM over the concatenated gate/up weight measured 11-17% slower than
 the two GEMMs it replaces (batch 16 and 64), and q/k/v gained nothing.
+
+With a :class:`StaticDecode` (``--decode-mode static|graph``), a pass of decode rows only runs a
+second form of the same decoder in shapes fixed by its batch-size bucket (:meth:`ModelRunner._static_step`):
+inputs padded into the static buffers of :mod:`decode_graphs`, attention over block tables padded to
+``max_model_len``, LoRA from the stacked buffers of :mod:`stacked_lora`; in mode graph each bucket's
+step is captured once as a CUDA graph and replayed. What runs where and the step's contract:
+docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class PassRow:
 
 STACKED_R_MAX = 64
 """The stacked LoRA's rank bound (its buffers are padded to it): an adapter of a higher rank is not
-stacked, and a decode pass holding it runs eagerly with the segment path."""
+stacked, and a decode pass holding it runs packed, with the segment path."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class StaticDecode:
     mode: Mode
     """static (padded to a bucket, run eagerly) or graph (replayed as a CUDA graph per bucket)."""
     max_batch_size: int
-    """The largest bucket: a bigger decode pass runs eagerly."""
+    """The largest bucket: a bigger decode pass runs packed."""
     max_model_len: int
     """Every block table is padded to the blocks this many tokens need."""
     scratch_block: int
@@ -175,7 +182,8 @@ def fuse_weights(modules: list[torch.nn.Module]) -> torch.Tensor | None:
 
 
 class ModelRunner:
-    """Runs packed forward passes; owns nothing but references to the HF modules and the KV storage."""
+    """Runs forward passes over references to the HF modules and the KV storage; owns the stacked LoRA
+    and the static decode step's buffers and graphs when it has a static step."""
 
     def __init__(
         self,
@@ -221,7 +229,7 @@ class ModelRunner:
         self.stack: StackedLora | None = None
         self.stack_rows: dict[int, int] = {}
         """Adapter slot -> its stacked buffer row (adapters the stack refused or had no room for are
-        absent: a decode pass holding one runs eagerly)."""
+        absent: a decode pass holding one runs packed)."""
         self._stack_lock = threading.Lock()  # the registry loads adapters from worker threads
         self.graphs: dict[bool, DecodeGraphs] = {}
         """The static step's wrappers, keyed by whether the pass has a row with an adapter: a pass of
@@ -274,7 +282,7 @@ class ModelRunner:
             try:
                 self.stack_rows[slot] = self.stack.write(resident)
             except StackedLoraRefused as exc:
-                log.info("adapter %s decodes through the eager path: %s", resident.key, exc)
+                log.info("adapter %s decodes through the packed pass: %s", resident.key, exc)
 
     def remove_adapter(self, slot: int) -> None:
         self.adapters.pop(slot, None)

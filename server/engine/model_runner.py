@@ -41,7 +41,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ from transformers import PreTrainedModel
 
 from lorayard.architectures import architecture_for, head_dim, sliding_window
 from server.engine.block_pool import KVBlockStorage
-from server.engine.decode_graphs import DecodeGraphs, Mode, StaticInput
+from server.engine.decode_graphs import DecodeGraphs, Mode, StaticInput, batch_buckets, bucket_for
 from server.engine.lora_ops import (
     FUSED_GROUPS,
     ResidentAdapter,
@@ -66,6 +66,9 @@ from server.engine.paged_attention import (
     write_kv,
 )
 from server.engine.stacked_lora import ZERO_ROW, StackedLora, StackedLoraRefused, StackedRows
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # what graph_pool_handle() returns
 
 log = logging.getLogger("lorayard.engine")
 
@@ -231,9 +234,12 @@ class ModelRunner:
         """Adapter slot -> its stacked buffer row (adapters the stack refused or had no room for are
         absent: a decode pass holding one runs packed)."""
         self._stack_lock = threading.Lock()  # the registry loads adapters from worker threads
-        self.graphs: dict[bool, DecodeGraphs] = {}
-        """The static step's wrappers, keyed by whether the pass has a row with an adapter: a pass of
-        base rows only skips the stack (whose masked matmuls read every resident adapter's weights)."""
+        self.graphs: dict[tuple[bool, int], DecodeGraphs] = {}
+        """The static step's wrappers, made on first use, keyed by (whether the pass has a row with an
+        adapter, its table width in blocks): a pass of base rows only skips the stack (whose masked
+        matmuls read every resident adapter's weights), and a pass of short contexts gathers fewer
+        keys than ``max_model_len``."""
+        self._graph_pool: _POOL_HANDLE | None = None
         self.static_passes: collections.Counter[int] = collections.Counter()
         """Decode passes the static step ran, by bucket (for tests and benchmarks)."""
         if static_decode is not None:
@@ -249,27 +255,41 @@ class ModelRunner:
                 dtype=self.model.dtype,
             )
         self.table_width = math.ceil(static.max_model_len / self.block_size)
+        self.width_buckets = batch_buckets(self.table_width)
+        """Table widths in blocks (1, 2, 4, ... up to the widest, as the batch buckets): a pass's
+        tables are padded to the smallest that holds its longest context."""
         if not 0 <= static.scratch_block < self.storage.num_blocks:
             raise ValueError(f"scratch block {static.scratch_block} is not in the KV storage")
         self._key_pos = torch.arange(self.table_width * self.block_size, device=self.device)
-        """[W * block_size]: the key positions of a padded table, a fixed tensor the graphs read."""
-        inputs = {
-            "tokens": StaticInput(torch.long, pad=0),
-            # A padded row sees one key (position 0 of the scratch block): never an all-masked row.
-            "context_lens": StaticInput(torch.long, pad=1),
-            "block_tables": StaticInput(torch.long, pad=static.scratch_block, shape=(self.table_width,)),
-            "lora_rows": StaticInput(torch.long, pad=ZERO_ROW),
-        }
-        self.graphs = {
-            with_lora: DecodeGraphs(
+        """[widest table * block_size]: key positions; each step reads a prefix of it (a view at a
+        fixed address)."""
+        self.graphs = {}
+        if static.mode == "graph":  # every wrapper's graphs share one memory pool (one pass at a time)
+            self._graph_pool = torch.cuda.graph_pool_handle()
+
+    def _wrapper(self, with_lora: bool, width: int) -> DecodeGraphs:
+        """The static step's wrapper for passes with (or without) adapter rows and tables ``width``
+        blocks wide, made on first use."""
+        key = (with_lora, width)
+        if key not in self.graphs:
+            static = self.static_decode
+            assert static is not None
+            inputs = {
+                "tokens": StaticInput(torch.long, pad=0),
+                # A padded row sees one key (position 0 of the scratch block): never an all-masked row.
+                "context_lens": StaticInput(torch.long, pad=1),
+                "block_tables": StaticInput(torch.long, pad=static.scratch_block, shape=(width,)),
+                "lora_rows": StaticInput(torch.long, pad=ZERO_ROW),
+            }
+            self.graphs[key] = DecodeGraphs(
                 functools.partial(self._static_step, with_lora=with_lora),
                 inputs,
                 static.max_batch_size,
                 device=self.device,
                 mode=static.mode,
+                pool=self._graph_pool,
             )
-            for with_lora in (False, True)
-        }
+        return self.graphs[key]
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, slot: int, resident: ResidentAdapter) -> None:
@@ -299,6 +319,7 @@ class ModelRunner:
         other = copy.copy(self)
         other.storage, other.block_size = storage, storage.spec.block_size
         other.graphs = {}  # this runner's steps read this runner's storage
+        other._graph_pool = None
         other.static_passes = collections.Counter()
         if self.static_decode is not None and max_model_len is not None:
             other.static_decode = dataclasses.replace(
@@ -445,7 +466,7 @@ class ModelRunner:
         static = self._static_batch(rows)
         if static is None:
             return self._packed_forward(rows)
-        graphs = self.graphs[bool(static["lora_rows"].any())]
+        graphs = self._wrapper(bool(static["lora_rows"].any()), static["block_tables"].shape[1])
         try:
             logits = graphs.run(static)
         except Exception:
@@ -454,6 +475,7 @@ class ModelRunner:
             # A step that cannot be captured (an op that syncs with the host, a layer that refuses
             # capture) must not fail requests: every later pass runs packed, which is exact.
             log.exception("capturing the decode step as a CUDA graph failed; decoding eagerly from now on")
+            self.static_decode = None  # no wrapper is made again
             self.graphs = {}
             return self._packed_forward(rows)
         assert graphs.last_bucket is not None
@@ -519,7 +541,8 @@ class ModelRunner:
         """The static step's inputs for a pass of decode rows only (host tensors, unpadded), or None
         when the pass runs packed: a prompt chunk in it, more rows than the largest bucket, an adapter
         the stack does not hold (DoRA, rank above r_max, the stack full), or no static step at all."""
-        if not self.graphs or len(rows) > self.graphs[True].buckets[-1]:
+        static = self.static_decode
+        if static is None or len(rows) > static.max_batch_size:
             return None
         if any(len(row.ids) != 1 for row in rows):
             return None
@@ -531,14 +554,12 @@ class ModelRunner:
                 lora_rows.append(stacked)
             else:
                 return None
-        assert self.static_decode is not None
-        width, scratch = self.table_width, self.static_decode.scratch_block
-        tables = []
-        for row in rows:
-            used = row.start // self.block_size + 1  # the blocks holding positions 0 .. start
-            if used > width or len(row.blocks) < used:
-                return None
-            tables.append([*row.blocks[:used], *[scratch] * (width - used)])
+        used = [row.start // self.block_size + 1 for row in rows]  # blocks holding positions 0 .. start
+        width = bucket_for(max(used), self.width_buckets)
+        if width is None or any(len(row.blocks) < n for row, n in zip(rows, used, strict=True)):
+            return None
+        scratch = static.scratch_block
+        tables = [[*row.blocks[:n], *[scratch] * (width - n)] for row, n in zip(rows, used, strict=True)]
         return {
             "tokens": torch.tensor([row.ids[0] for row in rows], dtype=torch.long),
             "context_lens": torch.tensor([row.start + 1 for row in rows], dtype=torch.long),
@@ -562,6 +583,7 @@ class ModelRunner:
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
         h = self.model.model.embed_tokens(tokens)
         ropes = self._ropes(h, positions)
+        key_pos = self._key_pos[: tables.shape[1] * bs]
         lora: LoraDeltas = NO_LORA
         if with_lora:
             lora = StackedDeltas(self.stack, self.stack.select(inputs["lora_rows"]))
@@ -573,7 +595,7 @@ class ModelRunner:
             write_kv(k_cache, v_cache, slots, k, v)
             window = self.windows[i]
             if window not in masks:
-                masks[window] = fixed_decode_mask(self._key_pos, context_lens, window)
+                masks[window] = fixed_decode_mask(key_pos, context_lens, window)
             out = fixed_decode_attention(
                 q, k_cache, v_cache, tables, masks[window], scale=self.scaling[i], softcap=self.attn_softcap
             )

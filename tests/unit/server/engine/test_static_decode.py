@@ -101,6 +101,9 @@ def test_static_decode_equals_the_packed_pass(runners, slots, bucket):
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
     assert static.static_passes == {bucket: 6}
+    # positions 6, 7 fit tables 2 blocks wide, 8 .. 11 need 3 blocks: the 4-wide bucket
+    assert {width for _, width in static.graphs} == {2, 4}
+    assert {with_lora for with_lora, _ in static.graphs} == {any(s is not None for s in slots)}
     assert not eager.static_passes
 
 
@@ -215,5 +218,6 @@ def test_graph_decode_on_cuda_equals_the_packed_pass(tiny_base_dir, tiny_adapter
     for slots in ([None, 0, 2], [1], [1, 1, 0, None], [None, None]):
         for want, have in zip(_decode(eager, slots, 4), _decode(graphed, slots, 4), strict=True):
             torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-3)
-    assert graphed.graphs[True].captured == (1, 4)  # the passes with an adapter row
-    assert graphed.graphs[False].captured == (2,)  # base rows only: the step without the stack
+    for width in (2, 4):  # positions 6, 7 in tables 2 blocks wide; 8, 9 in 4
+        assert graphed.graphs[True, width].captured == (1, 4)  # the passes with an adapter row
+        assert graphed.graphs[False, width].captured == (2,)  # base rows only: no stack

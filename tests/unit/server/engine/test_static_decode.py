@@ -1,7 +1,7 @@
 """The static-shape decode step (``--decode-mode static``; ``graph`` replays the same step on CUDA):
 equal to the packed pass and to PEFT for mixed adapter batches, padded ones and ones past the largest
-bucket, with DoRA served eagerly, padded rows confined to the scratch block, and preemption and prefix
-caching unchanged (those two in test_preemption.py / test_prefix_cache.py, per decode mode)."""
+bucket, with DoRA through the packed pass, padded rows confined to the scratch block, and preemption
+and prefix caching unchanged (those two in test_preemption.py / test_prefix_cache.py, per mode)."""
 
 from __future__ import annotations
 

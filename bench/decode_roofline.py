@@ -38,7 +38,7 @@ from bench.record import (
     save_figure,
     suite_main,
 )
-from bench.workload import EngineBench, base_label, bench_prompt, load_base, run_batch
+from bench.workload import EngineBench, base_label, bench_prompt, decode_mode_flag, load_base, run_batch
 
 GOAL_ROOFLINE = 0.8
 """Share of the measured memory bandwidth batch-1 decode should reach (the issue's goal)."""
@@ -85,7 +85,14 @@ async def _decode_tps(bench: EngineBench, prompt: list[int], batch: int, max_tok
 
 async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | None) -> None:
     base = load_base(tiny)
-    bench = EngineBench(base, args.device, max(args.batches), args.prompt_tokens + args.max_tokens + 8)
+    bench = EngineBench(
+        base,
+        args.device,
+        max(args.batches),
+        args.prompt_tokens + args.max_tokens + 8,
+        decode_mode=args.decode_mode,
+    )
+    result.config["decode_mode"] = bench.engine.decode_mode  # as resolved (auto: by device)
     result.config["weight_bytes_per_token"] = weight_bytes_per_token(bench.engine.model)
     bench.engine.start()
     prompt = bench_prompt(base, args.prompt_tokens)
@@ -110,7 +117,9 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     if args.profile:
         with EngineProfile() as profile:
             max_len = args.prompt_tokens + args.max_tokens + 8
-            bench = EngineBench(base, args.device, 1, max_len, profile_dir=profile.folder)
+            bench = EngineBench(
+                base, args.device, 1, max_len, profile_dir=profile.folder, decode_mode=args.decode_mode
+            )
             bench.engine.start()
             start = time.perf_counter()
             await run_batch(bench.engine, prompt, args.max_tokens, [None])
@@ -203,6 +212,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, with the --quick defaults filled in."""
     parser = common_arguments(__doc__.splitlines()[0])
+    decode_mode_flag(parser)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=16)

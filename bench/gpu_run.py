@@ -1,4 +1,4 @@
-"""One GPU run: the GPU tests and every GPU suite of issue 16, start to finish in about seven minutes.
+"""One GPU run: the GPU tests and every GPU suite of issue 16, start to finish in about nine minutes.
 
 The lent GPU machine has no internet and receives at most 64 MiB, so nothing heavy travels: the bases
 are random-weight stand-ins built ON the device from configs (``bench.random_base``), the 135M one
@@ -14,7 +14,10 @@ own timeout (a failed or timed-out step is recorded and the next one runs), neve
 seconds in all. It writes ``$OUT/summary.md`` (each step's status and time, then every suite's
 table), ``$OUT/results.tar.gz`` (each suite's folder as ``bench/results/cuda/<suite>``, to unpack
 over the repository) and ``$OUT/logs.tar.gz``: three files, inside the device's limit of eight.
-``run --dry-run`` prints the steps without running them; ``run --only NAME...`` reruns some of them
+The decode suites run twice, ``--decode-mode graph`` (the GPU default: the static decode step replayed
+as CUDA graphs) and ``--decode-mode eager`` (the packed pass, into ``<suite>_eager``), so the summary
+shows what the graphs buy. ``run --dry-run`` prints the steps without running them;
+``run --only NAME...`` reruns some of them
 (a step that needs a base needs its build step too, in the same run: the machine starts bare).
 """
 
@@ -96,6 +99,7 @@ def steps(
         )
 
     pytest = ("pytest", "-q", "-p", "no:cacheprovider", "--durations=10")
+    graph, eager = ["--decode-mode", "graph"], ["--decode-mode", "eager"]
     return [
         Step(
             "build 135M base",
@@ -118,6 +122,7 @@ def steps(
                 "tests/unit/server/engine/test_sampler_cuda.py",
                 "tests/unit/server/engine/test_decode_graphs.py",
                 "tests/unit/server/engine/test_stacked_lora.py",
+                "tests/unit/server/engine/test_static_decode.py",
             ),
             120,
             small_env,
@@ -130,12 +135,28 @@ def steps(
         ),
         suite(
             "decode_roofline",
-            ["--batches", "1", "8", "64", "--max-tokens", "48", "--repeats", "2", "--no-profile"],
+            ["--batches", "1", "8", "64", "--max-tokens", "48", "--repeats", "2", "--no-profile", *graph],
             90,
         ),
+        suite(
+            "decode_roofline",
+            ["--batches", "1", "8", "64", "--max-tokens", "32", "--repeats", "1", "--no-profile", *eager],
+            60,
+            out="decode_roofline_eager",
+        ),
         suite("stacked_lora", ["--repeats", "3"], 60),
-        suite("multi_adapter", ["--concurrency", "64", "--max-tokens", "32", "--repeats", "2"], 120),
-        suite("naive", ["--concurrency", "16", "--max-tokens", "32", "--repeats", "2", "--no-profile"], 120),
+        suite("multi_adapter", ["--concurrency", "64", "--max-tokens", "32", "--repeats", "2", *graph], 120),
+        suite(
+            "multi_adapter",
+            ["--concurrency", "64", "--max-tokens", "32", "--repeats", "1", *eager],
+            90,
+            out="multi_adapter_eager",
+        ),
+        suite(
+            "naive",
+            ["--concurrency", "16", "--max-tokens", "32", "--repeats", "2", "--no-profile", *graph],
+            120,
+        ),
         Step("http smoke", (*pytest, "tests/integration/server/test_gpu_smoke.py"), 120, small_env),
         Step(
             "build 8B base",
@@ -154,10 +175,39 @@ def steps(
         ),
         suite(
             "decode_roofline",
-            ["--batches", "1", "--max-tokens", "32", "--repeats", "2", "--copy-mb", "4096", "--no-profile"],
+            [
+                "--batches",
+                "1",
+                "--max-tokens",
+                "32",
+                "--repeats",
+                "2",
+                "--copy-mb",
+                "4096",
+                "--no-profile",
+                *graph,
+            ],
             150,
             {"LORAYARD_BASE_MODEL": str(large)},
             out="decode_roofline_8b",
+        ),
+        suite(
+            "decode_roofline",
+            [
+                "--batches",
+                "1",
+                "--max-tokens",
+                "32",
+                "--repeats",
+                "1",
+                "--copy-mb",
+                "4096",
+                "--no-profile",
+                *eager,
+            ],
+            90,
+            {"LORAYARD_BASE_MODEL": str(large)},
+            out="decode_roofline_8b_eager",
         ),
     ][: 3 if quick else None]
 
@@ -309,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     go = sub.add_parser("run", help="on the GPU machine: every step, results under --out")
     go.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "build/gpu-run")))
     go.add_argument("--work", type=Path, default=Path("/tmp/lorayard-gpu-run"), help="bases, logs, results")
-    go.add_argument("--budget", type=float, default=420, help="seconds for every step together")
+    go.add_argument("--budget", type=float, default=560, help="seconds for every step together")
     go.add_argument(
         "--only",
         nargs="+",

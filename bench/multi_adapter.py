@@ -29,6 +29,7 @@ from bench.workload import (
     EngineBench,
     base_label,
     bench_prompt,
+    decode_mode_flag,
     load_base,
     make_adapters,
     mixed_specs,
@@ -68,7 +69,15 @@ def _plot(result: SuiteResult, folder: Path) -> None:
 async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | None) -> None:
     base = load_base(tiny)
     folders = make_adapters(base, mixed_specs(max(VARIANTS.values())), args.adapter_cache)
-    bench = EngineBench(base, args.device, max(args.concurrency), args.prompt_tokens + args.max_tokens + 8)
+    bench = EngineBench(
+        base,
+        args.device,
+        max(args.concurrency),
+        args.prompt_tokens + args.max_tokens + 8,
+        decode_mode=args.decode_mode,
+        max_loaded_adapters=len(folders),  # every adapter stacked: 16 mixed decodes in the static step
+    )
+    result.config["decode_mode"] = bench.engine.decode_mode  # as resolved (auto: by device)
     bench.load(folders)
     bench.engine.start()
     names = list(folders)
@@ -155,6 +164,7 @@ def details(result: SuiteResult) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, with the --quick defaults filled in."""
     parser = common_arguments(__doc__.splitlines()[0])
+    decode_mode_flag(parser)
     parser.add_argument("--concurrency", type=int, nargs="+", default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=32)

@@ -49,6 +49,7 @@ from bench.workload import (
     EngineBench,
     base_label,
     bench_prompt,
+    decode_mode_flag,
     load_base,
     make_adapters,
     mixed_specs,
@@ -133,7 +134,14 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
     prompt = bench_prompt(base, args.prompt_tokens)
     ids = torch.tensor([prompt], device=args.device)
     peft_model = _peft_model(base.path, folders, args.device)
-    bench = EngineBench(base, args.device, args.concurrency, args.prompt_tokens + args.max_tokens + 8)
+    bench = EngineBench(
+        base,
+        args.device,
+        args.concurrency,
+        args.prompt_tokens + args.max_tokens + 8,
+        decode_mode=args.decode_mode,
+    )
+    result.config["decode_mode"] = bench.engine.decode_mode  # as resolved (auto: by device)
     bench.load(folders)
     bench.engine.start()
     handles = [bench.handles[n] for n in request_names]
@@ -180,7 +188,14 @@ async def _profile(
     """One more engine run of the equal workload, on a fresh engine that profiles its own thread."""
     with EngineProfile() as profile:
         max_len = args.prompt_tokens + args.max_tokens + 8
-        bench = EngineBench(base, args.device, args.concurrency, max_len, profile_dir=profile.folder)
+        bench = EngineBench(
+            base,
+            args.device,
+            args.concurrency,
+            max_len,
+            profile_dir=profile.folder,
+            decode_mode=args.decode_mode,
+        )
         bench.load(folders)
         bench.engine.start()
         start = time.perf_counter()
@@ -277,6 +292,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, with the --quick defaults filled in."""
     parser = common_arguments(__doc__.splitlines()[0])
+    decode_mode_flag(parser)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=None, help="default: 2 x concurrency")
     parser.add_argument("--adapters", type=int, default=4)

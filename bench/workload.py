@@ -6,6 +6,7 @@ cache folder keyed by their spec, so reruns skip the making.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -13,12 +14,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from bench.random_adapter import build_random_adapter
 from lorayard.adapter_files import load_adapter
 from lorayard.base_model import ResolvedBaseModel, cache_dir, default_base_model, resolve_base_model
+from server.engine.config import DecodeMode
 from server.engine.engine import Engine
 from server.engine.types import Request, SamplingParams
 from server.settings import Settings
@@ -29,6 +32,16 @@ shape loads kernels and picks GEMM algorithms, and measured up to 6x slower than
 
 ALL_LINEAR = "all-linear"
 QV = ("q_proj", "v_proj")
+
+
+def decode_mode_flag(parser: argparse.ArgumentParser) -> None:
+    """``--decode-mode``: the engine's setting of that name (default: the server's, auto)."""
+    parser.add_argument(
+        "--decode-mode",
+        choices=get_args(DecodeMode),
+        default=None,
+        help="the engine's --decode-mode (default: the server's, auto: graph on a GPU, eager on the CPU)",
+    )
 
 
 @dataclass(frozen=True)
@@ -112,14 +125,20 @@ class EngineBench:
         max_model_len: int,
         profile_dir: Path | None = None,
         kv_cache_memory_gb: float | None = None,
+        decode_mode: DecodeMode | None = None,
+        max_loaded_adapters: int | None = None,
     ) -> None:
-        """Every other engine setting is the server's default; ``profile_dir``: see EngineProfile."""
+        """Every other engine setting is the server's default; ``profile_dir``: see EngineProfile;
+        ``decode_mode`` None: the server's default (``--decode-mode``); ``max_loaded_adapters``: how
+        many adapters the suite loads, if more than the server's default (the stacked LoRA's rows)."""
         settings = Settings(
             device=device,
             max_batch_size=max_batch_size,
             max_model_len=max_model_len,
             torch_profile_dir=profile_dir,
             kv_cache_memory_gb=kv_cache_memory_gb,
+            **({} if decode_mode is None else {"decode_mode": decode_mode}),
+            **({} if max_loaded_adapters is None else {"max_loaded_adapters": max_loaded_adapters}),
         )
         self.engine = Engine.from_base(base, settings.engine_config(), eos_token_ids={2})
         self.handles: dict[str, AdapterSlot] = {}

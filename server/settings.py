@@ -17,7 +17,7 @@ from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flag_name, flags_table
 from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
 from lorayard.storage import location_value
-from server.engine.config import EngineConfig
+from server.engine.config import DecodeMode, EngineConfig
 
 ENV_PREFIX = "LORAYARD_"
 
@@ -64,6 +64,11 @@ class Settings(BaseModel):
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     torch_profile_dir: Path | None = Field(
         None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
+    )
+    decode_mode: DecodeMode = Field(
+        "auto",
+        description="decode steps: eager | static (padded to a batch bucket, stacked LoRA) | graph "
+        "(static, replayed as CUDA graphs) | auto (graph on a GPU with an unquantized base, else eager)",
     )
     poll_interval: float = Field(
         1.0, gt=0, description="seconds between adapters-volume scans (LATEST, canary splits, new adapters)"

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from lorayard.base_model import Quantization
+
+if TYPE_CHECKING:
+    from server.engine.decode_graphs import Mode
+
+DecodeMode = Literal["auto", "eager", "static", "graph"]
+"""``--decode-mode``: how a pass of decode rows only runs (docs/gpu.md)."""
 
 CPU_MAX_BATCH_SIZE = 16
 """On the CPU a step is compute-bound: past about 16 rows a bigger batch only stretches every stream's
@@ -21,6 +28,18 @@ KV pool, not this limit, should decide how many requests run."""
 
 def default_max_batch_size(device: str) -> int:
     return GPU_MAX_BATCH_SIZE if device.startswith("cuda") else CPU_MAX_BATCH_SIZE
+
+
+def resolve_decode_mode(mode: DecodeMode, device: str, quantization: Quantization) -> Mode:
+    """``auto``: CUDA graphs on a GPU over an unquantized base, else eager. On the CPU the eager step
+    with the segment LoRA path measured faster than the static one (docs/gpu.md), and bitsandbytes'
+    layers are not known to replay correctly in a graph. ``graph`` off CUDA is refused, naming the flag."""
+    cuda = device.startswith("cuda")
+    if mode == "auto":
+        return "graph" if cuda and quantization is None else "eager"
+    if mode == "graph" and not cuda:
+        raise ValueError(f"--decode-mode graph needs a CUDA device, the engine runs on {device}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -44,3 +63,9 @@ class EngineConfig:
     """Prompt tokens prefilled per engine iteration: bounds how long running streams wait."""
     torch_profile_dir: Path | None
     """Profile the engine thread with torch.profiler and write its op table here when it stops."""
+    decode_mode: DecodeMode
+    """How a pass of decode rows only runs: eager (the packed pass, segment LoRA), static (padded to a
+    batch bucket over fixed buffers with stacked LoRA, run eagerly), graph (static, replayed as one
+    CUDA graph per bucket); auto: :func:`resolve_decode_mode`."""
+    max_loaded_adapters: int
+    """Adapter versions resident at once: the stacked LoRA's rows (static and graph decode)."""

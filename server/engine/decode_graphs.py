@@ -84,9 +84,13 @@ class DecodeGraphs:
         mode: Mode,
         buckets: Sequence[int] | None = None,
         warmup: int = 2,
+        pool: _POOL_HANDLE | None = None,
     ) -> None:
         """buckets: ascending sizes (default :func:`batch_buckets` of ``max_batch_size``); warmup:
-        eager runs of a bucket before its capture (cuBLAS and the allocator settle first)."""
+        eager runs of a bucket before its capture (cuBLAS and the allocator settle first); pool: a
+        graph memory pool shared with other wrappers (``torch.cuda.graph_pool_handle()``), safe when
+        their steps run one after another and each output is used before the next run of any of
+        them (default: one pool of this wrapper's own)."""
         self.device = torch.device(device)
         if mode == "graph" and self.device.type != "cuda":
             raise ValueError(f"mode 'graph' needs a CUDA device, got {self.device}; use 'static' or 'eager'")
@@ -104,7 +108,8 @@ class DecodeGraphs:
         }
         """name -> [largest bucket, *shape]: the static storage every bucket's graph reads."""
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: _POOL_HANDLE | None = None
+        self._shared_pool = pool
+        self._pool: _POOL_HANDLE | None = pool
         self.last_bucket: int | None = None
         """The bucket the last :meth:`run` used (None: it ran eagerly), for tests and metrics."""
 
@@ -154,7 +159,7 @@ class DecodeGraphs:
     def reset(self) -> None:
         """Drop every graph (after the step's outside tensors moved, e.g. a reallocated KV cache)."""
         self._graphs.clear()
-        self._pool = None
+        self._pool = self._shared_pool
 
     def _capture(self, views: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm up on a side stream, as torch.cuda.graphs documents: lazy inits must not be captured.

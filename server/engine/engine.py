@@ -50,9 +50,9 @@ from server.engine.block_pool import (
     blocks_for_budget,
     choose_victim,
 )
-from server.engine.config import default_max_batch_size
+from server.engine.config import default_max_batch_size, resolve_decode_mode
 from server.engine.lora_ops import ResidentAdapter
-from server.engine.model_runner import ModelRunner, PassRow
+from server.engine.model_runner import ModelRunner, PassRow, StaticDecode
 from server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row, score_tokens
 from server.engine.types import (
     EngineStats,
@@ -187,9 +187,23 @@ class Engine:
             blocks_for_budget(spec, engine_config.kv_cache_memory_gb, self.device, self.max_model_len),
             self.max_batch_size * spec.blocks_for_tokens(self.max_model_len),
         )
-        self.kv = KVBlockStorage(spec, num_blocks, self.device)
+        self.decode_mode = resolve_decode_mode(
+            engine_config.decode_mode, self.device, engine_config.quantization
+        )
+        static = None
+        if self.decode_mode != "eager":
+            # One storage block past the pool's, which no request can own: the static decode step's
+            # padded rows write their K/V there.
+            static = StaticDecode(
+                self.decode_mode,
+                self.max_batch_size,
+                self.max_model_len,
+                scratch_block=num_blocks,
+                stack_capacity=engine_config.max_loaded_adapters,
+            )
+        self.kv = KVBlockStorage(spec, num_blocks + (static is not None), self.device)
         self.pool = BlockPool(num_blocks, spec.block_size, prefix_caching=engine_config.prefix_caching)
-        self.runner = ModelRunner(model, self.kv, fuse_linears)
+        self.runner = ModelRunner(model, self.kv, fuse_linears, static)
         self.preemptions = 0
         self._pool_ids = itertools.count()
         self._adapter_slots = itertools.count()
@@ -261,12 +275,14 @@ class Engine:
                 k: self.runner.dense_weight(*k) for k, m in weights.modules.items() if m.magnitude is not None
             }
         resident = ResidentAdapter.from_weights(key, weights, dense, device=self.device, dtype=self.dtype)
+        # Never reused (itertools.count): adapter_identity keys the prefix cache on it. The runner maps
+        # it to a stacked row of its own, which is reused.
         slot = next(self._adapter_slots)
-        self.runner.adapters[slot] = resident
+        self.runner.add_adapter(slot, resident)
         return slot
 
     def free_adapter_weights(self, slot: int) -> None:
-        self.runner.adapters.pop(slot, None)
+        self.runner.remove_adapter(slot)
 
     # -- API side (event loop thread) -----------------------------------------------------------
     def start(self) -> None:

@@ -268,6 +268,38 @@ def decode_attention(
     return out.reshape(r, heads, hd)
 
 
+def fixed_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """:func:`decode_attention` in shapes that never depend on the batch's values, for a decode step
+    captured in a CUDA graph: q [R, heads, hd] -> [R, heads, hd].
+
+    block_tables: [R, W] long, every row's table padded to the same width W (with any block: masked);
+    mask: [R, 1, 1, W * block_size] bool, the keys each row sees (:func:`fixed_decode_mask`). Every
+    row gathers all W * block_size keys, so the work grows with W, not with the rows' contexts."""
+    r, heads, hd = q.shape
+    kv_heads, _, bs, _ = k_cache.shape
+    length = block_tables.shape[1] * bs
+    keys = gather_kv(k_cache, block_tables, length)
+    values = gather_kv(v_cache, block_tables, length)
+    grouped = q.view(r, kv_heads, heads // kv_heads, hd)
+    out = attend(grouped, keys, values, mask, scale=scale, softcap=softcap, gqa=False)
+    return out.reshape(r, heads, hd)
+
+
+def fixed_decode_mask(key_pos: torch.Tensor, context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """key_pos [L] (0 .. L - 1), context_lens [R] -> [R, 1, 1, L]: row r sees keys up to its position
+    context_lens[r] - 1 (within ``window``), as :func:`decode_attention`'s mask."""
+    return visible(key_pos[None, :], context_lens[:, None] - 1, window)[:, None, None, :]
+
+
 def padded_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -4,7 +4,9 @@ A hand-written forward must never be the only thing between an architecture and 
 spec in :mod:`lorayard.architectures` says how a listed architecture differs from Llama; this probe
 checks, on the actual weights and config, that the runner computes what transformers computes:
 a fixed token sequence is prefilled in two chunks and then decoded one token at a time, and every
-position's logits are compared with one HF forward over the whole sequence. The server runs it
+position's logits are compared with one HF forward over the whole sequence. With a static decode
+step (``--decode-mode static|graph``) the decode positions go through that step (run eagerly), so
+the step a CUDA graph replays is checked too. The server runs it
 before it reports ready, the training job before it trains; a difference beyond the dtype's tolerance
 refuses the base (:class:`~lorayard.architectures.UnsupportedArchitecture`, naming the architecture
 and the difference).
@@ -43,6 +45,8 @@ class ProbeResult:
     max_difference: float
     """max |ours - HF| over every probed position, relative to the largest HF logit (at least 1)."""
     tolerance: float
+    static_decode_steps: int = 0
+    """Decode positions that went through the runner's static decode step (0: all packed)."""
 
     @property
     def ok(self) -> bool:
@@ -65,8 +69,12 @@ def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> P
     spec = BlockSpec(
         config.num_hidden_layers, config.num_key_value_heads, head_dim(config), _BLOCK_SIZE, model.dtype
     )
-    storage = KVBlockStorage(spec, len(_BLOCKS), runner_device(model))
-    runner = ModelRunner(model, storage, fuse_linears=False) if runner is None else runner.over(storage)
+    # One block past the table's: the static decode step's scratch block (padded rows write there).
+    storage = KVBlockStorage(spec, len(_BLOCKS) + 1, runner_device(model))
+    if runner is None:
+        runner = ModelRunner(model, storage, fuse_linears=False)
+    else:
+        runner = runner.over(storage, max_model_len=len(_BLOCKS) * _BLOCK_SIZE)
     tokens = probe_tokens(int(config.vocab_size))
     with torch.inference_mode():
         reference = model(torch.tensor([tokens], device=runner.device), use_cache=False).logits[0].float()
@@ -86,7 +94,10 @@ def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> P
     difference = (torch.stack([ours[p] for p in positions]) - reference[positions]).abs().max()
     scale = max(float(reference[positions].abs().max()), 1.0)
     return ProbeResult(
-        str(model.config.model_type), float(difference) / scale, TOLERANCE.get(model.dtype, 0.1)
+        str(model.config.model_type),
+        float(difference) / scale,
+        TOLERANCE.get(model.dtype, 0.1),
+        sum(runner.static_passes.values()),
     )
 
 

@@ -126,6 +126,23 @@ def test_mixed_batch_matches_hf_and_peft(arch_bases, test_device, model_type, fu
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED)
+def test_static_decode_matches_peft(arch_bases, test_device, model_type):
+    """The static decode step (``--decode-mode static``, the CUDA graphs' step run eagerly) in the
+    GPU's matmul layout: sliding windows, soft caps, q/k norms and Phi-3's fused linears included."""
+    base, adapters = arch_bases(model_type)
+    engine = _engine(
+        base, test_device, max_batch_size=4, decode_mode="static", fuse_linears=_layouts(model_type)[-1]
+    )
+    handles = {name: _load(engine, base, folder) for name, folder in adapters.items()}
+    names = [None, "all8", "all4"]
+    cases = [(handles.get(name), PROMPTS[i]) for i, name in enumerate(names)]
+    results = _generate(engine, cases, MAX_TOKENS)
+    for name, (_, prompt), tokens in zip(names, cases, results, strict=True):
+        assert tokens == peft_greedy(base, adapters[name] if name else None, prompt, MAX_TOKENS), name
+    assert engine.runner.static_passes
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
 def test_chunked_prefill_matches_peft(arch_bases, test_device, model_type):
     base, adapters = arch_bases(model_type)
     engine = _engine(base, test_device, max_batch_size=2, prefill_chunk=3)

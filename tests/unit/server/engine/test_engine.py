@@ -30,11 +30,20 @@ async def _collect(engine, request):
 PROMPTS = [[1, 9690, 198, 2683, 359, 253], [1, 4093, 198, 19556, 30, 2], [1, 520, 33, 44, 55, 66, 77, 88, 99]]
 
 
-@pytest.mark.parametrize("fuse_linears", [False, True], ids=["separate-linears", "fused-linears"])
-def test_mixed_adapter_batches_match_peft_greedy(make_engine, fuse_linears, tiny_base_dir, tiny_adapters):
+@pytest.mark.parametrize(
+    ("fuse_linears", "decode_mode"),
+    [(False, "eager"), (True, "eager"), (True, "static")],
+    ids=["separate-linears", "fused-linears", "fused-linears-static-decode"],
+)
+def test_mixed_adapter_batches_match_peft_greedy(
+    make_engine, fuse_linears, decode_mode, tiny_base_dir, tiny_adapters
+):
     """Concurrent, staggered requests for different adapters (and none) each equal plain PEFT, with the
-    CPU's separate q/k/v and gate/up matmuls and with the GPU's fused ones."""
-    engine = make_engine(max_batch_size=8, max_model_len=256, fuse_linears=fuse_linears)
+    CPU's separate q/k/v and gate/up matmuls, with the GPU's fused ones, and with the GPU's static
+    decode step (DoRA rows decode packed)."""
+    engine = make_engine(
+        max_batch_size=8, max_model_len=256, fuse_linears=fuse_linears, decode_mode=decode_mode
+    )
     handles = {name: _load(engine, tiny_base_dir, tiny_adapters, name) for name in ADAPTER_SPECS}
     names = [*ADAPTER_SPECS, None, "qv4", "all8"]
     cases = [(name, PROMPTS[i % len(PROMPTS)]) for i, name in enumerate(names)]

@@ -77,11 +77,14 @@ def test_a_row_whose_sampling_raises_fails_alone(engine, tiny_base_dir):
     engine.check_kv()  # every block back: none leaked by the failed rows
 
 
-def test_a_failing_forward_fails_only_its_rows(engine, tiny_base_dir, tiny_adapters):
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_a_failing_forward_fails_only_its_rows(make_engine, decode_mode, tiny_base_dir, tiny_adapters):
     """An adapter's weights vanish while its request decodes in a mixed batch (a registry bug): the
     decode forward raises, the engine retries in halves, and only that request fails; the rows
     beside it (base and another adapter) finish with exactly PEFT's greedy tokens. A new request on
-    the vanished adapter fails in its prefill alone, and the engine keeps serving."""
+    the vanished adapter fails in its prefill alone, and the engine keeps serving. With the static
+    decode step the vanished adapter leaves the stack too: its passes run packed and fail there."""
+    engine = make_engine(max_batch_size=8, max_model_len=256, decode_mode=decode_mode)
     doomed = _load(engine, tiny_base_dir, tiny_adapters, "qv4")
     other = _load(engine, tiny_base_dir, tiny_adapters, "all8")
 

@@ -4,6 +4,7 @@ outputs unchanged; and no block outlives its request, whatever way the request e
 import asyncio
 import uuid
 
+import pytest
 import torch
 from transformers import AutoConfig
 
@@ -28,11 +29,19 @@ def _budget_gb(tiny_base_dir, blocks: int) -> float:
     return blocks * spec.bytes_per_block / 2**30
 
 
-def test_preempted_requests_finish_with_peft_equal_outputs(make_engine, tiny_base_dir, tiny_adapters):
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_preempted_requests_finish_with_peft_equal_outputs(
+    make_engine, tiny_base_dir, tiny_adapters, decode_mode
+):
     """Four 50-token requests (base and two adapters) in a pool of 6 blocks, where each needs up to 4:
     the pool runs dry mid-decode, the newest requests are preempted and readmitted, and every output
-    is PEFT's greedy one, token for token."""
-    engine = make_engine(max_batch_size=4, max_model_len=64, kv_cache_memory_gb=_budget_gb(tiny_base_dir, 6))
+    is PEFT's greedy one, token for token (decode passes packed, or in the static step)."""
+    engine = make_engine(
+        max_batch_size=4,
+        max_model_len=64,
+        kv_cache_memory_gb=_budget_gb(tiny_base_dir, 6),
+        decode_mode=decode_mode,
+    )
     assert engine.pool.num_blocks == 6
     handles = {name: _load(engine, tiny_base_dir, tiny_adapters, name) for name in ("qv4", "all8")}
     cases = [(PROMPTS[0], None), (PROMPTS[1], "qv4"), (PROMPTS[2], "all8"), (PROMPTS[0], "all8")]
@@ -54,6 +63,7 @@ def test_preempted_requests_finish_with_peft_equal_outputs(make_engine, tiny_bas
         assert last.error is None and last.finish_reason == "length"
         assert tokens == peft_greedy(tiny_base_dir, adapter, prompt, 50), name
     engine.check_kv()
+    assert bool(engine.runner.static_passes) == (decode_mode == "static")
 
 
 def test_no_block_leaks_after_aborts_in_every_state(make_engine, tiny_base_dir):

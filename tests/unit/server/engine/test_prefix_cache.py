@@ -4,6 +4,7 @@ exactly (PEFT-equal outputs), and never shared across adapters, versions or relo
 import asyncio
 import uuid
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -30,13 +31,14 @@ async def _wave(engine, cases):
     )
 
 
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
 def test_a_shared_system_prompt_across_the_base_and_two_adapters_matches_peft(
-    make_engine, tiny_base_dir, tiny_adapters
+    make_engine, tiny_base_dir, tiny_adapters, decode_mode
 ):
     """The same system prompt, interleaved over the base and two adapters, in two waves: the second
     wave reuses the blocks its own weights computed in the first (cached_tokens), every output equals
     PEFT's, and a third adapter seeing the same prompt for the first time computes it all."""
-    engine = make_engine(max_batch_size=8, max_model_len=128)
+    engine = make_engine(max_batch_size=8, max_model_len=128, decode_mode=decode_mode)
     names = [None, "qv4", "all8"]
     handles = {name: name and _load(engine, tiny_base_dir, tiny_adapters, name) for name in names}
     roles = [names[i % 3] for i in range(6)]
@@ -58,6 +60,7 @@ def test_a_shared_system_prompt_across_the_base_and_two_adapters_matches_peft(
     assert [last.cached_tokens for _, last in second] == [SHARED_BLOCKS_TOKENS] * 6
     assert third_last.cached_tokens == 0  # the base's and the other adapters' blocks are not its own
     assert third_tokens == peft_greedy(tiny_base_dir, tiny_adapters / "mlp16", _prompt(20), 8)
+    assert bool(engine.runner.static_passes) == (decode_mode == "static")
     engine.check_kv()
 
 

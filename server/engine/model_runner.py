@@ -59,6 +59,7 @@ from server.engine.lora_ops import (
     segments_of,
 )
 from server.engine.paged_attention import (
+    LayerAttention,
     PagedBatch,
     fixed_decode_attention,
     fixed_decode_mask,
@@ -450,6 +451,10 @@ class ModelRunner:
             ropes[key] = (cos[0, :, None, :], sin[0, :, None, :])
         return ropes
 
+    def _layer_attention(self, layer: int) -> LayerAttention:
+        # Built per call from the lists: the parity-probe tests break one of them on purpose.
+        return LayerAttention(self.scaling[layer], self.windows[layer], self.attn_softcap)
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] -> float32 logits [N, vocab], soft-capped where the architecture does (Gemma 2)."""
         logits = self.model.lm_head(self._norm(self.model.model.norm, h))
@@ -515,15 +520,7 @@ class ModelRunner:
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             k_cache, v_cache = self.storage.k[i], self.storage.v[i]
             write_kv(k_cache, v_cache, batch.slots, k, v)
-            out = paged_attention(
-                q,
-                k_cache,
-                v_cache,
-                batch,
-                scale=self.scaling[i],
-                window=self.windows[i],
-                softcap=self.attn_softcap,
-            )
+            out = paged_attention(q, k_cache, v_cache, batch, self._layer_attention(i))
             return out.reshape(-1, heads * hd)
 
         for i in range(len(self.layers)):
@@ -599,9 +596,7 @@ class ModelRunner:
             window = self.windows[i]
             if window not in masks:
                 masks[window] = fixed_decode_mask(key_pos, context_lens, window)
-            out = fixed_decode_attention(
-                q, k_cache, v_cache, tables, masks[window], scale=self.scaling[i], softcap=self.attn_softcap
-            )
+            out = fixed_decode_attention(q, k_cache, v_cache, tables, masks[window], self._layer_attention(i))
             return out.reshape(-1, heads * hd)
 
         for i in range(len(self.layers)):

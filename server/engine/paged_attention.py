@@ -55,7 +55,8 @@ class PagedBatch:
     max_query_len: int
     max_context_len: int
     query_pos: torch.Tensor | None = None
-    """[R * max_query_len] long: each padded query row's position (padding rows: 0); None for decode."""
+    """[R * max_query_len] long: each padded query row's position (padding rows: 0); None when every
+    request brings one token (then it is ``positions``)."""
     parts: tuple[tuple[torch.Tensor, PagedBatch], ...] = ()
     """A mixed pass (decode rows and prefill chunks): (token rows [T_part] into the packed T, the
     part's own batch) for the decode rows and for the chunks, so each part gets its own kernel and a
@@ -181,6 +182,20 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> t
     return gathered[:, :, :length].transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class LayerAttention:
+    """What differs between layers' attention: the logit scale (None: 1/sqrt(hd)), the sliding window
+    (None: full causal), and the tanh cap of the attention logits (Gemma 2; None: none)."""
+
+    scale: float | None = None
+    window: int | None = None
+    softcap: float | None = None
+
+
+CAUSAL = LayerAttention()
+"""Plain causal attention at 1/sqrt(hd)."""
+
+
 def visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Causal (and sliding-window) visibility: key_pos [..., L] broadcast against query_pos [..., 1]."""
     seen = key_pos <= query_pos
@@ -193,11 +208,11 @@ def attend(
     values: torch.Tensor,
     mask: torch.Tensor,
     *,
-    scale: float | None,
-    softcap: float | None,
+    layer: LayerAttention,
     gqa: bool,
 ) -> torch.Tensor:
     """SDPA, or for soft-capped logits (Gemma 2, which SDPA cannot do) the same math written out."""
+    scale, softcap = layer.scale, layer.softcap
     if softcap is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if gqa:
@@ -214,21 +229,15 @@ def paged_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     batch: PagedBatch,
-    *,
-    scale: float | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
+    layer: LayerAttention = CAUSAL,
 ) -> torch.Tensor:
     """q [T, heads, hd] packed -> [T, heads, hd]; see the module docstring for the semantics.
 
-    scale: None is 1/sqrt(hd); window: sliding-window size (None: full causal); softcap: tanh cap of
-    the attention logits (Gemma 2)."""
+    ``layer``: the layer's scale, sliding window and soft cap (:class:`LayerAttention`)."""
     if batch.parts:
         out = torch.empty_like(q)
         for rows, part in batch.parts:
-            out[rows] = paged_attention(
-                q[rows], k_cache, v_cache, part, scale=scale, window=window, softcap=softcap
-            )
+            out[rows] = paged_attention(q[rows], k_cache, v_cache, part, layer)
         return out
     if batch.is_decode:
         kernel = decode_attention
@@ -236,7 +245,7 @@ def paged_attention(
         kernel = per_request_attention
     else:
         kernel = padded_prefill_attention
-    return kernel(q, k_cache, v_cache, batch, scale=scale, window=window, softcap=softcap)
+    return kernel(q, k_cache, v_cache, batch, layer)
 
 
 def decode_attention(
@@ -244,10 +253,7 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     batch: PagedBatch,
-    *,
-    scale: float | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
+    layer: LayerAttention = CAUSAL,
 ) -> torch.Tensor:
     """One query per request: q [R, heads, hd] -> [R, heads, hd].
 
@@ -258,13 +264,13 @@ def decode_attention(
     length = batch.max_context_len
     keys = gather_kv(k_cache, batch.block_tables, length)
     values = gather_kv(v_cache, batch.block_tables, length)
-    mask = batch.masks.get(("decode", window))
+    mask = batch.masks.get(("decode", layer.window))
     if mask is None:
         key_pos = torch.arange(length, device=q.device)[None, :]
-        mask = visible(key_pos, batch.context_lens[:, None] - 1, window)[:, None, None, :]
-        batch.masks["decode", window] = mask
+        mask = visible(key_pos, batch.context_lens[:, None] - 1, layer.window)[:, None, None, :]
+        batch.masks["decode", layer.window] = mask
     grouped = q.view(r, kv_heads, heads // kv_heads, hd)
-    out = attend(grouped, keys, values, mask, scale=scale, softcap=softcap, gqa=False)
+    out = attend(grouped, keys, values, mask, layer=layer, gqa=False)
     return out.reshape(r, heads, hd)
 
 
@@ -274,9 +280,7 @@ def fixed_decode_attention(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     mask: torch.Tensor,
-    *,
-    scale: float | None = None,
-    softcap: float | None = None,
+    layer: LayerAttention = CAUSAL,
 ) -> torch.Tensor:
     """:func:`decode_attention` in shapes that never depend on the batch's values, for a decode step
     captured in a CUDA graph: q [R, heads, hd] -> [R, heads, hd].
@@ -290,7 +294,7 @@ def fixed_decode_attention(
     keys = gather_kv(k_cache, block_tables, length)
     values = gather_kv(v_cache, block_tables, length)
     grouped = q.view(r, kv_heads, heads // kv_heads, hd)
-    out = attend(grouped, keys, values, mask, scale=scale, softcap=softcap, gqa=False)
+    out = attend(grouped, keys, values, mask, layer=layer, gqa=False)
     return out.reshape(r, heads, hd)
 
 
@@ -305,10 +309,7 @@ def padded_prefill_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     batch: PagedBatch,
-    *,
-    scale: float | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
+    layer: LayerAttention = CAUSAL,
 ) -> torch.Tensor:
     """Packed chunks of R requests (varlen, causal over cached prefix + chunk): q [T, heads, hd] ->
     [T, heads, hd], in one attention call over queries padded to [R, heads, max_query_len, hd].
@@ -322,13 +323,14 @@ def padded_prefill_attention(
     padded = q.new_zeros(r * max_q, heads, hd)
     padded[batch.pad_index] = q
     padded = padded.view(r, max_q, heads, hd).transpose(1, 2)  # [R, heads, max_q, hd]
-    mask = batch.masks.get(("padded", window))
+    mask = batch.masks.get(("padded", layer.window))
     if mask is None:
-        assert batch.query_pos is not None  # built for every pass with a chunk
+        # One token per request (max_q 1): the padded layout is the packed one, positions as they are.
+        query_pos = batch.positions if batch.query_pos is None else batch.query_pos
         key_pos = torch.arange(length, device=q.device)[None, :]
-        mask = visible(key_pos, batch.query_pos[:, None], window).view(r, 1, max_q, length)
-        batch.masks["padded", window] = mask
-    out = attend(padded, keys, values, mask, scale=scale, softcap=softcap, gqa=True)
+        mask = visible(key_pos, query_pos[:, None], layer.window).view(r, 1, max_q, length)
+        batch.masks["padded", layer.window] = mask
+    out = attend(padded, keys, values, mask, layer=layer, gqa=True)
     return out.transpose(1, 2).reshape(r * max_q, heads, hd)[batch.pad_index]
 
 
@@ -337,10 +339,7 @@ def per_request_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     batch: PagedBatch,
-    *,
-    scale: float | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
+    layer: LayerAttention = CAUSAL,
 ) -> torch.Tensor:
     """The same semantics, one gather and one attention call per request (no padding):
     q [T, heads, hd] -> [T, heads, hd]."""
@@ -353,11 +352,11 @@ def per_request_attention(
         values = gather_kv(v_cache, table, context)
         rows = q[start : start + new].transpose(0, 1)[None]  # [1, heads, new, hd]
         start += new
-        mask = batch.masks.get((f"request {r}", window))
+        mask = batch.masks.get((f"request {r}", layer.window))
         if mask is None:
             positions = torch.arange(context - new, context, device=q.device)
-            mask = visible(torch.arange(context, device=q.device)[None, :], positions[:, None], window)
-            batch.masks[f"request {r}", window] = mask
-        out = attend(rows, keys, values, mask, scale=scale, softcap=softcap, gqa=True)
+            mask = visible(torch.arange(context, device=q.device)[None, :], positions[:, None], layer.window)
+            batch.masks[f"request {r}", layer.window] = mask
+        out = attend(rows, keys, values, mask, layer=layer, gqa=True)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs)

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from server.engine.block_pool import BlockPool, BlockSpec, BlockTable, KVBlockStorage
 from server.engine.paged_attention import (
+    CAUSAL,
+    LayerAttention,
     PagedBatch,
     gather_kv,
     padded_prefill_attention,
@@ -28,14 +30,22 @@ BS = 4
 HD = 8
 
 
-def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int]) -> torch.Tensor:
+def dense_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], layer: LayerAttention = CAUSAL
+) -> torch.Tensor:
     """q [n, heads, hd] at ``positions``; k, v [L, kv_heads, hd] of one request -> [n, heads, hd]."""
     group = q.shape[1] // k.shape[1]
     qd, kd, vd = (
         x.double().transpose(0, 1) for x in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
     )
-    scores = qd @ kd.transpose(1, 2) / math.sqrt(q.shape[-1])  # [heads, n, L]
-    causal = torch.arange(k.shape[0])[None, :] <= torch.tensor(positions)[:, None]
+    scale = 1 / math.sqrt(q.shape[-1]) if layer.scale is None else layer.scale
+    scores = qd @ kd.transpose(1, 2) * scale  # [heads, n, L]
+    if layer.softcap is not None:
+        scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    key_pos, query_pos = torch.arange(k.shape[0])[None, :], torch.tensor(positions)[:, None]
+    causal = key_pos <= query_pos
+    if layer.window is not None:
+        causal &= key_pos > query_pos - layer.window
     scores = scores.masked_fill(~causal.to(scores.device), float("-inf"))
     return (scores.softmax(-1) @ vd).transpose(0, 1)  # [n, heads, hd]
 
@@ -77,7 +87,7 @@ class Scenario:
         return table
 
     def run_pass(
-        self, rows: list[tuple[BlockTable, str, int]], kernel: str = "auto"
+        self, rows: list[tuple[BlockTable, str, int]], kernel: str = "auto", layer: LayerAttention = CAUSAL
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One forward pass: each (table, key, new) writes its next ``new`` tokens' K/V and attends.
         -> (paged output [T, heads, hd], dense reference per request)."""
@@ -96,9 +106,9 @@ class Scenario:
             new_k.append(k[table.num_computed : end])
             new_v.append(v[table.num_computed : end])
             queries.append(q)
-            expected.append(dense_reference(q, k, v, list(range(table.num_computed, end))))
+            expected.append(dense_reference(q, k, v, list(range(table.num_computed, end)), layer))
         write_kv(self.storage.k[0], self.storage.v[0], batch.slots, torch.cat(new_k), torch.cat(new_v))
-        out = KERNELS[kernel](torch.cat(queries), self.storage.k[0], self.storage.v[0], batch)
+        out = KERNELS[kernel](torch.cat(queries), self.storage.k[0], self.storage.v[0], batch, layer)
         return out, expected
 
     def scatter_pool(self) -> None:
@@ -175,6 +185,31 @@ def test_packed_prefill_of_several_requests_with_shared_cached_prefixes_and_a_de
     )
     assert out.shape == (6 + 9 + 1 + 1, 6, HD)
     assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize(
+    "layer",
+    [LayerAttention(window=5), LayerAttention(scale=0.2, softcap=3.0), LayerAttention(0.3, 6, 2.0)],
+    ids=["sliding-window", "gemma2-scale-softcap", "all-three"],
+)
+def test_scale_sliding_window_and_softcap_in_every_kernel(test_device, kernel, layer):
+    """Gemma's layers: a sliding window, a query scale and tanh-capped logits, for decode rows and
+    packed chunks over cached prefixes longer than the window."""
+    sc = Scenario(64, 6, 2, torch.float32, test_device)
+    sc.scatter_pool()
+    long = sc.admit_computed("long", list(range(30)), "long", 17)
+    short = sc.admit_computed("short", list(range(200, 209)), "short", 0)
+    decoding = sc.admit_computed("decoding", list(range(50, 62)), "decoding", 11)
+    out, expected = sc.run_pass(
+        [(long, "long", 13), (short, "short", 9), (decoding, "decoding", 1)], kernel, layer
+    )
+    assert_close(out, expected, torch.float32)
+    rows = [
+        (sc.admit_computed(f"d{i}", [i] * n, f"d{i}", n - 1), f"d{i}", 1) for i, n in enumerate([3, 9, 14])
+    ]
+    out, expected = sc.run_pass(rows, kernel, layer)
+    assert_close(out, expected, torch.float32)
 
 
 def test_write_kv_touches_only_the_given_slots():

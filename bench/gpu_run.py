@@ -14,9 +14,10 @@ own timeout (a failed or timed-out step is recorded and the next one runs), neve
 seconds in all. It writes ``$OUT/summary.md`` (each step's status and time, then every suite's
 table), ``$OUT/results.tar.gz`` (each suite's folder as ``bench/results/cuda/<suite>``, to unpack
 over the repository) and ``$OUT/logs.tar.gz``: three files, inside the device's limit of eight.
-The decode suites run twice, ``--decode-mode graph`` (the GPU default: the static decode step replayed
-as CUDA graphs) and ``--decode-mode eager`` (the packed pass, into ``<suite>_eager``), so the summary
-shows what the graphs buy. ``run --dry-run`` prints the steps without running them;
+The decode suites run twice, ``--decode-mode graph`` (the static decode step replayed as CUDA
+graphs, which auto chooses on a GPU once this run has validated it) and ``--decode-mode eager``
+(the packed pass, into ``<suite>_eager``), so the summary shows what the graphs buy.
+``run --dry-run`` prints the steps without running them;
 ``run --only NAME...`` reruns some of them
 (a step that needs a base needs its build step too, in the same run: the machine starts bare).
 """
@@ -131,7 +132,9 @@ def steps(
             "engine tests on cuda",
             (*pytest, "-m", "gpu", "tests/unit/server/engine", "tests/unit/server/adapters"),
             150,
-            {**small_env, "LORAYARD_TEST_DEVICE": device},
+            # graph: every engine test that does not choose a mode replays CUDA graphs (auto is eager
+            # until this run has validated them)
+            {**small_env, "LORAYARD_TEST_DEVICE": device, "LORAYARD_TEST_DECODE_MODE": "graph"},
         ),
         suite(
             "decode_roofline",

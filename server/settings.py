@@ -68,7 +68,7 @@ class Settings(BaseModel):
     decode_mode: DecodeMode = Field(
         "auto",
         description="decode steps: eager | static (padded to a batch bucket, stacked LoRA) | graph "
-        "(static, replayed as CUDA graphs) | auto (graph on a GPU with an unquantized base, else eager)",
+        "(static, replayed as CUDA graphs) | auto (eager until graph replay is validated on a GPU)",
     )
     poll_interval: float = Field(
         1.0, gt=0, description="seconds between adapters-volume scans (LATEST, canary splits, new adapters)"

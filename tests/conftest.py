@@ -34,6 +34,13 @@ def test_device() -> str:
 
 
 @pytest.fixture(scope="session")
+def test_decode_mode() -> str:
+    """The decode mode of engine tests that do not choose one: ``LORAYARD_TEST_DECODE_MODE`` (default
+    auto; the GPU run sets ``graph`` so every engine test replays CUDA graphs)."""
+    return os.environ.get("LORAYARD_TEST_DECODE_MODE", "auto")
+
+
+@pytest.fixture(scope="session")
 def real_base():
     """The default base (``$LORAYARD_BASE_MODEL``, else the embedded SmolLM2-135M-Instruct converted once)."""
     from lorayard.base_model import resolve_base_model

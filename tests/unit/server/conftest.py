@@ -43,13 +43,14 @@ def tiny_adapters(tiny_base_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def make_engine(tiny_base, test_device):
+def make_engine(tiny_base, test_device, test_decode_mode):
     """Engines on the tiny base, stopped at teardown: float32 on any device, so greedy output can be
     compared token for token with PEFT's (on the CPU)."""
     engines: list[Engine] = []
 
     def make(*, fuse_linears=None, eos_token_ids=(), guided=None, **settings) -> Engine:
         """``settings``: server Settings fields; ``guided``: a grammar compiler, as the runtime sets."""
+        settings.setdefault("decode_mode", test_decode_mode)
         config = Settings(device=test_device, **settings).engine_config()
         engine = Engine.from_base(
             tiny_base,

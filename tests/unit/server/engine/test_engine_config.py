@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, default_max_batch_size
 from server.settings import Settings, parse_settings
 
 
@@ -27,3 +27,15 @@ def test_an_engine_with_a_profile_dir_writes_its_op_table_on_stop(make_engine, t
     engine.stop()
     assert isinstance(json.loads((tmp_path / "prof" / "engine_ops.json").read_text()), list)
     assert (tmp_path / "prof" / "engine_ops.txt").is_file()
+
+
+def test_the_batch_limit_defaults_by_device_and_the_kv_pool_is_capped_by_it(make_engine):
+    """Unset, --max-batch-size is 16 on the CPU and 256 on a GPU (the pool decides how many fit); the
+    pool never holds more blocks than that many full-length requests could use."""
+    assert Settings().max_batch_size is None
+    assert (default_max_batch_size("cpu"), default_max_batch_size("cuda:0")) == (16, 256)
+    engine = make_engine(max_model_len=64)
+    assert engine.max_batch_size == default_max_batch_size(engine.device)
+    assert engine.pool.num_blocks == engine.max_batch_size * 64 // engine.pool.block_size
+    assert parse_settings(["--no-prefix-caching"]).engine_config().prefix_caching is False
+    assert Settings().engine_config().prefix_caching is True

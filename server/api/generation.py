@@ -199,7 +199,7 @@ class Generation:
                     finish = "stop"
                     self.engine.abort(self.request_ids[index])
                 if finish is not None:
-                    text += stops.flush()
+                    text += stops.push(detok.flush()) + stops.flush()
                     self.usage.completion_tokens += event.output_tokens
                     self._record_prefix_lookup(event)
                     reason = "stop" if finish == "abort" else finish

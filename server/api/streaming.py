@@ -47,6 +47,17 @@ class IncrementalDetokenizer:
             return full_text[len(prefix_text) :]
         return ""
 
+    def flush(self) -> str:
+        """At the end of the output: the text of tokens still held back, an incomplete UTF-8 sequence
+        that max_tokens cut, as the tokenizer's decode gives it (U+FFFD for the missing bytes), so
+        the streamed text always equals the decode of every token rather than losing the tail."""
+        if self._read == len(self.ids):
+            return ""
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        full_text = self._decode(self.ids[self._prefix :])
+        self._prefix, self._read = self._read, len(self.ids)
+        return full_text[len(prefix_text) :]
+
 
 @dataclass
 class StopStringFilter:

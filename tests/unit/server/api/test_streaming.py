@@ -56,6 +56,25 @@ def test_a_character_split_over_tokens_comes_out_whole(real_tokenizer):
     assert deltas[-1] == "🙂"
 
 
+@PROPERTY
+@given(text=MIXED, cut=st.integers(min_value=1, max_value=40))
+def test_a_cut_output_flushes_what_it_held_back(real_tokenizer, text, cut):
+    """max_tokens can end the output inside a character: what was held back comes out at the end, as
+    the tokenizer decodes it (U+FFFD for the missing bytes), never dropped."""
+    ids = real_tokenizer.encode(text, add_special_tokens=False)[:cut]
+    detok = IncrementalDetokenizer(real_tokenizer)
+    streamed = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert streamed == real_tokenizer.decode(ids, skip_special_tokens=True)
+    assert detok.flush() == ""
+
+
+def test_half_an_emoji_at_the_end_is_a_replacement_character(real_tokenizer):
+    ids = real_tokenizer.encode("ok🙂", add_special_tokens=False)[:-1]
+    detok = IncrementalDetokenizer(real_tokenizer)
+    assert "".join(detok.add(i) for i in ids) == "ok"
+    assert detok.flush().endswith("\ufffd")
+
+
 def test_special_tokens_are_skipped(real_tokenizer):
     ids = [*real_tokenizer.encode("hi", add_special_tokens=False), real_tokenizer.eos_token_id]
     assert "".join(_stream(real_tokenizer, ids)) == "hi"

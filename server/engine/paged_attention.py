@@ -259,19 +259,12 @@ def decode_attention(
 
     Each KV head's query heads stand in for the query-length axis ([R, kv_heads, group, hd]), so
     attention needs no GQA expansion and a [R, 1, 1, L] length mask covers every head."""
-    r, heads, hd = q.shape
-    kv_heads = k_cache.shape[0]
     length = batch.max_context_len
-    keys = gather_kv(k_cache, batch.block_tables, length)
-    values = gather_kv(v_cache, batch.block_tables, length)
     mask = batch.masks.get(("decode", layer.window))
     if mask is None:
-        key_pos = torch.arange(length, device=q.device)[None, :]
-        mask = visible(key_pos, batch.context_lens[:, None] - 1, layer.window)[:, None, None, :]
+        mask = fixed_decode_mask(torch.arange(length, device=q.device), batch.context_lens, layer.window)
         batch.masks["decode", layer.window] = mask
-    grouped = q.view(r, kv_heads, heads // kv_heads, hd)
-    out = attend(grouped, keys, values, mask, layer=layer, gqa=False)
-    return out.reshape(r, heads, hd)
+    return _decode_rows(q, k_cache, v_cache, batch.block_tables, length, mask, layer)
 
 
 def fixed_decode_attention(
@@ -288,9 +281,23 @@ def fixed_decode_attention(
     block_tables: [R, W] long, every row's table padded to the same width W (with any block: masked);
     mask: [R, 1, 1, W * block_size] bool, the keys each row sees (:func:`fixed_decode_mask`). Every
     row gathers all W * block_size keys, so the work grows with W, not with the rows' contexts."""
+    length = block_tables.shape[1] * k_cache.shape[2]
+    return _decode_rows(q, k_cache, v_cache, block_tables, length, mask, layer)
+
+
+def _decode_rows(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    length: int,
+    mask: torch.Tensor,
+    layer: LayerAttention,
+) -> torch.Tensor:
+    """Both decode kernels' body: each row's first ``length`` keys gathered through its table, each KV
+    head's query heads as the query axis, one attention call. q [R, heads, hd] -> [R, heads, hd]."""
     r, heads, hd = q.shape
-    kv_heads, _, bs, _ = k_cache.shape
-    length = block_tables.shape[1] * bs
+    kv_heads = k_cache.shape[0]
     keys = gather_kv(k_cache, block_tables, length)
     values = gather_kv(v_cache, block_tables, length)
     grouped = q.view(r, kv_heads, heads // kv_heads, hd)
@@ -300,7 +307,7 @@ def fixed_decode_attention(
 
 def fixed_decode_mask(key_pos: torch.Tensor, context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
     """key_pos [L] (0 .. L - 1), context_lens [R] -> [R, 1, 1, L]: row r sees keys up to its position
-    context_lens[r] - 1 (within ``window``), as :func:`decode_attention`'s mask."""
+    context_lens[r] - 1 (within ``window``): the mask of both decode kernels."""
     return visible(key_pos[None, :], context_lens[:, None] - 1, window)[:, None, None, :]
 
 

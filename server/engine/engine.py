@@ -369,9 +369,7 @@ class Engine:
         """The KV pool's books (:meth:`BlockPool.check`): every block in exactly one state, and only
         running requests holding blocks. Raises BlockAccountingError; call it while the engine is idle
         (the soak's and the tests' leak check)."""
-        with self._lock:
-            live = [s.pool_id for s in self._running]
-            self.pool.check(live)
+        self.pool.check([s.pool_id for s in self._running])
 
     @property
     def idle(self) -> bool:
@@ -581,10 +579,11 @@ class Engine:
         assert seq.table is not None
         token = seq.state.output_ids[-1]
         while not self.pool.append_token(seq.table, token):
-            holders = {id(s.table): s for s in self._running if s.table is not None}
-            victim_table = choose_victim(s.table for s in holders.values() if s.table is not None)
+            # Tables hash by identity (eq=False): the map leads from the policy's choice to its request.
+            holders = {s.table: s for s in self._running if s.table is not None}
+            victim_table = choose_victim(holders)
             assert victim_table is not None  # seq itself holds blocks
-            victim = holders[id(victim_table)]
+            victim = holders[victim_table]
             self._preempt(victim)
             if victim is seq:
                 return

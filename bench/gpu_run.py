@@ -101,6 +101,8 @@ def steps(
 
     pytest = ("pytest", "-q", "-p", "no:cacheprovider", "--durations=10")
     graph, eager = ["--decode-mode", "graph"], ["--decode-mode", "eager"]
+    # batch 1 only: the 8B base is bandwidth-bound, its roofline is the figure
+    roofline_8b = ["--batches", "1", "--max-tokens", "32", "--copy-mb", "4096", "--no-profile"]
     return [
         Step(
             "build 135M base",
@@ -178,36 +180,14 @@ def steps(
         ),
         suite(
             "decode_roofline",
-            [
-                "--batches",
-                "1",
-                "--max-tokens",
-                "32",
-                "--repeats",
-                "2",
-                "--copy-mb",
-                "4096",
-                "--no-profile",
-                *graph,
-            ],
+            [*roofline_8b, "--repeats", "2", *graph],
             150,
             {"LORAYARD_BASE_MODEL": str(large)},
             out="decode_roofline_8b",
         ),
         suite(
             "decode_roofline",
-            [
-                "--batches",
-                "1",
-                "--max-tokens",
-                "32",
-                "--repeats",
-                "1",
-                "--copy-mb",
-                "4096",
-                "--no-profile",
-                *eager,
-            ],
+            [*roofline_8b, "--repeats", "1", *eager],
             90,
             {"LORAYARD_BASE_MODEL": str(large)},
             out="decode_roofline_8b_eager",

@@ -39,22 +39,25 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        # Decode with a little left context so tokenizers that strip leading spaces behave.
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        full_text = self._decode(self.ids[self._prefix :])
-        if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
-            self._prefix, self._read = self._read, len(self.ids)
-            return full_text[len(prefix_text) :]
-        return ""
+        return self._release(final=False)
 
     def flush(self) -> str:
         """At the end of the output: the text of tokens still held back, an incomplete UTF-8 sequence
         that max_tokens cut, as the tokenizer's decode gives it (U+FFFD for the missing bytes), so
         the streamed text always equals the decode of every token rather than losing the tail."""
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        """The text the unreleased ids add; held back (``""``) while it ends in an incomplete
+        character, unless ``final``."""
         if self._read == len(self.ids):
             return ""
+        # Decode with a little left context so tokenizers that strip leading spaces behave.
         prefix_text = self._decode(self.ids[self._prefix : self._read])
         full_text = self._decode(self.ids[self._prefix :])
+        complete = len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT)
+        if not (complete or final):
+            return ""
         self._prefix, self._read = self._read, len(self.ids)
         return full_text[len(prefix_text) :]
 

@@ -221,6 +221,11 @@ class BlockPool:
         return len(self._free) + len(self._evictable)
 
     @property
+    def num_used_blocks(self) -> int:
+        """Blocks live requests hold."""
+        return self.num_blocks - self.num_free_blocks
+
+    @property
     def num_cached_blocks(self) -> int:
         """Blocks registered in the prefix cache, referenced or not."""
         return len(self._cached)
@@ -233,7 +238,7 @@ class BlockPool:
     def usage(self) -> float:
         """Share of blocks referenced by live requests, 0..1 (cached-unreferenced blocks count as free:
         they are reclaimed on demand). The KV-usage gauge."""
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return self.num_used_blocks / self.num_blocks
 
     def blocks_for_tokens(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)

@@ -360,7 +360,7 @@ class Engine:
             batch_size=self._last_batch,
             kv_cache_usage=self.pool.usage(),
             kv_blocks_total=self.pool.num_blocks,
-            kv_blocks_used=self.pool.num_blocks - self.pool.num_free_blocks,
+            kv_blocks_used=self.pool.num_used_blocks,
             kv_blocks_cached=self.pool.num_evictable_blocks,
             preemptions=self.preemptions,
         )
@@ -440,7 +440,7 @@ class Engine:
         """With nothing running, every block must be free or a cached prefix: O(1) to check, so it runs
         on every idle step; a leak is logged with the pool's full accounting (and shows as used blocks
         in the kv_cache_blocks gauge)."""
-        if self._running or self.pool.num_free_blocks == self.pool.num_blocks:
+        if self._running or self.pool.num_used_blocks == 0:
             return
         try:
             self.pool.check([])

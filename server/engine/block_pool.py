@@ -35,7 +35,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorayard.architectures import head_dim
+
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from server.engine.types import AdapterHandle
 
 DEFAULT_BLOCK_SIZE = 16
@@ -77,6 +81,13 @@ class BlockSpec:
 
     def blocks_for_tokens(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
+
+    @classmethod
+    def of_model(
+        cls, config: PretrainedConfig, dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> BlockSpec:
+        """The block shape of a model's KV: its layers, KV heads and head dim (:func:`head_dim`)."""
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim(config), block_size, dtype)
 
 
 def kv_budget_bytes(budget_gb: float | None, device: str) -> int:

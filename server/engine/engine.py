@@ -38,10 +38,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from lorayard.adapter_files import AdapterWeights
-from lorayard.architectures import architecture_for, exact_context_limit, head_dim
+from lorayard.architectures import architecture_for, exact_context_limit
 from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
 from server.engine.block_pool import (
-    DEFAULT_BLOCK_SIZE,
     BlockPool,
     BlockSpec,
     BlockTable,
@@ -173,13 +172,7 @@ class Engine:
         self._grammar_thread: ThreadPoolExecutor | None = None
         """Fills constrained rows' token masks while the forward pass runs (created on first use)."""
         config = self.config
-        spec = BlockSpec(
-            config.num_hidden_layers,
-            config.num_key_value_heads,
-            head_dim(config),
-            DEFAULT_BLOCK_SIZE,
-            self.dtype,
-        )
+        spec = BlockSpec.of_model(config, self.dtype)
         self.max_batch_size = engine_config.max_batch_size or default_max_batch_size(self.device)
         # The budget is a ceiling: more blocks than max_batch_size requests at full length could use
         # would only hold cold prefix cache (and on the CPU, memory the pages never needed).

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorayard.architectures import UnsupportedArchitecture, architecture_for, head_dim
+from lorayard.architectures import UnsupportedArchitecture, architecture_for
 from server.engine.block_pool import BlockSpec, KVBlockStorage
 from server.engine.model_runner import ModelRunner, PassRow
 
@@ -66,9 +66,7 @@ def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> P
     """
     architecture_for(model.config)
     config = model.config
-    spec = BlockSpec(
-        config.num_hidden_layers, config.num_key_value_heads, head_dim(config), _BLOCK_SIZE, model.dtype
-    )
+    spec = BlockSpec.of_model(config, model.dtype, _BLOCK_SIZE)
     # One block past the table's: the static decode step's scratch block (padded rows write there).
     storage = KVBlockStorage(spec, len(_BLOCKS) + 1, runner_device(model))
     if runner is None:

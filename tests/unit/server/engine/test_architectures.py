@@ -159,7 +159,7 @@ def test_parity_probe_passes_and_catches_a_wrong_spec(arch_bases, model_type):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     assert probe_runner(model).ok
     config = model.config
-    spec = BlockSpec(config.num_hidden_layers, config.num_key_value_heads, 16, 16, torch.float32)
+    spec = BlockSpec.of_model(config, torch.float32)
     runner = ModelRunner(model, KVBlockStorage(spec, 2, "cpu"), fuse_linears=False)
     arch = runner.arch
     if arch.sandwich_norms:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from lorayard.architectures import head_dim
-from server.engine.block_pool import DEFAULT_BLOCK_SIZE, BlockSpec
+from server.engine.block_pool import BlockSpec
 from server.engine.types import Request, SamplingParams
 
 from ..conftest import peft_greedy
@@ -19,13 +18,7 @@ from .test_engine import PROMPTS, _collect, _load
 def _budget_gb(tiny_base_dir, blocks: int) -> float:
     """--kv-cache-memory-gb that holds exactly ``blocks`` KV blocks of the tiny base."""
     config = AutoConfig.from_pretrained(tiny_base_dir)
-    spec = BlockSpec(
-        config.num_hidden_layers,
-        config.num_key_value_heads,
-        head_dim(config),
-        DEFAULT_BLOCK_SIZE,
-        torch.float32,
-    )
+    spec = BlockSpec.of_model(config, torch.float32)
     return blocks * spec.bytes_per_block / 2**30
 
 

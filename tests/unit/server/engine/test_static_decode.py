@@ -13,7 +13,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorayard.adapter_files import load_adapter
-from lorayard.architectures import head_dim
 from server.engine.block_pool import BlockSpec, KVBlockStorage
 from server.engine.config import resolve_decode_mode
 from server.engine.lora_ops import ResidentAdapter
@@ -34,9 +33,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def _runner(model, adapters, static: StaticDecode | None, num_blocks: int) -> ModelRunner:
     config = model.config
-    spec = BlockSpec(
-        config.num_hidden_layers, config.num_key_value_heads, head_dim(config), BLOCK, model.dtype
-    )
+    spec = BlockSpec.of_model(config, model.dtype, BLOCK)
     runner = ModelRunner(model, KVBlockStorage(spec, num_blocks, model.device), False, static)
     for slot, resident in adapters.items():
         runner.add_adapter(slot, resident)

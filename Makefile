@@ -30,7 +30,8 @@ test: install  ## run the whole suite; the 15 slowest tests are listed at the en
 lint: install  ## ruff (lint and format) and mypy (settings in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m mypy lorayard train_job server client
+	$(PY) -m mypy
+	MYPYPATH=client $(PY) -m mypy -p lorayard.client  # its own tree: lorayard is a namespace there
 
 docs: install  ## rewrite the generated tables in docs/ (flags, from the settings models)
 	$(PY) docs/generate.py
@@ -39,7 +40,7 @@ demo: install  ## train two demo adapters, serve them, query them
 	$(PY) -m demo
 
 # BENCH_ARGS="--device cuda" benchmarks on a GPU: results go to bench/results/cuda/ (the CPU ones stay);
-# LORAYARD_BASE_MODEL picks the base (python -m bench.random_base makes a same-shape stand-in).
+# LORAYARD_BASE_MODEL picks the base (python -m lorayard.testing.random_base makes a same-shape stand-in).
 # LLAMA_PYTHON=<venv>/bin/python (a venv with llama-cpp-python[server]; bench/llama_cpp.py says how to
 # build it) adds the llama.cpp comparison, CPU against CPU (BENCH_ARGS is not passed to it);
 # LLAMA_CPP_SRC=<llama.cpp source tree> adds its LoRA variant.

@@ -35,8 +35,8 @@ from bench.record import (
     suite_main,
 )
 from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, base_label, load_base, make_adapters
-from server.adapters.registry import AdapterRegistry
-from server.settings import Settings
+from lorayard.server.adapters.registry import AdapterRegistry
+from lorayard.server.settings import Settings
 
 GOAL_COLD_LOAD_MS = 100.0
 

@@ -1,7 +1,7 @@
 """One GPU run: the GPU tests and every GPU suite of issue 16, start to finish in about nine minutes.
 
 The lent GPU machine has no internet and receives at most 64 MiB, so nothing heavy travels: the bases
-are random-weight stand-ins built ON the device from configs (``bench.random_base``), the 135M one
+are random-weight stand-ins built ON the device from configs (``lorayard.testing.random_base``), the 135M one
 from the default base's config and tokenizer and the 8B Llama-shaped one from ``LLAMA_8B``. Two
 halves:
 
@@ -107,7 +107,7 @@ def steps(
         Step(
             "build 135M base",
             (
-                "bench.random_base",
+                "lorayard.testing.random_base",
                 str(small),
                 "--like",
                 str(like),
@@ -166,7 +166,7 @@ def steps(
         Step(
             "build 8B base",
             (
-                "bench.random_base",
+                "lorayard.testing.random_base",
                 str(large),
                 "--like",
                 str(CARRIED / "like"),

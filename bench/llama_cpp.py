@@ -1,6 +1,6 @@
 """llama_cpp: our server vs llama.cpp's server (llama-cpp-python) on the same model, same HTTP load.
 
-Both servers run on 127.0.0.1 with the same CPU thread count: ``python -m server`` (the embedded
+Both servers run on 127.0.0.1 with the same CPU thread count: ``python -m lorayard.server`` (the embedded
 SmolLM2-135M-Instruct, float32 safetensors dequantized from the package's GGUF) and
 ``python -m llama_cpp.server`` on that very GGUF (Q4_1). Our load tester drives both with the same
 streamed requests (completions endpoint, the load tester's default prompts, greedy, ``--max-tokens``
@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from lorayard.client.client import LorayardClient
+from lorayard.client.loadtest import DEFAULT_PROMPTS, LoadTestConfig, LoadTester
 
 from bench.record import (
     SuiteResult,
@@ -64,8 +66,6 @@ from bench.record import (
     suite_main,
 )
 from bench.workload import load_base, make_adapters, mixed_specs
-from client.client import LorayardClient
-from client.loadtest import DEFAULT_PROMPTS, LoadTestConfig, LoadTester
 from lorayard.base_model import embedded_gguf_path
 
 DEFAULT_LLAMA_PYTHON = Path("/work/llamacpp-venv/bin/python")
@@ -335,7 +335,7 @@ def _start_servers(args: argparse.Namespace, work: Path, result: SuiteResult, se
     llama += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     # interrupt_requests (default on) would cut a running stream short whenever another request waits.
     llama += ["--n_ctx", "2048", "--interrupt_requests", "False"]
-    ours = [sys.executable, "-m", "server", "--adapters-dir", str(volume), "--device", "cpu"]
+    ours = [sys.executable, "-m", "lorayard.server", "--adapters-dir", str(volume), "--device", "cpu"]
     ours += ["--max-batch-size", str(max(args.concurrency)), "--log-level", "warning"]
     starts = [(BASE, OURS, ours, "/ready", None), (BASE, LLAMA, llama, "/v1/models", None)]
     if lora_reason is None:

@@ -44,7 +44,7 @@ from bench.record import (
     save_figure,
     suite_main,
 )
-from server.engine.paged_attention import (
+from lorayard.server.engine.paged_attention import (
     PagedBatch,
     gather_kv,
     padded_prefill_attention,

@@ -1,8 +1,11 @@
-"""paged_kv: the paged KV cache (prefix caching, batched prefill) against today's slot cache.
+"""paged_kv: the paged KV cache (prefix caching, batched prefill) against another commit's engine.
 
 Two engines, each in its own worker process on the same base and the same random adapters:
-``current`` (this tree) and ``baseline`` (the engine at ``--baseline-ref``, default 304e28a, main
-before the paged KV, exported with ``git archive``; the workload code is this tree's for both). The
+``current`` (this tree) and ``baseline`` (the engine at ``--baseline-ref``, exported with ``git
+archive``; the workload code is this tree's for both); without ``--baseline-ref``, the current engine
+alone. The committed results compare with the slot cache (304e28a), measured at 50ebc7b, the last
+commit before the ``lorayard`` namespace: a baseline must have ``lorayard/server/``, so rerun that
+comparison from a checkout of 50ebc7b. The
 parent sends each worker one command at a time (JSON lines over stdin/stdout) and alternates which
 goes first per repeat, so the two are interleaved and never run at once. Four figures:
 
@@ -74,10 +77,8 @@ from bench.workload import (
     run_batch,
     run_request,
 )
-from server.settings import Settings
+from lorayard.server.settings import Settings
 
-BASELINE_REF = "304e28a"
-"""Main before the paged KV cache: the slot-per-request engine the suite compares against."""
 POLL_S = 0.002
 FIRST_ORDINARY_ID = 100
 """Random prompts draw ids from here to the vocabulary's end: SmolLM2's special tokens sit below."""
@@ -107,9 +108,9 @@ class EngineWorker:
 
     def build(self, settings: dict[str, Any], adapters: dict[str, str]) -> dict[str, Any]:
         """Stop the engine built before, if any, and build and start one with ``settings``."""
-        import server
+        import lorayard.server
 
-        tree = Path(server.__file__).resolve().parents[1]
+        tree = Path(lorayard.server.__file__).resolve().parents[2]
         if not tree.is_relative_to(Path.cwd().resolve()):
             raise RuntimeError(f"server was imported from {tree}, not from the worker's tree {Path.cwd()}")
         self.stop()
@@ -249,8 +250,8 @@ class WorkerProcess:
 
     def __init__(self, name: str, tree: Path, args: argparse.Namespace, base: Path | None) -> None:
         self.name = name
-        # cwd and PYTHONPATH's first entry are the engine's tree (server/, lorayard/); bench/ and
-        # client/ come from this tree, which an exported baseline tree does not contain.
+        # cwd and PYTHONPATH's first entry are the engine's tree (lorayard/); bench/ and the client
+        # come from this tree, which an exported baseline tree does not contain.
         path = list(dict.fromkeys([str(tree), str(REPO)]))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": str(args.threads)}
         command = [sys.executable, "-m", "bench.paged_kv", "--worker", "--device", args.device]
@@ -299,7 +300,7 @@ class WorkerProcess:
 
 
 def export_tree(ref: str, out: Path) -> Path:
-    """The engine's packages (server/, lorayard/) at ``ref`` in ``out``, via ``git archive``."""
+    """The engine's package (lorayard/) at ``ref`` in ``out``, via ``git archive``."""
     check = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
         capture_output=True,
@@ -307,12 +308,18 @@ def export_tree(ref: str, out: Path) -> Path:
     )
     if check.returncode != 0:
         raise SystemExit(
-            f"--baseline-ref {ref}: not a commit of this repository (a shallow clone? fetch it, or pass "
-            "--current-only to measure only this tree)"
+            f"--baseline-ref {ref}: not a commit of this repository (a shallow clone? fetch it, or leave "
+            "--baseline-ref out to measure only this tree)"
+        )
+    layout = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{ref}:lorayard/server"], check=False)
+    if layout.returncode != 0:
+        raise SystemExit(
+            f"--baseline-ref {ref}: predates the lorayard namespace (no lorayard/server/); run this "
+            "suite from a checkout of that commit's own tree instead"
         )
     out.mkdir(parents=True)
     archive = subprocess.Popen(
-        ["git", "-C", str(REPO), "archive", "--format=tar", ref, "server", "lorayard"], stdout=subprocess.PIPE
+        ["git", "-C", str(REPO), "archive", "--format=tar", ref, "lorayard"], stdout=subprocess.PIPE
     )
     subprocess.run(["tar", "-x", "-C", str(out)], stdin=archive.stdout, check=True)
     if archive.wait() != 0:
@@ -421,9 +428,9 @@ def _capacity_phase(
 
 
 def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
-    """Measure in two workers (one with --current-only), then fill the headline figures."""
+    """Measure in two workers (one without --baseline-ref), then fill the headline figures."""
     config: dict[str, Any] = {
-        "baseline_ref": None if args.current_only else args.baseline_ref,
+        "baseline_ref": args.baseline_ref,
         "max_model_len": args.max_model_len,
         "ttft": {
             "prefix_tokens": args.prefix_tokens,
@@ -458,7 +465,7 @@ def run(args: argparse.Namespace, tiny: Path | None = None) -> SuiteResult:
         folders = make_adapters(load_base(tiny), mixed_specs(args.adapters), args.adapter_cache)
         adapters = {name: str(folder) for name, folder in folders.items()}
         trees = {"current": REPO}
-        if not args.current_only:
+        if args.baseline_ref is not None:
             trees["baseline"] = export_tree(args.baseline_ref, Path(scratch) / "baseline")
         workers = {
             name: workers_open.enter_context(WorkerProcess(name, tree, args, tiny))
@@ -591,8 +598,7 @@ def _plot(result: SuiteResult, folder: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, with the --quick defaults filled in."""
     parser = common_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--baseline-ref", default=BASELINE_REF, help="the engine to compare against")
-    parser.add_argument("--current-only", action="store_true", help="no baseline worker (no ratios to it)")
+    parser.add_argument("--baseline-ref", default=None, help="the engine to compare against (a commit)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--prefix-tokens", type=int, default=700)
     parser.add_argument("--suffix-tokens", type=int, default=16)

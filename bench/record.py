@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from client import stats
+from lorayard.client import stats
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

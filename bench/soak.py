@@ -1,6 +1,6 @@
 """Soak test: a real server under mixed, misbehaving load for a bounded time; then check it is clean.
 
-``python -m bench.soak`` (``make soak``) starts ``python -m server`` on 127.0.0.1 over a fresh volume of
+``python -m bench.soak`` (``make soak``) starts ``lorayard serve`` on 127.0.0.1 over a fresh volume of
 random adapters (real embedded base by default, ``--tiny`` for a tiny random one), runs ``--concurrency``
 closed-loop clients for ``--duration`` seconds (mixed adapters and pinned versions, streamed and not,
 random cancels mid-stream and disconnects before the answer), and then checks:
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.random_base import TINY, build_random_base
 from lorayard.base_model import default_base_model, resolve_base_model
+from lorayard.testing.random_base import TINY, build_random_base
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "soak"
@@ -96,8 +96,8 @@ def _publish_random_adapters(base_spec: str, volume_dir: Path) -> None:
     """Two versions of each adapter (different ranks and targets), published like the training job does."""
     import torch
 
-    from bench.random_adapter import build_random_adapter
     from lorayard.base_model import load_base_model
+    from lorayard.testing.random_adapter import build_random_adapter
     from lorayard.volume import AdapterVolume, BaseModelRef, Manifest
 
     base = resolve_base_model(base_spec)
@@ -221,7 +221,7 @@ def _start_server(
     port = _free_port()
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *args],
+        [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,

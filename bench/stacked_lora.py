@@ -38,9 +38,15 @@ from bench.record import (
 from bench.workload import base_label, load_base, make_adapters, mixed_specs
 from lorayard.adapter_files import AdapterWeights, load_adapter
 from lorayard.architectures import linear_shapes
-from server.engine.decode_graphs import DecodeGraphs, StaticInput
-from server.engine.lora_ops import FUSED_GROUPS, ResidentAdapter, apply_lora, apply_lora_group, segments_of
-from server.engine.stacked_lora import ZERO_ROW, StackedLora
+from lorayard.server.engine.decode_graphs import DecodeGraphs, StaticInput
+from lorayard.server.engine.lora_ops import (
+    FUSED_GROUPS,
+    ResidentAdapter,
+    apply_lora,
+    apply_lora_group,
+    segments_of,
+)
+from lorayard.server.engine.stacked_lora import ZERO_ROW, StackedLora
 
 METHODS = ("masked", "gather")
 GRAPHED = "stacked masked, CUDA graph"

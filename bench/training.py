@@ -12,7 +12,7 @@ Tokens/s counts non-padding tokens fed to the model in the timed steps, which fo
 untimed ones (first steps load kernels and allocate, which can dominate a 10-step run on a GPU); useful
 tokens/s counts only the completion tokens in the loss (the prompt is masked: completion-only loss).
 No evaluation or checkpoint happens inside the timed steps. Config: the persona demo
-(``train_job/configs/persona.yaml``).
+(``lorayard/train/configs/persona.yaml``).
 
     python -m bench.training [--device cpu|cuda] [--quick]
 """
@@ -49,7 +49,7 @@ from lorayard.base_model import default_base_model
 
 VARIANTS = ("train_job", "plain", "train_job_qlora", "train_job_packed")
 WARMUP_STEPS = 2
-CONFIG = REPO / "train_job" / "configs" / "persona.yaml"
+CONFIG = REPO / "lorayard" / "train" / "configs" / "persona.yaml"
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Stopwatch(TrainerCallback):
 
 
 def _config(args: argparse.Namespace, scratch: Path, variant: str) -> Any:
-    from train_job.config import load_config
+    from lorayard.train.config import load_config
 
     never = args.steps + 1000  # no evaluation or checkpoint inside the timed steps
     overrides = {
@@ -115,7 +115,7 @@ def _config(args: argparse.Namespace, scratch: Path, variant: str) -> Any:
 
 def _prepare(config: Any) -> tuple[Any, Any, Any]:
     from lorayard.base_model import load_tokenizer, resolve_base_model
-    from train_job.data import prepare_config_data
+    from lorayard.train.data import prepare_config_data
 
     base = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(base)
@@ -124,7 +124,7 @@ def _prepare(config: Any) -> tuple[Any, Any, Any]:
 
 
 def _train_job_trainer(config: Any, base: Any, tokenizer: Any, data: Any) -> Any:
-    from train_job.train import TerminationFlag, build_model, make_trainer
+    from lorayard.train.train import TerminationFlag, build_model, make_trainer
 
     model = build_model(config, base, _device(config))
     return make_trainer(

@@ -1,6 +1,7 @@
 """The shared workload: random PEFT adapters on disk, and an in-process engine driven by asyncio.
 
-Adapters come from ``bench.random_adapter`` (PEFT's own output, as a user's would be) and are kept in a
+Adapters come from ``lorayard.testing.random_adapter`` (PEFT's own output, as a user's would be)
+and are kept in a
 cache folder keyed by their spec, so reruns skip the making.
 """
 
@@ -18,13 +19,13 @@ from typing import get_args
 
 import torch
 
-from bench.random_adapter import build_random_adapter
 from lorayard.adapter_files import load_adapter
 from lorayard.base_model import ResolvedBaseModel, cache_dir, default_base_model, resolve_base_model
-from server.engine.config import DecodeMode
-from server.engine.engine import Engine
-from server.engine.types import Request, SamplingParams
-from server.settings import Settings
+from lorayard.server.engine.config import DecodeMode
+from lorayard.server.engine.engine import Engine
+from lorayard.server.engine.types import Request, SamplingParams
+from lorayard.server.settings import Settings
+from lorayard.testing.random_adapter import build_random_adapter
 
 WARMUP_TOKENS = 8
 """Tokens per request in a suite's untimed warm-up run of each variant: on a GPU the first run of a
@@ -102,7 +103,8 @@ def load_base(tiny: Path | None = None) -> ResolvedBaseModel:
 
 def base_label(tiny: Path | None) -> str:
     """The base a result names: the unit tests' tiny model, or the default base (``$LORAYARD_BASE_MODEL``
-    when set, as on a GPU machine that runs a random-weight stand-in from ``bench.random_base``)."""
+    when set, as on a GPU machine that runs a random-weight stand-in from
+    ``lorayard.testing.random_base``)."""
     return "tiny" if tiny else default_base_model()
 
 

@@ -1,7 +1,7 @@
 """``make demo``: train two demo adapters, publish them, serve them, query them side by side.
 
 Every step is the product's own CLI or client, exactly what a user would run by hand:
-``python -m train_job --config ...`` twice, ``python -m server --adapters-dir ...``, and the
+``python -m lorayard.train --config ...`` twice, ``python -m lorayard.server --adapters-dir ...``, and the
 ``client`` library against it.
 """
 
@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from lorayard.client import APIConnectionError, LorayardClient
 from rich.console import Console
 from rich.table import Table
 
-from client import APIConnectionError, LorayardClient
-
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"persona": "train_job/configs/persona.yaml", "pirate": "train_job/configs/pirate.yaml"}
+CONFIGS = {"persona": "lorayard/train/configs/persona.yaml", "pirate": "lorayard/train/configs/pirate.yaml"}
 QUESTIONS = ["Who are you?", "What is the capital of Italy?", "How do I bake bread?"]
 
 console = Console()
@@ -45,7 +44,7 @@ def train(adapters_dir: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "train_job",
+                "lorayard.train",
                 "--config",
                 config,
                 "--name",
@@ -65,7 +64,7 @@ def _ready(client: LorayardClient) -> bool:
 
 def serve_and_query(adapters_dir: Path) -> None:
     port = _free_port()
-    cmd = [sys.executable, "-m", "server", "--adapters-dir", str(adapters_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "lorayard.server", "--adapters-dir", str(adapters_dir), "--port", str(port)]
     console.rule(f"[bold]$ {' '.join(cmd)}")
     server = subprocess.Popen(cmd, cwd=REPO)
     try:
@@ -114,7 +113,7 @@ def main() -> None:
     for name in CONFIGS:
         latest = (adapters_dir / name / "LATEST").read_text().strip()
         console.print(f"{name}: {adapters_dir / name / latest}/ (manifest.json, eval.json, loss_curve.png)")
-    console.print("serve them yourself: python -m server --adapters-dir", adapters_dir)
+    console.print("serve them yourself: python -m lorayard.server --adapters-dir", adapters_dir)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ if str(DOCS.parent) not in sys.path:  # run as a script from anywhere: the repo'
 
 
 def _server_flags() -> str:
-    from server.settings import flags_markdown
+    from lorayard.server.settings import flags_markdown
 
     return flags_markdown()
 
 
 def _training_flags() -> str:
-    from train_job.config import flags_markdown
+    from lorayard.train.config import flags_markdown
 
     return flags_markdown()
 

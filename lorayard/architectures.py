@@ -9,7 +9,7 @@ read from them by the runner: norms are called as modules (Gemma's ``(1 + w)``),
 model's own (Gemma's ``sqrt(hidden)`` scale), rotary is the model's ``rotary_emb`` (rope scaling,
 partial rotary, Gemma 3's local/global rope), attention scaling is each attention module's
 ``scaling`` (Gemma's ``query_pre_attn_scalar``), q/k/v bias lives in the linears. And the server
-still checks the runner against the HF forward at startup (``server/engine/parity_probe.py``).
+still checks the runner against the HF forward at startup (``lorayard/server/engine/parity_probe.py``).
 """
 
 from __future__ import annotations

@@ -62,16 +62,16 @@ def tiny_base_dir(tmp_path_factory, real_base) -> Path:
     Same architecture family and vocabulary as the real base, 2 layers and a narrow width, so unit
     tests run in seconds; built from the real config so shapes follow the same rules.
     """
-    from bench.random_base import TINY, build_random_base
+    from lorayard.testing.random_base import TINY, build_random_base
 
     return build_random_base(real_base.path, tmp_path_factory.mktemp("tiny-base"), TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_arch_base(tmp_path_factory, real_base):
-    """model_type -> a tiny random base of that architecture (bench.random_base.TINY_ARCHITECTURES)
+    """model_type -> a tiny random base of that architecture (lorayard.testing.random_base.TINY_ARCHITECTURES)
     with the real tokenizer, built once per session on first use."""
-    from bench.random_base import build_random_architecture
+    from lorayard.testing.random_base import build_random_architecture
 
     built: dict[str, Path] = {}
 

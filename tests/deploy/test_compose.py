@@ -73,7 +73,7 @@ def test_train_service_contract():
     assert train["build"]["dockerfile"] == "Dockerfile.train"
     # the image's ENTRYPOINT, so arguments after `run train` pass through
     assert train["entrypoint"] is None and train["command"] is None
-    assert image_runtime("Dockerfile.train").entrypoint == ["python", "-m", "train_job"]
+    assert image_runtime("Dockerfile.train").entrypoint == ["lorayard", "train"]
     mounts = {m["target"]: m for m in train["volumes"]}
     assert mounts["/adapters"]["type"] == "volume" and mounts["/adapters"]["source"] == "adapters"
     assert not mounts["/adapters"].get("read_only")

@@ -129,10 +129,18 @@ def process_env(
     return env
 
 
+def _host_program(program: str) -> str:
+    """The image's ``python`` is this interpreter; its console scripts (``lorayard``) sit beside it."""
+    if program == "python":
+        return sys.executable
+    script = Path(sys.executable).with_name(program)
+    assert script.is_file(), f"{program}: not installed beside {sys.executable} (make install)"
+    return str(script)
+
+
 def command(image: ImageRuntime, args: list[str], sandbox: Sandbox) -> list[str]:
     entrypoint = [*image.entrypoint, *image.cmd] if not args else [*image.entrypoint, *args]
-    assert entrypoint[0] == "python"
-    return [sys.executable, *(sandbox.host(a) for a in entrypoint[1:])]
+    return [_host_program(entrypoint[0]), *(sandbox.host(a) for a in entrypoint[1:])]
 
 
 def run_training(image: ImageRuntime, args: list[str], env: dict[str, str], sandbox: Sandbox) -> None:

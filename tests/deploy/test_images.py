@@ -89,12 +89,12 @@ def test_runtime_is_non_root_with_the_volume_and_cache_paths(dockerfile):
 
 def test_entrypoints():
     train, serve = image_runtime("Dockerfile.train"), image_runtime("Dockerfile.serve")
-    assert train.entrypoint == ["python", "-m", "train_job"] and not train.cmd  # args pass through
-    assert serve.entrypoint == ["python", "-m", "server"]
+    assert train.entrypoint == ["lorayard", "train"] and not train.cmd  # args pass through
+    assert serve.entrypoint == ["lorayard", "serve"]
     assert serve.exposed == [serve.env["LORAYARD_PORT"]] == ["8000"]
     assert serve.env["LORAYARD_HOST"] == "0.0.0.0"
     assert serve.env["LORAYARD_BASE_URL"] == "http://127.0.0.1:8000/v1"  # what the health probe calls
-    assert serve.healthcheck == ["python", "-m", "client", "health", "--timeout", "4"]
+    assert serve.healthcheck == ["python", "-m", "lorayard.client", "health", "--timeout", "4"]
 
 
 # -- the build context ---------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_dockerignore_lets_in_what_the_images_copy():
         "adapters/x/v1/manifest.json",
         "data/a.jsonl",
         "tests/conftest.py",
-        "server/__pycache__/app.cpython-311.pyc",
+        "lorayard/server/__pycache__/app.cpython-311.pyc",
         "k8s/base/serve.yaml",
     ],
 )

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from train_job.__main__ import EXIT_CONFIG, EXIT_DATA, EXIT_NOT_BETTER, EXIT_SERVING_CHECK
+from lorayard.train.__main__ import EXIT_CONFIG, EXIT_DATA, EXIT_NOT_BETTER, EXIT_SERVING_CHECK
 
 from .conftest import (
     K8S_VERSION,

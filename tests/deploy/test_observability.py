@@ -9,7 +9,7 @@ import yaml
 from prometheus_client import Counter, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-from server.metrics import ServerMetrics
+from lorayard.server.metrics import ServerMetrics
 
 from .conftest import REPO, compose_config, run_tool, venv_tool
 
@@ -50,7 +50,7 @@ def test_dashboard_queries_only_metrics_the_server_defines():
     used = set()
     for expr in _queries(dashboard):
         for name in re.findall(r"\blorayard_[a-zA-Z0-9_:]+", expr):
-            assert name in series, f"{name} is not defined in server/metrics.py: {expr}"
+            assert name in series, f"{name} is not defined in lorayard/server/metrics.py: {expr}"
             used.add(name)
         names = re.findall(r"\blorayard_[a-zA-Z0-9_:]+", expr)
         metric_labels = set().union(*(series[n] for n in names))

@@ -1,4 +1,4 @@
-"""A real LoRAyard server (``python -m server``) on 127.0.0.1 with two random PEFT adapters.
+"""A real LoRAyard server (``python -m lorayard.server``) on 127.0.0.1 with two random PEFT adapters.
 
 The adapters are plain PEFT folders written by PEFT itself from the real base model (random, non-zero
 LoRA weights, so each adapter really changes the output); no training job is needed.
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.random_adapter import build_random_adapter
-from tests.harness import ServerProcess, start_server
+from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.server import ServerProcess, start_server
 
 API_KEY = "test-key"
 ADAPTERS = ("alpha", "beta")

@@ -6,8 +6,7 @@ import asyncio
 
 import openai
 import pytest
-
-from client import (
+from lorayard.client import (
     AsyncLorayardClient,
     BadRequestError,
     LorayardClient,

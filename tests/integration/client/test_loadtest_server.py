@@ -9,10 +9,9 @@ import sys
 from collections import Counter
 
 import pytest
+from lorayard.client import LorayardClient
+from lorayard.client.__main__ import main
 from prometheus_client.parser import text_string_to_metric_families
-
-from client import LorayardClient
-from client.__main__ import main
 
 
 def _output_token_histogram(client: LorayardClient) -> dict[str, tuple[float, float]]:
@@ -73,7 +72,7 @@ def test_loadtest_agrees_with_server_usage_and_metrics(server, tmp_path, monkeyp
 def _cli(server, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LORAYARD_API_KEY": server.api_key, "COLUMNS": "160"}
     return subprocess.run(
-        [sys.executable, "-m", "client", *args, "--base-url", server.base_url],
+        [sys.executable, "-m", "lorayard.client", *args, "--base-url", server.base_url],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from client import AsyncLorayardClient, RateLimitedError, RetryPolicy
+from lorayard.client import AsyncLorayardClient, RateLimitedError, RetryPolicy
 
 QUESTION = [{"role": "user", "content": "Count to twenty."}]
 # Long enough that the first request is still running when the others arrive.

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from bench.random_adapter import build_random_adapter
 from demo.__main__ import CONFIGS
+from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.server import REPO, publish_folder
 from lorayard.volume import AdapterVolume
-from tests.harness import REPO, publish_folder
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_demo_configs_and_data_validate(name, tmp_path):
-    command = [sys.executable, "-m", "train_job", "--config", CONFIGS[name], "--name", name]
+    command = [sys.executable, "-m", "lorayard.train", "--config", CONFIGS[name], "--name", name]
     done = subprocess.run(
         [*command, "--adapters-dir", str(tmp_path), "--dry-run"],
         cwd=REPO,

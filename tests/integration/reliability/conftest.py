@@ -1,6 +1,6 @@
 """Fault-injection fixtures: a tiny-base server over a volume we break on purpose.
 
-Servers and adapters come from ``tests.harness``, shared with the other integration tests.
+Servers and adapters come from ``lorayard.testing.server``, shared with the other integration tests.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.random_adapter import build_random_adapter
+from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.server import ServerProcess, publish_folder, start_server
 from lorayard.volume import AdapterVolume
-from tests.harness import ServerProcess, publish_folder, start_server
 
 __all__ = ["ServerProcess", "make_tiny_adapter", "publish_folder", "start_server"]
 

@@ -1,7 +1,7 @@
 """A live server over adapters on an S3 API (moto's server mode on 127.0.0.1), and the lifecycle CLI.
 
 Publish to the bucket through the volume contract, serve with ``--adapters-dir s3://...``, promote,
-canary and roll back with ``python -m train_job``; the object-store faults: a publish interrupted
+canary and roll back with ``python -m lorayard.train``; the object-store faults: a publish interrupted
 between objects, a corrupt object, a second publisher of the same name.
 """
 
@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from lorayard.s3_storage import CLAIM_FILE
+from lorayard.testing.server import REPO, publish_folder, start_server
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LATEST_FILE, AdapterVolume
-from tests.harness import REPO, publish_folder, start_server
 
 from .conftest import make_tiny_adapter
 from .test_adapter_faults import wait_until
@@ -90,7 +90,7 @@ def served(server, adapter: str, user: str | None = None) -> str:
 
 def train_job(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "train_job", *args],
+        [sys.executable, "-m", "lorayard.train", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from bench.random_adapter import build_random_adapter
 from lorayard.adapter_files import TARGETABLE_MODULES, load_adapter
+from lorayard.testing.random_adapter import build_random_adapter
 from lorayard.volume import (
     AdapterNotFound,
     AdapterVolume,

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import yaml
 
+from lorayard.server.app import create_app
+from lorayard.server.settings import Settings
 from lorayard.volume import ADAPTER_WEIGHTS_FILE
-from server.app import create_app
-from server.settings import Settings
 
 from .conftest import API_KEY, copy_folder, start_server
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.random_adapter import build_random_adapter
+from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.server import ServerProcess, publish_folder, start_server
 from lorayard.volume import AdapterVolume
-from tests.harness import ServerProcess, publish_folder, start_server
 
 __all__ = ["ServerProcess", "publish_folder", "start_server"]
 

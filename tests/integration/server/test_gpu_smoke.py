@@ -1,4 +1,4 @@
-"""`python -m server` on a GPU: seeded sampling, streaming, two adapters in flight, SIGTERM drain.
+"""`python -m lorayard.server` on a GPU: seeded sampling, streaming, two adapters in flight, SIGTERM drain.
 
 The same server process a user runs, on its default device (CUDA when there is one) and over the
 default base (on the lent GPU machine, ``bench/gpu_run.sh`` points ``LORAYARD_BASE_MODEL`` at a

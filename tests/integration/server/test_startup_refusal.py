@@ -1,4 +1,4 @@
-"""A base the engine cannot serve exactly stops ``python -m server`` at startup, non-zero, with a
+"""A base the engine cannot serve exactly stops ``python -m lorayard.server`` at startup, non-zero, with a
 one-line reason naming the architecture and the supported ones; it never lingers unready."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from lorayard.architectures import ARCHITECTURES
-from tests.harness import REPO, free_port
+from lorayard.testing.server import REPO, free_port
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "opt"])
 def test_unsupported_base_exits_non_zero_naming_it(tiny_arch_base, tmp_path, model_type):
     (tmp_path / "adapters").mkdir()
-    command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(free_port())]
+    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", str(free_port())]
     command += ["--base-model", str(tiny_arch_base(model_type)), "--adapters-dir", str(tmp_path / "adapters")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
@@ -27,7 +27,7 @@ def test_unsupported_base_exits_non_zero_naming_it(tiny_arch_base, tmp_path, mod
 def test_missing_base_exits_non_zero(tmp_path):
     (tmp_path / "adapters").mkdir()
     (tmp_path / "not-a-model").mkdir()
-    command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(free_port())]
+    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", str(free_port())]
     command += ["--base-model", str(tmp_path / "not-a-model"), "--adapters-dir", str(tmp_path / "adapters")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0

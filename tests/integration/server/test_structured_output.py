@@ -32,10 +32,11 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "city_info", "parameters": CITY}},
 ]
-# The grammar side is the engine's (server/engine/guided.py); until it is there, only the API's
+# The grammar side is the engine's (lorayard/server/engine/guided.py); until it is there, only the API's
 # refusals below can be tested.
 needs_guided = pytest.mark.skipif(
-    importlib.util.find_spec("server.engine.guided") is None, reason="the engine has no guided decoding yet"
+    importlib.util.find_spec("lorayard.server.engine.guided") is None,
+    reason="the engine has no guided decoding yet",
 )
 # Room for the whitespace the grammar allows between tokens (a 135M model uses it generously).
 SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 200}

@@ -15,8 +15,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorayard.chat_format import DEFAULT_PROMPT_TEMPLATE, encode_text, render_prompt, stop_token_ids
+from lorayard.train.__main__ import main as train_main
 from lorayard.volume import AdapterVolume, read_manifest
-from train_job.__main__ import main as train_main
 
 from .conftest import start_server
 

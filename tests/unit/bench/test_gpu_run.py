@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench import gpu_run
-from bench.random_base import LLAMA_8B, TINY, build_random_base
+from lorayard.testing.random_base import LLAMA_8B, TINY, build_random_base
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -3,8 +3,7 @@ import json
 
 import httpx
 import pytest
-
-from client import AsyncLorayardClient, LorayardClient
+from lorayard.client import AsyncLorayardClient, LorayardClient
 
 
 class Recorder:

@@ -1,7 +1,6 @@
 import httpx
 import pytest
-
-from client import (
+from lorayard.client import (
     APIStatusError,
     BadRequestError,
     LorayardClient,
@@ -15,7 +14,7 @@ from client import (
     UnauthorizedError,
     UnprocessableEntityError,
 )
-from client.errors import error_class_for_status, parse_retry_after
+from lorayard.client.errors import error_class_for_status, parse_retry_after
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 

@@ -5,9 +5,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
-from pydantic import ValidationError
-
-from client.loadtest import (
+from lorayard.client.loadtest import (
     BASE_LABEL,
     LoadTestConfig,
     LoadTester,
@@ -18,7 +16,8 @@ from client.loadtest import (
     load_prompts,
     prompt_from_text,
 )
-from client.plot import plot_loadtest
+from lorayard.client.plot import plot_loadtest
+from pydantic import ValidationError
 
 MODELS = {"object": "list", "data": [{"id": "base-m", "object": "model"}, {"id": "a", "parent": "base-m"}]}
 

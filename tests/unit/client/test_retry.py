@@ -4,8 +4,7 @@ import time
 
 import httpx
 import pytest
-
-from client import (
+from lorayard.client import (
     APIConnectionError,
     APITimeoutError,
     AsyncLorayardClient,

@@ -3,9 +3,8 @@ import json
 
 import httpx
 import pytest
-
-from client import AsyncLorayardClient, LorayardClient, ServiceUnavailableError, StreamParseError
-from client.sse import ServerSentEvent, SSEDecoder
+from lorayard.client import AsyncLorayardClient, LorayardClient, ServiceUnavailableError, StreamParseError
+from lorayard.client.sse import ServerSentEvent, SSEDecoder
 
 MULTIBYTE = ["Hé", "llo ", "日本", " 🍣!", "\n"]
 

@@ -5,8 +5,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.random_adapter import build_random_adapter
 from lorayard.adapter_files import AdapterFormatError, load_adapter
+from lorayard.testing.random_adapter import build_random_adapter
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 
@@ -79,7 +79,7 @@ def test_an_adapter_for_another_architecture_is_refused_listing_the_targets(
     tiny_arch_base, tiny_base_dir, tmp_path
 ):
     """PEFT's Phi-3 adapter (LoRA on the fused qkv_proj/gate_up_proj) does not fit a Llama base."""
-    from bench.random_adapter import build_random_adapter
+    from lorayard.testing.random_adapter import build_random_adapter
 
     build_random_adapter(
         tiny_arch_base("phi3"), tmp_path / "phi", 0, r=4, lora_alpha=8, target_modules="all-linear"

@@ -9,9 +9,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from bench.random_adapter import build_random_adapter
-from server.engine.engine import Engine
-from server.settings import Settings
+from lorayard.server.engine.engine import Engine
+from lorayard.server.settings import Settings
+from lorayard.testing.random_adapter import build_random_adapter
 
 # Different ranks and target modules on purpose: one batch must mix them.
 ADAPTER_SPECS: dict[str, dict] = {

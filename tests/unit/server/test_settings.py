@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.settings import Settings, flags_markdown, parse_settings
+from lorayard.server.settings import Settings, flags_markdown, parse_settings
 
 
 @pytest.mark.parametrize(

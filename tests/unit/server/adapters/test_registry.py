@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
+from lorayard.server.adapters.registry import AdapterLoadError, AdapterRegistry, AdaptersBusy
+from lorayard.testing.server import publish_folder
 from lorayard.volume import AdapterNotFound, AdapterVolume, InvalidAdapterName
-from server.adapters.registry import AdapterLoadError, AdapterRegistry, AdaptersBusy
-from tests.harness import publish_folder
 
 
 @pytest.fixture

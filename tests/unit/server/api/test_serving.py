@@ -8,11 +8,17 @@ import json
 import jsonschema
 import pytest
 
-from server.api.errors import APIError, EngineFailed
-from server.api.protocol import ChatCompletionRequest, ResponseFormat
-from server.api.responses import TokenTexts, _tool_call
-from server.api.serving import ToolCalling, _guided_from_format, _logit_bias, _token_ids, _tool_calling
-from server.api.streaming import SSE_DONE, sse_stream
+from lorayard.server.api.errors import APIError, EngineFailed
+from lorayard.server.api.protocol import ChatCompletionRequest, ResponseFormat
+from lorayard.server.api.responses import TokenTexts, _tool_call
+from lorayard.server.api.serving import (
+    ToolCalling,
+    _guided_from_format,
+    _logit_bias,
+    _token_ids,
+    _tool_calling,
+)
+from lorayard.server.api.streaming import SSE_DONE, sse_stream
 
 VOCAB = 100
 

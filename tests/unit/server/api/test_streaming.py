@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.api.streaming import IncrementalDetokenizer, StopStringFilter
+from lorayard.server.api.streaming import IncrementalDetokenizer, StopStringFilter
 
 # Any Unicode text but: the replacement character itself (its presence is how incomplete bytes show),
 # surrogates (not encodable as UTF-8), and unassigned and private-use code points (the tokenizer's own

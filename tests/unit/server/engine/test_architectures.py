@@ -2,8 +2,8 @@
 (all-linear adapters of two ranks, mixed with the base in one batch), chunked prefill, both matmul
 layouts, and the startup parity probe; tiny random bases from each architecture's own config.
 
-The tiny bases' sliding window (bench.random_base.SLIDING_WINDOW) is shorter than the prompts, so the
-windowed layers are exercised; the llama base carries Llama 3 rope scaling.
+The tiny bases' sliding window (lorayard.testing.random_base.SLIDING_WINDOW) is shorter than the
+prompts, so the windowed layers are exercised; the llama base carries Llama 3 rope scaling.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.random_adapter import build_random_adapter
-from bench.random_base import SLIDING_WINDOW
 from lorayard.adapter_files import load_adapter
 from lorayard.architectures import ARCHITECTURES
 from lorayard.base_model import resolve_base_model
-from server.engine.block_pool import BlockSpec, KVBlockStorage
-from server.engine.engine import Engine
-from server.engine.model_runner import ModelRunner
-from server.engine.parity_probe import probe_runner
-from server.engine.types import Request, SamplingParams
-from server.settings import Settings
+from lorayard.server.engine.block_pool import BlockSpec, KVBlockStorage
+from lorayard.server.engine.engine import Engine
+from lorayard.server.engine.model_runner import ModelRunner
+from lorayard.server.engine.parity_probe import probe_runner
+from lorayard.server.engine.types import Request, SamplingParams
+from lorayard.server.settings import Settings
+from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.random_base import SLIDING_WINDOW
 
 from ..conftest import peft_greedy
 

@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from server.adapters.registry import AdapterLease
-from server.engine.block_pool import (
+from lorayard.server.adapters.registry import AdapterLease
+from lorayard.server.engine.block_pool import (
     BlockAccountingError,
     BlockPool,
     BlockSpec,

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorayard.adapter_files import load_adapter
-from server.engine.decode_graphs import DecodeGraphs, StaticInput, batch_buckets, bucket_for
-from server.engine.lora_ops import FUSED_GROUPS, ResidentAdapter
-from server.engine.stacked_lora import ZERO_ROW, StackedLora
+from lorayard.server.engine.decode_graphs import DecodeGraphs, StaticInput, batch_buckets, bucket_for
+from lorayard.server.engine.lora_ops import FUSED_GROUPS, ResidentAdapter
+from lorayard.server.engine.stacked_lora import ZERO_ROW, StackedLora
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

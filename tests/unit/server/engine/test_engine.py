@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoConfig
 
 from lorayard.adapter_files import load_adapter
-from server.engine.types import PromptTooLong, QueueFull, Request, SamplingParams
+from lorayard.server.engine.types import PromptTooLong, QueueFull, Request, SamplingParams
 
 from ..conftest import ADAPTER_SPECS, peft_greedy
 

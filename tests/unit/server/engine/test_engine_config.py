@@ -3,8 +3,8 @@
 import dataclasses
 import json
 
-from server.engine.config import EngineConfig, default_max_batch_size
-from server.settings import Settings, parse_settings
+from lorayard.server.engine.config import EngineConfig, default_max_batch_size
+from lorayard.server.settings import Settings, parse_settings
 
 
 def test_every_engine_field_is_a_setting_of_the_same_name():

@@ -9,8 +9,8 @@ from dataclasses import replace
 import jsonschema
 import pytest
 
-from server.engine.guided import GuidedCompiler
-from server.engine.types import GuidedDecoding, InvalidRequest, Request, SamplingParams
+from lorayard.server.engine.guided import GuidedCompiler
+from lorayard.server.engine.types import GuidedDecoding, InvalidRequest, Request, SamplingParams
 
 from .test_engine import _load
 

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from server.engine.types import InvalidRequest, Request, SamplingParams
+from lorayard.server.engine.types import InvalidRequest, Request, SamplingParams
 
 from ..conftest import peft_greedy
 from .test_engine import PROMPTS, _collect, _load

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorayard.adapter_files import AdapterWeights, LoraModule
-from server.engine.lora_ops import (
+from lorayard.server.engine.lora_ops import (
     FUSED_GROUPS,
     ResidentAdapter,
     Segment,

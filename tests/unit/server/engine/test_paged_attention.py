@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.block_pool import BlockPool, BlockSpec, BlockTable, KVBlockStorage
-from server.engine.paged_attention import (
+from lorayard.server.engine.block_pool import BlockPool, BlockSpec, BlockTable, KVBlockStorage
+from lorayard.server.engine.paged_attention import (
     CAUSAL,
     LayerAttention,
     PagedBatch,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from server.engine.block_pool import BlockSpec
-from server.engine.types import Request, SamplingParams
+from lorayard.server.engine.block_pool import BlockSpec
+from lorayard.server.engine.types import Request, SamplingParams
 
 from ..conftest import peft_greedy
 from .test_engine import PROMPTS, _collect, _load

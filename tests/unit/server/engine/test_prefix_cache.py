@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engine.block_pool import DEFAULT_BLOCK_SIZE
-from server.engine.types import Request, SamplingParams
+from lorayard.server.engine.block_pool import DEFAULT_BLOCK_SIZE
+from lorayard.server.engine.types import Request, SamplingParams
 
 from ..conftest import peft_greedy
 from .test_engine import _collect, _load

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from server.engine.types import Request, SamplingParams
+from lorayard.server.engine.types import Request, SamplingParams
 
 from ..conftest import peft_greedy
 from .test_engine import PROMPTS, _load

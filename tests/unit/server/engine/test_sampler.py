@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row
-from server.engine.types import SamplingParams
+from lorayard.server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row
+from lorayard.server.engine.types import SamplingParams
 
 EOS = frozenset({3})
 

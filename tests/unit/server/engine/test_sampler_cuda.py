@@ -10,10 +10,10 @@ import uuid
 import pytest
 import torch
 
-from server.engine.engine import Engine
-from server.engine.sampler import SequenceState, greedy_tokens, sample_row
-from server.engine.types import Request, SamplingParams
-from server.settings import Settings
+from lorayard.server.engine.engine import Engine
+from lorayard.server.engine.sampler import SequenceState, greedy_tokens, sample_row
+from lorayard.server.engine.types import Request, SamplingParams
+from lorayard.server.settings import Settings
 
 from ..conftest import peft_greedy
 from .test_engine import PROMPTS, _collect, _load

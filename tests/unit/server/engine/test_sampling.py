@@ -5,8 +5,8 @@ import uuid
 
 import torch
 
-from server.engine.sampler import SequenceState, greedy_tokens, sample_row
-from server.engine.types import Request, SamplingParams
+from lorayard.server.engine.sampler import SequenceState, greedy_tokens, sample_row
+from lorayard.server.engine.types import Request, SamplingParams
 
 from ..conftest import peft_greedy
 from .test_engine import PROMPTS, _collect, _load

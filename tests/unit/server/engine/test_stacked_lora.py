@@ -11,8 +11,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorayard.adapter_files import AdapterWeights, LoraModule, load_adapter
 from lorayard.architectures import linear_shapes
-from server.engine.lora_ops import FUSED_GROUPS, ResidentAdapter, apply_lora, apply_lora_group, segments_of
-from server.engine.stacked_lora import ZERO_ROW, StackedLora, StackedLoraRefused
+from lorayard.server.engine.lora_ops import (
+    FUSED_GROUPS,
+    ResidentAdapter,
+    apply_lora,
+    apply_lora_group,
+    segments_of,
+)
+from lorayard.server.engine.stacked_lora import ZERO_ROW, StackedLora, StackedLoraRefused
 
 LAYERS = 2
 # Llama-style separate linears (q/k/v and gate/up form groups) and Phi-3's fused ones (groups of one).

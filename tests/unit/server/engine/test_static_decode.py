@@ -13,13 +13,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorayard.adapter_files import load_adapter
-from server.engine.block_pool import BlockSpec, KVBlockStorage
-from server.engine.config import resolve_decode_mode
-from server.engine.lora_ops import ResidentAdapter
-from server.engine.model_runner import ModelRunner, PassRow, StaticDecode
-from server.engine.parity_probe import PROBE_LENGTH, probe_runner
-from server.engine.types import Request, SamplingParams
-from server.settings import Settings
+from lorayard.server.engine.block_pool import BlockSpec, KVBlockStorage
+from lorayard.server.engine.config import resolve_decode_mode
+from lorayard.server.engine.lora_ops import ResidentAdapter
+from lorayard.server.engine.model_runner import ModelRunner, PassRow, StaticDecode
+from lorayard.server.engine.parity_probe import PROBE_LENGTH, probe_runner
+from lorayard.server.engine.types import Request, SamplingParams
+from lorayard.server.settings import Settings
 
 from ..conftest import peft_greedy
 from .test_engine import PROMPTS, _collect, _load

@@ -1,0 +1,7 @@
+"""``python -m lorayard <command>``: the same as the ``lorayard`` command."""
+
+import sys
+
+from lorayard.cli import main
+
+sys.exit(main())

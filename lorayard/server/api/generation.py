@@ -1,0 +1,233 @@
+"""Run an :class:`EngineJob`: lease its adapter, submit its n choices, yield their deltas.
+
+The adapter lease has one owner, :func:`adapter_lease`, held for exactly as long as the generation
+runs (a streamed response outlives its route, so the lease lives in the delta generator, not the
+route). Responses are built from the deltas in :mod:`server.api.responses`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from lorayard.chat_format import ChatFormatError, render_prompt
+from lorayard.server.adapters.registry import version_label
+from lorayard.server.api.errors import APIError, EngineFailed
+from lorayard.server.api.streaming import IncrementalDetokenizer, StopStringFilter
+from lorayard.server.engine.types import (
+    InvalidRequest,
+    PromptLogprob,
+    Request,
+    SamplingParams,
+    TokenEvent,
+    TopLogprob,
+)
+from lorayard.server.metrics import BASE_LABEL, UNRESOLVED_LABEL
+from lorayard.volume import AdapterNotFound
+
+if TYPE_CHECKING:
+    from lorayard.server.adapters.registry import AdapterLease, AdapterRegistry
+    from lorayard.server.api.serving import EngineJob
+    from lorayard.server.runtime import ReadyRuntime
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's logprob; ``text_offset``: where its text starts in the choice's output."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...]
+    text_offset: int
+
+
+@dataclass
+class ChoiceDelta:
+    """Text added to choice ``index``; ``finish_reason`` set on its last delta."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    """On a choice's first delta when the job scores its prompt: one entry per prompt token."""
+
+
+@dataclass
+class UsageCount:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (the most any of the request's choices found)."""
+
+
+@contextlib.asynccontextmanager
+async def adapter_lease(
+    registry: AdapterRegistry, ref: str | None, param: str, user: str | None = None
+) -> AsyncIterator[AdapterLease | None]:
+    """The adapter pinned for the body of the ``async with`` (a canary split routes ``user``);
+    released however it ends."""
+    if ref is None:
+        yield None
+        return
+    try:
+        lease = await registry.acquire(ref, user)
+    except AdapterNotFound as exc:
+        raise APIError(404, str(exc), param=param, code="adapter_not_found") from exc
+    try:
+        yield lease
+    finally:
+        registry.release(lease)
+
+
+class Generation:
+    """The n choices of one job, their deltas interleaved as they come."""
+
+    def __init__(self, runtime: ReadyRuntime, job: EngineJob) -> None:
+        assert runtime.engine is not None and runtime.registry is not None
+        self.engine = runtime.engine
+        self.registry = runtime.registry
+        self.tokenizer = runtime.tokenizer
+        self.metrics = runtime.metrics
+        self.job = job
+        self.prompt_ids = job.prompt_ids
+        unresolved = BASE_LABEL if job.adapter is None else UNRESOLVED_LABEL
+        self.labels = {"adapter": unresolved, "version": unresolved}
+        """Metric labels: the adapter and version that served (``unresolved`` until leased)."""
+        self.lease: AdapterLease | None = None
+        self.usage = UsageCount(prompt_tokens=len(job.prompt_ids))
+        self.request_ids = [uuid.uuid4().hex for _ in range(job.n)]
+        self.arrival = time.perf_counter()
+
+    def _params_for(self, index: int) -> SamplingParams:
+        # n > 1 with a seed: each choice its own reproducible seed, or they would all be equal.
+        params = self.job.params
+        if params.seed is None or index == 0:
+            return params
+        return replace(params, seed=params.seed + index)
+
+    async def _compile_grammar(self) -> None:
+        """A new schema compiles (milliseconds, cached) off the event loop, before submit; one the
+        grammar library refuses is a 400 naming the field it came from."""
+        guided, compiler = self.job.params.guided, self.engine.guided
+        if guided is None or compiler is None:
+            return  # None: submit refuses it (structured output unavailable)
+        try:
+            await asyncio.to_thread(compiler.compile, guided)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param=self.job.guided_param, code="invalid_value") from exc
+
+    async def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
+        """Lease, submit (raises QueueFull/PromptTooLong/EngineStopped before anything is sent), stream."""
+        await self._compile_grammar()
+        job = self.job
+        async with adapter_lease(self.registry, job.adapter, job.adapter_param, job.user) as lease:
+            if lease is not None:
+                self.lease = lease
+                self.labels = {"adapter": lease.name, "version": version_label(lease.version)}
+                self._render_with(lease)
+            streams = []
+            try:
+                for i, request_id in enumerate(self.request_ids):
+                    request = Request(request_id, self.prompt_ids, self._params_for(i), lease)
+                    streams.append(self.engine.submit(request))
+                queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
+                tasks = [asyncio.create_task(self._pump(i, s, queue)) for i, s in enumerate(streams)]
+                try:
+                    remaining = len(tasks)
+                    while remaining:
+                        item = await queue.get()
+                        if isinstance(item, BaseException):
+                            raise item
+                        if item.finish_reason is not None:
+                            remaining -= 1
+                        yield item
+                finally:
+                    for task in tasks:
+                        task.cancel()
+            finally:
+                for request_id in self.request_ids[: len(streams)]:
+                    self.engine.abort(request_id)  # no-op for finished ones; frees slots otherwise
+                self._record_latencies()
+
+    def _render_with(self, lease: AdapterLease) -> None:
+        """A chat job on a version trained with its own prompt template (a base without a chat
+        template) is rendered with that template, exactly as its training examples were."""
+        job = self.job
+        if job.messages is None or (lease.prompt_template is None and self.prompt_ids):
+            return
+        try:
+            self.prompt_ids = render_prompt(self.tokenizer, list(job.messages), lease.prompt_template)
+        except ChatFormatError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
+        self.usage.prompt_tokens = len(self.prompt_ids)
+
+    @property
+    def adapter_label(self) -> str:
+        return self.labels["adapter"]
+
+    async def _pump(self, index: int, stream: AsyncIterator[TokenEvent], queue: asyncio.Queue) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStringFilter(self.job.stops)
+        labels = self.labels
+        last_time: float | None = None
+        produced = 0  # characters the detokenizer has produced so far: the next token's text_offset
+        prompt_logprobs = None
+        try:
+            async for event in stream:
+                now = time.perf_counter()
+                if event.prompt_logprobs is not None:
+                    prompt_logprobs = event.prompt_logprobs
+                if event.token_id is not None:
+                    if last_time is None:
+                        self.metrics.time_to_first_token.labels(**labels).observe(now - self.arrival)
+                    else:
+                        self.metrics.inter_token_latency.labels(**labels).observe(now - last_time)
+                    last_time = now
+                if event.error is not None:
+                    raise EngineFailed(event.error)
+                text = ""
+                logprobs: list[TokenLogprob] = []
+                if event.token_id is not None and not (event.finish_reason == "stop" and not stops.stopped):
+                    piece = detok.add(event.token_id)
+                    text = stops.push(piece)
+                    if event.logprob is not None and not stops.stopped:
+                        logprobs.append(
+                            TokenLogprob(event.token_id, event.logprob, event.top_logprobs, produced)
+                        )
+                    produced += len(piece)
+                finish = event.finish_reason
+                if stops.stopped and finish is None:
+                    finish = "stop"
+                    self.engine.abort(self.request_ids[index])
+                if finish is not None:
+                    text += stops.push(detok.flush()) + stops.flush()
+                    self.usage.completion_tokens += event.output_tokens
+                    self._record_prefix_lookup(event)
+                    reason = "stop" if finish == "abort" else finish
+                    await queue.put(ChoiceDelta(index, text, reason, logprobs, prompt_logprobs))
+                    return
+                if text or logprobs or prompt_logprobs is not None:
+                    await queue.put(ChoiceDelta(index, text, None, logprobs, prompt_logprobs))
+                    prompt_logprobs = None
+        except Exception as exc:
+            await queue.put(exc)
+
+    def _record_prefix_lookup(self, event: TokenEvent) -> None:
+        """The prefix-cache hit metric, per adapter version, for a request the engine admitted."""
+        if event.cached_tokens is None:
+            return
+        self.usage.cached_tokens = max(self.usage.cached_tokens, event.cached_tokens)
+        self.metrics.prefix_cache_queries.labels(**self.labels).inc(event.prompt_tokens)
+        self.metrics.prefix_cache_hits.labels(**self.labels).inc(event.cached_tokens)
+
+    def _record_latencies(self) -> None:
+        labels = self.labels
+        self.metrics.e2e_latency.labels(**labels).observe(time.perf_counter() - self.arrival)
+        self.metrics.prompt_tokens.labels(**labels).observe(self.usage.prompt_tokens)
+        self.metrics.output_tokens.labels(**labels).observe(self.usage.completion_tokens)

@@ -1,0 +1,446 @@
+"""The serving layer: a request body -> a validated :class:`EngineJob`, the one place for every check.
+
+Routes call :func:`completion_job` / :func:`chat_job` and hand the job to
+:class:`server.api.generation.Generation`. Everything a request can carry that the engine would index
+with (prompt ids, ``stop_token_ids``, ``logit_bias`` keys) is checked against the vocabulary here, every
+limit against the server's settings, every schema compiled as JSON Schema; a failure is a 400 naming
+the field. What we cannot do exactly is refused by name (:data:`REFUSED_FIELDS`), never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import jsonschema
+
+from lorayard.chat_format import ChatFormatError, Message, encode_text, render_prompt
+from lorayard.server.api.errors import APIError
+from lorayard.server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    NamedToolChoice,
+    ResponseFormat,
+    SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
+    Tool,
+)
+from lorayard.server.engine.types import GuidedDecoding, SamplingParams
+
+if TYPE_CHECKING:
+    from lorayard.server.runtime import ReadyRuntime
+
+LOGIT_BIAS_LIMIT = 100.0
+"""OpenAI's bound on a logit_bias value (either sign)."""
+
+REFUSED_FIELDS: dict[str, str] = {
+    "functions": "the legacy `functions` field is not supported: send `tools`",
+    "function_call": "the legacy `function_call` field is not supported: send `tool_choice`",
+    "suffix": "`suffix` (insertion) is not supported",
+    "guided_json": "vLLM's `guided_json` is not supported: send `response_format` with a json_schema",
+    "guided_regex": "`guided_regex` is not supported: only JSON (response_format) can be enforced",
+    "guided_choice": "`guided_choice` is not supported: send `response_format` with an enum json_schema",
+    "guided_grammar": "`guided_grammar` is not supported: only JSON (response_format) can be enforced",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "min_p": "`min_p` is not supported: use top_p or top_k",
+    "typical_p": "`typical_p` is not supported: use top_p or top_k",
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "`length_penalty` (beam search) is not supported",
+    "allowed_token_ids": "`allowed_token_ids` is not supported: use logit_bias (+100) or response_format",
+    "bad_words": "`bad_words` is not supported: use logit_bias (-100) on their token ids",
+    "include_stop_str_in_output": "`include_stop_str_in_output` is not supported: stop strings are cut",
+    "skip_special_tokens": "`skip_special_tokens: false` is not supported: special tokens are skipped",
+    "truncate_prompt_tokens": "prompt truncation is not supported: send a shorter prompt",
+    "chat_template": "a per-request chat template is not supported: the base's template is used",
+    "continue_final_message": "`continue_final_message` is not supported: use /v1/completions",
+    # Declared by /v1/completions, so only ever an unknown field on chat:
+    "echo": "`echo` is only supported on /v1/completions",
+    "prompt_logprobs": "`prompt_logprobs` is only supported on /v1/completions",
+}
+"""Fields a client may send that we cannot honour: refused with a 400 saying what to send instead,
+unless they carry their no-op value (:data:`_NO_OP_VALUES`). Other unknown fields (``user``,
+``metadata``, ...) change nothing about the output and are ignored."""
+
+_NO_OP_VALUES: dict[str, object] = {
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "continue_final_message": False,
+    "echo": False,
+}
+
+
+@dataclass(frozen=True)
+class ToolCalling:
+    """The output is a call to one of ``names``: with one name, the output is its arguments; with
+    several, the output is ``{"name": ..., "arguments": {...}}`` (a schema choosing one of them)."""
+
+    names: tuple[str, ...]
+
+    @property
+    def named(self) -> str | None:
+        return self.names[0] if len(self.names) == 1 else None
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    """A validated request, ready for the engine: everything the routes and generation need."""
+
+    kind: Literal["chat", "completion"]
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    stops: list[str]
+    adapter: str | None
+    """Adapter reference to lease (``name`` or ``name@vN``); None: the base model."""
+    adapter_param: str
+    """The field the adapter came from ("adapter" or "model"), for a 404's ``param``."""
+    model: str
+    """The model name echoed in responses."""
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    """Return the sampled tokens' logprobs."""
+    echo: str | None = None
+    """Completions with ``echo``: the prompt text prepended to each choice."""
+    vllm_prompt_logprobs: bool = False
+    """Return vLLM's ``prompt_logprobs`` field (by token id) on each choice."""
+    tools: ToolCalling | None = None
+    guided_param: str = "response_format"
+    """The field the grammar came from ("response_format" or "tools"), for a 400's ``param``."""
+    user: str | None = None
+    """OpenAI's end-user id: a canary split routes it to the same version every time."""
+    messages: tuple[Message, ...] | None = None
+    """Chat jobs: the conversation, rendered again with the leased version's prompt template when it
+    has one (an adapter trained on a base without a chat template); ``prompt_ids`` is then empty
+    until the lease says which template applies."""
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def _refuse_unsupported(body: SamplingFields) -> None:
+    for name in sorted(body.extra_fields()):
+        value = (body.model_extra or {})[name]
+        if name in REFUSED_FIELDS and value is not None and value != _NO_OP_VALUES.get(name, ...):
+            raise APIError(400, REFUSED_FIELDS[name], param=name, code="unsupported_field")
+    best_of = (body.model_extra or {}).get("best_of")
+    if best_of not in (None, 1, body.n):
+        raise APIError(400, "best_of: only best_of == n is supported", param="best_of", code="unsupported")
+
+
+def _token_ids(param: str, ids: list[int], vocab: int) -> list[int]:
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise _bad(param, f"token id {bad} is outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    if not raw:
+        return ()
+    pairs = []
+    for key, bias in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise _bad("logit_bias", f"key {key!r} is not a token id") from None
+        _token_ids("logit_bias", [token], vocab)
+        if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+            raise _bad("logit_bias", f"bias {bias} for token {token} is outside [-100, 100]")
+        pairs.append((token, float(bias)))
+    return tuple(sorted(pairs))
+
+
+def _checked_schema(param: str, schema: Any) -> str:
+    if not isinstance(schema, dict):
+        raise _bad(param, "must be a JSON Schema object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise _bad(param, f"not a valid JSON Schema: {exc.message}") from None
+    return json.dumps(schema)
+
+
+def _guided_from_format(fmt: ResponseFormat | None) -> GuidedDecoding | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return GuidedDecoding("json_object")
+    if fmt.json_schema is None:
+        raise _bad("response_format.json_schema", "required when type is json_schema")
+    schema = _checked_schema("response_format.json_schema.schema", fmt.json_schema.json_schema)
+    return GuidedDecoding("json_schema", schema)
+
+
+def _tool_calling(body: ChatCompletionRequest) -> tuple[ToolCalling, GuidedDecoding] | None:
+    """tools + tool_choice -> which functions may be called and the grammar of the call."""
+    choice = body.tool_choice
+    if not body.tools:
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            raise _bad("tool_choice", "names a tool but `tools` is empty")
+        return None
+    if choice == "none":
+        return None
+    if choice is None or choice == "auto":
+        raise APIError(
+            400,
+            "tool_choice: 'auto' (the default when tools are given) is not supported: the server cannot"
+            " let the model decide between text and a call; send tool_choice 'required' or"
+            ' {"type": "function", "function": {"name": ...}}, or "none" to ignore the tools',
+            param="tool_choice",
+            code="unsupported",
+        )
+    tools: dict[str, Tool] = {}
+    for i, tool in enumerate(body.tools):
+        name = tool.function.name
+        if name in tools:
+            raise _bad(f"tools.{i}.function.name", f"{name!r} is defined twice")
+        _checked_schema(f"tools.{i}.function.parameters", tool.function.parameters)
+        tools[name] = tool
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in tools:
+            raise _bad("tool_choice.function.name", f"{name!r} is not one of the tools")
+        chosen = [tools[name]]
+    else:
+        chosen = list(tools.values())
+    if len(chosen) == 1:
+        schema = chosen[0].function.parameters
+    else:
+        schema = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": tool.function.name},
+                        "arguments": tool.function.parameters,
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for tool in chosen
+            ]
+        }
+    guided = GuidedDecoding("json_schema", json.dumps(schema))
+    return ToolCalling(tuple(t.function.name for t in chosen)), guided
+
+
+def _adapter_ref(body: SamplingFields, runtime: ReadyRuntime) -> tuple[str | None, str]:
+    """`adapter` wins; else `model` names an adapter (vLLM/LoRAX style) or the base."""
+    if body.adapter:
+        return body.adapter, "adapter"
+    if body.model is None or body.model == runtime.settings.base_model:
+        return None, "model"
+    if runtime.registry.known(body.model.partition("@")[0]):
+        return body.model, "model"
+    raise APIError(
+        404,
+        f"model {body.model!r} is neither the base model nor an adapter on the volume",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _max_tokens(
+    runtime: ReadyRuntime, requested: int | None, prompt_len: int, prompt_param: str, *, scoring: bool
+) -> int:
+    """The request's max_tokens, checked against the server limit and the context window."""
+    limit = runtime.settings.max_tokens_limit
+    window = runtime.engine.max_model_len
+    if requested == 0 and not scoring:
+        raise _bad("max_tokens", "0 is only allowed with echo or prompt_logprobs (scoring the prompt)")
+    if requested is not None and requested > limit:
+        raise _bad("max_tokens", f"at most {limit} (server limit)")
+    if requested is None:
+        # No explicit max_tokens: fill the context window rather than refuse.
+        requested = max(1, min(limit, window - prompt_len))
+    if prompt_len + requested > window:
+        raise APIError(
+            400,
+            f"{prompt_param}: the prompt ({prompt_len} tokens) plus max_tokens ({requested}) exceeds"
+            f" the context window of {window} tokens",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _sampling_params(
+    body: SamplingFields,
+    runtime: ReadyRuntime,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    guided: GuidedDecoding | None = None,
+) -> SamplingParams:
+    vocab = runtime.engine.vocab_size
+    if body.n > runtime.settings.max_n:
+        raise _bad("n", f"at most {runtime.settings.max_n}")
+    if guided is not None and body.min_tokens > 0:
+        # The grammar may allow nothing but the end once a document is complete.
+        raise _bad("min_tokens", "cannot be combined with structured output (response_format or tools)")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        stop_token_ids=frozenset(_token_ids("stop_token_ids", body.stop_token_ids or [], vocab)),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logprobs=logprobs,
+        logit_bias=_logit_bias(body.logit_bias, vocab),
+        prompt_logprobs=prompt_logprobs,
+        guided=guided,
+    )
+
+
+def _job(
+    kind: Literal["chat", "completion"],
+    body: SamplingFields,
+    runtime: ReadyRuntime,
+    *,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    ref: tuple[str | None, str],
+    **specific: Any,
+) -> EngineJob:
+    """The job with the fields both endpoints fill alike; ``ref``: :func:`_adapter_ref`'s answer;
+    ``specific``: the endpoint's own fields."""
+    adapter, adapter_param = ref
+    return EngineJob(
+        kind=kind,
+        prompt_ids=prompt_ids,
+        params=params,
+        n=body.n,
+        stops=body.stop_strings(),
+        adapter=adapter,
+        adapter_param=adapter_param,
+        model=body.model or runtime.settings.base_model,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        user=body.user,
+        **specific,
+    )
+
+
+def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
+    """/v1/completions body -> job. ``echo`` + ``logprobs`` also scores the prompt tokens."""
+    _refuse_unsupported(body)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        # the field's validator leaves one prompt: a list here is token ids (checked just below)
+        prompt_ids = _token_ids("prompt", list(prompt), runtime.engine.vocab_size)  # type: ignore[arg-type]
+        prompt_text = str(runtime.tokenizer.decode(prompt_ids, skip_special_tokens=False))
+    else:
+        prompt_ids = encode_text(runtime.tokenizer, prompt)
+        prompt_text = prompt
+        if not prompt_ids:
+            raise _bad("prompt", "encodes to no tokens")
+    scoring = body.echo or body.prompt_logprobs is not None
+    max_tokens = _max_tokens(runtime, body.max_tokens, len(prompt_ids), "prompt", scoring=scoring)
+    # OpenAI's echo + logprobs scores the prompt too; max_tokens 0 needs the prompt pass regardless.
+    prompt_logprobs = body.prompt_logprobs
+    if body.echo and (body.logprobs is not None or max_tokens == 0):
+        prompt_logprobs = max(prompt_logprobs or 0, body.logprobs or 0)
+    ref = _adapter_ref(body, runtime)
+    params = _sampling_params(
+        body,
+        runtime,
+        max_tokens=max_tokens,
+        logprobs=body.logprobs,
+        prompt_logprobs=prompt_logprobs,
+        guided=_guided_from_format(body.response_format),
+    )
+    return _job(
+        "completion",
+        body,
+        runtime,
+        prompt_ids=prompt_ids,
+        params=params,
+        ref=ref,
+        logprobs=body.logprobs is not None,
+        echo=prompt_text if body.echo else None,
+        vllm_prompt_logprobs=body.prompt_logprobs is not None,
+    )
+
+
+def chat_prompt_ids(runtime: ReadyRuntime, messages: list[Message], template: str | None = None) -> list[int]:
+    """The prompt for ``messages`` (with ``template``, else the base's chat template); 400 if neither."""
+    try:
+        return render_prompt(runtime.tokenizer, messages, template)
+    except ChatFormatError as exc:
+        raise _bad("messages", str(exc)) from None
+
+
+def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
+    """/v1/chat/completions body -> job, with response_format or forced tool calls as a grammar."""
+    _refuse_unsupported(body)
+    messages: list[Message] = [{"role": m.role, "content": m.text()} for m in body.messages]
+    ref = _adapter_ref(body, runtime)
+    adapter = ref[0]
+    # A base without a chat template: only an adapter's own prompt template can render the chat,
+    # known once its version is leased (canary routing picks it); Generation renders it then.
+    deferred = adapter is not None and runtime.tokenizer.chat_template is None
+    prompt_ids = [] if deferred else chat_prompt_ids(runtime, messages)
+    requested = body.max_completion_tokens or body.max_tokens
+    max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    guided = _guided_from_format(body.response_format)
+    calling = _tool_calling(body)
+    tools = None
+    if calling is not None:
+        if guided is not None:
+            raise _bad("response_format", "cannot be combined with a forced tool call (tool_choice)")
+        tools, guided = calling
+    params = _sampling_params(body, runtime, max_tokens=max_tokens, logprobs=logprobs, guided=guided)
+    return _job(
+        "chat",
+        body,
+        runtime,
+        prompt_ids=prompt_ids,
+        params=params,
+        ref=ref,
+        logprobs=logprobs is not None,
+        tools=tools,
+        guided_param="response_format" if tools is None else "tools",
+        messages=tuple(messages),
+    )
+
+
+def tokenize_text(body: TokenizeRequest, runtime: ReadyRuntime) -> TokenizeResponse:
+    """vLLM's /tokenize: ``prompt`` (text) or ``messages`` (the chat template, as chat renders it)."""
+    tokenizer = runtime.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise _bad("prompt", "send exactly one of `prompt` and `messages`")
+    if body.messages is not None:
+        if not body.add_generation_prompt:
+            raise _bad("add_generation_prompt", "only true is supported (the prompt chat serves)")
+        ids = chat_prompt_ids(runtime, [{"role": m.role, "content": m.text()} for m in body.messages])
+    elif body.add_special_tokens:
+        ids = list(tokenizer(body.prompt, add_special_tokens=True)["input_ids"])
+    else:
+        ids = encode_text(tokenizer, body.prompt or "")
+    strs = [str(t) for t in tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None
+    return TokenizeResponse(
+        count=len(ids), max_model_len=runtime.engine.max_model_len, tokens=ids, token_strs=strs
+    )
+
+
+def detokenize_ids(body: DetokenizeRequest, runtime: ReadyRuntime) -> DetokenizeResponse:
+    ids = _token_ids("tokens", body.tokens, runtime.engine.vocab_size)
+    return DetokenizeResponse(prompt=str(runtime.tokenizer.decode(ids)))

@@ -1,0 +1,733 @@
+"""The engine: continuous batching of requests for many adapters over one base model.
+
+All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
+
+1. takes new requests and aborts from the API (thread-safe hand-off);
+2. admits waiting requests FIFO while ``max_batch_size`` and free KV blocks allow: each gets blocks
+   for its whole prompt from the paged pool (:mod:`server.engine.block_pool`), reusing the longest
+   cached prefix computed under the same weights (prefix caching);
+3. runs ONE forward pass over every running row: one token for each decoding row, and prompt chunks
+   of the newcomers, several requests at once, up to ``prefill_chunk`` prompt tokens per iteration
+   (batched chunked prefill), so a long prompt never stalls running streams for long;
+4. samples a token for every row whose pending tokens are all computed, sends it to its request's
+   asyncio queue, retires finished rows and gives every other row room for its next token; when the
+   pool runs dry, the most recently admitted request is preempted (its blocks freed, its tokens
+   recomputed when it is readmitted: its stream only pauses).
+
+Failures are per row: an exception while sampling or accepting one row's token finishes that row
+alone with an error event; a failing forward pass is retried in halves, so only the rows whose own
+forward fails (an adapter gone, ...) are failed and their blocks freed, and the engine keeps serving.
+:meth:`Engine.submit` refuses token ids outside the vocabulary (:class:`InvalidRequest`) before they
+can index a tensor (on a GPU an out-of-range index is a device-side assert that poisons the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from lorayard.adapter_files import AdapterWeights
+from lorayard.architectures import architecture_for, exact_context_limit
+from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
+from lorayard.server.engine.block_pool import (
+    BlockPool,
+    BlockSpec,
+    BlockTable,
+    KVBlockStorage,
+    adapter_identity,
+    blocks_for_budget,
+    choose_victim,
+)
+from lorayard.server.engine.config import default_max_batch_size, resolve_decode_mode
+from lorayard.server.engine.lora_ops import ResidentAdapter
+from lorayard.server.engine.model_runner import ModelRunner, PassRow, StaticDecode
+from lorayard.server.engine.sampler import (
+    SampledToken,
+    SequenceState,
+    greedy_tokens,
+    sample_row,
+    score_tokens,
+)
+from lorayard.server.engine.types import (
+    EngineStats,
+    EngineStopped,
+    FinishReason,
+    InvalidRequest,
+    PromptLogprob,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    TokenEvent,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from lorayard.server.engine.config import EngineConfig
+    from lorayard.server.engine.guided import GuidedCompiler, GuidedMatcher
+    from lorayard.server.metrics import ServerMetrics
+
+log = logging.getLogger("lorayard.engine")
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: Request
+    state: SequenceState
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenEvent]
+    pool_id: str
+    """The request's name in the block pool: unique even if two requests share a request id."""
+    table: BlockTable | None = None
+    """Its KV blocks while running; None while waiting (never admitted, or preempted)."""
+    cached_tokens: int | None = None
+    """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
+    finished: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+    """With ``prompt_logprobs`` asked: filled chunk by chunk during prefill (the first token has none)."""
+
+    def __post_init__(self) -> None:
+        if self.request.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def adapter_slot(self) -> int | None:
+        return None if self.request.adapter is None else self.request.adapter.slot
+
+    @property
+    def scoring(self) -> bool:
+        """Prompt logprobs asked and not complete yet: every prompt position must be computed."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.request.prompt_ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its KV must hold: the prompt and every token generated so far."""
+        return self.request.prompt_ids + self.state.output_ids
+
+
+class RequestStream:
+    """Async iterator over one request's :class:`TokenEvent` s; ends after the finishing event."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue[TokenEvent]) -> None:
+        self.request_id = request_id
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event.finish_reason is not None:
+            self._done = True
+        return event
+
+
+class Engine:
+    """See the module docstring; the public surface is documented in ``lorayard/server/engine/types.py``."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        engine_config: EngineConfig,
+        *,
+        eos_token_ids: set[int],
+        metrics: ServerMetrics | None = None,
+        fuse_linears: bool | None = None,
+        guided: GuidedCompiler | None = None,
+    ) -> None:
+        """``fuse_linears``: the model runner's choice (default: fused on a GPU only). ``guided``:
+        structured output's grammar compiler for the served tokenizer (None: requests with ``guided``
+        are refused); the runtime sets it once the tokenizer is loaded."""
+        self.model = model
+        self.engine_config = engine_config
+        self.config: PretrainedConfig = model.config
+        architecture_for(self.config)  # UnsupportedArchitecture before anything is sized from it
+        self.device = str(next(model.parameters()).device)
+        self.dtype = model.dtype
+        wanted_len = engine_config.max_model_len
+        self.max_model_len = min(
+            wanted_len,
+            int(getattr(self.config, "max_position_embeddings", wanted_len)),
+            exact_context_limit(self.config) or wanted_len,
+        )
+        self.max_queue = engine_config.max_queue
+        self.prefill_chunk = engine_config.prefill_chunk
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.vocab_size = int(self.config.vocab_size)
+        """Width of the logits: every token id a request carries must be below it."""
+        self.metrics = metrics
+        self._guided: GuidedCompiler | None = None
+        self.guided = guided
+        self._grammar_thread: ThreadPoolExecutor | None = None
+        """Fills constrained rows' token masks while the forward pass runs (created on first use)."""
+        config = self.config
+        spec = BlockSpec.of_model(config, self.dtype)
+        self.max_batch_size = engine_config.max_batch_size or default_max_batch_size(self.device)
+        # The budget is a ceiling: more blocks than max_batch_size requests at full length could use
+        # would only hold cold prefix cache (and on the CPU, memory the pages never needed).
+        num_blocks = min(
+            blocks_for_budget(spec, engine_config.kv_cache_memory_gb, self.device, self.max_model_len),
+            self.max_batch_size * spec.blocks_for_tokens(self.max_model_len),
+        )
+        self.decode_mode = resolve_decode_mode(
+            engine_config.decode_mode, self.device, engine_config.quantization
+        )
+        static = None
+        if self.decode_mode != "eager":
+            # One storage block past the pool's, which no request can own: the static decode step's
+            # padded rows write their K/V there.
+            static = StaticDecode(
+                self.decode_mode,
+                self.max_batch_size,
+                self.max_model_len,
+                scratch_block=num_blocks,
+                stack_capacity=engine_config.max_loaded_adapters,
+            )
+        self.kv = KVBlockStorage(spec, num_blocks + (static is not None), self.device)
+        self.pool = BlockPool(num_blocks, spec.block_size, prefix_caching=engine_config.prefix_caching)
+        self.runner = ModelRunner(model, self.kv, fuse_linears, static)
+        self.preemptions = 0
+        self._pool_ids = itertools.count()
+        self._adapter_slots = itertools.count()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._incoming: collections.deque[_Sequence] = collections.deque()
+        self._aborts: set[str] = set()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._last_batch = 0
+        self._draining = False
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_base(
+        cls,
+        base: ResolvedBaseModel,
+        engine_config: EngineConfig,
+        *,
+        eos_token_ids: set[int],
+        dtype: torch.dtype | None = None,
+        metrics: ServerMetrics | None = None,
+        fuse_linears: bool | None = None,
+    ) -> Engine:
+        """Load the base on the config's device (optionally 4-bit/8-bit) and build an engine over it;
+        ``dtype`` None: the device's default (float32 on the CPU, bf16 on a GPU).
+
+        Raises UnsupportedArchitecture for a base we cannot serve exactly: from its config before any
+        weight is read, or when the parity probe finds our forward disagreeing with transformers'.
+        """
+        from transformers import AutoConfig
+
+        from lorayard.server.engine.parity_probe import check_runner_parity
+
+        architecture_for(AutoConfig.from_pretrained(base.path))
+        device = engine_config.device or default_device()
+        model = load_base_model(
+            base, device=device, dtype=dtype or default_dtype(device), quantization=engine_config.quantization
+        )
+        model.eval()
+        engine = cls(
+            model, engine_config, eos_token_ids=eos_token_ids, metrics=metrics, fuse_linears=fuse_linears
+        )
+        check_runner_parity(model, engine.runner)
+        return engine
+
+    @property
+    def guided(self) -> GuidedCompiler | None:
+        """Structured output's grammar compiler; None: requests with ``guided`` are refused."""
+        return self._guided
+
+    @guided.setter
+    def guided(self, compiler: GuidedCompiler | None) -> None:
+        # A narrower mask would leave the logits past its end unmasked: a silent wrong answer.
+        if compiler is not None and compiler.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"the grammar compiler's vocabulary ({compiler.vocab_size}) is not the width of the "
+                f"model's logits ({self.vocab_size})"
+            )
+        self._guided = compiler
+
+    # -- adapters (called by the registry, from worker threads) ---------------------------------
+    def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
+        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
+        dense = None
+        if weights.uses_dora:
+            dense = {
+                k: self.runner.dense_weight(*k) for k, m in weights.modules.items() if m.magnitude is not None
+            }
+        resident = ResidentAdapter.from_weights(key, weights, dense, device=self.device, dtype=self.dtype)
+        # Never reused (itertools.count): adapter_identity keys the prefix cache on it. The runner maps
+        # it to a stacked row of its own, which is reused.
+        slot = next(self._adapter_slots)
+        self.runner.add_adapter(slot, resident)
+        return slot
+
+    def free_adapter_weights(self, slot: int) -> None:
+        self.runner.remove_adapter(slot)
+
+    # -- API side (event loop thread) -----------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lorayard-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request; raises InvalidRequest, PromptTooLong, QueueFull or EngineStopped."""
+        if self._draining or self._stopped.is_set():
+            raise EngineStopped("the server is shutting down")
+        self._validate(request)
+        guide = None
+        if request.params.guided is not None:
+            if self.guided is None:
+                raise InvalidRequest("structured output is not available on this engine", "guided")
+            guide = self.guided.matcher(request.params.guided)  # compiles (cached by schema text)
+        return self._enqueue(request, guide)
+
+    def _validate(self, request: Request) -> None:
+        """The engine's own guard (the API validates first): whatever indexes a tensor is checked."""
+        params = request.params
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise InvalidRequest("the prompt is empty", "prompt_ids")
+        self._check_token_ids("prompt_ids", request.prompt_ids)
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
+        self._check_token_ids("logit_bias", [token for token, _bias in params.logit_bias])
+        if params.max_tokens < 0:
+            raise InvalidRequest(f"max_tokens must be >= 0, got {params.max_tokens}", "max_tokens")
+        if params.guided is not None and params.min_tokens > 0:
+            # Once the document is complete the grammar allows only end-of-turn, which min_tokens bans.
+            raise InvalidRequest("min_tokens cannot be combined with structured output", "min_tokens")
+        for name, count in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if count is not None and not 0 <= count <= self.vocab_size:
+                raise InvalidRequest(f"{name} must be in 0..{self.vocab_size}, got {count}", name)
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the context window of {self.max_model_len} tokens"
+            )
+
+    def _check_token_ids(self, field_name: str, ids: Iterable[int]) -> None:
+        bad = [token for token in ids if not 0 <= token < self.vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"{field_name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                field_name,
+            )
+
+    def _enqueue(self, request: Request, guide: GuidedMatcher | None = None) -> RequestStream:
+        with self._lock:
+            if len(self._waiting) + len(self._incoming) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+            state = SequenceState.create(request.params, request.prompt_ids)
+            state.guide = guide
+            pool_id = f"{request.request_id}#{next(self._pool_ids)}"
+            seq = _Sequence(request, state, asyncio.get_running_loop(), queue, pool_id)
+            self._incoming.append(seq)
+        self._wakeup.set()
+        return RequestStream(request.request_id, queue)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            waiting = len(self._waiting) + len(self._incoming)
+        return EngineStats(
+            running=len(self._running),
+            waiting=waiting,
+            batch_size=self._last_batch,
+            kv_cache_usage=self.pool.usage(),
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_used=self.pool.num_used_blocks,
+            kv_blocks_cached=self.pool.num_evictable_blocks,
+            preemptions=self.preemptions,
+        )
+
+    def check_kv(self) -> None:
+        """The KV pool's books (:meth:`BlockPool.check`): every block in exactly one state, and only
+        running requests holding blocks. Raises BlockAccountingError; call it while the engine is idle
+        (the soak's and the tests' leak check)."""
+        self.pool.check([s.pool_id for s in self._running])
+
+    @property
+    def idle(self) -> bool:
+        stats = self.stats()
+        return stats.running == 0 and stats.waiting == 0
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting new requests and wait (up to timeout_s: --drain-timeout) for in-flight ones."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._grammar_thread is not None:
+            self._grammar_thread.shutdown(wait=False)
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        with self._profiled():
+            self._loop()
+
+    @contextlib.contextmanager
+    def _profiled(self) -> Iterator[None]:
+        """With ``torch_profile_dir`` set, profile the engine thread (the profiler sees only the thread
+        it runs on) and write its op table there when the engine stops."""
+        out = self.engine_config.torch_profile_dir
+        if out is None:
+            yield
+            return
+        # CPU activity only: the op table is self CPU time, which on a GPU is the launch work that
+        # bounds a small model's step, and CUDA tracing (CUPTI) must start on the thread that first
+        # used it; the engine thread is rarely that one (bench.naive hung on an H100 with it).
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            yield
+        out.mkdir(parents=True, exist_ok=True)
+        averages = profiler.key_averages()
+        (out / "engine_ops.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+        rows = [{"op": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total} for e in averages]
+        # Written last and renamed into place: its presence means the profile is complete.
+        (out / "engine_ops.json.tmp").write_text(json.dumps(rows))
+        (out / "engine_ops.json.tmp").replace(out / "engine_ops.json")
+        log.info("engine profile written to %s", out)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            if not self._has_work():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self._step()
+            except Exception as exc:
+                # Rows fail alone inside the step (see _run_pass, _sample_and_accept);
+                # this is the last resort for a bug in the scheduling itself, which must fail the
+                # running requests and never kill the engine thread.
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    self._finish(seq, "abort", error=f"{type(exc).__name__}: {exc}")
+            self._check_idle_books()
+            self._publish_gauges()
+
+    def _check_idle_books(self) -> None:
+        """With nothing running, every block must be free or a cached prefix: O(1) to check, so it runs
+        on every idle step; a leak is logged with the pool's full accounting (and shows as used blocks
+        in the kv_cache_blocks gauge)."""
+        if self._running or self.pool.num_used_blocks == 0:
+            return
+        try:
+            self.pool.check([])
+        except AssertionError as exc:
+            log.error("KV blocks leaked: %s", exc)
+
+    def _has_work(self) -> bool:
+        return bool(self._running or self._waiting or self._incoming or self._aborts)
+
+    def _step(self) -> None:
+        self._take_incoming()
+        self._admit()
+        planned = self._plan()
+        self._last_batch = len(planned)
+        if planned:
+            self._run_pass(planned)
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return
+        for seq in [s for s in (*self._waiting, *self._running) if s.request.request_id in aborts]:
+            self._finish(seq, "abort")
+
+    def _admit(self) -> None:
+        """FIFO while the batch limit and the pool allow; a preempted request waits at the front."""
+        while self._waiting and len(self._running) < self.max_batch_size:
+            seq = self._waiting[0]
+            params = seq.request.params
+            tokens = seq.tokens
+            # Decode room for the first new tokens, so a newcomer does not force a preemption at once.
+            headroom = min(self.pool.block_size, params.max_tokens - len(seq.state.output_ids))
+            table = self.pool.admit(
+                seq.pool_id,
+                tokens,
+                adapter_identity(seq.request.adapter),
+                headroom,
+                reuse_prefix=not seq.scoring,  # prompt logprobs need every position's logits
+            )
+            if table is None:
+                break
+            self._waiting.popleft()
+            if seq.cached_tokens is None:
+                seq.cached_tokens = table.cached_tokens
+            seq.table = table
+            self._running.append(seq)
+
+    def _plan(self) -> list[tuple[_Sequence, PassRow]]:
+        """This iteration's rows: every running request's pending tokens, prompt chunks within the
+        ``prefill_chunk`` budget (oldest first), one token for each decoding request."""
+        planned = []
+        budget = self.prefill_chunk
+        for seq in self._running:
+            table = seq.table
+            assert table is not None
+            start = table.num_computed
+            pending = len(table.token_ids) - start
+            count = pending if pending == 1 else min(pending, budget)
+            if count <= 0:
+                continue
+            if pending > 1:
+                budget -= count
+            samples = count == pending
+            logits: Literal["last", "all", "none"] = "last" if samples else "none"
+            if seq.scoring:
+                logits = "all"
+            ids = table.token_ids[start : start + count]
+            planned.append((seq, PassRow(ids, start, table.blocks, seq.adapter_slot, logits)))
+        return planned
+
+    def _run_pass(self, planned: list[tuple[_Sequence, PassRow]]) -> None:
+        """One forward pass over the planned rows; if it fails, each half again, down to the failing
+        rows. Retrying is safe: a row rewrites the same K/V at the same positions, and nothing is
+        marked computed before a pass returns."""
+        samplers = [seq for seq, row in planned if self._samples(seq, row)]
+        masks = self._fill_masks([seq for seq in samplers if seq.request.params.max_tokens])
+        try:
+            outputs = self.runner.forward([row for _, row in planned])
+        except Exception as exc:
+            _settle(masks)  # the retry fills again; never two fills of one matcher at once
+            if len(planned) == 1:
+                seq = planned[0][0]
+                self._fail(seq, "decode" if seq.state.output_ids else "prefill", exc)
+                return
+            log.warning("forward pass over %d rows failed (%r); retrying in halves", len(planned), exc)
+            half = len(planned) // 2
+            self._run_pass(planned[:half])
+            self._run_pass(planned[half:])
+            return
+        sampling: list[tuple[_Sequence, torch.Tensor]] = []
+        for (seq, row), logits in zip(planned, outputs, strict=True):
+            assert seq.table is not None
+            self.pool.mark_computed(seq.table, row.start + len(row.ids))
+            try:
+                self._score_prompt(seq, row, logits)
+            except Exception as exc:
+                self._fail(seq, "prompt logprobs", exc)
+                continue
+            if not self._samples(seq, row):
+                continue
+            if seq.request.params.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
+                self._finish(seq, "length")
+            else:
+                assert logits is not None
+                sampling.append((seq, logits[-1:]))
+        if sampling:
+            rows = [seq for seq, _ in sampling]
+            self._sample_and_accept(rows, torch.cat([logits for _, logits in sampling]), masks)
+            for seq in rows:
+                if not seq.finished and seq.table is not None:
+                    self._make_room(seq)
+        else:
+            _settle(masks)
+
+    def _samples(self, seq: _Sequence, row: PassRow) -> bool:
+        """Does this row compute every pending token (so its last logits pick the next token)?"""
+        assert seq.table is not None
+        return row.start + len(row.ids) == len(seq.table.token_ids)
+
+    def _score_prompt(self, seq: _Sequence, row: PassRow, logits: torch.Tensor | None) -> None:
+        """Prompt logprobs for the prompt positions this row computed (position i scores token i + 1)."""
+        top = seq.request.params.prompt_logprobs
+        if not seq.scoring or top is None or logits is None:
+            return
+        assert seq.prompt_logprobs is not None
+        prompt = seq.request.prompt_ids
+        targets = prompt[row.start + 1 : min(row.start + len(row.ids) + 1, len(prompt))]
+        seq.prompt_logprobs.extend(score_tokens(logits, targets, top))
+
+    def _make_room(self, seq: _Sequence) -> None:
+        """Record the row's new token in its block table, preempting the most recently admitted
+        requests while the pool has no block for it (possibly this very row)."""
+        assert seq.table is not None
+        token = seq.state.output_ids[-1]
+        while not self.pool.append_token(seq.table, token):
+            # Tables hash by identity (eq=False): the map leads from the policy's choice to its request.
+            holders = {s.table: s for s in self._running if s.table is not None}
+            victim_table = choose_victim(holders)
+            assert victim_table is not None  # seq itself holds blocks
+            victim = holders[victim_table]
+            self._preempt(victim)
+            if victim is seq:
+                return
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Free a running request's blocks and queue it first: readmitted, it recomputes its prompt and
+        output so far (mostly prefix hits when its blocks are still cached), then samples on."""
+        assert seq.table is not None
+        self.pool.preempt(seq.table)
+        seq.table = None
+        self._running.remove(seq)
+        if seq.scoring:  # its prompt logprobs are recomputed from the first position
+            seq.prompt_logprobs = [None]
+        self._waiting.appendleft(seq)
+        self.preemptions += 1
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
+        log.info("preempted request %s (KV pool full)", seq.request.request_id)
+
+    def _fill_masks(self, rows: list[_Sequence]) -> Future[None] | None:
+        """Start filling the constrained rows' token masks on the grammar thread, so the grammar work
+        overlaps the forward pass (torch releases the GIL in its ops); None without such rows."""
+        guides = [s.state.guide for s in rows if s.state.guide is not None]
+        if not guides:
+            return None
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="lorayard-grammar")
+
+        def fill() -> None:
+            for guide in guides:
+                guide.fill()  # keeps its own error, raised when its row samples
+
+        return self._grammar_thread.submit(fill)
+
+    def _sample_and_accept(
+        self, rows: list[_Sequence], logits: torch.Tensor, masks: Future[None] | None = None
+    ) -> None:
+        """logits: [len(rows), vocab]; masks: the constrained rows' mask fill, awaited first. A row
+        whose sampling or acceptance raises fails alone."""
+        _settle(masks)
+        greedy = greedy_tokens(logits, [s.state for s in rows])
+        for i, seq in enumerate(rows):
+            try:
+                token = greedy[i] or sample_row(logits[i], seq.state, self.eos_token_ids)
+                self._accept(seq, token)
+            except Exception as exc:
+                self._fail(seq, "sampling", exc)
+
+    def _accept(self, seq: _Sequence, token: SampledToken) -> None:
+        """Record a sampled token, send it, and retire the row if it finished."""
+        state = seq.state
+        params = state.params
+        if state.guide is not None:
+            state.guide.accept(token.token_id)  # raises if the grammar refuses it: this row fails
+        state.output_ids.append(token.token_id)
+        n = len(state.output_ids)
+        finish: FinishReason | None = None
+        is_stop = token.token_id in params.stop_token_ids or (
+            token.token_id in self.eos_token_ids and not params.ignore_eos
+        )
+        if state.guide is not None and state.guide.terminated:
+            finish = "stop"  # the document is complete (and its end-of-turn token accepted, if any)
+        elif is_stop and n >= params.min_tokens:
+            finish = "stop"
+        elif n >= params.max_tokens or len(seq.request.prompt_ids) + n >= self.max_model_len:
+            finish = "length"
+        self._emit(
+            seq,
+            TokenEvent(
+                token.token_id,
+                logprob=token.logprob,
+                top_logprobs=token.top_logprobs,
+                finish_reason=finish,
+                prompt_tokens=len(seq.request.prompt_ids),
+                output_tokens=n,
+                prompt_logprobs=self._prompt_logprobs(seq) if n == 1 else None,
+                cached_tokens=seq.cached_tokens,
+            ),
+        )
+        if finish is not None:
+            self._retire(seq)
+
+    def _fail(self, seq: _Sequence, stage: str, exc: Exception) -> None:
+        """Finish one request with an error event (the API answers 500) and free its blocks."""
+        log.error("request %s failed in %s", seq.request.request_id, stage, exc_info=exc)
+        if not seq.finished:
+            self._finish(seq, "abort", error=f"{stage} failed: {type(exc).__name__}: {exc}")
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self._emit(
+            seq,
+            TokenEvent(
+                None,
+                finish_reason=reason,
+                prompt_tokens=len(seq.request.prompt_ids),
+                output_tokens=len(seq.state.output_ids),
+                error=error,
+                prompt_logprobs=self._prompt_logprobs(seq) if not seq.state.output_ids else None,
+                cached_tokens=seq.cached_tokens,
+            ),
+        )
+        self._retire(seq)
+
+    @staticmethod
+    def _prompt_logprobs(seq: _Sequence) -> tuple[PromptLogprob | None, ...] | None:
+        """For the request's first event: complete once its prefill is (None on an early abort)."""
+        if seq.prompt_logprobs is None or seq.scoring:
+            return None
+        return tuple(seq.prompt_logprobs)
+
+    def _retire(self, seq: _Sequence) -> None:
+        seq.finished = True
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:  # aborted while waiting (never admitted, or preempted)
+            self._waiting.remove(seq)
+        if seq.table is not None:
+            self.pool.free(seq.table)
+            seq.table = None
+
+    @staticmethod
+    def _emit(seq: _Sequence, event: TokenEvent) -> None:
+        # A closed event loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            seq.loop.call_soon_threadsafe(seq.queue.put_nowait, event)
+
+    def _publish_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        stats = self.stats()
+        self.metrics.running.set(stats.running)
+        self.metrics.waiting.set(stats.waiting)
+        self.metrics.batch_size.set(stats.batch_size)
+        self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
+        free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
+        for state, count in (
+            ("used", stats.kv_blocks_used),
+            ("cached", stats.kv_blocks_cached),
+            ("free", free),
+        ):
+            self.metrics.kv_blocks.labels(state=state).set(count)
+
+
+def _settle(masks: Future[None] | None) -> None:
+    """Wait for a mask fill (its errors stay with each matcher, see GuidedMatcher.fill)."""
+    if masks is not None:
+        with contextlib.suppress(Exception):
+            masks.result()

@@ -1,0 +1,140 @@
+"""What a running server holds: settings, metrics, and (once loaded) tokenizer, engine and registry."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from fastapi import Request
+
+from lorayard.architectures import UnsupportedArchitecture
+from lorayard.base_model import BaseModelError, load_tokenizer, resolve_base_model
+from lorayard.chat_format import stop_token_ids
+from lorayard.server.adapters.registry import AdapterRegistry
+from lorayard.server.api.errors import APIError
+from lorayard.server.engine.engine import Engine
+from lorayard.server.engine.guided import GuidedCompiler
+from lorayard.server.metrics import ServerMetrics
+from lorayard.server.settings import Settings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("lorayard.server")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: ServerMetrics = field(default_factory=ServerMetrics.create)
+    started_at: float = field(default_factory=time.time)
+    tokenizer: PreTrainedTokenizerBase | None = None
+    engine: Engine | None = None
+    registry: AdapterRegistry | None = None
+    load_error: str | None = None
+    draining: bool = False
+    on_load_failed: Callable[[str], None] | None = None
+    """Called with the reason when the base cannot be loaded: ``python -m lorayard.server`` exits non-zero
+    then, so no orchestrator keeps a server that will never be ready."""
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.registry is not None
+
+    async def load(self) -> None:
+        """Load the base model off the event loop (so /health answers meanwhile), then start serving."""
+        settings = self.settings
+        started = time.perf_counter()
+        try:
+            base = await asyncio.to_thread(resolve_base_model, settings.base_model)
+            tokenizer = await asyncio.to_thread(load_tokenizer, base)
+            eos_token_ids = stop_token_ids(tokenizer)
+            engine = await asyncio.to_thread(
+                Engine.from_base,
+                base,
+                settings.engine_config(),
+                eos_token_ids=eos_token_ids,
+                metrics=self.metrics,
+            )
+            # Structured output needs the tokenizer's byte strings, for the width of the model's logits.
+            engine.guided = await asyncio.to_thread(
+                GuidedCompiler, tokenizer, engine.vocab_size, eos_token_ids
+            )
+            fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
+        except (UnsupportedArchitecture, BaseModelError) as exc:  # expected refusals: one line
+            self._load_failed(f"cannot serve base model {settings.base_model!r}: {exc}")
+            return
+        except Exception as exc:
+            log.exception("loading the base model failed")
+            self._load_failed(f"loading the base model failed: {type(exc).__name__}: {exc}")
+            return
+        engine.start()
+        registry = AdapterRegistry(
+            settings.adapters_dir,
+            engine,
+            base_fingerprint=fingerprint,
+            max_loaded=settings.max_loaded_adapters,
+            poll_interval_s=settings.poll_interval,
+            metrics=self.metrics,
+            cache_dir=settings.adapter_cache_dir,
+            cache_max_bytes=int(settings.adapter_cache_gb * 2**30),
+        )
+        await registry.start()
+        self.tokenizer, self.engine, self.registry = tokenizer, engine, registry
+        log.info(
+            "ready: base %s on %s in %.1f s, %d requests at most, %d KV blocks, adapters from %s",
+            settings.base_model,
+            engine.device,
+            time.perf_counter() - started,
+            engine.max_batch_size,
+            engine.pool.num_blocks,
+            settings.adapters_dir,
+        )
+
+    def _load_failed(self, reason: str) -> None:
+        self.load_error = reason
+        log.error("%s", reason)
+        if self.on_load_failed is not None:
+            self.on_load_failed(reason)
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new work (503), let in-flight requests and streams finish."""
+        self.draining = True
+        if self.engine is not None:
+            await self.engine.drain(self.settings.drain_timeout)
+
+    async def close(self) -> None:
+        if self.registry is not None:
+            await self.registry.stop()
+        if self.engine is not None:
+            self.engine.stop()
+
+
+class ReadyRuntime(Protocol):
+    """A :class:`Runtime` whose base model has loaded: what the routes behind the readiness check see."""
+
+    settings: Settings
+    metrics: ServerMetrics
+    started_at: float
+    tokenizer: PreTrainedTokenizerBase
+    engine: Engine
+    registry: AdapterRegistry
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer key check in constant time; a no-op when no key is configured."""
+    runtime: Runtime = request.app.state.runtime
+    expected = runtime.settings.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise APIError(
+            401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
+        )

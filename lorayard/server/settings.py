@@ -1,0 +1,153 @@
+"""Server settings: one pydantic model; every field is a flag ``--x-y`` and an env var ``LORAYARD_X_Y``.
+
+Precedence: flag > environment > the field's default (the one source of truth for each default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorayard.base_model import Quantization, default_base_model
+from lorayard.flags import add_field_flags, flag_name, flags_table
+from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
+from lorayard.server.engine.config import DecodeMode, EngineConfig
+from lorayard.storage import location_value
+
+ENV_PREFIX = "LORAYARD_"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapters_dir: Path | str = Field(
+        Path("adapters"), description="the adapters volume to serve from: a folder or s3://bucket/prefix"
+    )
+    adapter_cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="where versions downloaded from an object store are kept",
+    )
+    adapter_cache_gb: float = Field(
+        DEFAULT_CACHE_BYTES / 2**30, gt=0, description="bound of that cache (least recently used go first)"
+    )
+    base_model: str = Field(default_factory=default_base_model, description="alias, local folder or hub id")
+    quantization: Quantization = Field(
+        None, description="load the base 4bit (NF4, double quant) or 8bit via bitsandbytes; LoRA on top"
+    )
+    device: str | None = Field(None, description="cpu | cuda | cuda:N (default: cuda if available)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_key: str | None = Field(
+        None, description="require 'Authorization: Bearer KEY' on every route but /health"
+    )
+    metrics_public: bool = Field(True, description="serve /metrics without the API key")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="running requests at most (default: 16 on the CPU, 256 on a GPU)"
+    )
+    max_loaded_adapters: int = Field(8, ge=1, description="adapter versions resident in memory at most")
+    max_queue: int = Field(256, ge=1, description="waiting requests at most; past it: 429")
+    max_model_len: int = Field(2048, ge=16, description="context window: prompt + max_tokens")
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="KV-cache budget (default: 4 GB on the CPU, most of the free GPU memory)"
+    )
+    prefix_caching: bool = Field(
+        True, description="reuse the KV of prompt prefixes already computed under the same adapter version"
+    )
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    torch_profile_dir: Path | None = Field(
+        None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
+    )
+    decode_mode: DecodeMode = Field(
+        "auto",
+        description="decode steps: eager | static (padded to a batch bucket, stacked LoRA) | graph "
+        "(static, replayed as CUDA graphs) | auto (eager until graph replay is validated on a GPU)",
+    )
+    poll_interval: float = Field(
+        1.0, gt=0, description="seconds between adapters-volume scans (LATEST, canary splits, new adapters)"
+    )
+    drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    _location = field_validator("adapters_dir", mode="before")(location_value)
+
+    def engine_config(self) -> EngineConfig:
+        """What the engine needs of these settings: each EngineConfig field is the setting of its name."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+QUANTIZATION_ALIASES = {"load_in_4bit": "4bit", "load_in_8bit": "8bit"}
+"""The server's first spelling of ``--quantization``, kept working: ``--load-in-4bit`` is
+``--quantization 4bit`` (and ``LORAYARD_LOAD_IN_4BIT=true`` is ``LORAYARD_QUANTIZATION=4bit``)."""
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _env_value(name: str) -> str | None:
+    return os.environ.get(ENV_PREFIX + name.upper())
+
+
+def _quantization(flag_value: str | None, aliases: dict[str, bool | None]) -> str | None:
+    """--quantization, else its aliases, else the same from the environment; two that differ: an error."""
+    for layer in (
+        [flag_value, *(QUANTIZATION_ALIASES[a] for a, on in aliases.items() if on)],
+        [
+            _env_value("quantization"),
+            *(q for a, q in QUANTIZATION_ALIASES.items() if (_env_value(a) or "").lower() in _TRUE),
+        ],
+    ):
+        chosen = {value for value in layer if value is not None}
+        if len(chosen) > 1:
+            raise ValueError(f"choose one quantization, got {' and '.join(sorted(chosen))}")
+        if chosen:
+            return chosen.pop()
+    return None
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Flags and LORAYARD_* env -> Settings; a bad value exits with the flag named."""
+    parser = argparse.ArgumentParser(prog="lorayard serve", description="LoRAyard multi-adapter server")
+    add_field_flags(
+        parser, Settings.model_fields, help_suffix=lambda name: f" (env {ENV_PREFIX}{name.upper()})"
+    )
+    for alias, quantization in QUANTIZATION_ALIASES.items():
+        parser.add_argument(
+            flag_name(alias),
+            action="store_true",
+            default=None,
+            help=f"alias of --quantization {quantization}",
+        )
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = args[name] if args[name] is not None else _env_value(name)
+        if value is not None:
+            values[name] = value
+    try:
+        values["quantization"] = _quantization(
+            args["quantization"], {a: args[a] for a in QUANTIZATION_ALIASES}
+        )
+    except ValueError as exc:
+        parser.error(f"--quantization: {exc}")
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        )
+        parser.error(problems)
+        raise  # unreachable: parser.error exits
+
+
+def flags_markdown() -> str:
+    """The server's flags as a markdown table (flag, env, default, meaning), from the Settings fields."""
+    aliases = ", ".join(f"`{flag_name(a)}` is `--quantization {q}`" for a, q in QUANTIZATION_ALIASES.items())
+    table = flags_table(Settings.model_fields, env=lambda name: ENV_PREFIX + name.upper())
+    return f"{table}\nAliases: {aliases} (and `{ENV_PREFIX}LOAD_IN_4BIT=true` likewise).\n"

@@ -1,0 +1,374 @@
+"""LoRA / QLoRA training on transformers' Trainer: PEFT setup, completion-only loss, resume, SIGTERM.
+
+We lean on Trainer (and through it accelerate) for the loop, gradient accumulation, schedules,
+checkpoints, ``resume_from_checkpoint`` (optimizer, scheduler, RNG and data position), evaluation,
+best-checkpoint selection, early stopping, trackers and multi-process runs (``torchrun`` /
+``accelerate launch``). What is ours: the data collation, the PEFT config, the SIGTERM callback and
+the run-folder bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase, Trainer
+
+    from lorayard.train.config import TrainConfig
+    from lorayard.train.data import Example
+
+IGNORE_INDEX = -100
+"""Label of a token outside the loss (the prompt); what transformers' loss ignores."""
+TRAINER_STATE_FILE = "trainer_state.json"
+"""Trainer writes it last in a checkpoint, so its presence marks a complete checkpoint."""
+
+
+# -- data -> batches ----------------------------------------------------------------------------------
+class CompletionDataset(torch.utils.data.Dataset):
+    """Rendered examples as ``input_ids`` and ``labels`` (IGNORE_INDEX wherever the mask is 0)."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        rendered = self.examples[index].rendered
+        labels = [t if m else IGNORE_INDEX for t, m in zip(rendered.ids, rendered.labels_mask, strict=True)]
+        return {"input_ids": rendered.ids, "labels": labels}
+
+
+@dataclass(frozen=True)
+class PaddingCollator:
+    """Right-pads a batch to its longest example: input_ids/labels/attention_mask [batch, longest]."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            ids[row, :n] = torch.tensor(feature["input_ids"])
+            labels[row, :n] = torch.tensor(feature["labels"])
+            attention[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def collator(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
+    """Padded batches, or with ``packing`` transformers' padding-free flattening: one row per batch
+    whose ``position_ids`` restart at each example. With no attention mask and no KV cache (training
+    turns it off) transformers derives a block-diagonal causal mask from those positions, so the loss
+    equals the padded batch's (a test proves it)."""
+    if config.packing:
+        from transformers import DataCollatorWithFlattening
+
+        # separator -100: each example's first label is outside the loss, as it is when padded
+        # (no token predicts it).
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return PaddingCollator(pad_token_id(tokenizer))
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad id, falling back to eos: padded positions are masked, so the value never matters."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+# -- SIGTERM: a preempted pod saves and stops --------------------------------------------------------
+class TerminationFlag:
+    """Set by SIGTERM; the training loop checks it after every step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    @contextmanager
+    def installed(self) -> Iterator[TerminationFlag]:
+        """Catch SIGTERM (Kubernetes' preemption signal) instead of dying mid-step; restore after."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            print("\nSIGTERM: saving a checkpoint at the end of this step, then exiting", flush=True)
+            self.set()
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class SaveAndStopOnSignal(TrainerCallback):
+    """After the step in flight: save a checkpoint (for --resume) and stop, when SIGTERM arrived."""
+
+    def __init__(self, flag: TerminationFlag) -> None:
+        self.flag = flag
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if self.flag.is_set:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class PerplexityLogger(TrainerCallback):
+    """Adds ``eval_perplexity = exp(eval_loss)`` to every evaluation log (and the loss history)."""
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs and "eval_loss" in logs:
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+            if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
+                state.log_history[-1]["eval_perplexity"] = logs["eval_perplexity"]
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run does not produce inf in JSON."""
+    return math.exp(min(loss, 50.0))
+
+
+# -- model ----------------------------------------------------------------------------------------------
+def lora_config(config: TrainConfig) -> Any:
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.rank,
+        # PEFT annotates an int but only ever computes alpha / r (or / sqrt(r)): a float alpha is exact
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        layers_to_transform=config.layers_to_transform,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        bias="none",
+    )
+
+
+def build_model(config: TrainConfig, base: ResolvedBaseModel, device: str) -> PeftModel:
+    """The base (quantized for QLoRA) wrapped in a fresh LoRA adapter, seeded."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    from lorayard.server.engine.parity_probe import check_runner_parity
+
+    set_seed(config.seed)
+    model = load_base_model(
+        base, device=device, dtype=default_dtype(device), quantization=config.quantization
+    )
+    # The server's startup probe, on the same weights, before training is spent on a base it would
+    # refuse (UnsupportedArchitecture).
+    check_runner_parity(model)
+    if config.quantization:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return get_peft_model(model, lora_config(config))
+
+
+def training_device(config: TrainConfig) -> str:
+    """Under torchrun on GPUs each process takes the GPU of its LOCAL_RANK."""
+    device = config.device or default_device()
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def is_main_process() -> bool:
+    """True in a single-process run and on rank 0 of torchrun / accelerate launch."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+# -- the run folder ----------------------------------------------------------------------------------------
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint, complete or not, by step."""
+    found = []
+    if run_dir.is_dir():
+        for child in run_dir.glob("checkpoint-*"):
+            step = child.name.removeprefix("checkpoint-")
+            if step.isdigit() and child.is_dir():
+                found.append((int(step), child))
+    return sorted(found)
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    complete = [path for _, path in checkpoints(run_dir) if (path / TRAINER_STATE_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+def clear_stale_checkpoints(run_dir: Path, keep_upto: Path | None) -> None:
+    """A fresh run (``keep_upto`` None) clears old checkpoints; a resumed one drops those newer than
+    the one it resumes from (a kill can leave one half-written)."""
+    limit = int(keep_upto.name.removeprefix("checkpoint-")) if keep_upto else -1
+    for step, path in checkpoints(run_dir):
+        if step > limit:
+            shutil.rmtree(path, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+# -- training ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: PeftModel
+    global_step: int
+    train_loss: float | None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int | None = None
+    best_checkpoint: str | None = None
+    train_runtime_s: float | None = None
+    interrupted: bool = False
+    last_checkpoint: Path | None = None
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing flags, under the name this transformers version uses."""
+    if not enabled:
+        return {}
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def training_arguments(config: TrainConfig, device: str) -> TrainingArguments:
+    on_gpu = device.startswith("cuda")
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(config.run_dir),
+        max_steps=config.max_steps or -1,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a value below 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        **_checkpointing_arguments(config.gradient_checkpointing and not config.quantization),
+        # Never mixed precision on the CPU: bf16 autocast there is ~25x slower than float32.
+        bf16=bf16,
+        fp16=on_gpu and not bf16,
+        use_cpu=not on_gpu,
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.checkpoint_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=config.load_best_model_at_end,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        report_to=list(config.report_to) or "none",
+        disable_tqdm=False,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def make_trainer(
+    config: TrainConfig,
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Example],
+    validation: list[Example],
+    flag: TerminationFlag,
+    device: str,
+) -> Trainer:
+    from transformers import EarlyStoppingCallback, Trainer
+
+    callbacks: list[TrainerCallback] = [PerplexityLogger(), SaveAndStopOnSignal(flag)]
+    if config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    return Trainer(
+        model=model,
+        args=training_arguments(config, device),
+        train_dataset=CompletionDataset(train),
+        eval_dataset=CompletionDataset(validation),
+        data_collator=collator(config, tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def run_training(
+    config: TrainConfig,
+    base: ResolvedBaseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Example],
+    validation: list[Example],
+    *,
+    resume: bool,
+    flag: TerminationFlag,
+) -> TrainResult:
+    """Train (or continue) the adapter; on SIGTERM stop after a checkpoint with ``interrupted=True``."""
+    device = training_device(config)
+    # Every rank reads the same folder (a shared filesystem under torchrun); only rank 0 cleans it.
+    resume_from = last_complete_checkpoint(config.run_dir) if resume else None
+    if is_main_process():
+        clear_stale_checkpoints(config.run_dir, resume_from)
+        if resume and resume_from is None:
+            print(f"--resume: no complete checkpoint in {config.run_dir}; starting fresh", flush=True)
+    model = build_model(config, base, device)
+    trainer = make_trainer(config, model, tokenizer, train, validation, flag, device)
+    resumed_from_step = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else None
+    if resume_from is not None and is_main_process():
+        print(f"resuming from {resume_from} (step {resumed_from_step})", flush=True)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    state = trainer.state
+    return TrainResult(
+        model=trainer.model,  # type: ignore[arg-type]  # Trainer types it loosely: it is build_model's PeftModel
+        global_step=state.global_step,
+        train_loss=output.training_loss if not math.isnan(output.training_loss) else None,
+        log_history=list(state.log_history),
+        resumed_from_step=resumed_from_step,
+        best_checkpoint=state.best_model_checkpoint,
+        train_runtime_s=output.metrics.get("train_runtime"),
+        interrupted=flag.is_set,
+        last_checkpoint=last_complete_checkpoint(config.run_dir),
+    )

@@ -1,0 +1,85 @@
+"""The training job uses the server's support test: a base the server would refuse is refused before
+training (exit 5) and at publish; adapters trained on the new architectures serve with PEFT parity."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from lorayard.adapter_files import load_adapter
+from lorayard.architectures import ARCHITECTURES
+from lorayard.base_model import resolve_base_model
+from lorayard.server.engine.engine import Engine
+from lorayard.server.engine.types import Request, SamplingParams
+from lorayard.server.settings import Settings
+from lorayard.train.__main__ import EXIT_CONFIG, EXIT_SERVING_CHECK, main
+from lorayard.train.publish import ServingCheckError, check_serving_compatible
+from lorayard.volume import AdapterVolume
+
+from ..server.conftest import peft_greedy
+from .conftest import FAST
+
+
+def _args(base, adapters_dir, data) -> list[str]:
+    return ["--base-model", str(base), "--adapters-dir", str(adapters_dir), "--data", str(data), *FAST]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_unservable_base_is_refused_before_training(
+    tiny_arch_base, adapters_dir, chat_file, capsys, model_type
+):
+    args = _args(tiny_arch_base(model_type), adapters_dir, chat_file)
+    assert main([*args, "--name", "nope", "--max-steps", "2"]) == EXIT_SERVING_CHECK
+    err = capsys.readouterr().err
+    assert f"base architecture {model_type!r}" in err and "nothing trained or published" in err
+    assert all(supported in err for supported in ARCHITECTURES)
+    assert not (adapters_dir / "nope").exists()
+
+
+def test_publish_check_refuses_an_unservable_base(tiny_arch_base, tmp_path):
+    """The publish step's check (the same test) on its own: nothing is read for an unservable base."""
+    with pytest.raises(ServingCheckError, match=r"'gpt2'.*supported model types"):
+        check_serving_compatible(tmp_path, AutoConfig.from_pretrained(tiny_arch_base("gpt2")))
+
+
+def test_target_modules_the_base_lacks_are_a_config_error(tiny_arch_base, adapters_dir, chat_file, capsys):
+    args = _args(tiny_arch_base("phi3"), adapters_dir, chat_file)
+    assert main([*args, "--name", "phi", "--target-modules", "q_proj,v_proj"]) == EXIT_CONFIG
+    assert "qkv_proj" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3"])
+def test_adapter_trained_by_the_job_serves_with_peft_parity(
+    tiny_arch_base, adapters_dir, chat_file, model_type
+):
+    base = tiny_arch_base(model_type)
+    args = _args(base, adapters_dir, chat_file)
+    assert main([*args, "--name", "arch", "--max-steps", "3", "--target-modules", "all-linear"]) == 0
+    folder = AdapterVolume(adapters_dir).resolve("arch").path
+    weights = load_adapter(folder, AutoConfig.from_pretrained(base))
+    assert set(weights.target_modules) == set(ARCHITECTURES[model_type].lora_targets)
+    engine = Engine.from_base(
+        resolve_base_model(str(base)),
+        Settings(device="cpu", max_model_len=64).engine_config(),
+        dtype=torch.float32,
+        eos_token_ids=set(),
+    )
+
+    class Handle:
+        key, slot = "arch", engine.load_adapter_weights("arch", weights)
+
+    prompt = [1, 9690, 198, 2683, 359, 253, 42, 7]
+
+    async def run() -> list[int]:
+        engine.start()
+        request = Request("r", prompt, SamplingParams(max_tokens=8, temperature=0.0), Handle())
+        return [e.token_id async for e in engine.submit(request) if e.token_id is not None]
+
+    try:
+        tokens = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert tokens == peft_greedy(base, folder, prompt, 8)

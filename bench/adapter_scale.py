@@ -37,6 +37,7 @@ from bench.record import (
 from bench.workload import ALL_LINEAR, AdapterSpec, EngineBench, base_label, load_base, make_adapters
 from lorayard.server.adapters.registry import AdapterRegistry
 from lorayard.server.settings import Settings
+from lorayard.testing.server import rss_bytes
 
 GOAL_COLD_LOAD_MS = 100.0
 
@@ -52,13 +53,6 @@ def build_volume(root: Path, template: Path, count: int) -> None:
             os.link(template / "adapter_model.safetensors", folder / "adapter_model.safetensors")
         except OSError:
             shutil.copy(template / "adapter_model.safetensors", folder / "adapter_model.safetensors")
-
-
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _timed_ms(call: Callable[[], object], times: int) -> list[float]:
@@ -97,7 +91,7 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
                 name = f"adapter-{(round_ + 1) % n:04d}" if n > 1 else "adapter-0000"
                 if n == 1:  # the only adapter: unload it so every round is a cold load
                     await registry.unload(name)
-                rss_before = _rss_bytes()
+                rss_before = rss_bytes()
                 start = time.perf_counter()
                 lease = await registry.acquire(name)
                 load_ms = (time.perf_counter() - start) * 1e3
@@ -108,7 +102,7 @@ async def _measure(args: argparse.Namespace, result: SuiteResult, tiny: Path | N
                         "n": n,
                         "round": round_,
                         "ms": load_ms,
-                        "rss_delta": _rss_bytes() - rss_before,
+                        "rss_delta": rss_bytes() - rss_before,
                     }
                 )
         for n in args.sizes:

@@ -40,12 +40,9 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +64,7 @@ from bench.record import (
 )
 from bench.workload import load_base, make_adapters, mixed_specs
 from lorayard.base_model import embedded_gguf_path
+from lorayard.testing.server import ServerProcess, free_port, wait_ready
 
 DEFAULT_LLAMA_PYTHON = Path("/work/llamacpp-venv/bin/python")
 OURS, LLAMA = "ours", "llama.cpp"
@@ -144,39 +142,15 @@ def server_order(repeat: int, index: int) -> tuple[str, str]:
 
 
 # -- processes --------------------------------------------------------------------------------------
-@dataclass
-class RunningServer:
-    """A server subprocess on 127.0.0.1 and its OpenAI base URL."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _thread_env(threads: int) -> dict[str, str]:
     # torch (ours) reads OMP_NUM_THREADS at start; llama.cpp takes --n_threads, the env does no harm.
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def _start(name: str, argv: list[str], threads: int, ready_path: str, log: Path) -> RunningServer:
-    """Start ``argv`` (+ --host, --port) on a free port; return once ``ready_path`` answers 200."""
-    port = _free_port()
+def _start(argv: list[str], threads: int, ready_path: str, log: Path) -> ServerProcess:
+    """Start ``argv`` (+ --host, --port) on a free port; return once ``ready_path`` answers 200.
+    (llama.cpp's server cannot report a port it bound itself, so both servers take ``free_port``.)"""
+    port = free_port()
     with log.open("w") as fh:
         process = subprocess.Popen(
             [*argv, "--host", "127.0.0.1", "--port", str(port)],
@@ -185,20 +159,9 @@ def _start(name: str, argv: list[str], threads: int, ready_path: str, log: Path)
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
-    server = RunningServer(name, process, f"http://127.0.0.1:{port}/v1", log)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"{name} not ready in 300 s; see {log}")
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
+    wait_ready(process, server.base_url + ready_path, log, timeout=300)
+    return server
 
 
 def _check_llama_python(path: Path) -> None:
@@ -259,9 +222,9 @@ class MinTokensTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def _load(server: RunningServer, adapter: str | None, concurrency: int, args: argparse.Namespace, seed: int):
+def _load(server: ServerProcess, adapter: str | None, concurrency: int, args: argparse.Namespace, seed: int):
     config = LoadTestConfig(
-        base_url=server.base_url,
+        base_url=server.v1,
         adapters=[adapter],
         concurrency=concurrency,
         requests=requests_for(concurrency),
@@ -277,10 +240,10 @@ def _load(server: RunningServer, adapter: str | None, concurrency: int, args: ar
     return asyncio.run(LoadTester(config, transport=transport).run())
 
 
-def _probe(server: RunningServer, adapter: str | None, max_tokens: int) -> dict[str, Any]:
+def _probe(server: ServerProcess, adapter: str | None, max_tokens: int) -> dict[str, Any]:
     """One non-streamed greedy completion (also the warm-up): what each server read and wrote."""
     extra = {"ignore_eos": True} if server.name == OURS else {"min_tokens": max_tokens}
-    with LorayardClient(server.base_url, timeout=300) as client:
+    with LorayardClient(server.v1, timeout=300) as client:
         result = client.complete(
             DEFAULT_PROMPTS[0], adapter=adapter, max_tokens=max_tokens, temperature=0.0, **extra
         )
@@ -297,8 +260,8 @@ def _probe(server: RunningServer, adapter: str | None, max_tokens: int) -> dict[
 class Setup:
     """The servers of one run: variant -> server name -> (server, adapter named per request)."""
 
-    servers: dict[str, dict[str, tuple[RunningServer, str | None]]]
-    started: list[RunningServer]
+    servers: dict[str, dict[str, tuple[ServerProcess, str | None]]]
+    started: list[ServerProcess]
     """Every process started so far (stopped at the end, also when a later start failed)."""
 
 
@@ -342,7 +305,7 @@ def _start_servers(args: argparse.Namespace, work: Path, result: SuiteResult, se
         starts.append((LORA, LLAMA, [*llama, "--lora_path", str(lora_gguf)], "/v1/models", None))
     for variant, server_name, argv, ready, adapter in starts:
         log = work / f"{server_name}-{variant.replace(' ', '')}.log"
-        server = _start(server_name, argv, args.threads, ready, log)
+        server = _start(argv, args.threads, ready, log)
         setup.started.append(server)
         setup.servers.setdefault(variant, {})[server_name] = (server, adapter)
     if lora_reason is None:

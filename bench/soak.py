@@ -25,9 +25,6 @@ import os
 import platform
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from lorayard.base_model import default_base_model, resolve_base_model
 from lorayard.testing.random_base import TINY, build_random_base
+from lorayard.testing.server import metric_value, rss_bytes, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "soak"
@@ -78,20 +77,6 @@ class Tally:
     per_adapter: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _rss_bytes(pid: int) -> int:
-    """Resident set size of one process, from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def _publish_random_adapters(base_spec: str, volume_dir: Path) -> None:
     """Two versions of each adapter (different ranks and targets), published like the training job does."""
     import torch
@@ -113,13 +98,6 @@ def _publish_random_adapters(base_spec: str, volume_dir: Path) -> None:
                     name=name, version=0, base_model=BaseModelRef(id=base.model_id, sha256=base.fingerprint)
                 )
                 volume.publish(staged, manifest)
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
 
 
 async def _one_request(client: httpx.AsyncClient, rng: random.Random, cfg: SoakConfig, tally: Tally) -> None:
@@ -193,7 +171,7 @@ async def _load(base_url: str, cfg: SoakConfig, pid: int, tally: Tally) -> dict[
 
     async def sampler() -> None:
         await asyncio.sleep(cfg.warmup_s)
-        rss["warm_bytes"] = _rss_bytes(pid)
+        rss["warm_bytes"] = rss_bytes(pid)
         rss["warm_at_s"] = round(time.monotonic() - started, 1)
 
     await asyncio.gather(sampler(), *(worker(i) for i in range(cfg.concurrency)))
@@ -206,39 +184,13 @@ def _wait_idle(base_url: str, timeout: float = 60) -> dict[str, float]:
     while True:
         text = httpx.get(base_url + "/metrics", timeout=10).text
         gauges = {
-            "running": _metric(text, "lorayard_num_requests_running"),
-            "waiting": _metric(text, "lorayard_num_requests_waiting"),
-            "kv_blocks_used": _metric(text, 'lorayard_kv_cache_blocks{state="used"}'),
+            "running": metric_value(text, "lorayard_num_requests_running"),
+            "waiting": metric_value(text, "lorayard_num_requests_waiting"),
+            "kv_blocks_used": metric_value(text, "lorayard_kv_cache_blocks", state="used"),
         }
         if (gauges["running"] == 0 and gauges["waiting"] == 0) or time.monotonic() > deadline:
             return gauges
         time.sleep(0.5)
-
-
-def _start_server(
-    args: list[str], log_path: Path, timeout: float = 300
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(base_url + "/ready", timeout=2).status_code == 200:
-                return process, base_url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"server not ready in {timeout} s; see {log_path}")
 
 
 def run_soak(cfg: SoakConfig, work: Path) -> dict[str, object]:
@@ -255,22 +207,18 @@ def run_soak(cfg: SoakConfig, work: Path) -> dict[str, object]:
         *("--max-batch-size", "16", "--max-model-len", "512", "--poll-interval", "0.5"),
         *("--log-level", "warning"),
     ]
-    process, base_url = _start_server(server_args, work / "server.log")
+    server = start_server(server_args, work / "server.log", timeout=300)
+    process, base_url = server.process, server.base_url
     tally = Tally()
     try:
         started = time.monotonic()
         rss = asyncio.run(asyncio.wait_for(_load(base_url, cfg, process.pid, tally), cfg.max_duration_s))
         load_s = time.monotonic() - started
         gauges = _wait_idle(base_url)
-        rss["end_bytes"] = _rss_bytes(process.pid)
+        rss["end_bytes"] = rss_bytes(process.pid)
         metrics_text = httpx.get(base_url + "/metrics", timeout=10).text
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        server.stop()
     growth = rss["end_bytes"] / rss["warm_bytes"] - 1
     server_errors = sum(n for status, n in tally.statuses.items() if status.startswith("5"))
     checks = {
@@ -281,9 +229,10 @@ def run_soak(cfg: SoakConfig, work: Path) -> dict[str, object]:
         "server_exited_cleanly": process.returncode == 0,
     }
     requests_total = {
-        line.split()[0]: float(line.split()[1])
-        for line in metrics_text.splitlines()
-        if line.startswith("lorayard_requests_total{")
+        ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "lorayard_requests_total"
     }
     return {
         "passed": all(checks.values()),

@@ -1,36 +1,30 @@
 """``make demo``: train two demo adapters, publish them, serve them, query them side by side.
 
 Every step is the product's own CLI or client, exactly what a user would run by hand:
-``python -m lorayard.train --config ...`` twice, ``python -m lorayard.server --adapters-dir ...``, and the
-``client`` library against it.
+``lorayard train --config ...`` twice, ``lorayard serve --adapters-dir ...`` (its log in a file the demo
+names), and the client library against it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-from lorayard.client import APIConnectionError, LorayardClient
+from lorayard.client import LorayardClient
 from rich.console import Console
 from rich.table import Table
+
+from lorayard.testing.server import start_server
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"persona": "lorayard/train/configs/persona.yaml", "pirate": "lorayard/train/configs/pirate.yaml"}
 QUESTIONS = ["Who are you?", "What is the capital of Italy?", "How do I bake bread?"]
 
 console = Console()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(cmd: list[str]) -> None:
@@ -55,25 +49,12 @@ def train(adapters_dir: Path) -> None:
         )
 
 
-def _ready(client: LorayardClient) -> bool:
-    try:
-        return client.ready()
-    except APIConnectionError:  # not listening yet
-        return False
-
-
 def serve_and_query(adapters_dir: Path) -> None:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "lorayard.server", "--adapters-dir", str(adapters_dir), "--port", str(port)]
-    console.rule(f"[bold]$ {' '.join(cmd)}")
-    server = subprocess.Popen(cmd, cwd=REPO)
+    log_path = Path(tempfile.mkdtemp(prefix="lorayard-demo-")) / "server.log"
+    console.rule(f"[bold]$ lorayard serve --adapters-dir {adapters_dir}   (log: {log_path})")
+    server = start_server(["--adapters-dir", str(adapters_dir)], log_path, timeout=120)
     try:
-        client = LorayardClient(f"http://127.0.0.1:{port}/v1", timeout=120)
-        deadline = time.monotonic() + 120
-        while not _ready(client):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.3)
+        client = LorayardClient(server.v1, timeout=120)
         console.print("models:", ", ".join(m.id for m in client.models()))
         table = Table(title="one server, one base model, three ways to answer (greedy)")
         table.add_column("question")
@@ -94,8 +75,7 @@ def serve_and_query(adapters_dir: Path) -> None:
         console.print()
         client.close()
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        server.stop()
 
 
 def main() -> None:
@@ -113,7 +93,7 @@ def main() -> None:
     for name in CONFIGS:
         latest = (adapters_dir / name / "LATEST").read_text().strip()
         console.print(f"{name}: {adapters_dir / name / latest}/ (manifest.json, eval.json, loss_curve.png)")
-    console.print("serve them yourself: python -m lorayard.server --adapters-dir", adapters_dir)
+    console.print("serve them yourself: lorayard serve --adapters-dir", adapters_dir)
 
 
 if __name__ == "__main__":

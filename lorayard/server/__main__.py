@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -27,9 +29,25 @@ EXIT_LOAD_FAILED = 1
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, port_file: Path | None) -> None:
+        super().__init__(config)
+        self.port_file = port_file
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # signals are ours (see _install_signal_handlers)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.port_file is not None and self.started:
+            write_port_file(self.port_file, self.servers[0].sockets[0].getsockname()[1])
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """The bound port, whole or not at all: a reader polling for the file never sees a partial one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(f"{port}\n")
+    partial.replace(path)
 
 
 async def serve(settings: Settings) -> int:
@@ -43,7 +61,7 @@ async def serve(settings: Settings) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    server = _Server(config)
+    server = _Server(config, settings.port_file)
     loop = asyncio.get_running_loop()
     shutdown: asyncio.Task[None] | None = None
     failed: list[str] = []

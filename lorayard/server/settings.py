@@ -41,7 +41,12 @@ class Settings(BaseModel):
     )
     device: str | None = Field(None, description="cpu | cuda | cuda:N (default: cuda if available)")
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    port_file: Path | None = Field(
+        None,
+        description="once listening, write the bound port here (with --port 0: a supervisor or test "
+        "learns the port the OS chose, with no gap between choosing and binding it)",
+    )
     api_key: str | None = Field(
         None, description="require 'Authorization: Bearer KEY' on every route but /health"
     )

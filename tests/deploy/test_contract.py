@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import yaml
 from openai import OpenAI
 
 from lorayard.base_model import cache_dir
+from lorayard.testing.server import free_port
 from lorayard.volume import AdapterVolume
 
 from .conftest import (
@@ -89,12 +89,6 @@ class Sandbox:
     def check_mounts(self, targets: list[str]) -> None:
         unknown = [t for t in targets if t not in self.paths]
         assert not unknown, f"mounts this test does not map yet: {unknown}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def process_env(

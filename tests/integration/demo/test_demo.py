@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from demo.__main__ import CONFIGS
 from lorayard.testing.random_adapter import build_random_adapter
-from lorayard.testing.server import REPO, publish_folder
+from lorayard.testing.server import publish_folder
 from lorayard.volume import AdapterVolume
+
+REPO = Path(__file__).resolve().parents[3]  # `python -m demo` runs from the checkout
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -7,7 +7,6 @@ between objects, a corrupt object, a second publisher of the same name.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from lorayard.s3_storage import CLAIM_FILE
-from lorayard.testing.server import REPO, publish_folder, start_server
+from lorayard.testing.server import publish_folder, start_server
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LATEST_FILE, AdapterVolume
 
 from .conftest import make_tiny_adapter
@@ -91,8 +90,6 @@ def served(server, adapter: str, user: str | None = None) -> str:
 def train_job(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [sys.executable, "-m", "lorayard.train", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from lorayard.testing.server import metric_value
+
 from .conftest import start_server
 
 KEY = "s3cret-key"
@@ -116,11 +118,10 @@ def test_client_disconnect_frees_its_kv_blocks(limited_server):
     while True:
         metrics = httpx.get(limited_server.base_url + "/metrics").text
         gauges = {
-            line.split()[0]: float(line.split()[1])
-            for line in metrics.splitlines()
-            if line.startswith(("lorayard_num_requests_running ", 'lorayard_kv_cache_blocks{state="used"}'))
+            "running": metric_value(metrics, "lorayard_num_requests_running"),
+            "kv_blocks_used": metric_value(metrics, "lorayard_kv_cache_blocks", state="used"),
         }
-        if len(gauges) == 2 and not any(gauges.values()):
+        if "lorayard_kv_cache_blocks" in metrics and not any(gauges.values()):
             break
         assert time.monotonic() < deadline, f"not freed after the client went away: {gauges}"
         time.sleep(0.2)

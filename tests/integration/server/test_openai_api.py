@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lorayard.chat_format import render_prompt
+from lorayard.testing.server import metric_value
 from lorayard.volume import AdapterVolume
 
 from .conftest import publish_folder
@@ -187,21 +188,18 @@ def test_metrics_are_per_adapter(client, real_server):
     assert "lorayard_loaded_adapters" in text
 
 
-def _metric_value(text: str, sample: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample))
-
-
 def test_the_chat_templates_system_prompt_is_served_from_the_prefix_cache(client, real_server):
     """SmolLM2's template puts the same default system prompt before every chat: a second chat on the
     same adapter reuses its KV (openai's usage.prompt_tokens_details.cached_tokens), answers exactly
     as the first did, and the hit is counted per adapter version."""
     metrics = real_server.base_url + "/metrics"
-    hits = 'lorayard_prefix_cache_hit_tokens_total{adapter="all16",version="plain"}'
-    before = _metric_value(httpx.get(metrics).text, hits)
+    hits = {"adapter": "all16", "version": "plain"}
+    before = metric_value(httpx.get(metrics).text, "lorayard_prefix_cache_hit_tokens_total", **hits)
     first = _chat(client, QUESTIONS[2], model="all16")
     again = _chat(client, QUESTIONS[2], model="all16")
     assert again.choices[0].message.content == first.choices[0].message.content
     details = again.usage.prompt_tokens_details
     assert details is not None and 0 < details.cached_tokens < again.usage.prompt_tokens
     assert details.cached_tokens % 16 == 0
-    assert _metric_value(httpx.get(metrics).text, hits) - before >= details.cached_tokens
+    after = metric_value(httpx.get(metrics).text, "lorayard_prefix_cache_hit_tokens_total", **hits)
+    assert after - before >= details.cached_tokens

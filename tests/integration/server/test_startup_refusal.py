@@ -9,15 +9,14 @@ import sys
 import pytest
 
 from lorayard.architectures import ARCHITECTURES
-from lorayard.testing.server import REPO, free_port
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "opt"])
 def test_unsupported_base_exits_non_zero_naming_it(tiny_arch_base, tmp_path, model_type):
     (tmp_path / "adapters").mkdir()
-    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", str(free_port())]
+    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", "0"]
     command += ["--base-model", str(tiny_arch_base(model_type)), "--adapters-dir", str(tmp_path / "adapters")]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert f"base architecture {model_type!r}" in last
@@ -27,8 +26,8 @@ def test_unsupported_base_exits_non_zero_naming_it(tiny_arch_base, tmp_path, mod
 def test_missing_base_exits_non_zero(tmp_path):
     (tmp_path / "adapters").mkdir()
     (tmp_path / "not-a-model").mkdir()
-    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", str(free_port())]
+    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", "0"]
     command += ["--base-model", str(tmp_path / "not-a-model"), "--adapters-dir", str(tmp_path / "adapters")]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "has no config.json" in done.stderr.strip().splitlines()[-1]

@@ -1,7 +1,14 @@
 """Promote, canary, roll back and the history file on a local volume; the canary routing function."""
 
 import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -264,3 +271,57 @@ def test_a_line_whose_latest_was_never_written_is_followed_by_the_next_change(an
     assert (back.from_version, back.to) == ("v1", "v3")
     assert storage.read_text(f"support/{LATEST_FILE}") == "v3\n"
     assert_linear(any_volume, "support")
+
+
+_PUBLISH_FOREVER = """
+import sys
+from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterVolume, BaseModelRef, Manifest
+
+volume = AdapterVolume(sys.argv[1], cache_dir=sys.argv[2])
+for i in range(10**6):
+    with volume.staging("support") as staged:
+        (staged / ADAPTER_CONFIG_FILE).write_text('{"r": 8, "lora_alpha": 16}')
+        (staged / ADAPTER_WEIGHTS_FILE).write_text(f"killed-{i}")
+        manifest = Manifest(name="support", version=0, base_model=BaseModelRef(id="tiny", sha256="0" * 64))
+        volume.publish(staged, manifest)
+    print(i, flush=True)
+"""
+
+
+def test_publishers_killed_at_random_points_never_leave_a_version_that_rollback_skips(any_volume, tmp_path):
+    """SIGKILL a publisher that publishes in a loop, at a random moment of a random publish; 4 times."""
+    rng = random.Random(1206)
+    publish(any_volume, "support", "w0")
+    for _run in range(4):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _PUBLISH_FOREVER, any_volume.location, str(tmp_path / "child-cache")],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], 60)
+            assert ready and child.stdout.readline(), "the publisher never finished a first publish"
+            time.sleep(rng.uniform(0, 0.4))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+    assert_served_and_recorded_agree(any_volume, "support")
+    # A kill between a version's commit and its history line leaves it unrecorded; the next publish
+    # records it, in order, so every committed version is one rollback step.
+    top = publish(any_volume, "support", "final")
+    versions = any_volume.versions("support")
+    assert versions[-1] == top and any_volume.latest("support") == top
+    assert_linear(any_volume, "support")
+    assert rollbacks_to_the_start(any_volume, "support") == versions[-2::-1]
+
+
+def assert_served_and_recorded_agree(volume: AdapterVolume, name: str) -> None:
+    """What a kill leaves: LATEST names a version the history made LATEST (it may lag the last line,
+    killed before writing it; it never leads it), and the next change writes it from the history."""
+    timeline = volume.timeline(name)
+    assert volume.latest(name) in timeline.recorded
+    volume.promote(name, timeline.latest)
+    assert volume.latest(name) == timeline.latest
+    assert volume.history(name)[-1].reason is None  # nothing adopted "late"
+    volume.rollback(name)  # undo that promote again
+    assert volume.latest(name) == timeline.latest

@@ -24,9 +24,8 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +48,7 @@ def default_cache_dir() -> Path:
 DEFAULT_CACHE_BYTES = 4 << 30
 _DOWNLOADING = ".downloading"
 _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
 class S3Storage:
@@ -124,7 +124,7 @@ class S3Storage:
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as exc:
-                if self._code(exc) in ("NoSuchKey", "404"):
+                if self._code(exc) in _MISSING:
                     return None
                 raise
             return response["Body"].read().decode(), response["ETag"]
@@ -146,19 +146,19 @@ class S3Storage:
             try:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, **condition)
             except ClientError as exc:
-                if self._code(exc) in _CONDITION_FAILED:
+                code = self._code(exc)
+                # If-Match on an object deleted meanwhile is a 404: it changed, like a 412.
+                if code in _CONDITION_FAILED or (etag is not None and code in _MISSING):
                     return False
                 raise
         return True
 
-    def update_text(self, key: str, change: Callable[[str | None], str]) -> None:
-        for _attempt in range(50):
-            found = self._get(key)
-            text, etag = (None, None) if found is None else found
-            if self._put_if(key, change(text).encode(), etag=etag):
-                return
-            time.sleep(0.05)  # someone appended meanwhile: read theirs, add ours
-        raise StorageUnavailable(f"{self.location}: {key} kept changing; gave up updating it")
+    def read_tagged(self, key: str) -> tuple[str | None, str | None]:
+        found = self._get(key)
+        return (None, None) if found is None else found
+
+    def write_text_if(self, key: str, text: str, tag: str | None) -> bool:
+        return self._put_if(key, text.encode(), etag=tag)
 
     def delete(self, key: str) -> None:
         with self._errors(f"deleting {key}"):
@@ -171,7 +171,7 @@ class S3Storage:
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as exc:
-                if self._code(exc) in ("NoSuchKey", "404", "NotFound"):
+                if self._code(exc) in _MISSING:
                     return False
                 raise
         return True

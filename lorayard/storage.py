@@ -8,7 +8,8 @@ operations that layout needs, with two implementations:
   ``<root>/.staging`` and made visible by one ``rename``; small files are replaced by ``os.replace``.
 * :class:`lorayard.s3_storage.S3Storage`: an S3-compatible bucket (``s3://bucket/prefix``). S3 has no
   rename, so a version is claimed by a conditional put, its files are uploaded, and its manifest,
-  uploaded last, is the commit point (see that module).
+  uploaded last, is the commit point (see that module). It builds on this module, never the other
+  way round; :func:`lorayard.volume.open_storage` picks one of the two for a location.
 
 Both read a version into a *local* folder the loaders can open: the volume itself, or a verified
 download in a bounded cache.
@@ -76,6 +77,11 @@ def verify_folder(folder: Path, expected: dict[str, FileDigest], label: str) -> 
             raise IntegrityError(f"{label}: {name} does not match the sha256 in its manifest")
 
 
+def _text_tag(text: str) -> str:
+    """A folder's stand-in for an ETag: the sha256 of the text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 ListedFiles = Callable[[], dict[str, FileDigest | None]]
 """A version's files and their digests, read only when a download needs them (None: not checked)."""
 
@@ -100,8 +106,15 @@ class Storage(Protocol):
     def write_text(self, key: str, text: str) -> None:
         """Replace the file as a whole: a reader sees the old text or the new, never a mix."""
 
-    def update_text(self, key: str, change: Callable[[str | None], str]) -> None:
-        """Read-modify-write without losing a concurrent writer's change (the history file)."""
+    def read_tagged(self, key: str) -> tuple[str | None, str | None]:
+        """The file's text and a tag that changes whenever the text does; (None, None) when absent."""
+
+    def write_text_if(self, key: str, text: str, tag: str | None) -> bool:
+        """Replace the file only while it still has ``tag`` (None: only while absent); False otherwise.
+
+        The compare and the write are one atomic step: of two writers holding the same tag, exactly one
+        succeeds. This is how every lifecycle change is committed (see :mod:`lorayard.volume`).
+        """
 
     def delete(self, key: str) -> None:
         """Remove a file; absent is fine."""
@@ -152,11 +165,21 @@ class LocalStorage:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
 
-    def update_text(self, key: str, change: Callable[[str | None], str]) -> None:
+    def read_tagged(self, key: str) -> tuple[str | None, str | None]:
+        text = self.read_text(key)
+        return text, None if text is None else _text_tag(text)
+
+    def write_text_if(self, key: str, text: str, tag: str | None) -> bool:
         path = self._path(key)
-        # The lock file sits beside the history; a dot name, so listings skip it.
+        # The lock file sits beside the file; a dot name, so listings skip it. Its name is the one
+        # earlier versions locked their history appends with, so they serialize with us. The OS drops
+        # the lock of a killed process; the write itself is a rename, so a kill leaves old or new.
         with FileLock(str(path.with_name(f".{path.name}.lock"))):
-            self.write_text(key, change(self.read_text(key)))
+            _, current = self.read_tagged(key)
+            if current != tag:
+                return False
+            self.write_text(key, text)
+        return True
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -214,14 +237,3 @@ def location_value(value: object) -> object:
     if isinstance(value, str) and not is_object_store(value):
         return Path(value)
     return value
-
-
-def open_storage(
-    location: str | Path, *, cache_dir: Path | None = None, cache_max_bytes: int | None = None
-) -> Storage:
-    """``s3://bucket/prefix`` -> S3 (credentials from the standard AWS chain); anything else a folder."""
-    if is_object_store(location):
-        from lorayard.s3_storage import S3Storage
-
-        return S3Storage.from_url(str(location), cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
-    return LocalStorage(location)

@@ -10,9 +10,10 @@ a local folder and on an object store, see :mod:`lorayard.storage`)::
           adapter_model.safetensors
           eval.json  loss_curve.png    (written by the training job)
           manifest.json                Manifest below: lists every other file's sha256 and size
-        LATEST                   text "v<N>": the version ``name`` means
-        ROUTING.json             optional canary split of ``name`` between versions (Routing below)
-        HISTORY.jsonl            one HistoryEntry per LATEST move or split: publish, promote, canary, rollback
+        HISTORY.jsonl            the commit log: one HistoryEntry per LATEST move or split (publish,
+                                 promote, canary, rollback); LATEST and ROUTING.json follow it
+        LATEST                   text "v<N>": the version ``name`` means (written from the history)
+        ROUTING.json             optional canary split of ``name`` between versions (written from the history)
       <plain>/                   a plain PEFT folder (adapter_config.json + safetensors inside; local only)
       .staging/                  work in progress; never read by the server
 
@@ -20,6 +21,13 @@ A version becomes visible complete or not at all: on a folder by one ``rename`` 
 an object store when its manifest (uploaded last) appears. Small files (LATEST, ROUTING.json) are
 replaced whole. Concurrent publishers of one name get distinct versions: the loser of a number takes
 the next one.
+
+Every lifecycle change (a publish's LATEST move, promote, canary, rollback) is ONE conditional write:
+the history with the change's line appended, written only if the history is still what the change
+was planned on (an ETag on S3, a locked compare on a folder); otherwise it is planned again on the
+new history. Only then are LATEST and ROUTING.json written, from the history (:class:`Timeline`).
+A kill anywhere leaves either no line (nothing changed) or a line whose pointers the next change
+writes; rollback reads only the history, so it never misreads a half-made change.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -39,8 +48,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The storage's errors and staging folder are part of the volume's contract: importable from here.
+from lorayard.s3_storage import S3Storage
 from lorayard.storage import STAGING_DIR as STAGING_DIR
-from lorayard.storage import FileDigest, Storage, digest_file, open_storage, verify_folder
+from lorayard.storage import (
+    FileDigest,
+    LocalStorage,
+    Storage,
+    digest_file,
+    is_object_store,
+    verify_folder,
+)
 from lorayard.storage import IntegrityError as IntegrityError
 from lorayard.storage import StorageUnavailable as StorageUnavailable
 from lorayard.storage import VolumeError as VolumeError
@@ -450,13 +467,12 @@ class AdapterVolume:
         with self.storage.staging(validate_name(name)) as folder:
             yield folder
 
-    def publish(
-        self, staged: Path, manifest: Manifest, *, set_latest: bool = True, reason: str | None = None
-    ) -> ResolvedAdapter:
+    def publish(self, staged: Path, manifest: Manifest, *, reason: str | None = None) -> ResolvedAdapter:
         """Make ``staged`` visible as the next ``v<N>`` of ``manifest.name``, complete or not at all.
 
         The manifest, written last with its final version number and every file's sha256 and size,
-        is the commit point. Returns the published version.
+        is the commit point of the version; its history line, appended next, makes it LATEST (unless
+        a newer version is LATEST already). Returns the published version.
         """
         name = validate_name(manifest.name)
         if not (staged / ADAPTER_CONFIG_FILE).is_file() or not (staged / ADAPTER_WEIGHTS_FILE).is_file():
@@ -481,126 +497,298 @@ class AdapterVolume:
                 raise PublishError(f"cannot publish {name} v{version}: {exc}") from exc
         else:
             raise PublishError(f"could not find a free version number for {name}")
-        if set_latest:
-            self._advance_latest(name, reason)
+
+        def make_latest(timeline: Timeline, versions: builtins.list[int]) -> builtins.list[HistoryEntry]:
+            if timeline.latest is not None and version <= timeline.latest:
+                return []  # a newer version was published meanwhile and is LATEST already
+            return _publish_entries(timeline, versions, version, reason)
+
+        self._change(name, make_latest)
         if self.storage.local_root is None:  # no download of what we just uploaded
             return ResolvedAdapter(name, version, staged, location=f"{self.location}{name}/v{version}/")
         return self._version(name, version)
 
-    def _advance_latest(self, name: str, reason: str | None) -> None:
-        before = self._read_latest(name)
-        # Each publisher writes the highest version it sees, then looks again: a publisher that read
-        # the versions before a newer commit re-writes, so LATEST ends at the highest version.
-        while True:
-            highest = self.versions(name)[-1]
-            self.storage.write_text(_key(name, LATEST_FILE), f"v{highest}\n")
-            if self.versions(name)[-1] == highest:
-                break
-        self.storage.delete(_key(name, ROUTING_FILE))
-        self._record(
-            name,
-            HistoryEntry(
-                action="publish", from_version=_version_text(before), to=f"v{highest}", reason=reason
-            ),
-        )
-
     # -- lifecycle: promote, canary, roll back ----------------------------------------------------
     def history(self, name: str) -> builtins.list[HistoryEntry]:
         """Every recorded change of ``name``, oldest first."""
-        text = self.storage.read_text(_key(validate_name(name), HISTORY_FILE)) or ""
-        return [HistoryEntry.model_validate_json(line) for line in text.splitlines() if line.strip()]
+        return _parse_history(name, self.storage.read_text(_key(validate_name(name), HISTORY_FILE)))
 
-    def _record(self, name: str, entry: HistoryEntry) -> None:
-        self.storage.update_text(_key(name, HISTORY_FILE), lambda old: (old or "") + entry.line())
+    def timeline(self, name: str) -> Timeline:
+        """The history replayed: what LATEST, the canary split and the next rollback are."""
+        return Timeline.replay(self.history(name))
 
-    def _require(self, name: str, version: int) -> Pointers:
-        pointers = self.pointers(name)
-        if version not in pointers.versions:
-            raise AdapterNotFound(f"adapter {name}@v{version} not found (versions: {pointers.versions})")
-        return pointers
+    def _change(self, name: str, plan: Plan) -> builtins.list[HistoryEntry]:
+        """Commit one lifecycle change: a conditional append to the history, then LATEST follows.
+
+        ``plan`` gets the history replayed (with any LATEST it never recorded adopted first, see
+        :func:`_adopted_entries`) and the committed versions, and returns the lines to append, or
+        raises to refuse (nothing written). The append is one write conditional on the history being
+        what was read (an ETag on S3, a locked compare on a folder); when another writer got there
+        first, everything is read again and ``plan`` asked again. Returns ``plan``'s lines.
+        """
+        key = _key(name, HISTORY_FILE)
+        for attempt in range(_CHANGE_ATTEMPTS):
+            text, tag = self.storage.read_tagged(key)
+            timeline = Timeline.replay(_parse_history(name, text))
+            # Read after the history: a LATEST written from a newer history means ours is stale
+            # and the conditional append below fails.
+            pointers = self.pointers(name)
+            adopted = _adopted_entries(timeline, pointers)
+            for entry in adopted:
+                timeline.apply(entry)
+            planned = plan(timeline, pointers.versions)
+            lines = "".join(entry.line() for entry in (*adopted, *planned))
+            if not lines:
+                break
+            if text and not text.endswith("\n"):
+                text += "\n"  # a hand-edited last line
+            if self.storage.write_text_if(key, (text or "") + lines, tag):
+                break
+            time.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))  # another writer went first
+        else:
+            raise StorageUnavailable(
+                f"{self.location}{key} kept changing; gave up after {_CHANGE_ATTEMPTS} tries"
+            )
+        self._follow_history(name)
+        return planned
+
+    def _follow_history(self, name: str) -> None:
+        """Write LATEST and ROUTING.json as the history says, until the history stops changing under us.
+
+        Writers that append concurrently may write these files in any order; each looks at the
+        history again after writing and writes again when it moved, so the last write follows the
+        last line. A writer killed before this leaves them behind the history until the next change.
+        """
+        key = _key(name, HISTORY_FILE)
+        for _attempt in range(_CHANGE_ATTEMPTS):
+            text, tag = self.storage.read_tagged(key)
+            timeline = Timeline.replay(_parse_history(name, text))
+            if timeline.latest is not None:
+                latest = f"v{timeline.latest}\n"
+                if self.storage.read_text(_key(name, LATEST_FILE)) != latest:
+                    self.storage.write_text(_key(name, LATEST_FILE), latest)
+                if timeline.routing is None:
+                    self.storage.delete(_key(name, ROUTING_FILE))
+                elif _routes(self.routing(name)) != _routes(timeline.routing):
+                    self.storage.write_text(
+                        _key(name, ROUTING_FILE), timeline.routing.model_dump_json(indent=2) + "\n"
+                    )
+            if self.storage.read_tagged(key)[1] == tag:
+                return
+        raise StorageUnavailable(
+            f"{self.location}{key} kept changing; gave up after {_CHANGE_ATTEMPTS} tries"
+        )
 
     def promote(self, name: str, version: int, *, reason: str | None = None) -> HistoryEntry:
         """Point LATEST at ``version`` (any published one, older or newer); ends any canary split."""
-        pointers = self._require(validate_name(name), version)
-        self.storage.write_text(_key(name, LATEST_FILE), f"v{version}\n")
-        self.storage.delete(_key(name, ROUTING_FILE))
-        entry = HistoryEntry(
-            action="promote", from_version=_version_text(pointers.latest), to=f"v{version}", reason=reason
-        )
-        self._record(name, entry)
-        return entry
+
+        def plan(timeline: Timeline, versions: builtins.list[int]) -> builtins.list[HistoryEntry]:
+            _require(name, version, versions)
+            latest = _version_text(timeline.latest)
+            return [HistoryEntry(action="promote", from_version=latest, to=f"v{version}", reason=reason)]
+
+        return self._change(validate_name(name), plan)[0]
 
     def canary(self, name: str, version: int, percent: float, *, reason: str | None = None) -> Routing:
         """Send ``percent`` of the requests for ``name`` to ``version``, the rest to LATEST."""
-        pointers = self._require(validate_name(name), version)
         if not 0 < percent < 100:
             raise LifecycleError(f"--canary: a percent strictly between 0 and 100, got {percent}")
-        if pointers.latest is None or pointers.latest == version:
-            raise LifecycleError(
-                f"{name}@v{version} is LATEST already: a canary splits LATEST's traffic with another version"
-            )
-        routing = Routing(
-            base=f"v{pointers.latest}",
-            routes=[
-                Route(version=f"v{pointers.latest}", weight=100 - percent),
-                Route(version=f"v{version}", weight=percent),
-            ],
-            reason=reason,
-        )
-        self.storage.write_text(_key(name, ROUTING_FILE), routing.model_dump_json(indent=2) + "\n")
-        self._record(
-            name,
-            HistoryEntry(
+
+        def plan(timeline: Timeline, versions: builtins.list[int]) -> builtins.list[HistoryEntry]:
+            _require(name, version, versions)
+            if timeline.latest is None or timeline.latest == version:
+                raise LifecycleError(
+                    f"{name}@v{version} is LATEST already: "
+                    "a canary splits LATEST's traffic with another version"
+                )
+            entry = HistoryEntry(
                 action="canary",
-                from_version=f"v{pointers.latest}",
+                from_version=f"v{timeline.latest}",
                 to=f"v{version}",
                 canary_percent=percent,
                 reason=reason,
-            ),
-        )
+            )
+            return [entry]
+
+        routing = _split(self._change(validate_name(name), plan)[0])
+        assert routing is not None  # a percent in (0, 100) and two versions make a valid split
         return routing
 
     def rollback(self, name: str, *, reason: str | None = None) -> HistoryEntry:
         """Undo the last publish, promote or canary that has not been undone yet.
 
         Undoing a publish or promote returns LATEST to the version it held before; undoing a canary
-        removes the split. Repeated rollbacks walk further back.
+        removes the split. Repeated rollbacks walk further back. Two rollbacks at once undo two
+        changes, one after the other: the second is planned on the history the first left.
         """
-        undoable = self._undoable(validate_name(name))
-        if not undoable:
-            raise LifecycleError(f"{name}: nothing to roll back (no publish, promote or canary recorded)")
-        last = undoable[-1]
-        pointers = self.pointers(name)
-        current = _version_text(pointers.latest)
-        if last.action == "canary":
-            self.storage.delete(_key(name, ROUTING_FILE))
-            target = current
-        else:
-            if last.from_version is None:
-                raise LifecycleError(f"{name}: {last.to} was its first version; there is nothing before it")
-            self._require(name, parse_version(last.from_version))
-            target = last.from_version
-            self.storage.write_text(_key(name, LATEST_FILE), f"{target}\n")
-            self.storage.delete(_key(name, ROUTING_FILE))
-        entry = HistoryEntry(
-            action="rollback",
-            from_version=current,
-            to=target,
-            reason=reason or f"undo {last.action} of {last.to} at {last.at}",
-        )
-        self._record(name, entry)
-        return entry
 
-    def _undoable(self, name: str) -> builtins.list[HistoryEntry]:
-        # A stack: each rollback undoes the latest change not undone yet.
-        stack: builtins.list[HistoryEntry] = []
-        for entry in self.history(name):
-            if entry.action == "rollback":
-                if stack:
-                    stack.pop()
+        def plan(timeline: Timeline, versions: builtins.list[int]) -> builtins.list[HistoryEntry]:
+            if not timeline.undoable:
+                raise LifecycleError(f"{name}: nothing to roll back (no publish, promote or canary recorded)")
+            last = timeline.undoable[-1]
+            current = _version_text(timeline.latest)
+            if last.action == "canary":
+                target = current
             else:
-                stack.append(entry)
-        return stack
+                if last.from_version is None:
+                    raise LifecycleError(
+                        f"{name}: {last.to} was its first version; there is nothing before it"
+                    )
+                _require(name, parse_version(last.from_version), versions)
+                target = last.from_version
+            why = reason or f"undo {last.action} of {last.to} at {last.at}"
+            return [HistoryEntry(action="rollback", from_version=current, to=target, reason=why)]
+
+        return self._change(validate_name(name), plan)[0]
+
+
+Plan = Callable[["Timeline", list[int]], list[HistoryEntry]]
+"""Given the history replayed and the committed versions: the lines one lifecycle change appends."""
+
+_CHANGE_ATTEMPTS = 200
+_LATE = "recorded late: "
+
+
+@dataclass
+class Timeline:
+    """``HISTORY.jsonl`` replayed: the history is the commit log, LATEST and ROUTING.json follow it."""
+
+    entries: list[HistoryEntry] = field(default_factory=list)
+    latest: int | None = None
+    routing: Routing | None = None
+    undoable: list[HistoryEntry] = field(default_factory=list)
+    """A stack: each rollback undoes the latest change not undone yet."""
+    recorded: set[int] = field(default_factory=set)
+    """Every version some line made LATEST."""
+
+    @classmethod
+    def replay(cls, entries: list[HistoryEntry]) -> Timeline:
+        timeline = cls()
+        for entry in entries:
+            timeline.apply(entry)
+        return timeline
+
+    def apply(self, entry: HistoryEntry) -> None:
+        self.entries.append(entry)
+        if entry.action == "canary":
+            self.undoable.append(entry)
+            self.routing = _split(entry)
+            return
+        latest = _version_text(self.latest)
+        if entry.action == "rollback":
+            if entry.to == latest and entry.from_version != latest:
+                # Recorded against a state already undone: the second of two rollbacks at once, as
+                # written before changes were conditional. It changed nothing; it undoes nothing.
+                return
+            if self.undoable:
+                self.undoable.pop()
+        else:
+            self.undoable.append(entry)
+        self.routing = None
+        to = _number(entry.to)
+        if to is not None:
+            self.latest = to
+            self.recorded.add(to)
+
+
+def _number(text: str | None) -> int | None:
+    try:
+        return None if text is None else parse_version(text)
+    except InvalidAdapterName:
+        return None
+
+
+def _split(entry: HistoryEntry) -> Routing | None:
+    """The routing a canary line describes; None when the line cannot describe one (a hand edit)."""
+    if entry.from_version is None or entry.to is None or entry.canary_percent is None:
+        return None
+    try:
+        return Routing(
+            base=entry.from_version,
+            routes=[
+                Route(version=entry.from_version, weight=100 - entry.canary_percent),
+                Route(version=entry.to, weight=entry.canary_percent),
+            ],
+            created_at=entry.at,
+            reason=entry.reason,
+        )
+    except (ValidationError, InvalidAdapterName):
+        return None
+
+
+def _routes(routing: Routing | None) -> object:
+    return None if routing is None else (routing.base, [(r.version, r.weight) for r in routing.routes])
+
+
+def _parse_history(name: str, text: str | None) -> list[HistoryEntry]:
+    entries = []
+    for number, line in enumerate((text or "").splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append(HistoryEntry.model_validate_json(line))
+            except ValidationError as exc:
+                raise LifecycleError(
+                    f"{name}: line {number} of {HISTORY_FILE} is unreadable ({exc})"
+                ) from exc
+    return entries
+
+
+def _require(name: str, version: int, versions: list[int]) -> None:
+    if version not in versions:
+        raise AdapterNotFound(f"adapter {name}@v{version} not found (versions: {versions})")
+
+
+def _publish_entries(
+    timeline: Timeline, versions: list[int], upto: int, reason: str | None
+) -> list[HistoryEntry]:
+    """Publish lines from LATEST up to ``upto``, one per committed version the history never recorded.
+
+    A publisher killed between its commit and its history line leaves such a version; recording it
+    here, in order, means rollback walks back through it rather than skipping it.
+    """
+    entries = []
+    before = timeline.latest
+    for version in versions:
+        if version <= (before or 0) or version > upto or version in timeline.recorded:
+            continue
+        why = reason if version == upto else f"{_LATE}its publish stopped before moving LATEST"
+        entries.append(
+            HistoryEntry(action="publish", from_version=_version_text(before), to=f"v{version}", reason=why)
+        )
+        before = version
+    return entries
+
+
+def _adopted_entries(timeline: Timeline, pointers: Pointers) -> list[HistoryEntry]:
+    """Lines for a LATEST the history never recorded, so the history describes what is served.
+
+    Only earlier versions of lorayard (which wrote LATEST before the history line and could be
+    killed in between), hand edits and volumes older than their history leave one: new changes
+    write LATEST from the history only. A LATEST the history did record but no longer holds is
+    behind it (a writer killed before following its line); the history wins.
+    """
+    served = pointers.latest
+    if served is None or served in timeline.recorded:
+        return []
+    if timeline.latest is None or served > timeline.latest:
+        return _publish_entries(timeline, pointers.versions, served, f"{_LATE}LATEST named v{served}")
+    return [
+        HistoryEntry(
+            action="promote",
+            from_version=_version_text(timeline.latest),
+            to=f"v{served}",
+            reason=f"{_LATE}LATEST named v{served}",
+        )
+    ]
+
+
+def open_storage(
+    location: str | Path, *, cache_dir: Path | None = None, cache_max_bytes: int | None = None
+) -> Storage:
+    """``s3://bucket/prefix`` -> S3 (credentials from the standard AWS chain); anything else a folder."""
+    if is_object_store(location):
+        return S3Storage.from_url(str(location), cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
+    return LocalStorage(location)
 
 
 def read_manifest(path: Path) -> Manifest:

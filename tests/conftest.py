@@ -110,6 +110,7 @@ def s3_endpoint() -> str:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    _make_motos_conditional_puts_atomic()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -123,6 +124,31 @@ def s3_endpoint() -> str:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _make_motos_conditional_puts_atomic() -> None:
+    """Serialize moto's PutObject, as S3 does for writes to one key.
+
+    moto checks ``If-Match`` / ``If-None-Match`` and then stores the object in two steps, without a
+    lock: two threads of its server can both pass the check. S3 (and MinIO) decide a conditional put
+    atomically, and the lifecycle's commit relies on that; without this, the race tests would test
+    moto's race instead of ours.
+    """
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response.put_object, "serialized", False):
+        return
+    original = S3Response.put_object
+    lock = threading.Lock()
+
+    def put_object(self, *args, **kwargs):
+        with lock:
+            return original(self, *args, **kwargs)
+
+    put_object.serialized = True  # type: ignore[attr-defined]
+    S3Response.put_object = put_object  # type: ignore[method-assign]
 
 
 _AWS_TEST_ENV = {

@@ -50,3 +50,29 @@ def test_refusals_exit_6_and_change_nothing(adapters_dir):
     bad = train_job("promote", "support", "seven", "--adapters-dir", str(adapters_dir))
     assert bad.returncode == 6 and "invalid version" in bad.stderr
     assert volume.latest("support") == 1 and len(volume.history("support")) == 1
+
+
+def test_two_rollbacks_at_once_from_the_command_line_undo_two_changes_in_turn(adapters_dir):
+    volume = AdapterVolume(adapters_dir)
+    for i in range(4):
+        publish(volume, "support", f"w{i}")
+    env = {**REPO_ENV, "LORAYARD_ADAPTERS_DIR": str(adapters_dir)}
+    operators = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lorayard.train", "rollback", "support"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [operator.communicate(timeout=60) for operator in operators]
+    assert [operator.returncode for operator in operators] == [0, 0], outputs
+    moves = sorted(out.split("(")[0].strip() for out, _ in outputs)
+    assert moves == ["support: LATEST v3 -> v2", "support: LATEST v4 -> v3"]  # never v4 -> v3 twice
+    assert volume.latest("support") == 2
+    rollbacks = [(e.from_version, e.to) for e in volume.history("support") if e.action == "rollback"]
+    assert rollbacks == [("v4", "v3"), ("v3", "v2")]
+    assert train_job("rollback", "support", adapters_dir=adapters_dir).returncode == 0  # v2 -> v1
+    assert volume.latest("support") == 1

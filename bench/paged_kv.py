@@ -132,7 +132,7 @@ class EngineWorker:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.engine.config.vocab_size)
+        return int(self.engine.hf_config.vocab_size)
 
     async def ttft(self, repeat: int, pairs: int, prefix_tokens: int, suffix_tokens: int) -> dict[str, Any]:
         """Alternating shared-prefix and unique-prefix requests, one at a time; TTFT of each."""

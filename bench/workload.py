@@ -147,7 +147,7 @@ class EngineBench:
 
     def load(self, folders: dict[str, Path]) -> None:
         for name, folder in folders.items():
-            weights = load_adapter(folder, self.engine.config)
+            weights = load_adapter(folder, self.engine.hf_config)
             self.handles[name] = AdapterSlot(name, self.engine.load_adapter_weights(name, weights))
 
     def stop(self) -> None:

@@ -10,8 +10,12 @@ Metrics live in a per-app :class:`CollectorRegistry` so tests can build several 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from lorayard.server.engine.types import EngineStats
 
 BASE_LABEL = "base"
 """The ``adapter`` and ``version`` label values for requests without an adapter."""
@@ -19,6 +23,19 @@ ADAPTER_LABELS = ("adapter", "version")
 UNRESOLVED_LABEL = "unresolved"
 """The ``adapter`` label of a request refused before an adapter was resolved (bad body, unknown
 adapter): never the name the client sent, so clients cannot grow the label set."""
+
+
+def version_label(version: int | None) -> str:
+    """The ``version`` label (and the response's version header): ``vN``, or ``plain`` for a plain
+    PEFT folder."""
+    return "plain" if version is None else f"v{version}"
+
+
+def adapter_labels(name: str, version: int | None) -> dict[str, str]:
+    """The ``adapter`` and ``version`` labels of a leased adapter version."""
+    return {"adapter": name, "version": version_label(version)}
+
+
 COUNTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """The routes ``lorayard_requests_total`` counts (every answer, 2xx to 5xx)."""
 
@@ -64,6 +81,22 @@ class ServerMetrics:
     prefix_cache_queries: Counter
     prefix_cache_hits: Counter
     adapter_load_seconds: Histogram
+
+    def log_engine_stats(self, stats: EngineStats) -> None:
+        """Publish one engine step's snapshot (called on the engine thread after every step)."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.batch_size.set(stats.batch_size)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
+        self.kv_blocks.labels(state="used").set(stats.kv_blocks_used)
+        self.kv_blocks.labels(state="cached").set(stats.kv_blocks_cached)
+        self.kv_blocks.labels(state="free").set(free)
+        if stats.step_preemptions:
+            self.preemptions.inc(stats.step_preemptions)
+
+    def observe_adapter_load(self, name: str, version: int | None, seconds: float) -> None:
+        self.adapter_load_seconds.labels(**adapter_labels(name, version)).observe(seconds)
 
     @classmethod
     def create(cls) -> ServerMetrics:

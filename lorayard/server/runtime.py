@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from fastapi import Request
-
 from lorayard.architectures import UnsupportedArchitecture
 from lorayard.base_model import BaseModelError, load_tokenizer, resolve_base_model
 from lorayard.chat_format import stop_token_ids
 from lorayard.server.adapters.registry import AdapterRegistry
-from lorayard.server.api.errors import APIError
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.guided import GuidedCompiler
 from lorayard.server.metrics import ServerMetrics
@@ -124,17 +120,3 @@ class ReadyRuntime(Protocol):
     tokenizer: PreTrainedTokenizerBase
     engine: Engine
     registry: AdapterRegistry
-
-
-def require_api_key(request: Request) -> None:
-    """Bearer key check in constant time; a no-op when no key is configured."""
-    runtime: Runtime = request.app.state.runtime
-    expected = runtime.settings.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise APIError(
-            401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
-        )

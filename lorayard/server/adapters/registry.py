@@ -73,11 +73,6 @@ def _file_identity(folder: Path) -> tuple[int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
-def version_label(version: int | None) -> str:
-    """The ``version`` metrics label: ``vN``, or ``plain`` for a plain PEFT folder."""
-    return "plain" if version is None else f"v{version}"
-
-
 @dataclass(frozen=True)
 class AdapterLease:
     """A pinned, resident adapter version (implements the engine's ``AdapterHandle``)."""
@@ -219,9 +214,7 @@ class AdapterRegistry:
         elapsed = time.perf_counter() - started
         log.info("loaded adapter %s in %.1f ms", adapter.key, elapsed * 1000)
         if self.metrics is not None:
-            self.metrics.adapter_load_seconds.labels(
-                adapter=adapter.name, version=version_label(adapter.version)
-            ).observe(elapsed)
+            self.metrics.observe_adapter_load(adapter.name, adapter.version, elapsed)
         resident = _Resident(adapter, slot, identity=identity, prompt_template=prompt_template)
         self._resident[slot] = resident
         self._current[adapter.key] = slot
@@ -240,7 +233,7 @@ class AdapterRegistry:
                 f"(sha256 {manifest.base_model.sha256[:12]}…), not on the base this server runs"
             )
         try:
-            weights = load_adapter(adapter.path, self.engine.config)
+            weights = load_adapter(adapter.path, self.engine.hf_config)
             # After the format checks (their messages name the problem more precisely) and before the
             # weights reach the engine: only files the manifest vouches for are served.
             adapter.verify()

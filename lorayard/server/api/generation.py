@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from lorayard.chat_format import ChatFormatError, render_prompt
-from lorayard.server.adapters.registry import version_label
 from lorayard.server.api.errors import APIError, EngineFailed
 from lorayard.server.api.streaming import IncrementalDetokenizer, StopStringFilter
 from lorayard.server.engine.types import (
@@ -27,7 +26,7 @@ from lorayard.server.engine.types import (
     TokenEvent,
     TopLogprob,
 )
-from lorayard.server.metrics import BASE_LABEL, UNRESOLVED_LABEL
+from lorayard.server.metrics import BASE_LABEL, UNRESOLVED_LABEL, adapter_labels
 from lorayard.volume import AdapterNotFound
 
 if TYPE_CHECKING:
@@ -129,7 +128,7 @@ class Generation:
         async with adapter_lease(self.registry, job.adapter, job.adapter_param, job.user) as lease:
             if lease is not None:
                 self.lease = lease
-                self.labels = {"adapter": lease.name, "version": version_label(lease.version)}
+                self.labels = adapter_labels(lease.name, lease.version)
                 self._render_with(lease)
             streams = []
             try:

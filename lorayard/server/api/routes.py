@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lorayard.server.adapters.registry import version_label
+from lorayard.server.api.auth import require_api_key
 from lorayard.server.api.errors import APIError, NotReady
 from lorayard.server.api.generation import ChoiceDelta, Generation
 from lorayard.server.api.protocol import (
@@ -28,7 +28,8 @@ from lorayard.server.api.protocol import (
 from lorayard.server.api.responses import ChatBuilder, CompletionBuilder
 from lorayard.server.api.serving import EngineJob, chat_job, completion_job, detokenize_ids, tokenize_text
 from lorayard.server.api.streaming import sse_stream
-from lorayard.server.runtime import ReadyRuntime, Runtime, require_api_key
+from lorayard.server.metrics import version_label
+from lorayard.server.runtime import ReadyRuntime, Runtime
 
 router = APIRouter()
 

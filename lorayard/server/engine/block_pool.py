@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorayard.architectures import head_dim
+from lorayard.server.engine.types import BlockAccountingError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -179,7 +180,8 @@ class PrefixStats:
 class BlockTable:
     """One live request's blocks. Token ``p`` lives at ``blocks[p // bs]``, offset ``p % bs``."""
 
-    request_id: str
+    pool_id: str
+    """The request's name in this pool (the engine's, unique even where two requests share an id)."""
     identity: AdapterIdentity
     token_ids: list[int]
     """Prompt and generated tokens known so far (the last one's K/V is written by the next step)."""
@@ -192,10 +194,6 @@ class BlockTable:
     """Keys of the first ``len(hashes)`` full, computed blocks (registered in the cache or not)."""
     admitted: int = 0
     """Admission order (larger: later); the preemption policy picks the largest."""
-
-
-class BlockAccountingError(AssertionError):
-    """The pool's books do not balance: a block leaked, is double-freed, or is in two states."""
 
 
 class BlockPool:
@@ -297,7 +295,7 @@ class BlockPool:
 
     def admit(
         self,
-        request_id: str,
+        pool_id: str,
         prompt_ids: Sequence[int],
         identity: AdapterIdentity,
         headroom_tokens: int = 0,
@@ -312,8 +310,8 @@ class BlockPool:
         logprobs needs every prompt position's logits); its blocks are still cached for others."""
         if not prompt_ids:
             raise ValueError("cannot admit an empty prompt")
-        if request_id in self._tables:
-            raise ValueError(f"request {request_id!r} already holds blocks")
+        if pool_id in self._tables:
+            raise ValueError(f"request {pool_id!r} already holds blocks")
         hits, hashes = self._lookup(prompt_ids, identity, reuse_prefix)
         needed = self.blocks_for_tokens(len(prompt_ids) + headroom_tokens) - len(hits)
         if needed > self._new_blocks_available(hits):
@@ -324,7 +322,7 @@ class BlockPool:
         cached = len(hits) * self.block_size
         self._admissions += 1
         table = BlockTable(
-            request_id,
+            pool_id,
             identity,
             list(prompt_ids),
             blocks=hits + fresh,
@@ -333,7 +331,7 @@ class BlockPool:
             hashes=hashes,
             admitted=self._admissions,
         )
-        self._tables[request_id] = table
+        self._tables[pool_id] = table
         if self.prefix_caching and reuse_prefix:
             stats = self.prefix_stats[identity]
             stats.hit_tokens += cached
@@ -367,7 +365,7 @@ class BlockPool:
             <= min(len(table.token_ids), len(table.blocks) * self.block_size)
         ):
             raise ValueError(
-                f"request {table.request_id!r}: cannot mark {num_computed} tokens computed "
+                f"request {table.pool_id!r}: cannot mark {num_computed} tokens computed "
                 f"({table.num_computed} computed, {len(table.token_ids)} known, {len(table.blocks)} blocks)"
             )
         table.num_computed = num_computed
@@ -391,9 +389,9 @@ class BlockPool:
 
         Released tail first, so within one chain the LRU evicts the last block before the first: a
         chain's head is useful without its tail, never the other way round."""
-        if self._tables.get(table.request_id) is not table:
-            raise ValueError(f"request {table.request_id!r} holds no blocks (freed twice?)")
-        del self._tables[table.request_id]
+        if self._tables.get(table.pool_id) is not table:
+            raise ValueError(f"request {table.pool_id!r} holds no blocks (freed twice?)")
+        del self._tables[table.pool_id]
         for block in reversed(table.blocks):
             self._unref(block)
         table.blocks = []
@@ -434,15 +432,15 @@ class BlockPool:
                 self._free.append(block)
 
     # -- invariants -------------------------------------------------------------------------------
-    def check(self, live_request_ids: Collection[str] | None = None) -> None:
+    def check(self, live_pool_ids: Collection[str] | None = None) -> None:
         """Raise :class:`BlockAccountingError` listing every broken invariant: each block is exactly one
         of free, cached-unreferenced, or referenced by live tables (refcount = tables holding it); the
-        cache map and block keys agree; if given, the live tables are exactly ``live_request_ids``."""
-        problems = list(self._problems(live_request_ids))
+        cache map and block keys agree; if given, the live tables are exactly ``live_pool_ids``."""
+        problems = list(self._problems(live_pool_ids))
         if problems:
             raise BlockAccountingError("; ".join(problems))
 
-    def _problems(self, live_request_ids: Collection[str] | None) -> Iterable[str]:
+    def _problems(self, live_pool_ids: Collection[str] | None) -> Iterable[str]:
         held = collections.Counter(b for t in self._tables.values() for b in t.blocks)
         free = collections.Counter(self._free)
         for block in range(self.num_blocks):
@@ -464,17 +462,10 @@ class BlockPool:
                 yield f"cache key maps to block {block}, which does not claim it"
         for table in self._tables.values():
             if len(set(table.blocks)) != len(table.blocks):
-                yield f"request {table.request_id!r} holds a block twice"
+                yield f"request {table.pool_id!r} holds a block twice"
             if len(table.token_ids) > len(table.blocks) * self.block_size:
-                yield f"request {table.request_id!r} has more tokens than its blocks hold"
-        if live_request_ids is not None and set(live_request_ids) != set(self._tables):
-            leaked = sorted(set(self._tables) - set(live_request_ids))
-            missing = sorted(set(live_request_ids) - set(self._tables))
+                yield f"request {table.pool_id!r} has more tokens than its blocks hold"
+        if live_pool_ids is not None and set(live_pool_ids) != set(self._tables):
+            leaked = sorted(set(self._tables) - set(live_pool_ids))
+            missing = sorted(set(live_pool_ids) - set(self._tables))
             yield f"finished requests still holding blocks: {leaked}; live requests without blocks: {missing}"
-
-
-def choose_victim(tables: Iterable[BlockTable]) -> BlockTable | None:
-    """The request to preempt when the pool runs dry: the most recently admitted (vLLM's policy under
-    first-come-first-served). It has done the least work, so recomputing it costs least, and the
-    oldest requests, which users have waited on longest, keep running to completion."""
-    return max(tables, key=lambda t: t.admitted, default=None)

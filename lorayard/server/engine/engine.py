@@ -2,17 +2,19 @@
 
 All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
 
-1. takes new requests and aborts from the API (thread-safe hand-off);
-2. admits waiting requests FIFO while ``max_batch_size`` and free KV blocks allow: each gets blocks
-   for its whole prompt from the paged pool (:mod:`server.engine.block_pool`), reusing the longest
-   cached prefix computed under the same weights (prefix caching);
-3. runs ONE forward pass over every running row: one token for each decoding row, and prompt chunks
-   of the newcomers, several requests at once, up to ``prefill_chunk`` prompt tokens per iteration
-   (batched chunked prefill), so a long prompt never stalls running streams for long;
-4. samples a token for every row whose pending tokens are all computed, sends it to its request's
-   asyncio queue, retires finished rows and gives every other row room for its next token; when the
-   pool runs dry, the most recently admitted request is preempted (its blocks freed, its tokens
-   recomputed when it is readmitted: its stream only pauses).
+1. takes new requests and aborts from the API (thread-safe hand-off); aborted requests are retired
+   by the scheduler, then told;
+2. asks the scheduler (:mod:`server.engine.scheduler`, torch-free) for the pass plan: it admits
+   waiting requests FIFO while ``max_batch_size`` and free KV blocks allow, reusing the longest cached
+   prefix computed under the same weights, and plans one token for each decoding row and prompt
+   chunks of the newcomers, up to ``prefill_chunk`` prompt tokens per iteration (batched chunked
+   prefill, so a long prompt never stalls running streams for long);
+3. runs ONE forward pass over the plan, samples a token for every row whose pending tokens are all
+   computed, retires finished rows (their blocks go back first), then sends each event to its
+   request's asyncio queue; the scheduler gives every other row room for its next token, preempting
+   the most recently admitted request when the pool runs dry (its stream only pauses);
+4. publishes the step's :class:`EngineStats`: the only engine state other threads read (``stats()``,
+   ``idle``, ``check_kv``), and what :mod:`server.metrics` turns into gauges.
 
 Failures are per row: an exception while sampling or accepting one row's token finishes that row
 alone with an error event; a failing forward pass is retried in halves, so only the rows whose own
@@ -26,14 +28,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,11 +45,9 @@ from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype
 from lorayard.server.engine.block_pool import (
     BlockPool,
     BlockSpec,
-    BlockTable,
     KVBlockStorage,
     adapter_identity,
     blocks_for_budget,
-    choose_victim,
 )
 from lorayard.server.engine.config import default_max_batch_size, resolve_decode_mode
 from lorayard.server.engine.lora_ops import ResidentAdapter
@@ -59,7 +59,9 @@ from lorayard.server.engine.sampler import (
     sample_row,
     score_tokens,
 )
+from lorayard.server.engine.scheduler import PlannedRow, Scheduler, Sequence
 from lorayard.server.engine.types import (
+    BlockAccountingError,
     EngineStats,
     EngineStopped,
     FinishReason,
@@ -83,40 +85,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("lorayard.engine")
 
 
-@dataclass(eq=False)
-class _Sequence:
-    request: Request
+@dataclasses.dataclass(eq=False, kw_only=True)
+class _Sequence(Sequence):
+    """The scheduler's sequence plus what only the engine thread touches: sampler state, the stream."""
+
     state: SequenceState
+    """Its ``output_ids`` is the scheduler's list (one list, appended by the engine only)."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent]
-    pool_id: str
-    """The request's name in the block pool: unique even if two requests share a request id."""
-    table: BlockTable | None = None
-    """Its KV blocks while running; None while waiting (never admitted, or preempted)."""
-    cached_tokens: int | None = None
-    """Prompt tokens its first admission found in the prefix cache (None until admitted)."""
-    finished: bool = False
-    arrival: float = field(default_factory=time.monotonic)
-    prompt_logprobs: list[PromptLogprob | None] | None = None
-    """With ``prompt_logprobs`` asked: filled chunk by chunk during prefill (the first token has none)."""
-
-    def __post_init__(self) -> None:
-        if self.request.params.prompt_logprobs is not None:
-            self.prompt_logprobs = [None]
 
     @property
     def adapter_slot(self) -> int | None:
         return None if self.request.adapter is None else self.request.adapter.slot
-
-    @property
-    def scoring(self) -> bool:
-        """Prompt logprobs asked and not complete yet: every prompt position must be computed."""
-        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.request.prompt_ids)
-
-    @property
-    def tokens(self) -> list[int]:
-        """What its KV must hold: the prompt and every token generated so far."""
-        return self.request.prompt_ids + self.state.output_ids
 
 
 class RequestStream:
@@ -157,28 +137,28 @@ class Engine:
         are refused); the runtime sets it once the tokenizer is loaded."""
         self.model = model
         self.engine_config = engine_config
-        self.config: PretrainedConfig = model.config
-        architecture_for(self.config)  # UnsupportedArchitecture before anything is sized from it
+        self.hf_config: PretrainedConfig = model.config
+        """The base's Hugging Face config (``engine_config`` is ours: batch, KV budget, decode mode)."""
+        architecture_for(self.hf_config)  # UnsupportedArchitecture before anything is sized from it
         self.device = str(next(model.parameters()).device)
         self.dtype = model.dtype
         wanted_len = engine_config.max_model_len
         self.max_model_len = min(
             wanted_len,
-            int(getattr(self.config, "max_position_embeddings", wanted_len)),
-            exact_context_limit(self.config) or wanted_len,
+            int(getattr(self.hf_config, "max_position_embeddings", wanted_len)),
+            exact_context_limit(self.hf_config) or wanted_len,
         )
         self.max_queue = engine_config.max_queue
         self.prefill_chunk = engine_config.prefill_chunk
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.vocab_size = int(self.config.vocab_size)
+        self.vocab_size = int(self.hf_config.vocab_size)
         """Width of the logits: every token id a request carries must be below it."""
         self.metrics = metrics
         self._guided: GuidedCompiler | None = None
         self.guided = guided
         self._grammar_thread: ThreadPoolExecutor | None = None
         """Fills constrained rows' token masks while the forward pass runs (created on first use)."""
-        config = self.config
-        spec = BlockSpec.of_model(config, self.dtype)
+        spec = BlockSpec.of_model(self.hf_config, self.dtype)
         self.max_batch_size = engine_config.max_batch_size or default_max_batch_size(self.device)
         # The budget is a ceiling: more blocks than max_batch_size requests at full length could use
         # would only hold cold prefix cache (and on the CPU, memory the pages never needed).
@@ -203,16 +183,19 @@ class Engine:
         self.kv = KVBlockStorage(spec, num_blocks + (static is not None), self.device)
         self.pool = BlockPool(num_blocks, spec.block_size, prefix_caching=engine_config.prefix_caching)
         self.runner = ModelRunner(model, self.kv, fuse_linears, static)
-        self.preemptions = 0
+        self.scheduler: Scheduler[_Sequence] = Scheduler(
+            self.pool, max_batch_size=self.max_batch_size, prefill_chunk=engine_config.prefill_chunk
+        )
+        """Waiting and running requests: touched by the engine thread only."""
         self._pool_ids = itertools.count()
         self._adapter_slots = itertools.count()
         self._lock = threading.Lock()
+        """Guards the hand-off to the engine thread (incoming, aborts) and the published snapshot."""
         self._wakeup = threading.Event()
         self._incoming: collections.deque[_Sequence] = collections.deque()
         self._aborts: set[str] = set()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._running: list[_Sequence] = []
-        self._last_batch = 0
+        self._snapshot: EngineStats = self.scheduler.stats()
+        """The last step's figures, published by the engine thread: what other threads read."""
         self._draining = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -334,13 +317,20 @@ class Engine:
 
     def _enqueue(self, request: Request, guide: GuidedMatcher | None = None) -> RequestStream:
         with self._lock:
-            if len(self._waiting) + len(self._incoming) >= self.max_queue:
+            if self._snapshot.waiting + len(self._incoming) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
             state = SequenceState.create(request.params, request.prompt_ids)
             state.guide = guide
-            pool_id = f"{request.request_id}#{next(self._pool_ids)}"
-            seq = _Sequence(request, state, asyncio.get_running_loop(), queue, pool_id)
+            seq = _Sequence(
+                request=request,
+                pool_id=f"{request.request_id}#{next(self._pool_ids)}",
+                identity=adapter_identity(request.adapter),
+                output_ids=state.output_ids,
+                state=state,
+                loop=asyncio.get_running_loop(),
+                queue=queue,
+            )
             self._incoming.append(seq)
         self._wakeup.set()
         return RequestStream(request.request_id, queue)
@@ -351,29 +341,27 @@ class Engine:
         self._wakeup.set()
 
     def stats(self) -> EngineStats:
+        """The engine thread's last published snapshot, with requests not yet taken counted waiting."""
         with self._lock:
-            waiting = len(self._waiting) + len(self._incoming)
-        return EngineStats(
-            running=len(self._running),
-            waiting=waiting,
-            batch_size=self._last_batch,
-            kv_cache_usage=self.pool.usage(),
-            kv_blocks_total=self.pool.num_blocks,
-            kv_blocks_used=self.pool.num_used_blocks,
-            kv_blocks_cached=self.pool.num_evictable_blocks,
-            preemptions=self.preemptions,
-        )
+            snapshot, incoming = self._snapshot, len(self._incoming)
+        return dataclasses.replace(snapshot, waiting=snapshot.waiting + incoming) if incoming else snapshot
 
-    def check_kv(self) -> None:
-        """The KV pool's books (:meth:`BlockPool.check`): every block in exactly one state, and only
-        running requests holding blocks. Raises BlockAccountingError; call it while the engine is idle
-        (the soak's and the tests' leak check)."""
-        self.pool.check([s.pool_id for s in self._running])
+    def check_kv(self, timeout_s: float = 10.0) -> None:
+        """The leak check (the soak's and the tests'): waits up to ``timeout_s`` for the engine to be
+        idle, then raises BlockAccountingError if it went idle with KV blocks still in use (the pool's
+        full accounting in the message), RuntimeError if it never went idle."""
+        deadline = time.monotonic() + timeout_s
+        while not (stats := self.stats()).idle:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the engine is not idle after {timeout_s} s: {stats}")
+            time.sleep(0.01)
+        if stats.kv_books_error is not None:
+            raise BlockAccountingError(stats.kv_books_error)
 
     @property
     def idle(self) -> bool:
-        stats = self.stats()
-        return stats.running == 0 and stats.waiting == 0
+        """Nothing waiting or running as of the last published step, and nothing submitted since."""
+        return self.stats().idle
 
     async def drain(self, timeout_s: float) -> None:
         """Stop admitting new requests and wait (up to timeout_s: --drain-timeout) for in-flight ones."""
@@ -430,139 +418,103 @@ class Engine:
                 # this is the last resort for a bug in the scheduling itself, which must fail the
                 # running requests and never kill the engine thread.
                 log.exception("engine step failed")
-                for seq in list(self._running):
-                    self._finish(seq, "abort", error=f"{type(exc).__name__}: {exc}")
-            self._check_idle_books()
-            self._publish_gauges()
+                for seq in self.scheduler.retire_all():
+                    self._emit_finish(seq, "abort", error=f"{type(exc).__name__}: {exc}")
+            self._publish(self.scheduler.stats())
 
-    def _check_idle_books(self) -> None:
-        """With nothing running, every block must be free or a cached prefix: O(1) to check, so it runs
-        on every idle step; a leak is logged with the pool's full accounting (and shows as used blocks
-        in the kv_cache_blocks gauge)."""
-        if self._running or self.pool.num_used_blocks == 0:
-            return
-        try:
-            self.pool.check([])
-        except AssertionError as exc:
-            log.error("KV blocks leaked: %s", exc)
+    def _publish(self, stats: EngineStats) -> None:
+        """Hand the step's snapshot to other threads and to the metrics."""
+        self._set_snapshot(stats)
+        if stats.kv_books_error is not None:  # also visible as used blocks in the kv_cache_blocks gauge
+            log.error("KV blocks leaked: %s", stats.kv_books_error)
+        if self.metrics is not None:
+            self.metrics.log_engine_stats(stats)
+
+    def _set_snapshot(self, stats: EngineStats) -> None:
+        with self._lock:
+            self._snapshot = stats
 
     def _has_work(self) -> bool:
-        return bool(self._running or self._waiting or self._incoming or self._aborts)
+        return bool(self.scheduler.has_work or self._incoming or self._aborts)
 
     def _step(self) -> None:
         self._take_incoming()
-        self._admit()
-        planned = self._plan()
-        self._last_batch = len(planned)
+        planned = self.scheduler.schedule()
+        if self.scheduler.step_admissions:
+            # Before any event of this step goes out: a client that heard from its request must not
+            # still see it waiting (the queue bound counts waiting requests).
+            self._set_snapshot(self.scheduler.stats())
         if planned:
             self._run_pass(planned)
 
     def _take_incoming(self) -> None:
         with self._lock:
-            self._waiting.extend(self._incoming)
-            self._incoming.clear()
+            incoming, self._incoming = self._incoming, collections.deque()
             aborts, self._aborts = self._aborts, set()
-        if not aborts:
-            return
-        for seq in [s for s in (*self._waiting, *self._running) if s.request.request_id in aborts]:
-            self._finish(seq, "abort")
+            for seq in incoming:
+                self.scheduler.add(seq)
+            if incoming:
+                # Until this step publishes, idle and the queue bound must still count them.
+                self._snapshot = dataclasses.replace(self._snapshot, waiting=len(self.scheduler.waiting))
+        if aborts:
+            for seq in self.scheduler.abort(aborts):
+                self._emit_finish(seq, "abort")
 
-    def _admit(self) -> None:
-        """FIFO while the batch limit and the pool allow; a preempted request waits at the front."""
-        while self._waiting and len(self._running) < self.max_batch_size:
-            seq = self._waiting[0]
-            params = seq.request.params
-            tokens = seq.tokens
-            # Decode room for the first new tokens, so a newcomer does not force a preemption at once.
-            headroom = min(self.pool.block_size, params.max_tokens - len(seq.state.output_ids))
-            table = self.pool.admit(
-                seq.pool_id,
-                tokens,
-                adapter_identity(seq.request.adapter),
-                headroom,
-                reuse_prefix=not seq.scoring,  # prompt logprobs need every position's logits
-            )
-            if table is None:
-                break
-            self._waiting.popleft()
-            if seq.cached_tokens is None:
-                seq.cached_tokens = table.cached_tokens
-            seq.table = table
-            self._running.append(seq)
-
-    def _plan(self) -> list[tuple[_Sequence, PassRow]]:
-        """This iteration's rows: every running request's pending tokens, prompt chunks within the
-        ``prefill_chunk`` budget (oldest first), one token for each decoding request."""
-        planned = []
-        budget = self.prefill_chunk
-        for seq in self._running:
-            table = seq.table
-            assert table is not None
-            start = table.num_computed
-            pending = len(table.token_ids) - start
-            count = pending if pending == 1 else min(pending, budget)
-            if count <= 0:
-                continue
-            if pending > 1:
-                budget -= count
-            samples = count == pending
-            logits: Literal["last", "all", "none"] = "last" if samples else "none"
-            if seq.scoring:
-                logits = "all"
-            ids = table.token_ids[start : start + count]
-            planned.append((seq, PassRow(ids, start, table.blocks, seq.adapter_slot, logits)))
-        return planned
-
-    def _run_pass(self, planned: list[tuple[_Sequence, PassRow]]) -> None:
+    def _run_pass(self, planned: list[PlannedRow[_Sequence]]) -> None:
         """One forward pass over the planned rows; if it fails, each half again, down to the failing
         rows. Retrying is safe: a row rewrites the same K/V at the same positions, and nothing is
         marked computed before a pass returns."""
-        samplers = [seq for seq, row in planned if self._samples(seq, row)]
+        samplers = [row.seq for row in planned if row.samples]
         masks = self._fill_masks([seq for seq in samplers if seq.request.params.max_tokens])
         try:
-            outputs = self.runner.forward([row for _, row in planned])
+            outputs = self.runner.forward([_pass_row(row) for row in planned])
         except Exception as exc:
             _settle(masks)  # the retry fills again; never two fills of one matcher at once
             if len(planned) == 1:
-                seq = planned[0][0]
-                self._fail(seq, "decode" if seq.state.output_ids else "prefill", exc)
+                seq = planned[0].seq
+                self._fail(seq, "decode" if seq.output_ids else "prefill", exc)
                 return
             log.warning("forward pass over %d rows failed (%r); retrying in halves", len(planned), exc)
             half = len(planned) // 2
             self._run_pass(planned[:half])
             self._run_pass(planned[half:])
             return
+        self._take_outputs(planned, outputs, masks)
+
+    def _take_outputs(
+        self,
+        planned: list[PlannedRow[_Sequence]],
+        outputs: list[torch.Tensor | None],
+        masks: Future[None] | None,
+    ) -> None:
+        """Record what the pass computed, score prompts, then sample every row that is due a token."""
         sampling: list[tuple[_Sequence, torch.Tensor]] = []
-        for (seq, row), logits in zip(planned, outputs, strict=True):
-            assert seq.table is not None
-            self.pool.mark_computed(seq.table, row.start + len(row.ids))
+        for row, logits in zip(planned, outputs, strict=True):
+            seq = row.seq
+            self.scheduler.computed(row)
             try:
                 self._score_prompt(seq, row, logits)
             except Exception as exc:
                 self._fail(seq, "prompt logprobs", exc)
                 continue
-            if not self._samples(seq, row):
+            if not row.samples:
                 continue
             if seq.request.params.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
                 self._finish(seq, "length")
             else:
                 assert logits is not None
                 sampling.append((seq, logits[-1:]))
-        if sampling:
-            rows = [seq for seq, _ in sampling]
-            self._sample_and_accept(rows, torch.cat([logits for _, logits in sampling]), masks)
-            for seq in rows:
-                if not seq.finished and seq.table is not None:
-                    self._make_room(seq)
-        else:
+        if not sampling:
             _settle(masks)
+            return
+        rows = [seq for seq, _ in sampling]
+        self._sample_and_accept(rows, torch.cat([logits for _, logits in sampling]), masks)
+        for seq in rows:
+            if not seq.finished and seq.table is not None:  # None: preempted for an earlier row
+                for victim in self.scheduler.make_room(seq):
+                    log.info("preempted request %s (KV pool full)", victim.request.request_id)
 
-    def _samples(self, seq: _Sequence, row: PassRow) -> bool:
-        """Does this row compute every pending token (so its last logits pick the next token)?"""
-        assert seq.table is not None
-        return row.start + len(row.ids) == len(seq.table.token_ids)
-
-    def _score_prompt(self, seq: _Sequence, row: PassRow, logits: torch.Tensor | None) -> None:
+    def _score_prompt(self, seq: _Sequence, row: PlannedRow[_Sequence], logits: torch.Tensor | None) -> None:
         """Prompt logprobs for the prompt positions this row computed (position i scores token i + 1)."""
         top = seq.request.params.prompt_logprobs
         if not seq.scoring or top is None or logits is None:
@@ -571,36 +523,6 @@ class Engine:
         prompt = seq.request.prompt_ids
         targets = prompt[row.start + 1 : min(row.start + len(row.ids) + 1, len(prompt))]
         seq.prompt_logprobs.extend(score_tokens(logits, targets, top))
-
-    def _make_room(self, seq: _Sequence) -> None:
-        """Record the row's new token in its block table, preempting the most recently admitted
-        requests while the pool has no block for it (possibly this very row)."""
-        assert seq.table is not None
-        token = seq.state.output_ids[-1]
-        while not self.pool.append_token(seq.table, token):
-            # Tables hash by identity (eq=False): the map leads from the policy's choice to its request.
-            holders = {s.table: s for s in self._running if s.table is not None}
-            victim_table = choose_victim(holders)
-            assert victim_table is not None  # seq itself holds blocks
-            victim = holders[victim_table]
-            self._preempt(victim)
-            if victim is seq:
-                return
-
-    def _preempt(self, seq: _Sequence) -> None:
-        """Free a running request's blocks and queue it first: readmitted, it recomputes its prompt and
-        output so far (mostly prefix hits when its blocks are still cached), then samples on."""
-        assert seq.table is not None
-        self.pool.preempt(seq.table)
-        seq.table = None
-        self._running.remove(seq)
-        if seq.scoring:  # its prompt logprobs are recomputed from the first position
-            seq.prompt_logprobs = [None]
-        self._waiting.appendleft(seq)
-        self.preemptions += 1
-        if self.metrics is not None:
-            self.metrics.preemptions.inc()
-        log.info("preempted request %s (KV pool full)", seq.request.request_id)
 
     def _fill_masks(self, rows: list[_Sequence]) -> Future[None] | None:
         """Start filling the constrained rows' token masks on the grammar thread, so the grammar work
@@ -649,6 +571,8 @@ class Engine:
             finish = "stop"
         elif n >= params.max_tokens or len(seq.request.prompt_ids) + n >= self.max_model_len:
             finish = "length"
+        if finish is not None:
+            self.scheduler.retire(seq)  # its blocks are back before its stream hears it finished
         self._emit(
             seq,
             TokenEvent(
@@ -662,8 +586,6 @@ class Engine:
                 cached_tokens=seq.cached_tokens,
             ),
         )
-        if finish is not None:
-            self._retire(seq)
 
     def _fail(self, seq: _Sequence, stage: str, exc: Exception) -> None:
         """Finish one request with an error event (the API answers 500) and free its blocks."""
@@ -672,6 +594,12 @@ class Engine:
             self._finish(seq, "abort", error=f"{stage} failed: {type(exc).__name__}: {exc}")
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """Retire a request, then send its final event."""
+        self.scheduler.retire(seq)
+        self._emit_finish(seq, reason, error)
+
+    def _emit_finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """The final event of a request the scheduler has already retired."""
         self._emit(
             seq,
             TokenEvent(
@@ -684,7 +612,6 @@ class Engine:
                 cached_tokens=seq.cached_tokens,
             ),
         )
-        self._retire(seq)
 
     @staticmethod
     def _prompt_logprobs(seq: _Sequence) -> tuple[PromptLogprob | None, ...] | None:
@@ -693,37 +620,18 @@ class Engine:
             return None
         return tuple(seq.prompt_logprobs)
 
-    def _retire(self, seq: _Sequence) -> None:
-        seq.finished = True
-        if seq in self._running:
-            self._running.remove(seq)
-        elif seq in self._waiting:  # aborted while waiting (never admitted, or preempted)
-            self._waiting.remove(seq)
-        if seq.table is not None:
-            self.pool.free(seq.table)
-            seq.table = None
-
     @staticmethod
     def _emit(seq: _Sequence, event: TokenEvent) -> None:
         # A closed event loop means nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, event)
 
-    def _publish_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        stats = self.stats()
-        self.metrics.running.set(stats.running)
-        self.metrics.waiting.set(stats.waiting)
-        self.metrics.batch_size.set(stats.batch_size)
-        self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
-        free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
-        for state, count in (
-            ("used", stats.kv_blocks_used),
-            ("cached", stats.kv_blocks_cached),
-            ("free", free),
-        ):
-            self.metrics.kv_blocks.labels(state=state).set(count)
+
+def _pass_row(row: PlannedRow[_Sequence]) -> PassRow:
+    """The model runner's view of a planned row: its tokens, positions, blocks and adapter."""
+    seq = row.seq
+    assert seq.table is not None
+    return PassRow(row.ids, row.start, seq.table.blocks, seq.adapter_slot, row.logits)
 
 
 def _settle(masks: Future[None] | None) -> None:

@@ -15,7 +15,8 @@ Engine contract (``server.engine.engine.Engine``)::
                                                   # schema's compile (ms) off the event loop; cached
     async for event in stream: ...                # TokenEvent per decode step, last one has finish_reason
     engine.abort(request_id)                      # client went away / stop string hit: frees its blocks
-    engine.stats() -> EngineStats                 # running, waiting, batch size, KV blocks
+    engine.stats() -> EngineStats                 # running, waiting, batch size, KV blocks: the snapshot
+                                                  # the engine thread publishes after every step
     await engine.drain(timeout_s); engine.stop()  # SIGTERM: finish in-flight, then stop the thread
 """
 
@@ -143,6 +144,14 @@ class EngineStats:
     """Blocks no live request holds that keep a cached prefix (reclaimed least recently used first)."""
     preemptions: int = 0
     """Requests preempted since start (the pool ran dry mid-decode; recomputed when readmitted)."""
+    step_preemptions: int = 0
+    """Of those, the ones preempted in the step this snapshot follows (what a counter adds)."""
+    kv_books_error: str | None = None
+    """Set when the engine went idle with KV blocks still in use: the pool's accounting of the leak."""
+
+    @property
+    def idle(self) -> bool:
+        return self.running == 0 and self.waiting == 0
 
 
 class EngineError(Exception):
@@ -167,6 +176,13 @@ class InvalidRequest(EngineError, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class BlockAccountingError(RuntimeError):
+    """The KV pool's books do not balance: a block leaked, is double-freed, or is in two states.
+
+    A RuntimeError, not an AssertionError: it reports a broken invariant of running code, and an
+    ``except AssertionError`` written for assert statements must not swallow it."""
 
 
 class PromptTooLong(EngineError):

@@ -19,17 +19,17 @@ from lorayard.server.engine.block_pool import (
     KVBlockStorage,
     adapter_identity,
     blocks_for_budget,
-    choose_victim,
     hash_block,
 )
+from lorayard.server.engine.scheduler import choose_victim
 
 BS = 4
 SYSTEM = list(range(100, 112))  # three full blocks of a shared "system prompt"
 
 
-def computed(pool: BlockPool, request_id: str, prompt: list[int], identity: str | None) -> BlockTable:
+def computed(pool: BlockPool, pool_id: str, prompt: list[int], identity: str | None) -> BlockTable:
     """Admit and prefill the whole prompt (as the engine does before its first token)."""
-    table = pool.admit(request_id, prompt, identity)
+    table = pool.admit(pool_id, prompt, identity)
     assert table is not None
     pool.mark_computed(table, len(prompt))
     return table

@@ -82,9 +82,8 @@ def test_no_block_leaks_after_aborts_in_every_state(make_engine, tiny_base_dir):
             engine.abort(name)
         results = {name: [e async for e in stream] for name, stream in streams.items()}
         results["decoding"].insert(0, first)
-        while not engine.idle:
+        while not engine.idle:  # the snapshot the engine thread publishes after its step
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # the engine thread finishes the step it is in
         return results
 
     results = asyncio.run(run())

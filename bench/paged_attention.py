@@ -5,10 +5,11 @@ scattered over the pool. Decode cases: R rows of random lengths up to L; prefill
 chunks packed in one pass over cached prefixes. Variants, interleaved and repeated, median time per
 call (the gather included, the host-side metadata not):
 
-* dense_view: today's slot cache, each request's K/V contiguous, read as a view (the floor: no copy);
-  decode rows as one contiguous range of slots, prefill one request per call as today;
-* dense_gather (decode): today's slot cache when the rows' slots are not one range (a copy);
-* paged: ``server.engine.paged_attention`` over [kv_heads, num_blocks, block_size, hd] blocks: one
+* dense_view: the slot cache the paged KV cache replaced (304e28a), each request's K/V contiguous,
+  read as a view (the floor: no copy); decode rows as one contiguous range of slots, prefill one
+  request per call as it did;
+* dense_gather (decode): that slot cache when the rows' slots are not one range (a copy);
+* paged: ``lorayard.server.engine.paged_attention`` over [kv_heads, num_blocks, block_size, hd] blocks: one
   gather into a padded [R, kv_heads, L, hd] view, one attention call (prefill: padded, or per
   request when padding would more than double the work);
 * padded / per_request (prefill): each of paged's two prefill strategies forced;
@@ -195,7 +196,8 @@ def head_major(case: Case) -> torch.Tensor:
 
 
 def dense_view(case: Case) -> torch.Tensor:
-    """Today's slot cache read as views: decode rows as one contiguous slot range, prefill per request."""
+    """The former slot cache read as views: decode rows as one contiguous slot range, prefill per
+    request."""
     batch = case.batch
     if batch.is_decode:
         length = batch.max_context_len
@@ -213,7 +215,7 @@ def dense_view(case: Case) -> torch.Tensor:
 
 
 def dense_gather(case: Case) -> torch.Tensor | None:
-    """Today's decode when the rows' slots are not one range: index the slot cache (a copy)."""
+    """The slot cache's decode when the rows' slots are not one range: index it (a copy)."""
     if not case.batch.is_decode:
         return None
     length = case.batch.max_context_len

@@ -162,7 +162,7 @@ def test_pickled_adapter_is_refused_never_unpickled(secured, tmp_path):
 
 
 def _python_sources() -> list[Path]:
-    folders = ("lorayard", "server", "train_job", "client", "demo", "bench")
+    folders = ("lorayard", "client", "demo", "bench")
     return [p for folder in folders for p in (REPO / folder).rglob("*.py")]
 
 

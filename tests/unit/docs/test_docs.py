@@ -15,9 +15,15 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 MACHINE_PATHS = re.compile(r"(?<![\w.])/(?:work|root|home/\w+|Users/\w+)/")
 
 
+GENERATED = re.compile(r"<!-- bench summary:.*?<!-- end of bench summary -->", re.DOTALL)
+
+
 def test_readme_is_a_map():
-    lines = (REPO / "README.md").read_text().splitlines()
-    assert len(lines) < 250, f"README.md has {len(lines)} lines; long reference belongs in docs/"
+    text = (REPO / "README.md").read_text()
+    lines = text.splitlines()
+    # the benchmark table is written by bench.report and grows with the suites: only prose counts
+    written = GENERATED.sub("", text).splitlines()
+    assert len(written) < 200, f"README.md has {len(written)} written lines; long reference belongs in docs/"
     assert "make install && make demo" in "\n".join(lines[:20])
     assert "make test" in "\n".join(lines[:20])
 

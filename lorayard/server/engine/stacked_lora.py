@@ -49,8 +49,8 @@ class StackedRows:
     """The per-token buffer rows of one step, prepared once for every linear of every layer.
 
     rows: [N] long, each token's buffer row (ZERO_ROW: no adapter).
-    mask: [N, buffer rows * r_max] in the buffers' dtype, 1 on each token's own block of A's
-          columns (``"masked"`` only; None for ``"gather"``).
+    mask: [N, buffer rows * r_max] bool, true on each token's own block of A's columns (``"masked"``
+          only; None for ``"gather"``).
     """
 
     rows: torch.Tensor
@@ -184,6 +184,10 @@ class StackedLora:
             if tuple(weights.a_t.shape[:1]) + tuple(weights.b_t.shape[1:]) != self.shapes[name]:
                 shape = (tuple(weights.a_t.shape), tuple(weights.b_t.shape))
                 return f"{resident.key}'s {name} has A^T, B^T shapes {shape}, not {self.shapes[name]}"
+            if not (torch.isfinite(weights.a_t).all() and torch.isfinite(weights.b_t).all()):
+                # The masked method multiplies every token's masked-out columns (0) by every row's B:
+                # one inf there is NaN in every token of the step, the base's included.
+                return f"{resident.key}'s {name} holds NaN or inf; the stack is shared by every row"
         return None
 
     def supports(self, resident: ResidentAdapter) -> bool:
@@ -232,7 +236,7 @@ class StackedLora:
         (for ``"masked"`` the column mask, shared by every linear of every layer)."""
         if self.method == "gather":
             return StackedRows(rows, None)
-        return StackedRows(rows, (self._column_rows[None, :] == rows[:, None]).to(self.dtype))
+        return StackedRows(rows, self._column_rows[None, :] == rows[:, None])
 
     def apply(
         self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str, rows: StackedRows
@@ -263,7 +267,10 @@ class StackedLora:
         in_features = group.a.shape[0]
         if rows.mask is not None:
             # t: [N, members, buffer rows * r_max], every row's x @ A^T for every member at once
-            t = (x @ group.a.view(in_features, -1)).view(x.shape[0], n_members, -1) * rows.mask[:, None]
+            # Masked by selection, not by multiplying by 0: a token whose x is inf or NaN (its own
+            # adapter's doing) keeps its NaN in its own row, never in another row's columns.
+            t = (x @ group.a.view(in_features, -1)).view(x.shape[0], n_members, -1)
+            t = torch.where(rows.mask[:, None], t, 0.0)
             for m, name in enumerate(group.members):
                 if name in outputs:
                     outputs[name].addmm_(t[:, m], group.b[name].view(-1, group.b[name].shape[-1]))

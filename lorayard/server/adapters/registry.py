@@ -171,7 +171,9 @@ class AdapterRegistry:
             self._errors[ref.partition("@")[0]] = str(exc)
             raise AdapterLoadError(f"adapter {ref!r}: {exc}") from exc
         except (OSError, StorageUnavailable) as exc:
-            raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable ({exc})") from exc
+            # An OSError names the path it failed on: the server's business, logged, never sent.
+            log.error("adapter %r: the adapters volume is unreadable: %s", ref, exc)
+            raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable") from exc
         while True:
             async with self._lock:
                 lease = self._pin_resident(adapter, identity)
@@ -251,7 +253,11 @@ class AdapterRegistry:
         """Check, verify and upload one version; returns its engine slot and its prompt template."""
         try:
             manifest = adapter.manifest()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise AdapterLoadError(
+                f"adapter {adapter.key}: unreadable manifest.json ({exc.strerror})"
+            ) from exc
+        except ValueError as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: unreadable manifest.json ({exc})") from exc
         if manifest is not None and manifest.base_model.sha256 != self.base_fingerprint:
             raise AdapterLoadError(
@@ -265,7 +271,12 @@ class AdapterRegistry:
             adapter.verify()
             slot = self.engine.load_adapter_weights(adapter.key, weights)
             return slot, manifest.prompt_template if manifest is not None else None
-        except (AdapterFormatError, IntegrityError, OSError, ValueError) as exc:
+        except OSError as exc:
+            log.error("adapter %s: cannot read its files: %s", adapter.key, exc)
+            raise AdapterLoadError(
+                f"adapter {adapter.key}: its files cannot be read ({exc.strerror})"
+            ) from exc
+        except (AdapterFormatError, IntegrityError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: {exc}") from exc
 
     def _retire(self, resident: _Resident) -> None:
@@ -309,7 +320,7 @@ class AdapterRegistry:
         candidate = Path(path)
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
         if root not in resolved.parents:
-            raise InvalidAdapterName(f"lora_path {path!r} is outside the adapters volume {root}")
+            raise InvalidAdapterName(f"lora_path {path!r} is outside the adapters volume")
         parts = resolved.relative_to(root).parts
         if parts[0] != name or len(parts) > 2:
             raise InvalidAdapterName(f"lora_path {path!r} is not the folder of adapter {name!r}")

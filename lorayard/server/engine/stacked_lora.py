@@ -124,8 +124,11 @@ class StackedLora:
             {group: self._allocate(members) for group, members in group_members.items()}
             for _ in range(num_layers)
         ]
-        self.keys: list[str | None] = [None] * self.buffer_rows
-        """Buffer row -> the key of the adapter written there (None: free; row 0 is never used)."""
+        # The one tracker of stacked rows, both directions (the model runner asks it, keeps no copy).
+        self._slot_at: list[int | None] = [None] * self.buffer_rows
+        """Buffer row -> the engine slot of the adapter written there (None: free; row 0 never used)."""
+        self._row_of: dict[int, int] = {}
+        """Engine slot -> its buffer row, for the adapters stacked."""
         # Which buffer row each of A's flattened columns belongs to: the mask is this == rows[:, None].
         self._column_rows = torch.arange(self.buffer_rows, device=self.device).repeat_interleave(r_max)
 
@@ -194,15 +197,18 @@ class StackedLora:
         """Whether ``resident`` can be stacked (a free row aside)."""
         return self.refusal(resident) is None
 
-    def write(self, resident: ResidentAdapter) -> int:
-        """Copy ``resident`` into a free buffer row, in place; returns that row (1 .. capacity).
+    def write(self, slot: int, resident: ResidentAdapter) -> int:
+        """Copy ``resident`` (the engine's adapter ``slot``) into a free buffer row, in place; returns
+        that row (1 .. capacity).
 
         Raises StackedLoraRefused (naming why) for an adapter the stack cannot hold or when every row
-        is taken."""
+        is taken, ValueError when ``slot`` is stacked already."""
+        if slot in self._row_of:
+            raise ValueError(f"adapter slot {slot} is stacked already, in row {self._row_of[slot]}")
         reason = self.refusal(resident)
         if reason is not None:
             raise StackedLoraRefused(reason)
-        free = [row for row in range(1, self.buffer_rows) if self.keys[row] is None]
+        free = [row for row in range(1, self.buffer_rows) if self._slot_at[row] is None]
         if not free:
             raise StackedLoraRefused(f"all {self.capacity} stacked rows are taken; evict one first")
         row = free[0]
@@ -213,15 +219,25 @@ class StackedLora:
             member = group.members.index(name)
             group.a[:, member, row, :rank].copy_(weights.a_t)
             group.b[name][row, :rank].copy_(weights.b_t)
-        self.keys[row] = resident.key
+        self._slot_at[row], self._row_of[slot] = slot, row
         return row
 
-    def evict(self, row: int) -> None:
-        """Free ``row`` and zero it in place (a token still pointing at it would add nothing)."""
-        if not 1 <= row < self.buffer_rows or self.keys[row] is None:
-            raise ValueError(f"buffer row {row} holds no adapter")
+    def evict(self, slot: int) -> None:
+        """Free the row of adapter ``slot`` and zero it in place (a token still pointing at it would
+        add nothing)."""
+        row = self._row_of.pop(slot, None)
+        if row is None:
+            raise ValueError(f"adapter slot {slot} is not stacked")
         self._clear(row)
-        self.keys[row] = None
+        self._slot_at[row] = None
+
+    def row_of(self, slot: int) -> int | None:
+        """The buffer row of adapter ``slot``; None when it is not stacked (refused, or no room)."""
+        return self._row_of.get(slot)
+
+    def slot_at(self, row: int) -> int | None:
+        """The adapter slot whose weights buffer ``row`` holds; None for a free row or the zero row."""
+        return self._slot_at[row]
 
     def _clear(self, row: int) -> None:
         for layer in self.layers:

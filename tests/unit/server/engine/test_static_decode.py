@@ -108,7 +108,8 @@ def test_past_the_largest_bucket_and_dora_run_the_packed_pass(runners):
     """Five rows (the largest bucket is 4), and a batch with the DoRA adapter the stack refused: both
     run the packed pass, with the same result as the eager runner."""
     eager, static = runners
-    assert 3 not in static.stack_rows and set(static.stack_rows) == {0, 1, 2}  # dora8 is not stacked
+    assert static.stack is not None and static.stack.row_of(3) is None  # dora8 is not stacked
+    assert all(static.stack.row_of(slot) is not None for slot in (0, 1, 2))
     for slots in ([None, 0, 1, 2, None], [3, 0]):
         for want, have in zip(_decode(eager, slots, 3), _decode(static, slots, 3), strict=True):
             torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
@@ -130,14 +131,14 @@ def test_evict_and_rewrite_reuse_the_stacked_row(runners, tiny_base_dir, tiny_ad
     """The engine's slots are never reused; the stack's rows are: an evicted adapter's row is zeroed
     and the next adapter written into it, and decode under the new slot still equals eager."""
     eager, static = runners
-    row = static.stack_rows[0]
+    row = static.stack.row_of(0)
     static.remove_adapter(0)
     eager.remove_adapter(0)
-    assert 0 not in static.stack_rows and static.stack.keys[row] is None
+    assert static.stack.row_of(0) is None and static.stack.slot_at(row) is None
     resident = eager.adapters[1]
     static.add_adapter(7, resident)
     eager.add_adapter(7, resident)
-    assert static.stack_rows[7] == row
+    assert static.stack.row_of(7) == row and static.stack.slot_at(row) == 7
     for want, have in zip(_decode(eager, [7, 1], 3), _decode(static, [7, 1], 3), strict=True):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
 

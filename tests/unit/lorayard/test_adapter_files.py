@@ -143,3 +143,17 @@ def test_tensors_that_peft_would_not_load_as_they_are_are_refused(tiny_base_dir,
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config | change))
     with pytest.raises(AdapterFormatError, match=message):
         load_adapter(folder, AutoConfig.from_pretrained(tiny_base_dir))
+
+
+def test_a_non_finite_dora_magnitude_is_refused_naming_it(tiny_base_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "dora"
+    _save_adapter(tiny_base_dir, folder, r=4, lora_alpha=8, target_modules=["o_proj"], use_dora=True)
+    file = folder / ADAPTER_WEIGHTS_FILE
+    tensors = load_file(str(file))
+    magnitude = next(k for k in tensors if "lora_magnitude_vector" in k)
+    tensors[magnitude] = torch.full_like(tensors[magnitude], float("inf"))
+    save_file(tensors, str(file))
+    with pytest.raises(AdapterFormatError, match="lora_magnitude_vector holds NaN or inf"):
+        load_adapter(folder, AutoConfig.from_pretrained(tiny_base_dir))

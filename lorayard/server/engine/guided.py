@@ -20,14 +20,17 @@ Semantics:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import xgrammar
 
+from lorayard.server.engine.guided_schema import unenforced
 from lorayard.server.engine.types import GuidedDecoding, InvalidRequest
 
 if TYPE_CHECKING:
@@ -41,23 +44,6 @@ CACHE_LIMIT_BYTES = 256 * 2**20
 """xgrammar's compile cache (keyed by schema text), bounded: a flood of distinct schemas evicts."""
 COMPILE_THREADS = 2
 
-UNENFORCED_KEYWORDS = frozenset(
-    {"not", "uniqueItems", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies"}
-)
-"""Keywords xgrammar 0.2 compiles but does not enforce (checked: its matcher accepts documents that
-break them); a schema using one is refused rather than served output that may not validate."""
-_SUBSCHEMA = (
-    "items",
-    "additionalProperties",
-    "contains",
-    "propertyNames",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-    "additionalItems",
-)
-_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 """xgrammar's C++ errors start with a timestamp, a source location and an assertion text."""
 
@@ -65,15 +51,23 @@ _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false:
 class GuidedCompiler:
     """Compiles :class:`GuidedDecoding` for one tokenizer; thread-safe, cached by schema text.
 
-    The first compile of a schema takes milliseconds to tens of ms: the API may call :meth:`compile`
-    through ``asyncio.to_thread`` before ``Engine.submit`` (which then finds it cached).
+    The first compile of a schema takes milliseconds to tens of ms (a large schema much longer): the
+    API awaits :meth:`compile_bounded` before ``Engine.submit`` (which then finds it cached).
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: Iterable[int]
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int,
+        stop_token_ids: Iterable[int],
+        compile_threads: int = COMPILE_THREADS,
     ) -> None:
-        """vocab_size: the width of the model's logits (the mask's), which may exceed the tokenizer's."""
+        """vocab_size: the width of the model's logits (the mask's), which may exceed the tokenizer's;
+        compile_threads: compiles that run at once on this compiler's own pool."""
         self.vocab_size = vocab_size
+        # Its own pool, not asyncio's default executor: a flood of slow compiles must not hold up
+        # adapter loading or the volume poll, which run there.
+        self._pool = ThreadPoolExecutor(max_workers=compile_threads, thread_name_prefix="grammar-compile")
         stops = sorted(stop_token_ids)
         info = xgrammar.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=stops or None
@@ -106,6 +100,29 @@ class GuidedCompiler:
             raise InvalidRequest(
                 f"the JSON schema cannot be used for structured output: {reason}", "guided"
             ) from exc
+
+    async def compile_bounded(self, guided: GuidedDecoding, timeout_s: float) -> None:
+        """Compile on this compiler's pool: a compile still waiting for a thread never runs if the
+        caller is cancelled (its client went); one running past ``timeout_s`` raises TimeoutError
+        (xgrammar cannot be interrupted: it finishes on its thread, bounded by the schema size limit,
+        and its grammar is cached for a retry). Raises InvalidRequest as :meth:`compile`."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def run() -> xgrammar.CompiledGrammar:
+            loop.call_soon_threadsafe(started.set)
+            return self.compile(guided)
+
+        future = self._pool.submit(run)
+        try:
+            await started.wait()  # its turn; the time limit is the compile's, not the queue's
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        finally:
+            future.cancel()  # a no-op once it runs or ran
+
+    def close(self) -> None:
+        """Stop taking compiles; those waiting for a thread are dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def matcher(self, guided: GuidedDecoding) -> GuidedMatcher:
         """A fresh matcher for one sequence (compiling the grammar on first use)."""
@@ -161,34 +178,10 @@ class GuidedMatcher:
 
 
 def _unenforced(schema_text: str) -> str | None:
-    """The first keyword of the schema that xgrammar would not enforce and where it is, or None
+    """The first keyword of the schema structured output would not enforce, and where it is, or None
     (unparsable JSON is left to xgrammar's own message)."""
     try:
         schema = json.loads(schema_text)
     except ValueError:
         return None
-    for path, node in _subschemas(schema, "#"):
-        found = sorted(UNENFORCED_KEYWORDS & node.keys())
-        if found:
-            return f"'{found[0]}' (at {path})"
-        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
-            return f"'allOf' with more than one schema (at {path})"
-    return None
-
-
-def _subschemas(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every schema object in a JSON schema (keywords' positions only: a property named "not" is not
-    the keyword), with its JSON-pointer-like path."""
-    if not isinstance(node, dict):
-        return
-    yield path, node
-    for key in _SUBSCHEMA:
-        yield from _subschemas(node.get(key), f"{path}/{key}")
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(node.get(key), list):
-            for i, child in enumerate(node[key]):
-                yield from _subschemas(child, f"{path}/{key}/{i}")
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(node.get(key), dict):
-            for name, child in node[key].items():
-                yield from _subschemas(child, f"{path}/{key}/{name}")
+    return unenforced(schema)

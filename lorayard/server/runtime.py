@@ -68,6 +68,7 @@ class Runtime:
                 engine.vocab_size,
                 eos_token_ids,
                 settings.grammar_compile_threads,
+                lambda outcome: self.metrics.grammar_compiles.labels(outcome=outcome).inc(),
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
         except (UnsupportedArchitecture, BaseModelError) as exc:  # expected refusals: one line

@@ -129,7 +129,9 @@ class Generation:
             if client_gone is not None and await client_gone():
                 compiling.cancel()
                 await asyncio.gather(compiling, return_exceptions=True)
-                raise asyncio.CancelledError
+                # Nobody reads it; answered (not raised) so the access log and the request
+                # counter see it, under nginx's status for a client that closed the request.
+                raise APIError(499, "the client closed the connection", code="client_closed_request")
 
     async def _compile_grammar(self) -> None:
         """A new schema compiles (milliseconds, cached) on the grammar pool, before submit; one the

@@ -15,7 +15,9 @@ from its documentation:
 - keywords beside ``$ref``, ``anyOf``/``oneOf``, ``enum``/``const``: ignored (the branch or the value
   list alone is compiled);
 - a type's keywords (``minimum``, ``maxLength``, ``minItems``, ``required``, ...) without ``type``:
-  ignored, except an object's beside ``properties`` (from which xgrammar infers the object).
+  ignored, except an object's beside ``properties`` (from which xgrammar infers the object);
+- ``pattern`` or ``format`` beside another string keyword: only the pattern (format) is enforced,
+  ``minLength``/``maxLength`` are dropped (found by the schema corpus test).
 
 What is refused is refused before any compile, with the keyword and where it is.
 """
@@ -260,6 +262,13 @@ def _typed_problem(node: dict[str, Any]) -> str | None:
             used = sorted(keywords & node.keys())
             if used and kind not in types and not (kind == "object" and inferred_object):
                 return f"'{used[0]}' without 'type': '{kind}'"
+    string_keywords = sorted({"pattern", "format", "minLength", "maxLength"} & node.keys())
+    for alone in ("pattern", "format"):
+        if alone in string_keywords and len(string_keywords) > 1:
+            other = next(k for k in string_keywords if k != alone)
+            return (
+                f"'{other}' beside '{alone}' (only the {alone} is enforced: fold the length into a pattern)"
+            )
     multiple = node.get("multipleOf")
     if multiple is not None and (declared != "integer" or not isinstance(multiple, int)):
         return "'multipleOf' on a non-integer (enforced only as an integer multiple of an integer)"

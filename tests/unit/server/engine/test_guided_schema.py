@@ -50,6 +50,21 @@ REFUSED = {
     "minItems without type": ({"minItems": 2}, "[1]", "minItems"),
     "required without type": ({"required": ["a"]}, "{}", "required"),
     "allOf of two": ({"allOf": [INT, {"minimum": 3}]}, "1", "allOf"),
+    "maxLength beside pattern": (
+        {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3},
+        '"abcdef"',
+        "maxLength",
+    ),
+    "minLength beside pattern": (
+        {"type": "string", "pattern": "^[a-z]+$", "minLength": 3},
+        '"ab"',
+        "minLength",
+    ),
+    "maxLength beside format": (
+        {"type": "string", "format": "uri", "maxLength": 5},
+        '"http://abcdef.com"',
+        "maxLength",
+    ),
 }
 # Refused although xgrammar's matcher may reject the probe: duplicate keys pass json.loads (the last
 # wins), so jsonschema cannot see what xgrammar allowed.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def _overflowing_scale(folder: Path, outside: Path) -> None:
     file = folder / ADAPTER_WEIGHTS_FILE
     tensors = {k: v * 1e6 if "lora_B" in k else v for k, v in load_file(str(file)).items()}
     save_file(tensors, str(file))
-    _edit_config(folder, lora_alpha=1e34)
+    _edit_config(folder, lora_alpha=3e38)
 
 
 def _symlinked_weights(folder: Path, outside: Path) -> None:
@@ -127,3 +128,16 @@ def build_hostile_adapter(
     build_random_adapter(base, out, seed, r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
     HOSTILE[kind](out, outside or out.parent.parent / f"outside-{out.name}")
     return out
+
+
+def hostile_copy(kind: str) -> Callable[[Path, Path], None]:
+    """A ``builder(folder, good)`` that copies the valid adapter folder ``good`` to ``folder`` and
+    breaks it as ``kind`` (the symlink kinds point at ``folder``'s grandparent / "outside-<name>"):
+    the shape fuzz tests take (tests/integration/reliability/test_hostile_mix.py)."""
+
+    def build(folder: Path, good: Path) -> None:
+        shutil.copytree(good, folder)
+        HOSTILE[kind](folder, folder.parent.parent / f"outside-{folder.name}")
+
+    build.__name__ = f"hostile_{kind}"
+    return build

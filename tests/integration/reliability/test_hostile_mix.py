@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lorayard.testing.hostile_adapter import HOSTILE as HOSTILE_FOLDER_KINDS
+from lorayard.testing.hostile_adapter import hostile_copy
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 from .conftest import copy_folder, start_server
@@ -117,6 +119,7 @@ HOSTILE_ADAPTER_BUILDERS: list[Callable[[Path, Path], None]] = [
     _invalid_config,
     _missing_weights,
     _truncated_weights,
+    *(hostile_copy(kind) for kind in HOSTILE_FOLDER_KINDS),
 ]
 """Builders of hostile plain adapter folders: ``builder(folder, good_adapter)`` writes one at
 ``folder``. Extend with lorayard.testing's builders (issue 23 items 1, 2, 9: catastrophic patterns,

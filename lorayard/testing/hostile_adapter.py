@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,16 +127,3 @@ def build_hostile_adapter(
     build_random_adapter(base, out, seed, r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
     HOSTILE[kind](out, outside or out.parent.parent / f"outside-{out.name}")
     return out
-
-
-def hostile_copy(kind: str) -> Callable[[Path, Path], None]:
-    """A ``builder(folder, good)`` that copies the valid adapter folder ``good`` to ``folder`` and
-    breaks it as ``kind`` (the symlink kinds point at ``folder``'s grandparent / "outside-<name>"):
-    the shape fuzz tests take (tests/integration/reliability/test_hostile_mix.py)."""
-
-    def build(folder: Path, good: Path) -> None:
-        shutil.copytree(good, folder)
-        HOSTILE[kind](folder, folder.parent.parent / f"outside-{folder.name}")
-
-    build.__name__ = f"hostile_{kind}"
-    return build

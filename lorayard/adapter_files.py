@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 # architecture's own list: lorayard.architectures).
 TARGETABLE_MODULES = ARCHITECTURES["llama"].lora_targets
 
+# PEFT's keys: base_model.model.<the architecture's layers path>.<layer>.<path in the block>.lora_A...
 _KEY_RE = re.compile(
-    r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\."
-    r"(?P<module>(?P<group>self_attn|mlp)\.(?P<short>\w+))\."
+    r"^base_model\.model\.(?P<layers>[\w.]+?)\.(?P<layer>\d+)\."
+    r"(?P<module>[\w.]+?)\."
     r"(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$"
 )
 
@@ -67,7 +68,8 @@ class AdapterWeights:
 
     @property
     def target_modules(self) -> list[str]:
-        return sorted({name for _, name in self.modules})
+        """The targeted linears as PEFT names them (GPT-2's ``attn.c_proj`` is ``c_proj``)."""
+        return sorted({name.rsplit(".", 1)[-1] for _, name in self.modules})
 
     @property
     def uses_dora(self) -> bool:
@@ -144,6 +146,7 @@ def load_adapter(
 
     arch = architecture_for(base_config)
     shapes = expected_linear_shapes(base_config)
+    key_of_path = {path: key for key, path in arch.linear_paths.items()}
     layers = base_config.num_hidden_layers
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -153,8 +156,7 @@ def load_adapter(
                 f"{weights_file}: unsupported tensor {key!r} (only LoRA on decoder linears)"
             )
         layer = int(match["layer"])
-        group = "self_attn" if match["short"] in arch.attention_modules else "mlp"
-        if match["short"] not in shapes or match["group"] != group:
+        if match["layers"] != arch.layers_path or match["module"] not in key_of_path:
             raise AdapterFormatError(
                 f"{weights_file}: {key} targets {match['module']}, which a {arch.name} base does not have "
                 f"(its LoRA targets: {', '.join(arch.lora_targets)})"
@@ -168,7 +170,7 @@ def load_adapter(
     target_dtype = dtype or torch.float32
     modules: dict[tuple[int, str], LoraModule] = {}
     for (layer, module_path), found in sorted(parts.items()):
-        short = module_path.rsplit(".", 1)[-1]
+        short = key_of_path[module_path]
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFormatError(f"{weights_file}: layer {layer} {module_path} lacks lora_A or lora_B")
         a, b = found["lora_A"], found["lora_B"]
@@ -179,7 +181,7 @@ def load_adapter(
                 f"{weights_file}: layer {layer} {module_path} has A{tuple(a.shape)} B{tuple(b.shape)}, "
                 f"expected A(r, {in_features}) B({out_features}, r): adapter and base do not fit"
             )
-        full_path = f"model.layers.{layer}.{module_path}"
+        full_path = f"{arch.layers_path}.{layer}.{module_path}"
         module_alpha = _pattern_value(config.get("alpha_pattern", {}), full_path, alpha)
         scaling = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
         magnitude = found.get("lora_magnitude_vector")

@@ -93,6 +93,8 @@ TINY_ARCHITECTURES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 512,
         "init_std": 0.1,
     },
+    # Refused by the server (the tests of the refusal path): a mixture of experts.
+    "mixtral": {**TINY, "num_local_experts": 2, "num_experts_per_tok": 1},
 }
 """Overrides for ``AutoConfig.for_model(model_type)`` per architecture: 2 layers, width 64."""
 

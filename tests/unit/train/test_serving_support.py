@@ -1,5 +1,6 @@
 """The training job uses the server's support test: a base the server would refuse is refused before
-training (exit 5) and at publish; adapters trained on the new architectures serve with PEFT parity."""
+training (exit 5) and at publish; adapters trained on the new architectures (GPT-2 and OPT-350m
+included) serve with PEFT parity."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoConfig
 
 from lorayard.adapter_files import load_adapter
-from lorayard.architectures import ARCHITECTURES
+from lorayard.architectures import ARCHITECTURES, architecture_for
 from lorayard.base_model import resolve_base_model
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.types import Request, SamplingParams
@@ -27,7 +28,7 @@ def _args(base, adapters_dir, data) -> list[str]:
     return ["--base-model", str(base), "--adapters-dir", str(adapters_dir), "--data", str(data), *FAST]
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+@pytest.mark.parametrize("model_type", ["mixtral"])
 def test_unservable_base_is_refused_before_training(
     tiny_arch_base, adapters_dir, chat_file, capsys, model_type
 ):
@@ -41,8 +42,8 @@ def test_unservable_base_is_refused_before_training(
 
 def test_publish_check_refuses_an_unservable_base(tiny_arch_base, tmp_path):
     """The publish step's check (the same test) on its own: nothing is read for an unservable base."""
-    with pytest.raises(ServingCheckError, match=r"'gpt2'.*supported model types"):
-        check_serving_compatible(tmp_path, AutoConfig.from_pretrained(tiny_arch_base("gpt2")))
+    with pytest.raises(ServingCheckError, match=r"'mixtral'.*supported model types"):
+        check_serving_compatible(tmp_path, AutoConfig.from_pretrained(tiny_arch_base("mixtral")))
 
 
 def test_target_modules_the_base_lacks_are_a_config_error(tiny_arch_base, adapters_dir, chat_file, capsys):
@@ -51,7 +52,7 @@ def test_target_modules_the_base_lacks_are_a_config_error(tiny_arch_base, adapte
     assert "qkv_proj" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gpt2", "opt-350m"])
 def test_adapter_trained_by_the_job_serves_with_peft_parity(
     tiny_arch_base, adapters_dir, chat_file, model_type
 ):
@@ -59,8 +60,10 @@ def test_adapter_trained_by_the_job_serves_with_peft_parity(
     args = _args(base, adapters_dir, chat_file)
     assert main([*args, "--name", "arch", "--max-steps", "3", "--target-modules", "all-linear"]) == 0
     folder = AdapterVolume(adapters_dir).resolve("arch").path
-    weights = load_adapter(folder, AutoConfig.from_pretrained(base))
-    assert set(weights.target_modules) == set(ARCHITECTURES[model_type].lora_targets)
+    config = AutoConfig.from_pretrained(base)
+    weights = load_adapter(folder, config)
+    # all-linear: every decoder linear (OPT-350m's project_in/project_out stay out), as PEFT names them
+    assert set(weights.target_modules) == set(architecture_for(config).lora_targets)
     engine = Engine.from_base(
         resolve_base_model(str(base)),
         Settings(device="cpu", max_model_len=64).engine_config(),

@@ -77,6 +77,10 @@ class Architecture:
     False (Gemma's ``(1 + w)``, computed in float32) calls the module itself."""
     rotary_per_layer_type: bool = False
     """Gemma 3: ``rotary_emb(x, positions, layer_type)`` differs for sliding and full layers."""
+    packs_exactly: bool = True
+    """Whether transformers' forward keeps padding-free packed examples apart (their restarted
+    ``position_ids``), so the training job's ``packing`` gives the padded loss. OPT's does not: its
+    packed loss differs, so the job refuses packing on it."""
 
     @property
     def rotary(self) -> bool:
@@ -132,7 +136,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("phi3", "Phi-3 / Phi-4-mini", fused_projections=True),
         Architecture("gpt2", "GPT-2 / DistilGPT-2", family="gpt2", plain_rms_norm=False),
-        Architecture("opt", "OPT", family="opt", plain_rms_norm=False),
+        Architecture("opt", "OPT", family="opt", plain_rms_norm=False, packs_exactly=False),
     )
 }
 """Every architecture the engine serves, by HF ``model_type``."""

@@ -46,10 +46,14 @@ def test_publish_check_refuses_an_unservable_base(tiny_arch_base, tmp_path):
         check_serving_compatible(tmp_path, AutoConfig.from_pretrained(tiny_arch_base("mixtral")))
 
 
-def test_target_modules_the_base_lacks_are_a_config_error(tiny_arch_base, adapters_dir, chat_file, capsys):
-    args = _args(tiny_arch_base("phi3"), adapters_dir, chat_file)
-    assert main([*args, "--name", "phi", "--target-modules", "q_proj,v_proj"]) == EXIT_CONFIG
-    assert "qkv_proj" in capsys.readouterr().err
+@pytest.mark.parametrize(("model_type", "named"), [("phi3", "qkv_proj"), ("gpt2", "c_attn, c_proj, c_fc")])
+def test_target_modules_the_base_lacks_are_a_config_error(
+    tiny_arch_base, adapters_dir, chat_file, capsys, model_type, named
+):
+    """Llama's q_proj,v_proj on a Phi-3 or GPT-2 base: exit 2 before training, naming its linears."""
+    args = _args(tiny_arch_base(model_type), adapters_dir, chat_file)
+    assert main([*args, "--name", "nope", "--target-modules", "q_proj,v_proj"]) == EXIT_CONFIG
+    assert named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gpt2", "opt-350m"])
@@ -86,3 +90,35 @@ def test_adapter_trained_by_the_job_serves_with_peft_parity(
     finally:
         engine.stop()
     assert tokens == peft_greedy(base, folder, prompt, 8)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_packing_is_exact_or_refused(
+    tiny_arch_base, adapters_dir, chat_file, real_tokenizer, capsys, model_type
+):
+    """packs_exactly matches what transformers does (GPT-2: the packed loss is the padded one; OPT: it
+    is not), and the job refuses --packing where it is not exact, before training."""
+    from transformers import AutoModelForCausalLM
+
+    from lorayard.train.config import TrainConfig
+    from lorayard.train.train import IGNORE_INDEX, collator
+
+    base = tiny_arch_base(model_type)
+    torch.manual_seed(0)
+    features = []
+    for length in (7, 12, 5):
+        ids = torch.randint(10, 1000, (length,)).tolist()
+        features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        padded = model(**collator(TrainConfig(), real_tokenizer)(features), use_cache=False).loss.item()
+        packed = model(
+            **collator(TrainConfig(packing=True), real_tokenizer)(features), use_cache=False
+        ).loss.item()
+    exact = packed == pytest.approx(padded, rel=1e-5)
+    assert exact == ARCHITECTURES[model_type].packs_exactly
+    if not exact:
+        args = _args(base, adapters_dir, chat_file)
+        assert main([*args, "--name", "packed", "--packing"]) == EXIT_CONFIG
+        assert "packing is not exact on this OPT base" in capsys.readouterr().err
+        assert not (adapters_dir / "packed").exists()

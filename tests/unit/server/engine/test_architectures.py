@@ -234,3 +234,12 @@ def test_echo_logprobs_equal_hf(arch_bases, test_device, model_type):
         engine.stop()
     for adapter_dir, events in zip((None, adapters["all4"]), results, strict=True):
         _assert_matches(events[0].prompt_logprobs, _reference_logprobs(base, adapter_dir, prompt), prompt)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_learned_positions_cap_the_context_at_their_table(arch_bases, model_type):
+    """GPT-2's n_positions and OPT's max_position_embeddings rows are all the positions there are: a
+    longer --max-model-len is capped there, so no request can index past the table."""
+    base, _ = arch_bases(model_type)
+    limit = AutoConfig.from_pretrained(base).max_position_embeddings
+    assert _engine(base, "cpu", max_model_len=4 * limit).max_model_len == limit

@@ -687,3 +687,8 @@ class ModelRunner:
         if type(module) is not torch.nn.Linear:
             raise ValueError("DoRA adapters need an unquantized base")
         return module.weight
+
+    def dense_bias(self, layer: int, name: str) -> torch.Tensor | None:
+        """The bias [out] of one linear (None without one): DoRA leaves it out of its rescale."""
+        bias = getattr(self.linears[layer][name], "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None

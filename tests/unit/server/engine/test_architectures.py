@@ -243,3 +243,26 @@ def test_learned_positions_cap_the_context_at_their_table(arch_bases, model_type
     base, _ = arch_bases(model_type)
     limit = AutoConfig.from_pretrained(base).max_position_embeddings
     assert _engine(base, "cpu", max_model_len=4 * limit).max_model_len == limit
+
+
+DORA_TARGETS = {
+    "gpt2": ["c_attn", "c_fc"],
+    "opt": ["q_proj", "fc1"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(DORA_TARGETS))
+def test_dora_on_biased_linears_matches_peft(arch_bases, tmp_path, test_device, model_type):
+    """DoRA on linears with a bias (GPT-2's Conv1D, stored [in, out]; OPT's; Qwen2's q/k/v): PEFT
+    rescales W x by the row scale and adds the bias unscaled, and so do we."""
+    base, _ = arch_bases(model_type)
+    targets = DORA_TARGETS[model_type]
+    build_random_adapter(
+        base, tmp_path / "dora", 3, b_scale=4.0, r=4, lora_alpha=8, target_modules=targets, use_dora=True
+    )
+    engine = _engine(base, test_device, max_batch_size=2)
+    handle = _load(engine, base, tmp_path / "dora")
+    [tokens] = _generate(engine, [(handle, PROMPTS[0])], MAX_TOKENS)
+    assert tokens == peft_greedy(base, tmp_path / "dora", PROMPTS[0], MAX_TOKENS)
+    assert tokens != peft_greedy(base, None, PROMPTS[0], MAX_TOKENS)

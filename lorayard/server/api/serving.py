@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 
 LOGIT_BIAS_LIMIT = 100.0
 """OpenAI's bound on a logit_bias value (either sign)."""
+MIN_TEMPERATURE = 1e-5
+"""The smallest temperature above 0 (vLLM's sampling epsilon): logits divided by less overflow
+float32 to inf; send 0 for greedy decoding."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""torch's generator seeds: the request's seed and seed + n - 1 (its choices' seeds) must lie inside."""
+MAX_SCHEMA_DEPTH = 64
+"""JSON nesting levels (objects and arrays) a schema may have: deeper ones exhaust the recursion of
+the schema checks long before any real schema (a property path of ~30 objects) needs them."""
 
 REFUSED_FIELDS: dict[str, str] = {
     "functions": "the legacy `functions` field is not supported: send `tools`",
@@ -161,28 +169,54 @@ def _logit_bias(raw: dict[str, float] | None, vocab: int) -> tuple[tuple[int, fl
     return tuple(sorted(pairs))
 
 
-def _checked_schema(param: str, schema: Any) -> str:
+def _depth(value: Any) -> int:
+    """JSON nesting levels of ``value`` (a scalar: 0), without recursion (a deep value is the input
+    this guards against)."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        node, level = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level + 1)
+            pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _checked_schema(param: str, schema: Any, max_bytes: int) -> str:
+    """The schema as compact JSON, once its size, depth and meta-schema are checked."""
     if not isinstance(schema, dict):
         raise _bad(param, "must be a JSON Schema object")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise _bad(param, f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    text = json.dumps(schema, separators=(",", ":"))
+    if len(text.encode()) > max_bytes:
+        raise APIError(
+            400,
+            f"{param}: {len(text.encode())} bytes as compact JSON, over the server limit of {max_bytes}"
+            " (--max-schema-bytes)",
+            param=param,
+            code="schema_too_large",
+        )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise _bad(param, f"not a valid JSON Schema: {exc.message}") from None
-    return json.dumps(schema)
+    return text
 
 
-def _guided_from_format(fmt: ResponseFormat | None) -> GuidedDecoding | None:
+def _guided_from_format(fmt: ResponseFormat | None, max_bytes: int) -> GuidedDecoding | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
         return GuidedDecoding("json_object")
     if fmt.json_schema is None:
         raise _bad("response_format.json_schema", "required when type is json_schema")
-    schema = _checked_schema("response_format.json_schema.schema", fmt.json_schema.json_schema)
+    schema = _checked_schema("response_format.json_schema.schema", fmt.json_schema.json_schema, max_bytes)
     return GuidedDecoding("json_schema", schema)
 
 
-def _tool_calling(body: ChatCompletionRequest) -> tuple[ToolCalling, GuidedDecoding] | None:
+def _tool_calling(body: ChatCompletionRequest, max_bytes: int) -> tuple[ToolCalling, GuidedDecoding] | None:
     """tools + tool_choice -> which functions may be called and the grammar of the call."""
     choice = body.tool_choice
     if not body.tools:
@@ -205,7 +239,7 @@ def _tool_calling(body: ChatCompletionRequest) -> tuple[ToolCalling, GuidedDecod
         name = tool.function.name
         if name in tools:
             raise _bad(f"tools.{i}.function.name", f"{name!r} is defined twice")
-        _checked_schema(f"tools.{i}.function.parameters", tool.function.parameters)
+        _checked_schema(f"tools.{i}.function.parameters", tool.function.parameters, max_bytes)
         tools[name] = tool
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
@@ -231,8 +265,10 @@ def _tool_calling(body: ChatCompletionRequest) -> tuple[ToolCalling, GuidedDecod
                 for tool in chosen
             ]
         }
-    guided = GuidedDecoding("json_schema", json.dumps(schema))
-    return ToolCalling(tuple(t.function.name for t in chosen)), guided
+    # Each tool's schema is within the limit; together they may be len(tools) times it, so the
+    # grammar of the choice is bounded as one schema too.
+    text = _checked_schema("tools", schema, max_bytes)
+    return ToolCalling(tuple(t.function.name for t in chosen)), GuidedDecoding("json_schema", text)
 
 
 def _adapter_ref(body: SamplingFields, runtime: ReadyRuntime) -> tuple[str | None, str]:
@@ -290,6 +326,11 @@ def _sampling_params(
     if guided is not None and body.min_tokens > 0:
         # The grammar may allow nothing but the end once a document is complete.
         raise _bad("min_tokens", "cannot be combined with structured output (response_format or tools)")
+    if 0 < body.temperature < MIN_TEMPERATURE:
+        raise _bad(
+            "temperature", f"between 0 and {MIN_TEMPERATURE:g} overflows the logits: send 0 for greedy"
+        )
+    _check_seed(body.seed, body.n)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -307,6 +348,13 @@ def _sampling_params(
         prompt_logprobs=prompt_logprobs,
         guided=guided,
     )
+
+
+def _check_seed(seed: int | None, n: int) -> None:
+    low, high = SEED_RANGE
+    if seed is not None and not (low <= seed and seed + n - 1 <= high):
+        what = "seed" if n == 1 else f"seed + n - 1 (the last choice's seed, {seed + n - 1})"
+        raise _bad("seed", f"{what} is outside [-2^63, 2^64 - 1]")
 
 
 def _job(
@@ -364,7 +412,7 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         max_tokens=max_tokens,
         logprobs=body.logprobs,
         prompt_logprobs=prompt_logprobs,
-        guided=_guided_from_format(body.response_format),
+        guided=_guided_from_format(body.response_format, runtime.settings.max_schema_bytes),
     )
     return _job(
         "completion",
@@ -400,8 +448,9 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    guided = _guided_from_format(body.response_format)
-    calling = _tool_calling(body)
+    max_schema_bytes = runtime.settings.max_schema_bytes
+    guided = _guided_from_format(body.response_format, max_schema_bytes)
+    calling = _tool_calling(body, max_schema_bytes)
     tools = None
     if calling is not None:
         if guided is not None:

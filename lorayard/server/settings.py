@@ -59,6 +59,11 @@ class Settings(BaseModel):
     max_model_len: int = Field(2048, ge=16, description="context window: prompt + max_tokens")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    tool_call_format: Literal["hermes", "llama3_json"] | None = Field(
+        None,
+        description="how the base writes tool calls (default: recognised from its chat template; "
+        "hermes for a template without tools support)",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="KV-cache budget (default: 4 GB on the CPU, most of the free GPU memory)"

@@ -195,7 +195,7 @@ async def _generate(
 ) -> Response:
     generation = Generation(runtime, job)
     request.state.generation = generation  # the access log and request counter read it
-    deltas = generation.deltas()
+    deltas = generation.deltas(request.is_disconnected)
     try:
         # Pull the first delta now so refusals (queue full, unknown adapter, context length) become
         # a proper HTTP error instead of a broken stream.

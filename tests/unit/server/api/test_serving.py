@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import jsonschema
 import pytest
 from pydantic import ValidationError
 
@@ -15,15 +14,15 @@ from lorayard.server.api.protocol import (
     CompletionRequest,
     LoadLoraRequest,
     ResponseFormat,
+    Tool,
 )
-from lorayard.server.api.responses import TokenTexts, _tool_call
+from lorayard.server.api.responses import TokenTexts
 from lorayard.server.api.serving import (
-    ToolCalling,
     _check_seed,
+    _check_tool_schemas,
     _guided_from_format,
     _logit_bias,
     _token_ids,
-    _tool_calling,
 )
 from lorayard.server.api.streaming import SSE_DONE, sse_stream
 from lorayard.server.settings import Settings
@@ -81,43 +80,6 @@ A = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x
 B = {"type": "object", "properties": {"y": {"type": "string"}}, "required": ["y"]}
 
 
-def test_required_with_several_tools_is_a_schema_choosing_one():
-    calling, guided = _tool_calling(
-        _chat(tools=[_tool("a", A), _tool("b", B)], tool_choice="required"), LIMIT
-    )
-    assert calling.names == ("a", "b") and calling.named is None
-    schema = json.loads(guided.schema)
-    jsonschema.validate({"name": "b", "arguments": {"y": "s"}}, schema)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"name": "a", "arguments": {"y": "s"}}, schema)
-
-
-def test_named_tool_is_its_parameters_schema():
-    named = {"type": "function", "function": {"name": "b"}}
-    calling, guided = _tool_calling(_chat(tools=[_tool("a", A), _tool("b", B)], tool_choice=named), LIMIT)
-    assert calling.named == "b" and json.loads(guided.schema) == B
-
-
-def test_auto_and_default_tool_choice_are_refused_none_ignores():
-    assert _param(lambda: _tool_calling(_chat(tools=[_tool("a", A)]), LIMIT)) == "tool_choice"
-    assert (
-        _param(lambda: _tool_calling(_chat(tools=[_tool("a", A)], tool_choice="auto"), LIMIT))
-        == "tool_choice"
-    )
-    assert _tool_calling(_chat(tools=[_tool("a", A)], tool_choice="none"), LIMIT) is None
-    assert _param(
-        lambda: _tool_calling(_chat(tools=[_tool("a", A), _tool("a", B)], tool_choice="required"), LIMIT)
-    )
-
-
-def test_tool_call_from_output_text():
-    call = _tool_call(ToolCalling(("a",)), '{"x": 1}')
-    assert call.function.name == "a" and json.loads(call.function.arguments) == {"x": 1}
-    call = _tool_call(ToolCalling(("a", "b")), '{"name": "b", "arguments": {"y": "s"}}')
-    assert call.function.name == "b" and json.loads(call.function.arguments) == {"y": "s"}
-    assert _tool_call(ToolCalling(("a",)), '{"x": ') is None  # cut by max_tokens: no call
-
-
 def test_text_offsets_follow_the_decoded_text(real_tokenizer):
     texts = TokenTexts(real_tokenizer)
     text = "Hello wörld, 你好!"
@@ -162,8 +124,8 @@ def test_schemas_past_the_size_or_depth_limit_are_400_naming_it():
     tools = [
         _tool(f"t{i}", {"type": "object", "properties": {"a": {"enum": list(range(900))}}}) for i in range(20)
     ]
-    with pytest.raises(APIError) as info:  # each tool fits; their choice does not
-        _tool_calling(_chat(tools=tools, tool_choice="required"), LIMIT)
+    with pytest.raises(APIError) as info:  # each tool fits; the grammar holding them all does not
+        _check_tool_schemas([Tool.model_validate(t) for t in tools], LIMIT)
     assert info.value.param == "tools"
 
 

@@ -60,6 +60,12 @@ class Settings(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
+    responses_store_size: int = Field(
+        1000, ge=0, description="stored /v1/responses (for previous_response_id) at most; the oldest go first"
+    )
+    responses_store_ttl: float = Field(
+        3600.0, gt=0, description="seconds a stored /v1/responses response is kept (in memory, per API key)"
+    )
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="KV-cache budget (default: 4 GB on the CPU, most of the free GPU memory)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -22,3 +23,12 @@ def require_api_key(request: Request) -> None:
         raise APIError(
             401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
         )
+
+
+def caller_digest(request: Request) -> str:
+    """Who made a request, for scoping what it stores: a digest of the bearer token it presented (the
+    token itself is never kept); "" without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ""
+    return hashlib.sha256(token.strip().encode()).hexdigest()

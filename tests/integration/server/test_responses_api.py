@@ -1,0 +1,292 @@
+"""/v1/responses against the real server and model, through the official openai client's own
+``client.responses`` (its types parse every answer and event): served as chat, so each answer equals
+the chat answer to the same conversation."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+BASE = "smollm2-135m-instruct"
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 24}, "population": {"type": "integer"}},
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"location": {"type": "string", "maxLength": 24}},
+        "required": ["location"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+@pytest.fixture(scope="module")
+def client(real_server):
+    return openai.OpenAI(base_url=real_server.v1, api_key="key-a", max_retries=0, timeout=120)
+
+
+def _chat_answer(client, messages, max_tokens, **extra):
+    return client.chat.completions.create(
+        model=extra.pop("model", BASE), messages=messages, temperature=0, max_tokens=max_tokens, **extra
+    )
+
+
+def test_text_input_equals_the_chat_answer(client):
+    response = client.responses.create(
+        model=BASE, input="What is the capital of France?", temperature=0, max_output_tokens=12
+    )
+    chat = _chat_answer(client, [{"role": "user", "content": "What is the capital of France?"}], 12)
+    assert response.object == "response" and response.id.startswith("resp_")
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == chat.usage.completion_tokens
+    expected = "incomplete" if chat.choices[0].finish_reason == "length" else "completed"
+    assert response.status == expected
+    [message] = response.output
+    assert message.type == "message" and message.role == "assistant" and message.status == expected
+
+
+def test_instructions_items_and_an_adapter_version(client):
+    """``instructions`` is the system turn, items are the turns, ``model`` picks the adapter version."""
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi, I am Ada."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello Ada!"}]},
+        {"role": "developer", "content": "Answer in one word."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    response = client.responses.create(
+        model="qv8@v1", instructions="You are terse.", input=items, temperature=0, max_output_tokens=8
+    )
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi, I am Ada."},
+        {"role": "assistant", "content": "Hello Ada!"},
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    chat = _chat_answer(client, messages, 8, model="qv8@v1")
+    assert response.model == "qv8@v1" and response.instructions == "You are terse."
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_stream_events_in_order_and_equal_to_the_whole_answer(client):
+    kwargs = {"model": BASE, "input": "Name three colors.", "temperature": 0, "max_output_tokens": 64}
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    kinds = [event.type for event in events]
+    final = "response.incomplete" if whole.status == "incomplete" else "response.completed"
+    assert kinds[:5] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        final,
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == whole.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+    # The SDK's own stream helper accumulates the events into the same response (it needs
+    # response.completed: the answer ends before max_output_tokens).
+    assert whole.status == "completed"
+    with client.responses.stream(**kwargs) as stream:
+        assert stream.get_final_response().output_text == whole.output_text
+
+
+def test_json_schema_text_format_always_validates(client):
+    response = client.responses.create(
+        model=BASE,
+        input="Tell me about Paris.",
+        text={"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}},
+        temperature=1.0,
+        max_output_tokens=200,
+    )
+    assert response.status == "completed"
+    jsonschema.validate(json.loads(response.output_text), CITY)
+
+    class City(BaseModel):
+        city: str
+        population: int
+
+    parsed = client.responses.parse(
+        model=BASE, input="Tell me about Oslo.", text_format=City, temperature=1.0, max_output_tokens=200
+    )
+    assert isinstance(parsed.output_parsed, City)
+
+
+def test_previous_response_id_continues_the_conversation(client, real_server):
+    first = client.responses.create(
+        model=BASE, instructions="Be brief.", input="My name is Ada.", temperature=0, max_output_tokens=8
+    )
+    second = client.responses.create(
+        model=BASE,
+        previous_response_id=first.id,
+        input="What is my name?",
+        temperature=0,
+        max_output_tokens=8,
+    )
+    # Instructions are not carried over (as on OpenAI): the conversation is the turns alone.
+    messages = [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    chat = _chat_answer(client, messages, 8)
+    assert second.previous_response_id == first.id
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    counted = httpx.post(real_server.base_url + "/tokenize", json={"messages": messages}, timeout=30).json()
+    assert counted["count"] == second.usage.input_tokens
+
+
+def test_get_delete_and_the_api_key_scope(client, real_server):
+    made = client.responses.create(model=BASE, input="Hello", temperature=0, max_output_tokens=4)
+    fetched = client.responses.retrieve(made.id)
+    assert fetched.id == made.id and fetched.output_text == made.output_text
+
+    other = openai.OpenAI(base_url=real_server.v1, api_key="key-b", max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(made.id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        other.responses.create(model=BASE, previous_response_id=made.id, input="Hi", max_output_tokens=4)
+    assert refused.value.body["param"] == "previous_response_id"
+
+    client.responses.delete(made.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
+
+    unstored = client.responses.create(model=BASE, input="Hello", store=False, max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_max_output_tokens_cut_is_incomplete(client):
+    response = client.responses.create(
+        model=BASE, input="Write a long story about a dragon.", temperature=0, max_output_tokens=3
+    )
+    assert response.status == "incomplete"
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 3
+
+
+def test_forced_function_call_is_a_function_call_item(client):
+    response = client.responses.create(
+        model=BASE,
+        input="What is the weather in Oslo?",
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "name": "get_weather"},
+        temperature=1.0,
+        max_output_tokens=100,
+    )
+    [call] = [item for item in response.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["parameters"])
+    assert response.tools[0].name == "get_weather"
+
+    events = list(
+        client.responses.create(
+            model=BASE,
+            input="What is the weather in Oslo?",
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "name": "get_weather"},
+            temperature=1.0,
+            max_output_tokens=100,
+            stream=True,
+        )
+    )
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done.arguments == deltas and done.name == "get_weather"
+    jsonschema.validate(json.loads(deltas), WEATHER_TOOL["parameters"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "status"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type", 400),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}
+                ]
+            },
+            "input.0.content.0",
+            400,
+        ),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input.0.type", 400),
+        ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id", 400),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 3}}}},
+            "text.format.schema",
+            400,
+        ),
+        ({"text": {"format": {"type": "json_schema", "schema": CITY}}}, "text.format.name", 400),
+        (
+            {
+                "tools": [{"type": "function", "name": "f", "parameters": {"type": "nonsense"}}],
+                "tool_choice": "required",
+            },
+            "tools.0.parameters",
+            400,
+        ),
+        (
+            {"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER_TOOL]},
+            "tool_choice.name",
+            400,
+        ),
+        ({"max_output_tokens": 100_000}, "max_output_tokens", 400),
+        ({"max_tokens": 5}, "max_tokens", 400),
+        ({"background": True}, "background", 400),
+        ({"conversation": "conv_1"}, "conversation", 400),
+        ({"reasoning": {"effort": "high"}}, "reasoning", 400),
+        ({"truncation": "auto"}, "truncation", 400),
+        ({"min_p": 0.1}, "min_p", 400),
+        ({"include": ["message.output_text.logprobs"]}, "include", 400),
+        ({"previous_response_id": "resp_nope"}, "previous_response_id", 400),
+        ({"model": "no-such-adapter"}, "model", 404),
+        ({"temperature": 3}, "temperature", 400),
+    ],
+)
+def test_what_we_cannot_do_is_refused_naming_the_field(real_server, extra, param, status):
+    body = {"model": BASE, "input": "Hi", "max_output_tokens": 4, **extra}
+    response = httpx.post(real_server.v1 + "/responses", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].strip()
+
+
+def test_refusals_with_their_no_op_values_are_accepted(real_server):
+    body = {
+        "model": BASE,
+        "input": "Hi",
+        "max_output_tokens": 2,
+        "background": False,
+        "truncation": "disabled",
+        "include": [],
+        "reasoning": {"effort": None},
+        "metadata": {"run": "7"},
+        "store": False,
+    }
+    response = httpx.post(real_server.v1 + "/responses", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["metadata"] == {"run": "7"} and response.json()["store"] is False

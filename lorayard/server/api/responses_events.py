@@ -59,7 +59,7 @@ class ResponseAssembler:
     """One response's output, built from chat chunks (choice 0: a response has one output)."""
 
     def __init__(self, skeleton: ResponseObject) -> None:
-        self.response = skeleton.model_copy(update={"id": _id("resp_"), "created_at": time.time()})
+        self.response = skeleton.model_copy(update={"id": _id("resp_"), "created_at": time.time()}, deep=True)
         self._sequence = 0
         self._open: OutputMessage | FunctionCallItem | None = None
         self._calls: dict[int, FunctionCallItem] = {}

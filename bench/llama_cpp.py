@@ -51,6 +51,7 @@ import httpx
 from lorayard.client.client import LorayardClient
 from lorayard.client.loadtest import DEFAULT_PROMPTS, LoadTestConfig, LoadTester
 
+from bench.peer import start_peer, summarize_run
 from bench.record import (
     SuiteResult,
     common_arguments,
@@ -58,13 +59,12 @@ from bench.record import (
     measuring,
     median,
     paired_ratios,
-    percentile,
     save_figure,
     suite_main,
 )
 from bench.workload import load_base, make_adapters, mixed_specs
 from lorayard.base_model import embedded_gguf_path
-from lorayard.testing.server import ServerProcess, free_port, wait_ready
+from lorayard.testing.server import ServerProcess
 
 DEFAULT_LLAMA_PYTHON = Path("/work/llamacpp-venv/bin/python")
 OURS, LLAMA = "ours", "llama.cpp"
@@ -87,45 +87,6 @@ BUILD_HINT = (
 
 
 # -- pure bookkeeping (unit-tested) ----------------------------------------------------------------
-def sample_tokens(sample: dict[str, Any], max_tokens: int) -> tuple[int, str]:
-    """Output tokens of one load-test sample and how they were counted (usage, length, deltas).
-
-    The server's usage when it sent one; else ``max_tokens`` if it stopped by length (llama.cpp streams
-    no usage); else one per streamed text delta (a lower bound: a delta may hold several tokens).
-    """
-    if sample.get("output_tokens") is not None:
-        return int(sample["output_tokens"]), "usage"
-    if sample.get("finish_reason") == "length":
-        return max_tokens, "length"
-    if sample.get("ttft_s") is None:
-        return 0, "deltas"
-    return 1 + len(sample.get("itl_s") or []), "deltas"
-
-
-def summarize_run(samples: list[dict[str, Any]], duration_s: float, max_tokens: int) -> dict[str, Any]:
-    """One server's run: completed/errors, output tok/s, TTFT/ITL/e2e p50 (ms), how tokens were counted."""
-    done = [s for s in samples if s.get("status") == "ok"]
-    counted = [sample_tokens(s, max_tokens) for s in done]
-    tokens = sum(n for n, _ in counted)
-    ttft = [s["ttft_s"] * 1e3 for s in done if s.get("ttft_s") is not None]
-    itl = [gap * 1e3 for s in done for gap in s.get("itl_s") or []]
-    e2e = [s["e2e_s"] * 1e3 for s in done if s.get("e2e_s") is not None]
-    return {
-        "requests": len(samples),
-        "completed": len(done),
-        "errors": len(samples) - len(done),
-        "finished_by_length": sum(1 for s in done if s.get("finish_reason") == "length"),
-        "output_tokens": tokens,
-        "tokens_counted_by": sorted({how for _, how in counted}),
-        "duration_s": duration_s,
-        "tokens_per_s": tokens / max(duration_s, 1e-9),
-        "ttft_p50_ms": median(ttft),
-        "ttft_p99_ms": percentile(ttft, 99),
-        "itl_p50_ms": median(itl),
-        "e2e_p50_ms": median(e2e),
-    }
-
-
 def ours_over_llama(rows: list[dict[str, Any]], variant: str, concurrency: int, key: str) -> list[float]:
     """Per repeat: ours[key] / llama.cpp[key] for one variant and concurrency (pairs with both sides)."""
     return paired_ratios(rows, OURS, LLAMA, key=key, by="server", variant=variant, concurrency=concurrency)
@@ -142,28 +103,6 @@ def server_order(repeat: int, index: int) -> tuple[str, str]:
 
 
 # -- processes --------------------------------------------------------------------------------------
-def _thread_env(threads: int) -> dict[str, str]:
-    # torch (ours) reads OMP_NUM_THREADS at start; llama.cpp takes --n_threads, the env does no harm.
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-
-def _start(argv: list[str], threads: int, ready_path: str, log: Path) -> ServerProcess:
-    """Start ``argv`` (+ --host, --port) on a free port; return once ``ready_path`` answers 200.
-    (llama.cpp's server cannot report a port it bound itself, so both servers take ``free_port``.)"""
-    port = free_port()
-    with log.open("w") as fh:
-        process = subprocess.Popen(
-            [*argv, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=log.parent,
-            env=_thread_env(threads),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
-    wait_ready(process, server.base_url + ready_path, log, timeout=300)
-    return server
-
-
 def _check_llama_python(path: Path) -> None:
     """Exit 2 with build instructions if ``path`` cannot run llama_cpp.server."""
     problem = None
@@ -305,7 +244,7 @@ def _start_servers(args: argparse.Namespace, work: Path, result: SuiteResult, se
         starts.append((LORA, LLAMA, [*llama, "--lora_path", str(lora_gguf)], "/v1/models", None))
     for variant, server_name, argv, ready, adapter in starts:
         log = work / f"{server_name}-{variant.replace(' ', '')}.log"
-        server = _start(argv, args.threads, ready, log)
+        server = start_peer(argv, args.threads, ready, log)
         setup.started.append(server)
         setup.servers.setdefault(variant, {})[server_name] = (server, adapter)
     if lora_reason is None:

@@ -11,24 +11,62 @@ job records it in the adapter's manifest and the server passes it back here for 
 requests, so both sides still render through these functions. Completion-style data on such a base
 needs no template at all: :func:`render_completion` is raw prompt + completion + EOS, what
 ``/v1/completions`` sends and stops at.
+
+Tools: OpenAI's ``tools`` and conversations with assistant ``tool_calls`` and ``tool`` results render
+through the template's own tools support when it has one (``apply_chat_template(tools=...)``), else in
+our documented default format (:mod:`lorayard.tool_format`: the schemas in the system turn, calls as
+Hermes ``<tool_call>`` text in the assistant turn, results as a user turn of ``<tool_response>``s).
+Either way training and serving render the same ids, calls included.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
+
+from lorayard.tool_format import (
+    DEFAULT_TOOL_FORMAT,
+    ToolFormat,
+    template_knows_tools,
+    tool_response_text,
+    tools_system_text,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
+
+
+class FunctionCallText(TypedDict):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+
+
+class ToolCallEntry(TypedDict):
+    """One call of an assistant turn, in OpenAI's shape."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallText
 
 
 class Message(TypedDict):
     role: Role
     content: str
+    """Text; an assistant turn that only calls tools has ``""``."""
+    tool_calls: NotRequired[list[ToolCallEntry]]
+    """Assistant turns: the calls it made."""
+    tool_call_id: NotRequired[str]
+    """Tool turns: the call this is the result of."""
+
+
+ToolSpec = dict[str, Any]
+"""One OpenAI tool: ``{"type": "function", "function": {"name", "description", "parameters"}}``."""
 
 
 DEFAULT_PROMPT_TEMPLATE = (
@@ -62,26 +100,101 @@ class RenderedExample:
         return len(self.ids)
 
 
+@dataclass(frozen=True)
+class ToolContext:
+    """The tools a conversation may call and the call format they are written in."""
+
+    tools: tuple[ToolSpec, ...] = ()
+    format: ToolFormat = DEFAULT_TOOL_FORMAT
+
+
+NO_TOOLS = ToolContext()
+
+
 def _template_text(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Message],
     *,
     add_generation_prompt: bool,
     prompt_template: str | None,
+    tools: ToolContext = NO_TOOLS,
 ) -> str:
-    if prompt_template is None and tokenizer.chat_template is None:
+    template = prompt_template if prompt_template is not None else tokenizer.chat_template
+    if template is None:
         raise ChatFormatError(
             "the base tokenizer has no chat template: send raw text to /v1/completions, or use an adapter "
             "trained with a prompt template"
         )
+    tool_list: list[dict[Any, Any]] | None = None
+    conversation: list[dict[str, Any]]
+    if template_knows_tools(template):
+        conversation, tool_list = [_native_message(m) for m in messages], list(tools.tools) or None
+    else:
+        conversation = list(_default_tool_messages(messages, tools))
     text = tokenizer.apply_chat_template(
-        # Message is a TypedDict; transformers declares plain dict[str, str], which mypy will not equate
-        list(messages),  # type: ignore[arg-type]
+        conversation,
+        tools=tool_list,  # type: ignore[arg-type]  # transformers' list is invariant in its items
         chat_template=prompt_template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
     return str(text)
+
+
+def _native_message(message: Message) -> dict[str, Any]:
+    """For a template with tools support: arguments as objects, as HF templates expect them."""
+    out: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    if "tool_call_id" in message:
+        out["tool_call_id"] = message["tool_call_id"]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": _arguments(call)},
+            }
+            for call in message["tool_calls"]
+        ]
+    return out
+
+
+def _arguments(call: ToolCallEntry) -> Any:
+    try:
+        return json.loads(call["function"]["arguments"])
+    except ValueError:
+        return call["function"]["arguments"]
+
+
+def _default_tool_messages(messages: Sequence[Message], tools: ToolContext) -> list[dict[str, str]]:
+    """For a template without tools support: plain system/user/assistant turns in our default format
+    (schemas in the system turn, calls as text, consecutive tool results as one user turn)."""
+    fmt = tools.format
+    out: list[dict[str, str]] = []
+    results: list[str] = []
+    for message in messages:
+        if message["role"] == "tool":
+            results.append(message["content"])
+            continue
+        if results:
+            out.append({"role": "user", "content": tool_response_text(results)})
+            results = []
+        content = message["content"]
+        if message.get("tool_calls"):
+            calls = fmt.separator.join(
+                fmt.render_call(c["function"]["name"], c["function"]["arguments"])
+                for c in message["tool_calls"]
+            )
+            content = f"{content}\n{calls}" if content else calls
+        out.append({"role": message["role"], "content": content})
+    if results:
+        out.append({"role": "user", "content": tool_response_text(results)})
+    if tools.tools:
+        text = tools_system_text(list(tools.tools), fmt)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{text}"}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out
 
 
 def chat_template_for(tokenizer: PreTrainedTokenizerBase, prompt_template: str | None) -> str | None:
@@ -107,15 +220,22 @@ def validate_messages(messages: Sequence[Message]) -> None:
             )
         if not isinstance(message.get("content"), str):
             raise ChatFormatError(f"messages[{i}].content must be a string")
+        if message.get("tool_calls") and message["role"] != "assistant":
+            raise ChatFormatError(f"messages[{i}].tool_calls: only assistant messages carry tool calls")
 
 
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], prompt_template: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    prompt_template: str | None = None,
+    tools: ToolContext = NO_TOOLS,
 ) -> list[int]:
     """The serving prompt: the template (``prompt_template`` if given, else the tokenizer's) with
     ``add_generation_prompt=True``, as ids."""
     validate_messages(messages)
-    text = _template_text(tokenizer, messages, add_generation_prompt=True, prompt_template=prompt_template)
+    text = _template_text(
+        tokenizer, messages, add_generation_prompt=True, prompt_template=prompt_template, tools=tools
+    )
     return encode_text(tokenizer, text)
 
 
@@ -139,6 +259,7 @@ def render_conversation(
     *,
     train_on_all_assistant_turns: bool = True,
     prompt_template: str | None = None,
+    tools: ToolContext = NO_TOOLS,
 ) -> RenderedExample:
     """A training example: prompts masked, assistant turns (with their end-of-turn token) trained.
 
@@ -159,10 +280,18 @@ def render_conversation(
     covered_text = ""
     for turn in turns:
         prompt_text = _template_text(
-            tokenizer, messages[:turn], add_generation_prompt=True, prompt_template=prompt_template
+            tokenizer,
+            messages[:turn],
+            add_generation_prompt=True,
+            prompt_template=prompt_template,
+            tools=tools,
         )
         full_text = _template_text(
-            tokenizer, messages[: turn + 1], add_generation_prompt=False, prompt_template=prompt_template
+            tokenizer,
+            messages[: turn + 1],
+            add_generation_prompt=False,
+            prompt_template=prompt_template,
+            tools=tools,
         )
         if not prompt_text.startswith(covered_text) or not full_text.startswith(prompt_text):
             raise ChatFormatError("the chat template is not prefix-stable; cannot mask prompts reliably")

@@ -161,7 +161,9 @@ class Generation:
         if job.messages is None or (lease.prompt_template is None and self.prompt_ids):
             return
         try:
-            self.prompt_ids = render_prompt(self.tokenizer, list(job.messages), lease.prompt_template)
+            self.prompt_ids = render_prompt(
+                self.tokenizer, list(job.messages), lease.prompt_template, job.tool_context
+            )
         except ChatFormatError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
         self.usage.prompt_tokens = len(self.prompt_ids)

@@ -22,17 +22,36 @@ class _Lenient(BaseModel):
 
 
 # -- requests ------------------------------------------------------------------------------------
-class TextPart(_Lenient):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Lenient):
+    """A part of a message's content: ``text`` is served; other types (images, audio, files) are refused
+    by name in :func:`server.api.serving.conversation`."""
+
+    type: str
+    text: str | None = None
+
+
+class FunctionCallIn(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """JSON text, as OpenAI sends it (an object is accepted too, as some clients send one)."""
+
+
+class ToolCallIn(_Lenient):
+    """A call an assistant turn made, replayed by the client."""
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    """OpenAI's message: ``developer`` is a system turn; an assistant turn may carry ``tool_calls`` with
+    ``content`` null or empty; a ``tool`` turn answers one of them by ``tool_call_id``."""
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(_Lenient):
@@ -155,6 +174,9 @@ class TokenizeRequest(_Lenient):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = Field(
+        None, description="messages only: rendered as a chat request renders them"
+    )
     add_special_tokens: bool = Field(True, description="text prompts only: the tokenizer's own specials")
     add_generation_prompt: bool = Field(True, description="messages only: end with the assistant header")
     return_token_strs: bool = False
@@ -258,7 +280,15 @@ class ToolCall(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_calls: list[ToolCall] | None = None
+    """Absent (not ``[]``) on a plain answer, as OpenAI's own responses, which it refuses replayed."""
+
+    @model_serializer(mode="wrap")
+    def _without_empty_calls(self, handler: Any) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if not out.get("tool_calls"):
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):

@@ -5,7 +5,6 @@ One builder per shape, used by both the whole response and the stream: logprob l
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,12 +34,13 @@ from lorayard.server.api.protocol import (
     VllmLogprob,
 )
 from lorayard.server.api.streaming import IncrementalDetokenizer
+from lorayard.server.api.tool_calls import CallStarted, ContentDelta, ToolCallParser, ToolEvent
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from lorayard.server.api.generation import UsageCount
-    from lorayard.server.api.serving import EngineJob, ToolCalling
+    from lorayard.server.api.serving import EngineJob
     from lorayard.server.engine.types import PromptLogprob
 
 
@@ -218,23 +218,63 @@ def _chat_logprobs(texts: TokenTexts, entries: list[TokenLogprob]) -> ChatLogpro
     )
 
 
-def _tool_call(calling: ToolCalling, text: str) -> ToolCall | None:
-    """The call the constrained output spells, or None if it is not complete JSON (cut by length)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if calling.named is not None:
-        name, arguments = calling.named, value
-    elif isinstance(value, dict) and value.get("name") in calling.names and "arguments" in value:
-        name, arguments = value["name"], value["arguments"]
-    else:
-        return None
-    return ToolCall(id=_id("call_"), function=FunctionCall(name=name, arguments=json.dumps(arguments)))
+@dataclass
+class _ChatChoice:
+    """One chat choice's deltas -> OpenAI chat deltas; with tools, through the tool-call parser, so
+    the whole answer is exactly the sum of the streamed one."""
+
+    parser: ToolCallParser | None
+    content: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+    def add(self, delta: ChoiceDelta) -> tuple[ChatDelta, str | None]:
+        """The chat delta this engine delta makes, and the choice's finish reason if it ends here."""
+        self.logprobs += delta.logprobs
+        finish = delta.finish_reason
+        if self.parser is None:
+            self.content += delta.text
+            out = ChatDelta(content=delta.text) if delta.text else ChatDelta()
+        else:
+            events = self.parser.push(delta.text)
+            if finish is not None:
+                events += self.parser.finish()
+            out = self._chat_delta(events)
+            if finish == "stop" and self.parser.calls:
+                finish = "tool_calls"  # a call cut by max_tokens keeps "length"
+        if finish is not None:
+            self.finish_reason = finish
+        return out, finish
+
+    def _chat_delta(self, events: list[ToolEvent]) -> ChatDelta:
+        content = ""
+        calls: list[ToolCallDelta] = []
+        for event in events:
+            if isinstance(event, ContentDelta):
+                content += event.text
+            elif isinstance(event, CallStarted):
+                self.calls.append(ToolCall(id=event.id, function=FunctionCall(name=event.name, arguments="")))
+                function = FunctionCallDelta(name=event.name, arguments="")
+                calls.append(
+                    ToolCallDelta(index=event.index, id=event.id, type="function", function=function)
+                )
+            else:
+                self.calls[event.index].function.arguments += event.text
+                calls.append(
+                    ToolCallDelta(index=event.index, function=FunctionCallDelta(arguments=event.text))
+                )
+        self.content += content
+        return ChatDelta(content=content or None, tool_calls=calls or None)
+
+    def message(self) -> AssistantMessage:
+        """The whole answer: ``content`` null when the turn is calls alone, no ``tool_calls`` without."""
+        content = None if self.calls and not self.content else self.content
+        return AssistantMessage(content=content, tool_calls=self.calls or None)
 
 
 class ChatBuilder:
-    """Chat deltas -> ChatCompletion or chunks; forced tool calls become ``tool_calls``."""
+    """Chat deltas -> ChatCompletion or chunks; with tools, calls become ``tool_calls``."""
 
     def __init__(self, job: EngineJob, tokenizer: PreTrainedTokenizerBase) -> None:
         self.job = job
@@ -243,25 +283,26 @@ class ChatBuilder:
     def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         return _chat_logprobs(self.texts, entries) if self.job.logprobs else None
 
+    def _choices(self) -> list[_ChatChoice]:
+        tools = self.job.tools
+        return [
+            _ChatChoice(None if tools is None else ToolCallParser(tools.format, tools.callable))
+            for _ in range(self.job.n)
+        ]
+
     def response(self, deltas: list[ChoiceDelta], usage: UsageCount) -> ChatCompletion:
-        n = self.job.n
-        texts, reasons = [""] * n, ["stop"] * n
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        states = self._choices()
         for delta in deltas:
-            texts[delta.index] += delta.text
-            logprobs[delta.index] += delta.logprobs
-            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
-        choices = []
-        for i in range(n):
-            message = AssistantMessage(content=texts[i])
-            call = None if self.job.tools is None else _tool_call(self.job.tools, texts[i])
-            if call is not None:
-                message, reasons[i] = AssistantMessage(content=None, tool_calls=[call]), "tool_calls"
-            choices.append(
-                ChatChoice(
-                    index=i, message=message, logprobs=self._logprobs(logprobs[i]), finish_reason=reasons[i]
-                )
+            states[delta.index].add(delta)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=state.message(),
+                logprobs=self._logprobs(state.logprobs),
+                finish_reason=state.finish_reason,
             )
+            for i, state in enumerate(states)
+        ]
         return ChatCompletion(
             id=_id("chatcmpl-"),
             created=int(time.time()),
@@ -273,8 +314,7 @@ class ChatBuilder:
     async def chunks(
         self, deltas: AsyncIterator[ChoiceDelta], usage: UsageCount
     ) -> AsyncIterator[ChatCompletionChunk]:
-        """Text streams as content deltas. A call to a named function streams its arguments as they
-        come; a call chosen among several tools is sent whole once its JSON is complete."""
+        """Content deltas until a call starts, then the call's header and its arguments as they come."""
         response_id, created, model = _id("chatcmpl-"), int(time.time()), self.job.model
 
         def chunk(choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
@@ -286,57 +326,13 @@ class ChatBuilder:
                 for i in range(self.job.n)
             ]
         )
-        calling = self.job.tools
-        texts = [""] * self.job.n
-        call_ids = [_id("call_") for _ in range(self.job.n)]
+        states = self._choices()
         async for delta in deltas:
-            i = delta.index
-            first_text = not texts[i]
-            texts[i] += delta.text
-            finish = delta.finish_reason
-            if calling is None:
-                out = ChatDelta(content=delta.text) if delta.text else ChatDelta()
-            else:
-                call = _tool_call(calling, texts[i]) if finish is not None else None
-                if finish is not None and call is not None:
-                    finish = "tool_calls"
-                out = ChatDelta()
-                if calling.named is not None and (delta.text or (call and first_text)):
-                    header = first_text
-                    out = ChatDelta(
-                        tool_calls=[
-                            ToolCallDelta(
-                                index=0,
-                                id=call_ids[i] if header else None,
-                                type="function" if header else None,
-                                function=FunctionCallDelta(
-                                    name=calling.named if header else None, arguments=delta.text
-                                ),
-                            )
-                        ]
-                    )
-                elif calling.named is None and call is not None:
-                    out = ChatDelta(
-                        tool_calls=[
-                            ToolCallDelta(
-                                index=0,
-                                id=call_ids[i],
-                                type="function",
-                                function=FunctionCallDelta(
-                                    name=call.function.name, arguments=call.function.arguments
-                                ),
-                            )
-                        ]
-                    )
-                elif finish is not None and call is None and calling.named is None and texts[i]:
-                    out = ChatDelta(content=texts[i])  # cut short: not a call, show what came
-            yield chunk(
-                [
-                    ChatChunkChoice(
-                        index=i, delta=out, logprobs=self._logprobs(delta.logprobs), finish_reason=finish
-                    )
-                ]
+            out, finish = states[delta.index].add(delta)
+            choice = ChatChunkChoice(
+                index=delta.index, delta=out, logprobs=self._logprobs(delta.logprobs), finish_reason=finish
             )
+            yield chunk([choice])
         if self.job.include_usage:
             yield chunk([], usage=usage_of(usage))
 

@@ -15,24 +15,38 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
 
-from lorayard.chat_format import ChatFormatError, Message, encode_text, render_prompt
+from lorayard.chat_format import (
+    NO_TOOLS,
+    ChatFormatError,
+    Message,
+    ToolCallEntry,
+    ToolContext,
+    encode_text,
+    render_prompt,
+)
 from lorayard.server.api.errors import APIError
 from lorayard.server.api.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
+    ContentPart,
     DetokenizeRequest,
     DetokenizeResponse,
-    NamedToolChoice,
     ResponseFormat,
     SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
     Tool,
 )
+from lorayard.server.api.tool_calls import ToolCalling, ToolChoice, tool_calling, tool_grammar
 from lorayard.server.engine.types import GuidedDecoding, SamplingParams
+from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
 
 if TYPE_CHECKING:
     from lorayard.server.runtime import ReadyRuntime
+
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+"""``response_format: json_object`` as the schema of a text answer beside tool calls."""
 
 LOGIT_BIAS_LIMIT = 100.0
 """OpenAI's bound on a logit_bias value (either sign)."""
@@ -79,18 +93,6 @@ _NO_OP_VALUES: dict[str, object] = {
 
 
 @dataclass(frozen=True)
-class ToolCalling:
-    """The output is a call to one of ``names``: with one name, the output is its arguments; with
-    several, the output is ``{"name": ..., "arguments": {...}}`` (a schema choosing one of them)."""
-
-    names: tuple[str, ...]
-
-    @property
-    def named(self) -> str | None:
-        return self.names[0] if len(self.names) == 1 else None
-
-
-@dataclass(frozen=True)
 class EngineJob:
     """A validated request, ready for the engine: everything the routes and generation need."""
 
@@ -118,6 +120,8 @@ class EngineJob:
     """The field the grammar came from ("response_format" or "tools"), for a 400's ``param``."""
     user: str | None = None
     """OpenAI's end-user id: a canary split routes it to the same version every time."""
+    tool_context: ToolContext = NO_TOOLS
+    """Chat jobs: the tools the prompt shows (and their format)."""
     messages: tuple[Message, ...] | None = None
     """Chat jobs: the conversation, rendered again with the leased version's prompt template when it
     has one (an adapter trained on a base without a chat template); ``prompt_ids`` is then empty
@@ -182,57 +186,9 @@ def _guided_from_format(fmt: ResponseFormat | None) -> GuidedDecoding | None:
     return GuidedDecoding("json_schema", schema)
 
 
-def _tool_calling(body: ChatCompletionRequest) -> tuple[ToolCalling, GuidedDecoding] | None:
-    """tools + tool_choice -> which functions may be called and the grammar of the call."""
-    choice = body.tool_choice
-    if not body.tools:
-        if isinstance(choice, NamedToolChoice) or choice == "required":
-            raise _bad("tool_choice", "names a tool but `tools` is empty")
-        return None
-    if choice == "none":
-        return None
-    if choice is None or choice == "auto":
-        raise APIError(
-            400,
-            "tool_choice: 'auto' (the default when tools are given) is not supported: the server cannot"
-            " let the model decide between text and a call; send tool_choice 'required' or"
-            ' {"type": "function", "function": {"name": ...}}, or "none" to ignore the tools',
-            param="tool_choice",
-            code="unsupported",
-        )
-    tools: dict[str, Tool] = {}
-    for i, tool in enumerate(body.tools):
-        name = tool.function.name
-        if name in tools:
-            raise _bad(f"tools.{i}.function.name", f"{name!r} is defined twice")
-        _checked_schema(f"tools.{i}.function.parameters", tool.function.parameters)
-        tools[name] = tool
-    if isinstance(choice, NamedToolChoice):
-        name = choice.function.name
-        if name not in tools:
-            raise _bad("tool_choice.function.name", f"{name!r} is not one of the tools")
-        chosen = [tools[name]]
-    else:
-        chosen = list(tools.values())
-    if len(chosen) == 1:
-        schema = chosen[0].function.parameters
-    else:
-        schema = {
-            "anyOf": [
-                {
-                    "type": "object",
-                    "properties": {
-                        "name": {"const": tool.function.name},
-                        "arguments": tool.function.parameters,
-                    },
-                    "required": ["name", "arguments"],
-                    "additionalProperties": False,
-                }
-                for tool in chosen
-            ]
-        }
-    guided = GuidedDecoding("json_schema", json.dumps(schema))
-    return ToolCalling(tuple(t.function.name for t in chosen)), guided
+def _tool_specs(tools: list[Tool] | None) -> tuple[dict[str, Any], ...]:
+    """``tool_choice: "none"``: the tools are still shown to the model, as OpenAI does; none is called."""
+    return tuple(t.model_dump(mode="json", exclude_none=True, by_alias=True) for t in tools or [])
 
 
 def _adapter_ref(body: SamplingFields, runtime: ReadyRuntime) -> tuple[str | None, str]:
@@ -379,10 +335,83 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     )
 
 
-def chat_prompt_ids(runtime: ReadyRuntime, messages: list[Message], template: str | None = None) -> list[int]:
+def _content_text(content: str | list[ContentPart] | None, param: str) -> str:
+    """A message's content as text: a string, or text parts joined; other parts are refused by name."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            what = "image" if "image" in part.type else repr(part.type)
+            raise APIError(
+                400,
+                f"{param}.{j}.type: {what} content parts are not supported (the base model reads text):"
+                " send text parts or a string",
+                param=f"{param}.{j}.type",
+                code="unsupported_content",
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _replayed_calls(message: ChatMessage, i: int) -> list[ToolCallEntry]:
+    if message.role != "assistant":
+        raise _bad(f"messages.{i}.tool_calls", "only assistant messages carry tool calls")
+    calls: list[ToolCallEntry] = []
+    for call in message.tool_calls or []:
+        arguments = call.function.arguments
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        calls.append(
+            {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": text}}
+        )
+    return calls
+
+
+def conversation(messages: list[ChatMessage]) -> list[Message]:
+    """OpenAI's messages -> the conversation :mod:`lorayard.chat_format` renders: ``developer`` is a
+    system turn, content parts are text, an assistant turn may be calls alone, a tool turn answers a
+    call by ``tool_call_id``. A message we cannot render is a 400 naming its field."""
+    out: list[Message] = []
+    for i, message in enumerate(messages):
+        if message.content is None and message.role != "assistant":
+            raise _bad(f"messages.{i}.content", f"required in a {message.role} message")
+        role = "system" if message.role == "developer" else message.role
+        entry: Message = {"role": role, "content": _content_text(message.content, f"messages.{i}.content")}
+        if message.tool_calls:
+            entry["tool_calls"] = _replayed_calls(message, i)
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise _bad(f"messages.{i}.tool_call_id", "required in a tool message")
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
+    return out
+
+
+def tool_format(runtime: ReadyRuntime, template: str | None = None) -> ToolFormat:
+    """The call format of the template a request renders with (``template``, else the base's)."""
+    try:
+        return tool_format_for_template(
+            template or runtime.tokenizer.chat_template, runtime.settings.tool_call_format
+        )
+    except UnknownToolFormat as exc:
+        raise _bad("tools", str(exc)) from None
+
+
+def request_tools(
+    runtime: ReadyRuntime, tools: list[Tool] | None, choice: ToolChoice, parallel: bool | None
+) -> ToolCalling | None:
+    """The tools a request may call, in the base's call format."""
+    if not tools:  # the format is only looked up when there are tools to write (a 400 if unknown)
+        return tool_calling(None, choice, parallel, tool_format_for_template(None))
+    return tool_calling(tools, choice, parallel, tool_format(runtime))
+
+
+def chat_prompt_ids(
+    runtime: ReadyRuntime, messages: list[Message], template: str | None = None, tools: ToolContext = NO_TOOLS
+) -> list[int]:
     """The prompt for ``messages`` (with ``template``, else the base's chat template); 400 if neither."""
     try:
-        return render_prompt(runtime.tokenizer, messages, template)
+        return render_prompt(runtime.tokenizer, messages, template, tools)
     except ChatFormatError as exc:
         raise _bad("messages", str(exc)) from None
 
@@ -390,23 +419,22 @@ def chat_prompt_ids(runtime: ReadyRuntime, messages: list[Message], template: st
 def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     """/v1/chat/completions body -> job, with response_format or forced tool calls as a grammar."""
     _refuse_unsupported(body)
-    messages: list[Message] = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = conversation(body.messages)
     ref = _adapter_ref(body, runtime)
     adapter = ref[0]
     # A base without a chat template: only an adapter's own prompt template can render the chat,
     # known once its version is leased (canary routing picks it); Generation renders it then.
     deferred = adapter is not None and runtime.tokenizer.chat_template is None
-    prompt_ids = [] if deferred else chat_prompt_ids(runtime, messages)
+    tools = request_tools(runtime, body.tools, body.tool_choice, body.parallel_tool_calls)
+    context = tools.context if tools is not None else ToolContext(_tool_specs(body.tools))
+    prompt_ids = [] if deferred else chat_prompt_ids(runtime, messages, tools=context)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     guided = _guided_from_format(body.response_format)
-    calling = _tool_calling(body)
-    tools = None
-    if calling is not None:
-        if guided is not None:
-            raise _bad("response_format", "cannot be combined with a forced tool call (tool_choice)")
-        tools, guided = calling
+    if tools is not None:
+        text_schema = None if guided is None else guided.schema or JSON_OBJECT_SCHEMA
+        guided = tool_grammar(tools, text_schema)
     params = _sampling_params(body, runtime, max_tokens=max_tokens, logprobs=logprobs, guided=guided)
     return _job(
         "chat",
@@ -419,6 +447,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         tools=tools,
         guided_param="response_format" if tools is None else "tools",
         messages=tuple(messages),
+        tool_context=context,
     )
 
 
@@ -430,7 +459,9 @@ def tokenize_text(body: TokenizeRequest, runtime: ReadyRuntime) -> TokenizeRespo
     if body.messages is not None:
         if not body.add_generation_prompt:
             raise _bad("add_generation_prompt", "only true is supported (the prompt chat serves)")
-        ids = chat_prompt_ids(runtime, [{"role": m.role, "content": m.text()} for m in body.messages])
+        tools = request_tools(runtime, body.tools, None, None)
+        context = tools.context if tools is not None else NO_TOOLS
+        ids = chat_prompt_ids(runtime, conversation(body.messages), tools=context)
     elif body.add_special_tokens:
         ids = list(tokenizer(body.prompt, add_special_tokens=True)["input_ids"])
     else:

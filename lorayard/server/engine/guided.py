@@ -11,6 +11,8 @@ Semantics:
 
 - ``json_object``: any JSON object; ``json_schema``: JSON valid against the schema. xgrammar's strict
   mode: properties and items the schema does not name are not generated (still valid output).
+- ``structural_tag``: xgrammar's structural tag (tool calls: free text, then calls whose arguments are
+  JSON valid against each tool's schema); every JSON schema inside it is checked and bounded as above.
 - Whitespace between elements is free up to :data:`MAX_WHITESPACE` characters per gap, so a model
   cannot loop on whitespace until max_tokens.
 - The mask allows the engine's end-of-turn tokens only once the document is complete; the row
@@ -86,6 +88,8 @@ class GuidedCompiler:
 
     def compile(self, guided: GuidedDecoding) -> xgrammar.CompiledGrammar:
         """Raises InvalidRequest (param ``guided``) with xgrammar's reason for a schema it cannot use."""
+        if guided.kind == "structural_tag":
+            return self._compile_structural_tag(guided.schema or "{}")
         if guided.kind == "json_object":
             schema = JSON_OBJECT_SCHEMA
         elif guided.schema is None:
@@ -105,6 +109,23 @@ class GuidedCompiler:
             reason = _LOG_PREFIX.sub("", str(exc)).strip()
             raise InvalidRequest(
                 f"the JSON schema cannot be used for structured output: {reason}", "guided"
+            ) from exc
+
+    def _compile_structural_tag(self, text: str) -> xgrammar.CompiledGrammar:
+        tag = json.loads(text)
+        for node in _json_schema_formats(tag):
+            problem = _unenforced(json.dumps(node["json_schema"]))
+            if problem is not None:
+                raise InvalidRequest(
+                    f"structured output cannot enforce {problem} in a tool's schema", "guided"
+                )
+            node["max_whitespace_cnt"] = MAX_WHITESPACE
+        try:
+            return self._compiler.compile_structural_tag(json.dumps(tag))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            reason = _LOG_PREFIX.sub("", str(exc)).strip()
+            raise InvalidRequest(
+                f"the tool schemas cannot be used for tool calls: {reason}", "guided"
             ) from exc
 
     def matcher(self, guided: GuidedDecoding) -> GuidedMatcher:
@@ -158,6 +179,19 @@ class GuidedMatcher:
     @property
     def terminated(self) -> bool:
         return self._matcher.is_terminated()
+
+
+def _json_schema_formats(node: Any) -> Iterator[dict[str, Any]]:
+    """The ``json_schema`` formats inside a structural tag (as mutable dicts)."""
+    if isinstance(node, list):
+        for child in node:
+            yield from _json_schema_formats(child)
+    elif isinstance(node, dict):
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            yield node
+            return
+        for child in node.values():
+            yield from _json_schema_formats(child)
 
 
 def _unenforced(schema_text: str) -> str | None:

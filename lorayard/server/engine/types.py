@@ -30,9 +30,10 @@ FinishReason = Literal["stop", "length", "abort"]
 
 @dataclass(frozen=True)
 class GuidedDecoding:
-    """Structured output: any JSON object, or JSON valid against ``schema`` (JSON Schema as text)."""
+    """Structured output: any JSON object, JSON valid against ``schema`` (JSON Schema as text), or an
+    xgrammar structural tag (``schema``: its JSON text; tool calls are one)."""
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "structural_tag"]
     schema: str | None = None
 
 

@@ -1,6 +1,13 @@
 import pytest
 
-from lorayard.chat_format import ChatFormatError, render_conversation, render_prompt, stop_token_ids
+from lorayard.chat_format import (
+    ChatFormatError,
+    ToolContext,
+    render_conversation,
+    render_prompt,
+    stop_token_ids,
+)
+from lorayard.tool_format import HERMES, LLAMA3_JSON, UnknownToolFormat, tool_format_for_template
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -54,3 +61,120 @@ def test_bad_messages_name_the_problem(real_tokenizer, messages, problem):
 def test_training_needs_an_assistant_turn(real_tokenizer):
     with pytest.raises(ChatFormatError, match="assistant"):
         render_conversation(real_tokenizer, CONVERSATION[:1])
+
+
+# -- tools -----------------------------------------------------------------------------------------
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TOOL_ROUND_TRIP = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+            },
+            {
+                "id": "c2",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+            },
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "c2", "content": "rain"},
+    {"role": "assistant", "content": "Paris is sunny, Rome rainy."},
+]
+
+
+def test_default_tool_format_on_a_template_without_tools(real_tokenizer):
+    """SmolLM2's template knows no tools: schemas join the system turn, calls are Hermes text (JSON
+    re-serialised one way), both results come back as one user turn."""
+    tools = ToolContext((WEATHER,))
+    text = real_tokenizer.decode(render_prompt(real_tokenizer, TOOL_ROUND_TRIP[:5], tools=tools))
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    calls = (
+        "<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>\n'
+    )
+    assert calls in text
+    results = (
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>"
+    )
+    assert results in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_a_plain_chat_renders_as_before_when_tools_are_absent(real_tokenizer):
+    plain = render_prompt(real_tokenizer, CONVERSATION[:3])
+    assert plain == render_prompt(real_tokenizer, CONVERSATION[:3], tools=ToolContext())
+
+
+def test_tool_calls_are_trained_with_the_serving_prompt(real_tokenizer):
+    """Training a tool conversation: the call turn and the answer are trained, their prompts are the
+    serving prompts (tools included), the tool results are not trained."""
+    tools = ToolContext((WEATHER,))
+    example = render_conversation(real_tokenizer, TOOL_ROUND_TRIP, tools=tools)
+    for turn in (2, 5):
+        served = render_prompt(real_tokenizer, TOOL_ROUND_TRIP[:turn], tools=tools)
+        assert example.ids[: len(served)] == served
+        assert example.labels_mask[len(served) - 1] == 0 and example.labels_mask[len(served)] == 1
+    trained = real_tokenizer.decode([i for i, m in zip(example.ids, example.labels_mask, strict=True) if m])
+    assert trained.startswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    assert "<tool_response>" not in trained and trained.endswith("Paris is sunny, Rome rainy.<|im_end|>")
+
+
+QWEN_STYLE_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTOOLS:"
+    "{% for t in tools %}{{ t.function.name }};{% endfor %}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
+    "{%- for c in m.tool_calls %}<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_a_template_with_tools_support_renders_them_itself(real_tokenizer):
+    """The template's own tools support is used (arguments handed over as objects, as HF templates
+    expect), and its call format is recognised as Hermes."""
+    tools = ToolContext((WEATHER,), tool_format_for_template(QWEN_STYLE_TEMPLATE))
+    assert tools.format is HERMES
+    ids = render_prompt(real_tokenizer, TOOL_ROUND_TRIP[:4], QWEN_STYLE_TEMPLATE, tools=tools)
+    text = real_tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nTOOLS:get_weather;<|im_end|>")
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+
+
+def test_tool_formats_from_templates_and_the_override():
+    assert tool_format_for_template(None) is HERMES  # no template: our default
+    assert tool_format_for_template("{{ messages }}") is HERMES  # no tools support: our default
+    assert tool_format_for_template("{{ tools }}<|python_tag|>") is LLAMA3_JSON
+    assert tool_format_for_template("{{ tools }}<tool_call>", "llama3_json") is LLAMA3_JSON
+    with pytest.raises(UnknownToolFormat, match="--tool-call-format"):
+        tool_format_for_template("{{ tools }}[TOOL_CALLS]")
+    with pytest.raises(UnknownToolFormat, match="unknown"):
+        tool_format_for_template(None, "mistral")
+
+
+def test_only_assistant_messages_carry_tool_calls(real_tokenizer):
+    bad = [{"role": "user", "content": "x", "tool_calls": TOOL_ROUND_TRIP[2]["tool_calls"]}]
+    with pytest.raises(ChatFormatError, match=r"messages\[0\].tool_calls"):
+        render_prompt(real_tokenizer, bad)

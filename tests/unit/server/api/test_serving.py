@@ -1,23 +1,16 @@
-"""The serving layer's pure checks and builders, without a server: ids, logit_bias, schemas, tool calls."""
+"""The serving layer's pure checks and builders, without a server: ids, logit_bias, schemas."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-import jsonschema
 import pytest
 
 from lorayard.server.api.errors import APIError, EngineFailed
-from lorayard.server.api.protocol import ChatCompletionRequest, ResponseFormat
-from lorayard.server.api.responses import TokenTexts, _tool_call
-from lorayard.server.api.serving import (
-    ToolCalling,
-    _guided_from_format,
-    _logit_bias,
-    _token_ids,
-    _tool_calling,
-)
+from lorayard.server.api.protocol import ResponseFormat
+from lorayard.server.api.responses import TokenTexts
+from lorayard.server.api.serving import _guided_from_format, _logit_bias, _token_ids
 from lorayard.server.api.streaming import SSE_DONE, sse_stream
 
 VOCAB = 100
@@ -55,48 +48,6 @@ def test_response_format_becomes_a_grammar_or_a_400():
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 1}}}
     )
     assert _param(lambda: _guided_from_format(bad)) == "response_format.json_schema.schema"
-
-
-def _chat(**extra) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **extra})
-
-
-def _tool(name: str, schema: dict) -> dict:
-    return {"type": "function", "function": {"name": name, "parameters": schema}}
-
-
-A = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
-B = {"type": "object", "properties": {"y": {"type": "string"}}, "required": ["y"]}
-
-
-def test_required_with_several_tools_is_a_schema_choosing_one():
-    calling, guided = _tool_calling(_chat(tools=[_tool("a", A), _tool("b", B)], tool_choice="required"))
-    assert calling.names == ("a", "b") and calling.named is None
-    schema = json.loads(guided.schema)
-    jsonschema.validate({"name": "b", "arguments": {"y": "s"}}, schema)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"name": "a", "arguments": {"y": "s"}}, schema)
-
-
-def test_named_tool_is_its_parameters_schema():
-    named = {"type": "function", "function": {"name": "b"}}
-    calling, guided = _tool_calling(_chat(tools=[_tool("a", A), _tool("b", B)], tool_choice=named))
-    assert calling.named == "b" and json.loads(guided.schema) == B
-
-
-def test_auto_and_default_tool_choice_are_refused_none_ignores():
-    assert _param(lambda: _tool_calling(_chat(tools=[_tool("a", A)]))) == "tool_choice"
-    assert _param(lambda: _tool_calling(_chat(tools=[_tool("a", A)], tool_choice="auto"))) == "tool_choice"
-    assert _tool_calling(_chat(tools=[_tool("a", A)], tool_choice="none")) is None
-    assert _param(lambda: _tool_calling(_chat(tools=[_tool("a", A), _tool("a", B)], tool_choice="required")))
-
-
-def test_tool_call_from_output_text():
-    call = _tool_call(ToolCalling(("a",)), '{"x": 1}')
-    assert call.function.name == "a" and json.loads(call.function.arguments) == {"x": 1}
-    call = _tool_call(ToolCalling(("a", "b")), '{"name": "b", "arguments": {"y": "s"}}')
-    assert call.function.name == "b" and json.loads(call.function.arguments) == {"y": "s"}
-    assert _tool_call(ToolCalling(("a",)), '{"x": ') is None  # cut by max_tokens: no call
 
 
 def test_text_offsets_follow_the_decoded_text(real_tokenizer):

@@ -290,3 +290,68 @@ def test_refusals_with_their_no_op_values_are_accepted(real_server):
     response = httpx.post(real_server.v1 + "/responses", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["metadata"] == {"run": "7"} and response.json()["store"] is False
+
+
+def test_function_call_round_trip_by_previous_response_id_and_by_items(client):
+    """A call, its result sent back as a function_call_output item: the same prompt whether the
+    conversation is stored (previous_response_id) or sent whole (the output items replayed)."""
+    called = client.responses.create(
+        model=BASE,
+        input="What is the weather in Oslo?",
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_output_tokens=60,
+    )
+    [call] = called.output
+    assert call.type == "function_call" and called.status == "completed"
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature_c": 21}'}
+    stored = client.responses.create(
+        model=BASE,
+        previous_response_id=called.id,
+        input=[result],
+        tools=[WEATHER_TOOL],
+        temperature=0,
+        max_output_tokens=24,
+    )
+    replayed_items = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        call.model_dump(exclude_none=True),
+        result,
+    ]
+    replayed = client.responses.create(
+        model=BASE, input=replayed_items, tools=[WEATHER_TOOL], temperature=0, max_output_tokens=24
+    )
+    assert stored.usage.input_tokens == replayed.usage.input_tokens
+    assert [item.model_dump(exclude={"id", "call_id"}) for item in stored.output] == [
+        item.model_dump(exclude={"id", "call_id"}) for item in replayed.output
+    ]
+    # The tool's result is in the prompt: the chat request with the same turns counts the same tokens.
+    chat = client.chat.completions.create(
+        model=BASE,
+        messages=[
+            {"role": "user", "content": "What is the weather in Oslo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.call_id, "content": '{"temperature_c": 21}'},
+        ],
+        tools=[
+            {
+                "type": "function",
+                "function": {k: WEATHER_TOOL[k] for k in ("name", "description", "parameters", "strict")},
+            }
+        ],
+        temperature=0,
+        max_tokens=24,
+    )
+    assert chat.usage.prompt_tokens == stored.usage.input_tokens

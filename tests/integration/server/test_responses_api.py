@@ -4,13 +4,15 @@ the chat answer to the same conversation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Annotated
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 BASE = "smollm2-135m-instruct"
 CITY = {
@@ -355,3 +357,63 @@ def test_function_call_round_trip_by_previous_response_id_and_by_items(client):
         max_tokens=24,
     )
     assert chat.usage.prompt_tokens == stored.usage.input_tokens
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_openai_agents_default_responses_model_with_a_tool_and_output_type(real_server, streamed):
+    """openai-agents' default model (the Responses API) runs its own loop against an adapter: a tool
+    (required on the first turn; the SDK then resets tool_choice to auto) and a structured
+    ``output_type``, whole and streamed. Too many turns on a 135M model is a model-quality outcome;
+    any HTTP error (the SDK raises it) is not."""
+    agents = pytest.importorskip("agents")
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # traces would go to api.openai.com
+    calls: list[str] = []
+
+    # Bounded strings: a greedy 135M model may otherwise fill max_tokens inside one (JSON stays valid,
+    # the grammar sees to that, but the SDK treats a cut answer as a failure).
+    @function_tool
+    def get_weather(city: Annotated[str, Field(max_length=24)]) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny and 21 C in {city}"
+
+    class Forecast(BaseModel):
+        city: str = Field(max_length=24)
+        summary: str = Field(max_length=60)
+
+    def agent(**changes) -> Agent:
+        # one client per event loop: its connections belong to the loop that opened them
+        client = openai.AsyncOpenAI(base_url=real_server.v1, api_key="agent-key", max_retries=0, timeout=120)
+        settings = ModelSettings(
+            temperature=0, max_tokens=200, tool_choice=changes.pop("tool_choice", "required")
+        )
+        return Agent(
+            name="forecaster",
+            instructions="Call get_weather, then answer with the city and a short summary.",
+            tools=[get_weather],
+            output_type=Forecast,
+            model=OpenAIResponsesModel(model="qv8", openai_client=client),
+            model_settings=settings,
+        ).clone(**changes)
+
+    async def run(agent: Agent, max_turns: int):
+        if not streamed:
+            return await Runner.run(agent, "What is the weather in Oslo?", max_turns=max_turns)
+        result = Runner.run_streamed(agent, "What is the weather in Oslo?", max_turns=max_turns)
+        async for _ in result.stream_events():  # the SDK parses every Responses event we send
+            pass
+        return result
+
+    try:
+        result = asyncio.run(run(agent(), max_turns=4))
+    except agents.MaxTurnsExceeded:
+        pass  # the model kept calling the tool: quality, not an API failure
+    else:
+        assert isinstance(result.final_output, Forecast)
+    assert calls and calls[0], "the first turn's required call never reached the tool"
+
+    # Without tools the answer is the output_type, always: text.format's grammar makes it valid.
+    plain = agent(tools=[], tool_choice=None, instructions="Answer with the city and a short summary.")
+    assert isinstance(asyncio.run(run(plain, max_turns=1)).final_output, Forecast)

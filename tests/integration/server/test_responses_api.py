@@ -14,6 +14,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from lorayard.testing.server import metric_value
+
 BASE = "smollm2-135m-instruct"
 CITY = {
     "type": "object",
@@ -417,3 +419,18 @@ def test_openai_agents_default_responses_model_with_a_tool_and_output_type(real_
     # Without tools the answer is the output_type, always: text.format's grammar makes it valid.
     plain = agent(tools=[], tool_choice=None, instructions="Answer with the city and a short summary.")
     assert isinstance(asyncio.run(run(plain, max_turns=1)).final_output, Forecast)
+
+
+def test_responses_are_counted_by_version_and_status(client, real_server):
+    def count(**labels):
+        text = httpx.get(real_server.base_url + "/metrics", timeout=30).text
+        return metric_value(text, "lorayard_requests_total", **labels)
+
+    served = {"adapter": "qv8", "version": "v1", "status": "200"}
+    refused = {"adapter": "unresolved", "version": "unresolved", "status": "400"}
+    before = count(**served), count(**refused)
+    response = client.responses.create(model="qv8", input="Hi", max_output_tokens=2)
+    assert response.model == "qv8@v1"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="qv8", input="Hi", tools=[{"type": "web_search"}])
+    assert (count(**served), count(**refused)) == (before[0] + 1, before[1] + 1)

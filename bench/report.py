@@ -25,6 +25,7 @@ SUITES = (
     "stacked_lora",
     "naive",
     "llama_cpp",
+    "vllm_cpu",
     "head_of_line",
     "paged_kv",
     "adapter_scale",

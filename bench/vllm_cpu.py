@@ -1,0 +1,504 @@
+"""vllm_cpu: our server vs vLLM's CPU build on the same base, the same adapters, the same HTTP load.
+
+Both servers run on 127.0.0.1, one after the other with the same thread count, and alternate order per
+repeat and scenario so drift hits both. The base is the embedded SmolLM2-135M-Instruct (float32
+safetensors) and four random PEFT adapters, as the issue that asked for this suite measured them: two
+rank-8 on the attention projections and two rank-16 on every linear layer. Every request goes to the
+completions endpoint with raw text (no chat template on either side), greedy, streamed, ``ignore_eos``
+(both servers honour it), so both sides generate exactly ``max_tokens`` tokens.
+
+Scenarios (each a row of the headline table, ours / vLLM):
+
+- ``batch-1 decode``: one request at a time, base, 128 tokens: output tok/s.
+- ``4 adapters, c=16`` and ``c=64``: requests spread over the four adapters: output tok/s (and TTFT at 64).
+- ``base, c=16``: output tok/s with no adapter.
+- ``shared 700-token prefix``: TTFT of requests that share a 700-token system text (prefix caching on
+  both; one warm-up request fills it), a few unique tokens each.
+- ``unique 700-token prompt``: TTFT of prompts that differ from their first token (prefill speed).
+
+vLLM runs once per ``--vllm-dtype`` (float32: the same arithmetic as ours; bfloat16: what its
+``--dtype auto`` picks on a CPU with bf16 support); ours runs in float32 (``--ours-args`` passes more
+flags to ours, so a later bf16 mode is measured the same way). A greedy probe of the same prompts on the
+base and each adapter records how many outputs are token-identical between the two float32 servers.
+
+Threads: ours runs ``--threads`` torch threads (default 1); vLLM's CPU build binds its own
+(``VLLM_CPU_OMP_THREADS_BIND=auto``: on a 2-core machine one core for the engine, one kept for its
+front end), so with the default both compute on one core.
+
+vLLM lives in its own venv, never the project's (``make vllm-venv``: torch 2.13.0 first, then
+``vllm-cpu``, built for that torch):
+
+    make vllm-venv
+    python -m bench.vllm_cpu --vllm-python build/vllm-venv/bin/python [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorayard.client.client import LorayardClient
+from lorayard.client.loadtest import DEFAULT_PROMPTS, LoadTestConfig, LoadTester
+
+from bench.peer import start_peer, summarize_run
+from bench.record import (
+    SuiteResult,
+    common_arguments,
+    markdown_table,
+    measuring,
+    median,
+    paired_ratios,
+    save_figure,
+    suite_main,
+)
+from bench.workload import AdapterSpec, load_base, make_adapters
+from lorayard.testing.server import ServerProcess
+
+OURS, VLLM = "ours", "vLLM"
+SERVERS = (OURS, VLLM)
+DEFAULT_VLLM_PYTHON = Path("build/vllm-venv/bin/python")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ADAPTERS = (
+    AdapterSpec("attn-r8-a", 8, ATTENTION, 101),
+    AdapterSpec("attn-r8-b", 8, ATTENTION, 102),
+    AdapterSpec("all-r16-a", 16, "all-linear", 103),
+    AdapterSpec("all-r16-b", 16, "all-linear", 104),
+)
+BASE_MODEL_NAME = "base"
+"""vLLM's ``--served-model-name``; the load tester and the probe ask each server for its base's name."""
+BUILD_HINT = (
+    "build vLLM's CPU server in its own venv (torch first, so nothing pulls a CUDA build):\n"
+    "  make vllm-venv\n"
+    "then pass --vllm-python build/vllm-venv/bin/python (make bench VLLM_PYTHON=...)"
+)
+WORDS = (
+    "river",
+    "stone",
+    "market",
+    "garden",
+    "winter",
+    "signal",
+    "copper",
+    "lantern",
+    "orbit",
+    "meadow",
+    "harbor",
+    "engine",
+    "violet",
+    "thunder",
+    "ledger",
+    "canyon",
+    "pillow",
+    "rocket",
+    "marble",
+    "forest",
+    "ticket",
+    "anchor",
+    "velvet",
+    "compass",
+    "puzzle",
+    "silver",
+    "bridge",
+    "candle",
+    "falcon",
+    "island",
+    "jacket",
+    "kettle",
+    "lemon",
+    "mirror",
+    "needle",
+    "ocean",
+    "pepper",
+    "quartz",
+    "ribbon",
+    "saddle",
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the comparison: what is sent, how often, and which figure is compared."""
+
+    key: str
+    label: str
+    adapters: bool
+    """True: requests spread over the four adapters; False: the bare base."""
+    concurrency: int
+    requests: int
+    max_tokens: int
+    prompts: str
+    """``default`` (the load tester's short prompts), ``shared`` or ``unique`` (long prompts)."""
+    metric: str
+    """``tokens_per_s`` (higher is better) or ``ttft_p50_ms`` (lower is better)."""
+
+
+def scenarios(quick: bool, long_prompt: int = 700) -> list[Scenario]:
+    """The issue's table, full size; ``--quick`` keeps every row with fewer requests and tokens."""
+    n = 1 if quick else 2
+    decode = 64 if quick else 128
+    shared, unique = f"shared {long_prompt}-token prefix", f"unique {long_prompt}-token prompt"
+    tps, ttft = "tokens_per_s", "ttft_p50_ms"
+    # fmt: off
+    return [
+        Scenario("batch1", "batch-1 decode tok/s", False, 1, 2 * n, decode, "default", tps),
+        Scenario("mixed16", "4 adapters, c=16, tok/s", True, 16, 16 * n, decode // 2, "default", tps),
+        Scenario("mixed64", "4 adapters, c=64, tok/s", True, 64, 64 * n, decode // 2, "default", tps),
+        Scenario("mixed64_ttft", "4 adapters, c=64, TTFT", True, 64, 64 * n, decode // 2, "default", ttft),
+        Scenario("base16", "base, c=16, tok/s", False, 16, 16 * n, decode // 2, "default", tps),
+        Scenario("shared_prefix", f"{shared}, TTFT p50", False, 1, 4 * n, 4, "shared", ttft),
+        Scenario("unique_prompt", f"{unique}, TTFT p50", False, 1, 3 * n, 4, "unique", ttft),
+    ]
+    # fmt: on
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric == "tokens_per_s"
+
+
+# -- prompts (pure, unit-tested) ---------------------------------------------------------------------
+def long_text(encode: Any, decode: Any, n_tokens: int, seed: int) -> str:
+    """Seeded random words cut to ``n_tokens`` tokens of the base's tokenizer (``encode``: text -> ids,
+    ``decode``: ids -> text). Different seeds differ from the first word, so no two share a prefix."""
+    rng = random.Random(seed)
+    words: list[str] = []
+    while len(encode(" ".join(words))) < n_tokens:
+        words.extend(rng.choice(WORDS) for _ in range(64))
+    return decode(encode(" ".join(words))[:n_tokens])
+
+
+def prompt_lines(kind: str, count: int, repeat: int, encode: Any, decode: Any, length: int) -> list[str]:
+    """The prompts of one long-prompt run: ``shared`` (one long prefix, a short unique tail each) or
+    ``unique`` (each from its own seed; ``repeat`` enters the seed so no repeat reuses a cached prompt)."""
+    if kind == "shared":
+        prefix = long_text(encode, decode, length, seed=7)
+        return [f"{prefix}\n\nQuestion {repeat}.{i}: what comes next?" for i in range(count)]
+    return [long_text(encode, decode, length, seed=1000 * (repeat + 1) + i) for i in range(count)]
+
+
+def ours_over_vllm(rows: list[dict[str, Any]], dtype: str, scenario: str, metric: str) -> list[float]:
+    """Per repeat: ours / vLLM for one vLLM dtype and scenario (pairs with both sides)."""
+    return paired_ratios(rows, OURS, VLLM, key=metric, by="server", dtype=dtype, scenario=scenario)
+
+
+def server_order(repeat: int, index: int) -> tuple[str, str]:
+    """Which server runs first: alternates per repeat and per scenario, so neither always leads."""
+    return SERVERS if (repeat + index) % 2 == 0 else SERVERS[::-1]
+
+
+# -- processes ---------------------------------------------------------------------------------------
+def _check_vllm_python(path: Path) -> str:
+    """vLLM's version in ``path``'s venv; exits 2 with build instructions if it cannot import vllm."""
+    if not path.is_file():
+        print(f"--vllm-python {path}: no such interpreter\n{BUILD_HINT}", file=sys.stderr)
+        raise SystemExit(2)
+    probe = subprocess.run(
+        [str(path), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        print(
+            f"--vllm-python {path} cannot import vllm: {probe.stderr.strip()[-300:]}\n{BUILD_HINT}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return probe.stdout.strip().splitlines()[-1]
+
+
+def _vllm_argv(args: argparse.Namespace, base: Path, adapters: dict[str, Path], dtype: str) -> list[str]:
+    argv = [str(args.vllm_python.parent / "vllm"), "serve", str(base)]
+    argv += ["--served-model-name", BASE_MODEL_NAME, "--dtype", dtype, "--max-model-len", "2048"]
+    argv += ["--max-num-seqs", "64", "--enable-lora", "--max-loras", str(len(adapters))]
+    argv += ["--max-lora-rank", str(max(spec.rank for spec in ADAPTERS))]
+    argv += ["--lora-modules", *(f"{name}={folder}" for name, folder in adapters.items())]
+    return argv
+
+
+def _ours_argv(args: argparse.Namespace, volume: Path) -> list[str]:
+    argv = [sys.executable, "-m", "lorayard.server", "--adapters-dir", str(volume), "--device", "cpu"]
+    argv += ["--max-batch-size", "64", "--log-level", "warning", *args.ours_args]
+    return argv
+
+
+# -- load --------------------------------------------------------------------------------------------
+def _run(server: ServerProcess, scenario: Scenario, prompts: Path, seed: int, args: argparse.Namespace):
+    config = LoadTestConfig(
+        base_url=server.v1,
+        adapters=[spec.name for spec in ADAPTERS] if scenario.adapters else [None],
+        concurrency=scenario.concurrency,
+        requests=scenario.requests,
+        max_duration_s=args.max_run_s,
+        max_tokens=scenario.max_tokens,
+        temperature=0.0,
+        stream=True,
+        ignore_eos=True,
+        endpoint="completion",
+        prompts_file=str(prompts),
+        seed=seed,
+    )
+    return asyncio.run(LoadTester(config).run())
+
+
+def _measure_scenario(
+    server: ServerProcess, scenario: Scenario, work: Path, repeat: int, args: argparse.Namespace, tok: Any
+) -> dict[str, Any]:
+    """One server's run of one scenario. Long-prompt scenarios send each prompt as its own run (the
+    load tester draws prompts with replacement, which would hit the prefix cache for "unique")."""
+    if scenario.prompts == "default":
+        path = work / "default-prompts.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS))
+        run = _run(server, scenario, path, repeat, args)
+        return summarize_run(run.samples, run.duration_s, scenario.max_tokens)
+    lines = prompt_lines(
+        scenario.prompts, scenario.requests, repeat, tok.encode, tok.decode, args.long_prompt
+    )
+    if scenario.prompts == "shared":  # fill the prefix cache first, as a running service would have
+        _one_prompt_run(server, scenario, work, lines[0] + " warm-up", repeat, args)
+    samples: list[dict[str, Any]] = []
+    duration = 0.0
+    for line in lines:
+        run = _one_prompt_run(server, scenario, work, line, repeat, args)
+        samples += run.samples
+        duration += run.duration_s
+    return summarize_run(samples, duration, scenario.max_tokens)
+
+
+def _one_prompt_run(server: ServerProcess, scenario: Scenario, work: Path, text: str, seed: int, args):
+    path = work / "one-prompt.jsonl"
+    path.write_text(json.dumps({"prompt": text}) + "\n")
+    single = Scenario(**{**scenario.__dict__, "requests": 1, "concurrency": 1})
+    return _run(server, single, path, seed, args)
+
+
+def _greedy_probe(servers: dict[str, ServerProcess], max_tokens: int) -> dict[str, Any]:
+    """The same greedy completions from both servers: base and each adapter, two prompts each."""
+    texts: dict[str, list[str]] = {}
+    for name, server in servers.items():
+        with LorayardClient(server.v1, timeout=600) as client:
+            base = next(m.id for m in client.models() if not m.is_adapter)
+            models = [base, *(spec.name for spec in ADAPTERS)]
+            texts[name] = [
+                client.complete(prompt, model=model, max_tokens=max_tokens, temperature=0.0).text
+                for model in models
+                for prompt in DEFAULT_PROMPTS[:2]
+            ]
+    same = sum(a == b for a, b in zip(texts[OURS], texts[VLLM], strict=True))
+    return {"identical": same, "of": len(texts[OURS]), "max_tokens": max_tokens}
+
+
+@dataclass
+class Setup:
+    work: Path
+    base: Path
+    adapters: dict[str, Path]
+    volume: Path
+    tokenizer: Any
+
+
+def _prepare(args: argparse.Namespace, work: Path) -> Setup:
+    from transformers import AutoTokenizer
+
+    base = load_base()
+    folders = make_adapters(base, list(ADAPTERS), args.adapter_cache)
+    volume = work / "adapters"
+    for name, folder in folders.items():
+        shutil.copytree(folder, volume / name)  # plain PEFT folders, named per request on both servers
+    return Setup(work, base.path, folders, volume, AutoTokenizer.from_pretrained(base.path))
+
+
+def _measure_dtype(
+    args: argparse.Namespace, setup: Setup, ours: ServerProcess, dtype: str, result: SuiteResult
+) -> None:
+    log = setup.work / f"vllm-{dtype}.log"
+    vllm = start_peer(
+        _vllm_argv(args, setup.base, setup.adapters, dtype),
+        args.threads,
+        "/v1/models",
+        log,
+        env={"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)},
+        timeout=900,
+    )
+    try:
+        servers = {OURS: ours, VLLM: vllm}
+        if dtype == "float32":
+            result.config["greedy_probe"] = _greedy_probe(servers, 16)
+        for repeat in range(args.repeats):
+            for index, scenario in enumerate(args.scenarios):
+                for name in server_order(repeat, index):
+                    row = _measure_scenario(
+                        servers[name], scenario, setup.work, repeat, args, setup.tokenizer
+                    )
+                    row.update(repeat=repeat, scenario=scenario.key, server=name, dtype=dtype)
+                    result.rows.append(row)
+                    print(
+                        f"vLLM {dtype} repeat {repeat} {scenario.key:>12} {name:>5}: "
+                        f"{row['tokens_per_s']:7.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:7.0f} ms, "
+                        f"{row['completed']}/{row['requests']} ok",
+                        flush=True,
+                    )
+    finally:
+        vllm.stop()
+
+
+def _measure(args: argparse.Namespace, result: SuiteResult) -> None:
+    with tempfile.TemporaryDirectory(prefix="lorayard-vllm-cpu-") as tmp:
+        setup = _prepare(args, Path(tmp))
+        ours = start_peer(_ours_argv(args, setup.volume), args.threads, "/ready", setup.work / "ours.log")
+        try:
+            for dtype in args.vllm_dtype:
+                _measure_dtype(args, setup, ours, dtype, result)
+        finally:
+            ours.stop()
+
+
+def add_headlines(result: SuiteResult, dtypes: list[str], rows: list[Scenario]) -> None:
+    """ours / vLLM per scenario and vLLM dtype; goal 1 (tok/s at least vLLM's, TTFT at most)."""
+    for dtype in dtypes:
+        for scenario in rows:
+            ratios = ours_over_vllm(result.rows, dtype, scenario.key, scenario.metric)
+            better = higher_is_better(scenario.metric)
+            result.add_headline(
+                f"ours (float32) / vLLM ({dtype}): {scenario.label}", median(ratios), "x", 1.0, better
+            )
+
+
+def run(args: argparse.Namespace) -> SuiteResult:
+    if args.device != "cpu":
+        raise SystemExit("bench.vllm_cpu compares CPU servers (vllm-cpu is the CPU build)")
+    version = _check_vllm_python(args.vllm_python)
+    config = {
+        "vllm_cpu": version,
+        "vllm_dtypes": args.vllm_dtype,
+        "ours_args": args.ours_args,
+        "adapters": [{"name": s.name, "rank": s.rank, "targets": s.targets} for s in ADAPTERS],
+        "scenarios": [s.__dict__ for s in args.scenarios],
+        "long_prompt_tokens": args.long_prompt,
+        "repeats": args.repeats,
+        "threads_per_server": args.threads,
+        "vllm_kv_gib": args.vllm_kv_gib,
+    }
+    with measuring("vllm_cpu", args, config) as result:
+        _measure(args, result)
+    add_headlines(result, args.vllm_dtype, args.scenarios)
+    return result
+
+
+def _median_of(rows: list[dict], dtype: str, server: str, scenario: str, key: str) -> float:
+    picked = [
+        r[key] for r in rows if r["dtype"] == dtype and r["server"] == server and r["scenario"] == scenario
+    ]
+    return median(picked)
+
+
+def details(result: SuiteResult) -> str:
+    scenario_rows = [Scenario(**s) for s in result.config["scenarios"]]
+    lines = []
+    for dtype in result.config["vllm_dtypes"]:
+        for s in scenario_rows:
+            ours = _median_of(result.rows, dtype, OURS, s.key, s.metric)
+            theirs = _median_of(result.rows, dtype, VLLM, s.key, s.metric)
+            ratio = median(ours_over_vllm(result.rows, dtype, s.key, s.metric))
+            unit = "tok/s" if higher_is_better(s.metric) else "ms"
+            lines.append(
+                [
+                    dtype,
+                    s.label,
+                    s.concurrency,
+                    s.max_tokens,
+                    f"{ours:.1f} {unit}",
+                    f"{theirs:.1f} {unit}",
+                    ratio,
+                ]
+            )
+    errors = sum(r["errors"] for r in result.rows)
+    short = sum(r["completed"] - r["finished_by_length"] for r in result.rows)
+    probe = result.config.get("greedy_probe")
+    probe_line = (
+        f"Greedy probe (float32 both, {probe['max_tokens']} tokens, base and each adapter): "
+        f"{probe['identical']} of {probe['of']} outputs identical."
+        if probe
+        else "No float32 greedy probe in this run."
+    )
+    return (
+        f"vllm-cpu {result.config['vllm_cpu']}; ours float32"
+        f"{''.join(' ' + a for a in result.config['ours_args'])}; "
+        "medians over repeats, ratios are medians of per-repeat "
+        "ours / vLLM (tok/s: > 1 ours faster; TTFT: < 1 ours faster):\n\n"
+        + markdown_table(
+            ["vLLM dtype", "scenario", "concurrency", "max tokens", "ours", "vLLM", "ours/vLLM"], lines
+        )
+        + f"\n\n{probe_line} Requests that stopped before max_tokens: {short}; failed requests: {errors}.\n\n"
+        "![vllm_cpu](vllm_cpu.png)"
+    )
+
+
+def _plot(result: SuiteResult, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenario_rows = [Scenario(**s) for s in result.config["scenarios"]]
+    dtypes = result.config["vllm_dtypes"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(dtypes)
+    for i, dtype in enumerate(dtypes):
+        ratios = [median(ours_over_vllm(result.rows, dtype, s.key, s.metric)) for s in scenario_rows]
+        # TTFT rows inverted so that every bar reads "> 1: ours ahead".
+        ahead = [
+            r if higher_is_better(s.metric) else 1 / r for r, s in zip(ratios, scenario_rows, strict=True)
+        ]
+        ax.bar([j + i * width for j in range(len(scenario_rows))], ahead, width, label=f"vs vLLM {dtype}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scenario_rows))], [s.key for s in scenario_rows])
+    ax.set_ylabel("ours ahead by (x; TTFT rows inverted)")
+    ax.legend(fontsize=8)
+    fig.suptitle(
+        f"ours (float32) vs vLLM CPU {result.config['vllm_cpu']}, {result.machine.threads} thread(s)"
+    )
+    save_figure(fig, folder / "vllm_cpu.png")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, with the --quick defaults filled in."""
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON, help="interpreter of a venv with vllm-cpu"
+    )
+    parser.add_argument(
+        "--vllm-dtype",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="vLLM dtypes to run (default: both; --quick: float32)",
+    )
+    parser.add_argument("--ours-args", nargs="*", default=[], help="extra flags for our server")
+    parser.add_argument(
+        "--scenario", nargs="+", default=None, help="run only these scenarios (keys: batch1, mixed16, ...)"
+    )
+    parser.add_argument("--long-prompt", type=int, default=700, help="tokens of the long-prompt scenarios")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--max-run-s", type=float, default=900, help="hard cap of one load run")
+    args = parser.parse_args(argv)
+    args.vllm_dtype = args.vllm_dtype or (["float32"] if args.quick else ["float32", "bfloat16"])
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.scenarios = [
+        s for s in scenarios(args.quick, args.long_prompt) if args.scenario is None or s.key in args.scenario
+    ]
+    if not args.scenarios:
+        parser.error(
+            f"--scenario: none of {args.scenario} is a scenario: {[s.key for s in scenarios(False)]}"
+        )
+    return args
+
+
+if __name__ == "__main__":
+    suite_main(parse_args, run, details, _plot)

@@ -132,6 +132,11 @@ class Manifest(BaseModel):
         None,
         description="chat template the server renders this adapter's chat requests with; None: the base's",
     )
+    tool_format: str | None = Field(
+        None,
+        description="the tool-call format tool conversations were trained in (lorayard.tool_format); "
+        "None: no tool data",
+    )
 
     def digests(self) -> dict[str, FileDigest]:
         return {name: FileDigest(entry.sha256, entry.size) for name, entry in self.files.items()}

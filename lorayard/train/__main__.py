@@ -228,6 +228,7 @@ def _train_evaluate_publish(
         config=config.to_jsonable(),
         report=report,
         prompt_template=data.prompt_template,
+        tool_format=data.tool_format,
         extra_metrics={
             "global_step": result.global_step,
             "train_loss": result.train_loss,

@@ -7,6 +7,12 @@ template (the config's, else :data:`~lorayard.chat_format.DEFAULT_PROMPT_TEMPLAT
 text/target and prompt/completion rows train as raw prompt + completion + EOS
 (:func:`~lorayard.chat_format.render_completion`), what ``/v1/completions`` sends.
 
+Tool use: ``messages`` records may carry ``tools`` (OpenAI's function specs), assistant turns with
+``tool_calls`` (``content`` null or empty) and ``tool`` results; ShareGPT records take ``function_call``
+turns (``{"name", "arguments"}`` as JSON text) and ``observation`` results, with ``tools`` as a list or
+its JSON text. They render in the base's tool-call format (:mod:`lorayard.tool_format`), so the loss
+covers the calls exactly as the server parses them, and the format is recorded in the manifest.
+
 Problems are collected over all files (up to a cap) and raised together as one :class:`DataError`,
 each with its ``file:line`` (``file: record N`` where a line is unknown), before any model is loaded.
 """
@@ -28,10 +34,14 @@ from lorayard.chat_format import (
     Message,
     RenderedExample,
     Role,
+    ToolCallEntry,
+    ToolContext,
+    ToolSpec,
     chat_template_for,
     render_completion,
     render_conversation,
 )
+from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
 from lorayard.volume import DatasetRef
 
 if TYPE_CHECKING:
@@ -55,6 +65,8 @@ SHAREGPT_ROLES: dict[str, Role] = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
 }
 
 
@@ -88,6 +100,8 @@ class Example:
     file: Path
     messages: list[Message]
     rendered: RenderedExample
+    tools: tuple[ToolSpec, ...] = ()
+    """The tools the conversation offers (rendered into its prompts)."""
 
     @property
     def prompt_messages(self) -> list[Message]:
@@ -106,7 +120,11 @@ class Example:
 
     @property
     def reference(self) -> str:
-        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
+        """The last assistant turn's text (for a turn of calls alone: the calls, as JSON)."""
+        last = next(m for m in reversed(self.messages) if m["role"] == "assistant")
+        if last["content"] or not last.get("tool_calls"):
+            return last["content"]
+        return json.dumps([c["function"] for c in last.get("tool_calls", [])])
 
 
 @dataclass
@@ -121,6 +139,8 @@ class PreparedData:
     prompt_template: str | None = None
     """The prompt template chat-style examples were rendered with when it is not the base tokenizer's
     own chat template; the manifest records it for the server."""
+    tool_format: str | None = None
+    """The tool-call format tool conversations were rendered in (None: the data has no tools)."""
 
 
 class _Collector:
@@ -255,19 +275,85 @@ def _chat_list(record: dict[str, Any], key: str, role_key: str, text_key: str) -
         role = turn.get(role_key)
         if role not in roles:
             raise _RecordProblem(f"{key}[{i}].{role_key} must be one of {sorted(roles)}, got {role!r}")
-        content = turn.get(text_key)
+        where = f"{key}[{i}]"
+        calls = _turn_calls(turn, role, text_key, where)
+        content = turn.get(text_key) if role != "function_call" else ""
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise _RecordProblem(
-                f"{key}[{i}].{text_key} must be a string, got {type(content).__name__}"
+                f"{where}.{text_key} must be a string, got {type(content).__name__}"
                 if content is not None
-                else f"{key}[{i}] lacks {text_key!r}"
+                else f"{where} lacks {text_key!r}"
             )
-        if roles[role] == "assistant" and not content.strip():
-            raise _RecordProblem(f"{key}[{i}].{text_key} is empty")
-        messages.append({"role": roles[role], "content": content})
+        if roles[role] == "assistant" and not content.strip() and not calls:
+            raise _RecordProblem(f"{where}.{text_key} is empty")
+        message: Message = {"role": roles[role], "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if roles[role] == "tool":
+            message["tool_call_id"] = str(turn.get("tool_call_id", ""))
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise _RecordProblem(f"{key} has no assistant turn to train on")
     return messages
+
+
+def _turn_calls(turn: dict[str, Any], role: str, text_key: str, where: str) -> list[ToolCallEntry]:
+    """An assistant turn's calls: OpenAI ``tool_calls``, or a ShareGPT ``function_call`` turn's value."""
+    if role == "function_call":
+        raw = [_json_value(turn.get(text_key), f"{where}.{text_key}")]
+        raw = raw[0] if isinstance(raw[0], list) else raw
+        raw = [{"function": c} for c in raw]
+    else:
+        raw = turn.get("tool_calls") or []
+        if raw and role != "assistant":
+            raise _RecordProblem(f"{where}.tool_calls: only assistant turns carry tool calls")
+    if not isinstance(raw, list):
+        raise _RecordProblem(f"{where}.tool_calls must be a list")
+    calls: list[ToolCallEntry] = []
+    for j, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _RecordProblem(f"{where}.tool_calls[{j}] needs function.name")
+        arguments = function.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        _json_value(text, f"{where}.tool_calls[{j}].function.arguments")
+        calls.append(
+            {
+                "id": str(call.get("id", f"call_{j}")),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": text},
+            }
+        )
+    return calls
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise _RecordProblem(f"{where} is not valid JSON") from None
+
+
+def record_tools(record: Any) -> tuple[ToolSpec, ...]:
+    """A record's ``tools``: OpenAI function specs (a list, or its JSON text as ShareGPT data has it)."""
+    if not isinstance(record, dict) or record.get("tools") in (None, "", []):
+        return ()
+    tools = _json_value(record["tools"], "tools")
+    if not isinstance(tools, list):
+        raise _RecordProblem("tools must be a list of function specs")
+    specs = []
+    for i, tool in enumerate(tools):
+        spec = (
+            tool if isinstance(tool, dict) and "function" in tool else {"type": "function", "function": tool}
+        )
+        if not isinstance(spec["function"], dict) or not isinstance(spec["function"].get("name"), str):
+            raise _RecordProblem(f"tools[{i}] needs a function name")
+        specs.append(spec)
+    return tuple(specs)
 
 
 def to_messages(record: Any, data_format: str, system_prompt: str | None) -> list[Message]:
@@ -320,6 +406,7 @@ def load_examples(
     """
     raw_completions = prompt_template is None and tokenizer.chat_template is None
     template = chat_template_for(tokenizer, prompt_template)
+    tool_format = _tool_format(tokenizer, template)
     examples = []
     for path in files:
         before = len(issues.issues)
@@ -340,11 +427,22 @@ def load_examples(
         for location, record in records:
             try:
                 messages = to_messages(record, fmt, system_prompt)
+                tools = record_tools(record)
                 if raw_completions and fmt in COMPLETION_FORMATS:
                     rendered = render_completion(tokenizer, messages[-2]["content"], messages[-1]["content"])
                 else:
-                    rendered = render_conversation(tokenizer, messages, prompt_template=template)
-            except (_RecordProblem, ChatFormatError) as exc:
+                    uses_tools = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+                    if uses_tools and isinstance(tool_format, UnknownToolFormat):
+                        raise tool_format
+                    context = (
+                        ToolContext(tools, tool_format)
+                        if isinstance(tool_format, ToolFormat)
+                        else ToolContext()
+                    )
+                    rendered = render_conversation(
+                        tokenizer, messages, prompt_template=template, tools=context
+                    )
+            except (_RecordProblem, ChatFormatError, UnknownToolFormat) as exc:
                 issues.add(location, f"{exc} ({fmt} format)")
                 continue
             if len(rendered) > max_length:
@@ -354,8 +452,16 @@ def load_examples(
                     f"(shorten it or raise max_length)",
                 )
                 continue
-            examples.append(Example(location, path, messages, rendered))
+            examples.append(Example(location, path, messages, rendered, tools))
     return examples
+
+
+def _tool_format(tokenizer: PreTrainedTokenizerBase, template: str | None) -> ToolFormat | UnknownToolFormat:
+    """The call format of the template the data renders with (an error kept for records with tools)."""
+    try:
+        return tool_format_for_template(template or tokenizer.chat_template)
+    except UnknownToolFormat as exc:
+        return exc
 
 
 def split_validation(
@@ -434,6 +540,7 @@ def prepare_data(
         )
         for path in dict.fromkeys([*train_files, *val_files])
     ]
+    with_tools = any(e.tools or any(m.get("tool_calls") for m in e.messages) for e in [*train, *validation])
     templated = tokenizer.chat_template is not None or prompt_template is not None
     uses_template = templated or any(f not in COMPLETION_FORMATS for f in formats.values())
     return PreparedData(
@@ -442,4 +549,11 @@ def prepare_data(
         datasets=datasets,
         formats=formats,
         prompt_template=chat_template_for(tokenizer, prompt_template) if uses_template else None,
+        tool_format=_recorded_tool_format(tokenizer, prompt_template) if with_tools else None,
     )
+
+
+def _recorded_tool_format(tokenizer: PreTrainedTokenizerBase, prompt_template: str | None) -> str:
+    fmt = _tool_format(tokenizer, chat_template_for(tokenizer, prompt_template))
+    assert isinstance(fmt, ToolFormat)  # records with tools were refused otherwise
+    return fmt.name

@@ -107,6 +107,7 @@ def build_manifest(
     report: EvalReport,
     extra_metrics: dict[str, Any],
     prompt_template: str | None = None,
+    tool_format: str | None = None,
 ) -> Manifest:
     return Manifest(
         name=name,
@@ -117,6 +118,7 @@ def build_manifest(
         metrics={**report.manifest_metrics(), **extra_metrics},
         library_versions=library_versions(),
         prompt_template=prompt_template,
+        tool_format=tool_format,
     )
 
 

@@ -138,7 +138,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405):
+            # A bare "Not Found" makes OpenAI clients report a missing model; name what is missing.
+            route = f"{request.method} {request.url.path}"
+            what = "is not served here" if exc.status_code == 404 else "does not take this method"
+            message = f"{route} {what}: the routes we serve are listed in docs/api.md"
+            return error_response(exc.status_code, message, param="route", code="unknown_route")
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return error_response(exc.status_code, message)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from lorayard.chat_format import ChatFormatError, render_prompt
 from lorayard.server.api.errors import APIError, EngineFailed
 from lorayard.server.api.streaming import IncrementalDetokenizer, StopStringFilter
+from lorayard.server.engine.request_rules import check_context, default_max_tokens
 from lorayard.server.engine.types import (
     InvalidRequest,
     PromptLogprob,
@@ -30,6 +31,8 @@ from lorayard.server.metrics import BASE_LABEL, UNRESOLVED_LABEL, adapter_labels
 from lorayard.volume import AdapterNotFound
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from lorayard.server.adapters.registry import AdapterLease, AdapterRegistry
     from lorayard.server.api.serving import EngineJob
     from lorayard.server.runtime import ReadyRuntime
@@ -55,6 +58,53 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     """On a choice's first delta when the job scores its prompt: one entry per prompt token."""
+
+
+class ChoiceOutput:
+    """One choice's output: the engine's token events in, text deltas out. Detokenizes (never half a
+    character), cuts at stop strings, places each token's logprob at its text offset, and finishes
+    (a stop string finishes the choice before the engine does: ``stopped_by_string``)."""
+
+    def __init__(self, index: int, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
+        self.index = index
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopStringFilter(stops)
+        self._produced = 0  # characters decoded so far: the next token's text_offset
+        self._prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self._stops.stopped
+
+    def add(self, event: TokenEvent) -> ChoiceDelta | None:
+        """The delta this event adds (None while nothing is ready); raises EngineFailed for a failed row."""
+        if event.error is not None:
+            raise EngineFailed(event.error)
+        if event.prompt_logprobs is not None:
+            self._prompt_logprobs = event.prompt_logprobs
+        stops = self._stops
+        text, logprobs = "", []
+        # The token of a "stop" finish is the end-of-turn token: it is not text.
+        if event.token_id is not None and not (event.finish_reason == "stop" and not stops.stopped):
+            piece = self._detok.add(event.token_id)
+            text = stops.push(piece)
+            if event.logprob is not None and not stops.stopped:
+                logprobs.append(
+                    TokenLogprob(event.token_id, event.logprob, event.top_logprobs, self._produced)
+                )
+            self._produced += len(piece)
+        finish = event.finish_reason
+        if stops.stopped and finish is None:
+            finish = "stop"
+        if finish is not None:
+            text += stops.push(self._detok.flush()) + stops.flush()
+            reason = "stop" if finish == "abort" else finish
+            return ChoiceDelta(self.index, text, reason, logprobs, self._prompt_logprobs)
+        if text or logprobs or self._prompt_logprobs is not None:
+            delta = ChoiceDelta(self.index, text, None, logprobs, self._prompt_logprobs)
+            self._prompt_logprobs = None
+            return delta
+        return None
 
 
 @dataclass
@@ -93,6 +143,7 @@ class Generation:
         self.registry = runtime.registry
         self.tokenizer = runtime.tokenizer
         self.metrics = runtime.metrics
+        self.max_tokens_limit = runtime.settings.max_tokens_limit
         self.job = job
         self.prompt_ids = job.prompt_ids
         unresolved = BASE_LABEL if job.adapter is None else UNRESOLVED_LABEL
@@ -167,55 +218,40 @@ class Generation:
         except ChatFormatError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
         self.usage.prompt_tokens = len(self.prompt_ids)
+        # Only now is the prompt's length known: the default max_tokens and the window follow from it.
+        window, requested = self.engine.max_model_len, job.requested_max_tokens
+        if requested is None:
+            requested = default_max_tokens(len(self.prompt_ids), self.max_tokens_limit, window)
+        check_context(len(self.prompt_ids), requested, window)
+        self.job = replace(job, params=replace(job.params, max_tokens=requested))
 
     @property
     def adapter_label(self) -> str:
         return self.labels["adapter"]
 
     async def _pump(self, index: int, stream: AsyncIterator[TokenEvent], queue: asyncio.Queue) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStringFilter(self.job.stops)
+        output = ChoiceOutput(index, self.tokenizer, self.job.stops)
         labels = self.labels
         last_time: float | None = None
-        produced = 0  # characters the detokenizer has produced so far: the next token's text_offset
-        prompt_logprobs = None
         try:
             async for event in stream:
                 now = time.perf_counter()
-                if event.prompt_logprobs is not None:
-                    prompt_logprobs = event.prompt_logprobs
                 if event.token_id is not None:
                     if last_time is None:
                         self.metrics.time_to_first_token.labels(**labels).observe(now - self.arrival)
                     else:
                         self.metrics.inter_token_latency.labels(**labels).observe(now - last_time)
                     last_time = now
-                if event.error is not None:
-                    raise EngineFailed(event.error)
-                text = ""
-                logprobs: list[TokenLogprob] = []
-                if event.token_id is not None and not (event.finish_reason == "stop" and not stops.stopped):
-                    piece = detok.add(event.token_id)
-                    text = stops.push(piece)
-                    if event.logprob is not None and not stops.stopped:
-                        logprobs.append(
-                            TokenLogprob(event.token_id, event.logprob, event.top_logprobs, produced)
-                        )
-                    produced += len(piece)
-                finish = event.finish_reason
-                if stops.stopped and finish is None:
-                    finish = "stop"
-                    self.engine.abort(self.request_ids[index])
-                if finish is not None:
-                    text += stops.push(detok.flush()) + stops.flush()
+                delta = output.add(event)
+                if output.stopped_by_string and event.finish_reason is None:
+                    self.engine.abort(self.request_ids[index])  # the engine need not go on
+                if delta is not None and delta.finish_reason is not None:
                     self.usage.completion_tokens += event.output_tokens
                     self._record_prefix_lookup(event)
-                    reason = "stop" if finish == "abort" else finish
-                    await queue.put(ChoiceDelta(index, text, reason, logprobs, prompt_logprobs))
+                    await queue.put(delta)
                     return
-                if text or logprobs or prompt_logprobs is not None:
-                    await queue.put(ChoiceDelta(index, text, None, logprobs, prompt_logprobs))
-                    prompt_logprobs = None
+                if delta is not None:
+                    await queue.put(delta)
         except Exception as exc:
             await queue.put(exc)
 

@@ -81,8 +81,8 @@ async def metrics(runtime: RuntimeDep, request: Request) -> Response:
 
 
 # -- models and adapters -------------------------------------------------------------------------
-@router.get("/v1/models", dependencies=Authorized)
-async def list_models(runtime: ReadyDep) -> dict[str, Any]:
+def _model_cards(runtime: ReadyRuntime) -> list[dict[str, Any]]:
+    """The base, then every adapter on the volume, as OpenAI model objects (ours carry versions)."""
     base_id = runtime.settings.base_model
     created = int(runtime.started_at)
     data: list[dict[str, Any]] = [
@@ -111,7 +111,27 @@ async def list_models(runtime: ReadyDep) -> dict[str, Any]:
                 "load_error": status.load_error,
             }
         )
-    return {"object": "list", "data": data}
+    return data
+
+
+@router.get("/v1/models", dependencies=Authorized)
+async def list_models(runtime: ReadyDep) -> dict[str, Any]:
+    return {"object": "list", "data": _model_cards(runtime)}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=Authorized)
+async def retrieve_model(model_id: str, runtime: ReadyDep) -> dict[str, Any]:
+    """One model: the base or an adapter (``name@vN`` answers its adapter's card, if that version exists)."""
+    name, _, version = model_id.partition("@")
+    for card in _model_cards(runtime):
+        if card["id"] == name and (not version or version in card.get("versions", ())):
+            return card
+    raise APIError(
+        404,
+        f"model {model_id!r} is neither the base model nor an adapter on the volume",
+        param="model",
+        code="model_not_found",
+    )
 
 
 @router.post("/v1/load_lora_adapter", dependencies=Authorized)

@@ -39,7 +39,13 @@ from lorayard.server.api.protocol import (
     Tool,
 )
 from lorayard.server.api.tool_calls import ToolCalling, ToolChoice, tool_calling, tool_grammar
-from lorayard.server.engine.types import GuidedDecoding, SamplingParams
+from lorayard.server.engine.request_rules import (
+    check_context,
+    check_min_tokens,
+    check_token_ids,
+    default_max_tokens,
+)
+from lorayard.server.engine.types import GuidedDecoding, InvalidRequest, PromptTooLong, SamplingParams
 from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
 
 if TYPE_CHECKING:
@@ -120,6 +126,9 @@ class EngineJob:
     """The field the grammar came from ("response_format" or "tools"), for a 400's ``param``."""
     user: str | None = None
     """OpenAI's end-user id: a canary split routes it to the same version every time."""
+    requested_max_tokens: int | None = None
+    """Chat jobs: the max_tokens the body asked for (None: fill the window), for a prompt rendered
+    after the lease, whose length decides the default."""
     tool_context: ToolContext = NO_TOOLS
     """Chat jobs: the tools the prompt shows (and their format)."""
     messages: tuple[Message, ...] | None = None
@@ -143,9 +152,10 @@ def _refuse_unsupported(body: SamplingFields) -> None:
 
 
 def _token_ids(param: str, ids: list[int], vocab: int) -> list[int]:
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise _bad(param, f"token id {bad} is outside the vocabulary [0, {vocab})")
+    try:
+        check_token_ids(param, ids, vocab)
+    except InvalidRequest as exc:
+        raise APIError(400, str(exc), param=param, code="invalid_value") from None
     return ids
 
 
@@ -218,16 +228,13 @@ def _max_tokens(
     if requested is not None and requested > limit:
         raise _bad("max_tokens", f"at most {limit} (server limit)")
     if requested is None:
-        # No explicit max_tokens: fill the context window rather than refuse.
-        requested = max(1, min(limit, window - prompt_len))
-    if prompt_len + requested > window:
+        requested = default_max_tokens(prompt_len, limit, window)
+    try:
+        check_context(prompt_len, requested, window)
+    except PromptTooLong as exc:
         raise APIError(
-            400,
-            f"{prompt_param}: the prompt ({prompt_len} tokens) plus max_tokens ({requested}) exceeds"
-            f" the context window of {window} tokens",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
+            400, f"{prompt_param}: {exc}", param=prompt_param, code="context_length_exceeded"
+        ) from None
     return requested
 
 
@@ -243,9 +250,10 @@ def _sampling_params(
     vocab = runtime.engine.vocab_size
     if body.n > runtime.settings.max_n:
         raise _bad("n", f"at most {runtime.settings.max_n}")
-    if guided is not None and body.min_tokens > 0:
-        # The grammar may allow nothing but the end once a document is complete.
-        raise _bad("min_tokens", "cannot be combined with structured output (response_format or tools)")
+    try:
+        check_min_tokens(guided, body.min_tokens)
+    except InvalidRequest as exc:
+        raise APIError(400, str(exc), param="min_tokens", code="invalid_value") from None
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -448,6 +456,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         guided_param="response_format" if tools is None else "tools",
         messages=tuple(messages),
         tool_context=context,
+        requested_max_tokens=requested,
     )
 
 

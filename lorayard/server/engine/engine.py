@@ -52,6 +52,7 @@ from lorayard.server.engine.block_pool import (
 from lorayard.server.engine.config import default_max_batch_size, resolve_decode_mode
 from lorayard.server.engine.lora_ops import ResidentAdapter
 from lorayard.server.engine.model_runner import ModelRunner, PassRow, StaticDecode
+from lorayard.server.engine.request_rules import check_context, check_min_tokens, check_token_ids
 from lorayard.server.engine.sampler import (
     SampledToken,
     SequenceState,
@@ -67,14 +68,13 @@ from lorayard.server.engine.types import (
     FinishReason,
     InvalidRequest,
     PromptLogprob,
-    PromptTooLong,
     QueueFull,
     Request,
     TokenEvent,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterator
 
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -290,30 +290,16 @@ class Engine:
         prompt_len = len(request.prompt_ids)
         if prompt_len == 0:
             raise InvalidRequest("the prompt is empty", "prompt_ids")
-        self._check_token_ids("prompt_ids", request.prompt_ids)
-        self._check_token_ids("stop_token_ids", params.stop_token_ids)
-        self._check_token_ids("logit_bias", [token for token, _bias in params.logit_bias])
+        check_token_ids("prompt_ids", request.prompt_ids, self.vocab_size)
+        check_token_ids("stop_token_ids", params.stop_token_ids, self.vocab_size)
+        check_token_ids("logit_bias", [token for token, _bias in params.logit_bias], self.vocab_size)
         if params.max_tokens < 0:
             raise InvalidRequest(f"max_tokens must be >= 0, got {params.max_tokens}", "max_tokens")
-        if params.guided is not None and params.min_tokens > 0:
-            # Once the document is complete the grammar allows only end-of-turn, which min_tokens bans.
-            raise InvalidRequest("min_tokens cannot be combined with structured output", "min_tokens")
+        check_min_tokens(params.guided, params.min_tokens)
         for name, count in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
             if count is not None and not 0 <= count <= self.vocab_size:
                 raise InvalidRequest(f"{name} must be in 0..{self.vocab_size}, got {count}", name)
-        if prompt_len + params.max_tokens > self.max_model_len:
-            raise PromptTooLong(
-                f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"the context window of {self.max_model_len} tokens"
-            )
-
-    def _check_token_ids(self, field_name: str, ids: Iterable[int]) -> None:
-        bad = [token for token in ids if not 0 <= token < self.vocab_size]
-        if bad:
-            raise InvalidRequest(
-                f"{field_name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
-                field_name,
-            )
+        check_context(prompt_len, params.max_tokens, self.max_model_len)
 
     def _enqueue(self, request: Request, guide: GuidedMatcher | None = None) -> RequestStream:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import httpx
 import openai
 import pytest
 import torch
@@ -131,3 +132,15 @@ def test_the_generate_command_renders_as_the_server_does(plain_base, trained, ca
     assert train_main([*args, "--max-new-tokens", "8"]) == 0
     folder = AdapterVolume(trained).resolve(name).path
     assert capsys.readouterr().out.strip() == _peft_text(plain_base, folder, ids, 8).strip()
+
+
+def test_default_max_tokens_follows_the_adapters_own_template(client):
+    """The prompt of a templated adapter is rendered once its version is leased; the default max_tokens
+    (fill the window) is computed from that prompt, not from an empty one, so a long chat is served."""
+    window = httpx.post(
+        str(client.base_url).removesuffix("/v1/") + "/tokenize", json={"prompt": "x"}, timeout=30
+    ).json()["max_model_len"]
+    messages = [{"role": "user", "content": "hi " * (window - 40)}]
+    answer = client.chat.completions.create(model="chat", messages=messages, temperature=0)
+    assert answer.usage.prompt_tokens > window - 40
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens <= window

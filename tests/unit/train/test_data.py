@@ -262,3 +262,80 @@ def test_a_user_prompt_template_is_used_and_recorded(real_tokenizer, tmp_path):
     data = prepare(real_tokenizer, [file], val_fraction=0.4, prompt_template=template)
     assert data.prompt_template == template
     assert data.train[0].prompt_ids == render_prompt(real_tokenizer, EXPECTED[:1], template)
+
+
+# -- tool use --------------------------------------------------------------------------------------
+def test_the_bundled_tool_data_trains_the_calls_with_the_serving_prompt(real_tokenizer):
+    """Tool conversations render with their tools in the prompt, exactly as the server renders them,
+    and the loss covers the call (in the base's format) and the final answer, not the tool result."""
+    from lorayard.chat_format import ToolContext
+    from lorayard.tool_format import HERMES
+    from lorayard.train.config import DEMO_DATA_DIR
+
+    data = prepare(real_tokenizer, [DEMO_DATA_DIR / "tools.jsonl"], max_length=512)
+    assert data.tool_format == "hermes" and data.formats[str(DEMO_DATA_DIR / "tools.jsonl")] == "messages"
+    example = data.train[0]
+    tools = ToolContext(example.tools, HERMES)
+    served = render_prompt(real_tokenizer, example.messages[:1], tools=tools)
+    assert example.rendered.ids[: len(served)] == served
+    mask = example.rendered.labels_mask
+    trained = real_tokenizer.decode([i for i, m in zip(example.rendered.ids, mask, strict=True) if m])
+    city = json.loads(example.messages[1]["tool_calls"][0]["function"]["arguments"])["city"]
+    assert trained.startswith('<tool_call>\n{"name": "get_')
+    assert f'"arguments": {{"city": "{city}"}}}}\n</tool_call><|im_end|>' in trained
+    assert "<tool_response>" not in trained and trained.endswith(
+        f"{example.messages[3]['content']}<|im_end|>"
+    )
+
+
+def test_sharegpt_function_call_and_observation_turns(tmp_path, real_tokenizer):
+    tools = json.dumps(
+        [{"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}]
+    )
+    row = {
+        "tools": tools,
+        "conversations": [
+            {"from": "human", "value": "add 2"},
+            {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2}})},
+            {"from": "observation", "value": "4"},
+            {"from": "gpt", "value": "It is 4."},
+        ],
+    }
+    data = prepare(real_tokenizer, [write(tmp_path / "fc.jsonl", [row, row])])
+    (example,) = data.train
+    assert example.messages[1]["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 2}'}
+    assert example.messages[2]["role"] == "tool" and data.tool_format == "hermes"
+    text = real_tokenizer.decode(example.rendered.ids)
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>' in text
+    assert '{"type": "function", "function": {"name": "add"' in text  # the schema in the system turn
+
+
+def test_bad_tool_records_are_reported(tmp_path, real_tokenizer):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "tool_calls": [{"function": {}}]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}],
+                },
+            ]
+        },
+        {
+            "tools": "nope",
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+        },
+    ]
+    with pytest.raises(DataError) as info:
+        prepare(real_tokenizer, [write(tmp_path / "bad.jsonl", rows)])
+    problems = [str(i) for i in info.value.issues]
+    assert "bad.jsonl:1" in problems[0] and "function.name" in problems[0]
+    assert "bad.jsonl:2" in problems[1] and "not valid JSON" in problems[1]
+    assert "bad.jsonl:3" in problems[2] and "tools" in problems[2]

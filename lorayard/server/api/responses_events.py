@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from lorayard.server.api.errors import error_body, status_of
-from lorayard.server.api.protocol import ChatCompletionChunk, ChatDelta, Usage
+from lorayard.server.api.protocol import ChatCompletionChunk, ChatDelta, ChatTokenLogprob, Usage
 from lorayard.server.api.responses_protocol import (
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
@@ -85,16 +85,20 @@ class ResponseAssembler:
         for choice in chunk.choices:
             if choice.index != 0:
                 continue
-            events += self._delta(choice.delta)
+            logprobs = choice.logprobs.content if choice.logprobs is not None else []
+            events += self._delta(choice.delta, logprobs)
             self._finish = choice.finish_reason or self._finish
         return events
 
-    def _delta(self, delta: ChatDelta) -> list[ResponseEvent]:
+    def _delta(self, delta: ChatDelta, logprobs: list[ChatTokenLogprob]) -> list[ResponseEvent]:
         events: list[ResponseEvent] = []
         if delta.content:
             if not isinstance(self._open, OutputMessage):
                 events += self._close() + self._open_message()
-            events += self._text(delta.content)
+            events += self._text(delta.content, logprobs)
+        elif logprobs and isinstance(self._open, OutputMessage):
+            # tokens whose text is still held back (half a character, a possible stop string)
+            self._open.content[0].logprobs += logprobs
         for call in delta.tool_calls or []:
             item = self._calls.get(call.index)
             if item is None:
@@ -153,10 +157,11 @@ class ResponseAssembler:
             part=message.content[0].model_copy(),
         )
 
-    def _text(self, text: str) -> list[ResponseEvent]:
+    def _text(self, text: str, logprobs: list[ChatTokenLogprob]) -> list[ResponseEvent]:
         message = self._open
         assert isinstance(message, OutputMessage)
         message.content[0].text += text
+        message.content[0].logprobs += logprobs
         return [
             self._event(
                 TextDeltaEvent,
@@ -165,6 +170,7 @@ class ResponseAssembler:
                 output_index=self._index(message),
                 content_index=0,
                 delta=text,
+                logprobs=logprobs,
             )
         ]
 
@@ -184,6 +190,7 @@ class ResponseAssembler:
                     output_index=index,
                     content_index=0,
                     text=item.content[0].text,
+                    logprobs=item.content[0].logprobs,
                 ),
                 self._part_event("response.content_part.done", item),
             ]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from lorayard.server.api.protocol import _Lenient
+from lorayard.server.api.protocol import ChatTokenLogprob, _Lenient
 
 
 # -- request -------------------------------------------------------------------------------------
@@ -40,6 +40,8 @@ class ResponsesRequest(_Lenient):
     stream: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = Field(None, max_length=256)
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 # Input items, parsed one by one so an error names the item (``input.3.call_id``).
@@ -88,7 +90,8 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
+    """With ``include: ["message.output_text.logprobs"]``: per token, chat's own entries (the same shape)."""
 
 
 class OutputMessage(BaseModel):
@@ -154,6 +157,7 @@ class ResponseObject(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     max_output_tokens: int | None = None
+    top_logprobs: int | None = None
     previous_response_id: str | None = None
     store: bool = True
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -209,7 +213,7 @@ class TextDeltaEvent(_Event):
     output_index: int
     content_index: int
     delta: str
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
 class TextDoneEvent(_Event):
@@ -217,7 +221,7 @@ class TextDoneEvent(_Event):
     output_index: int
     content_index: int
     text: str
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
 class ArgumentsDeltaEvent(_Event):

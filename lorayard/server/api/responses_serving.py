@@ -44,7 +44,6 @@ RESPONSES_REFUSED: dict[str, str] = {
     "prompt": "stored prompt templates are not supported: send `input` and `instructions`",
     "reasoning": "reasoning options are not supported: the served models do not reason",
     "truncation": "truncation 'auto' is not supported: nothing is dropped from the input; send a shorter one",
-    "top_logprobs": "logprobs are not supported on /v1/responses: use /v1/chat/completions with `logprobs`",
     "context_management": "context management (compaction) is not supported: send a shorter input",
     # chat's spellings of what Responses names otherwise
     "messages": "/v1/responses takes `input` (a string or items), not `messages`",
@@ -52,7 +51,7 @@ RESPONSES_REFUSED: dict[str, str] = {
     "max_tokens": "/v1/responses takes `max_output_tokens`, not `max_tokens`",
     "max_completion_tokens": "/v1/responses takes `max_output_tokens`, not `max_completion_tokens`",
     "n": "one output per response: send several requests",
-    "logprobs": "logprobs are not supported on /v1/responses: use /v1/chat/completions",
+    "logprobs": '/v1/responses takes `include: ["message.output_text.logprobs"]` and `top_logprobs`',
 }
 """Fields a Responses client may send that we cannot honour: a 400 saying what to send instead,
 unless they carry their no-op value."""
@@ -60,14 +59,12 @@ unless they carry their no-op value."""
 _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
     "background": (False,),
     "truncation": ("disabled",),
-    "top_logprobs": (0,),
     "n": (1,),
     "reasoning": ({}, {"effort": None}, {"effort": None, "summary": None}, {"effort": "none"}),
 }
 
 _NOT_FOR_CHAT = frozenset(
     {
-        "include",
         "stream_options",
         "max_tool_calls",
         "prompt_cache_key",
@@ -81,8 +78,10 @@ _NOT_FOR_CHAT = frozenset(
 none of), so they are not handed on to chat. Every other unknown field is: chat refuses or uses it
 (``seed``, ``top_k``, ``stop``, ``logit_bias``, ...) as it does on /v1/chat/completions."""
 
-_INCLUDABLE_NO_OPS = frozenset({"reasoning.encrypted_content"})
-"""``include`` values that ask for nothing we produce (there are no reasoning items)."""
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+_INCLUDABLE = frozenset({LOGPROBS_INCLUDE, "reasoning.encrypted_content"})
+"""``include`` values we honour: logprobs, and one that asks for nothing we produce (there are no
+reasoning items)."""
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -249,10 +248,13 @@ def _refuse_unsupported(body: ResponsesRequest) -> dict[str, Any]:
         value = extras[name]
         if name in RESPONSES_REFUSED and value is not None and value not in _NO_OP_VALUES.get(name, ()):
             raise APIError(400, RESPONSES_REFUSED[name], param=name, code="unsupported_field")
-    for value in extras.get("include") or []:
-        if value not in _INCLUDABLE_NO_OPS:
+    for value in body.include or []:
+        if value not in _INCLUDABLE:
             raise APIError(
-                400, f"include: {value!r} is not supported", param="include", code="unsupported_field"
+                400,
+                f"include: {value!r} is not supported (only {sorted(_INCLUDABLE)})",
+                param="include",
+                code="unsupported_field",
             )
     return {k: v for k, v in extras.items() if k not in RESPONSES_REFUSED and k not in _NOT_FOR_CHAT}
 
@@ -273,6 +275,8 @@ def responses_param(param: str | None, origins: list[str]) -> str | None:
         return param.replace(".function.", ".").replace(".function", "")
     if head in ("max_tokens", "max_completion_tokens"):
         return "max_output_tokens"
+    if head == "logprobs":
+        return "include"
     return param
 
 
@@ -357,6 +361,9 @@ def responses_turn(
         "temperature": body.temperature,
         "top_p": body.top_p,
         "user": body.user,
+        # logprobs: OpenAI returns them when they are included or top alternatives are asked for
+        "logprobs": LOGPROBS_INCLUDE in (body.include or []) or bool(body.top_logprobs) or None,
+        "top_logprobs": body.top_logprobs,
         # Responses are built from chat's stream, whether or not the client streams.
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -385,6 +392,7 @@ def responses_turn(
         temperature=chat.temperature,
         top_p=chat.top_p,
         max_output_tokens=body.max_output_tokens,
+        top_logprobs=body.top_logprobs,
         previous_response_id=body.previous_response_id,
         store=body.store is not False,
         metadata=body.metadata or {},

@@ -184,6 +184,35 @@ def test_get_delete_and_the_api_key_scope(client, real_server):
         client.responses.retrieve(unstored.id)
 
 
+def test_logprobs_when_included_equal_chats(client):
+    kwargs = {"model": "qv8", "input": "Name a fruit.", "temperature": 0, "max_output_tokens": 6}
+    include = ["message.output_text.logprobs"]
+    response = client.responses.create(include=include, top_logprobs=2, **kwargs)
+    chat = client.chat.completions.create(
+        model="qv8",
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        temperature=0,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    [part] = response.output[0].content
+    # equal up to float noise: a prefix-cache hit or another batch shape sums in another order
+    reference = chat.choices[0].logprobs.content
+    assert [e.token for e in part.logprobs] == [e.token for e in reference]
+    assert [e.logprob for e in part.logprobs] == pytest.approx([e.logprob for e in reference], abs=1e-3)
+    assert len(part.logprobs) == response.usage.output_tokens and all(
+        len(e.top_logprobs) == 2 for e in part.logprobs
+    )
+    assert "".join(e.token for e in part.logprobs) == part.text
+    events = list(client.responses.create(include=include, top_logprobs=2, stream=True, **kwargs))
+    streamed = [e for event in events if event.type == "response.output_text.delta" for e in event.logprobs]
+    assert [e.token for e in streamed] == [e.token for e in part.logprobs]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in part.logprobs], abs=1e-3)
+    # not asked for: none
+    assert client.responses.create(**kwargs).output[0].content[0].logprobs == []
+
+
 def test_max_output_tokens_cut_is_incomplete(client):
     response = client.responses.create(
         model=BASE, input="Write a long story about a dragon.", temperature=0, max_output_tokens=3
@@ -265,7 +294,7 @@ def test_forced_function_call_is_a_function_call_item(client):
         ({"reasoning": {"effort": "high"}}, "reasoning", 400),
         ({"truncation": "auto"}, "truncation", 400),
         ({"min_p": 0.1}, "min_p", 400),
-        ({"include": ["message.output_text.logprobs"]}, "include", 400),
+        ({"include": ["file_search_call.results"]}, "include", 400),
         ({"previous_response_id": "resp_nope"}, "previous_response_id", 400),
         ({"model": "no-such-adapter"}, "model", 404),
         ({"temperature": 3}, "temperature", 400),

@@ -125,6 +125,7 @@ def test_an_output_is_one_assistant_turn():
         ("tool_choice.function.name", "tool_choice.name"),
         ("tool_choice", "tool_choice"),
         ("max_tokens", "max_output_tokens"),
+        ("logprobs", "include"),
         ("temperature", "temperature"),
         (None, None),
     ],

@@ -321,11 +321,10 @@ class ResponsesTurn:
             store.put(owner, response, [*self.conversation, *output_messages(response)])
 
 
-def responses_turn(
-    body: ResponsesRequest, runtime: ReadyRuntime, store: ResponseStore, owner: str
-) -> ResponsesTurn:
-    """Translate, then let :func:`chat_job` validate; 400s name the Responses field."""
-    passthrough = _refuse_unsupported(body)
+def _conversation(
+    body: ResponsesRequest, store: ResponseStore, owner: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The previous response's conversation (if any), then this input; per message, its origin."""
     conversation: list[dict[str, Any]] = []
     origins: list[str] = []
     if body.previous_response_id is not None:
@@ -341,14 +340,18 @@ def responses_turn(
         conversation += previous.conversation
         origins += ["previous_response_id"] * len(previous.conversation)
     new_messages, new_origins = input_messages(body.input)
-    conversation += new_messages
-    origins += new_origins
-    messages = list(conversation)
-    if body.instructions:
-        messages.insert(0, {"role": "system", "content": body.instructions})
-        origins.insert(0, "instructions")
-    tools, echoed_tools = _chat_tools(body.tools or [])
-    chat_fields = {
+    return conversation + new_messages, origins + new_origins
+
+
+def _chat_fields(
+    body: ResponsesRequest,
+    passthrough: dict[str, Any],
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The chat body this request means (unvalidated: chat's models and rules check it);
+    ``passthrough``: the unknown fields chat gets as sent."""
+    fields = {
         **passthrough,
         "model": body.model,
         "adapter": body.adapter,
@@ -368,26 +371,22 @@ def responses_turn(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    chat_fields = {k: v for k, v in chat_fields.items() if v is not None}
-    try:
-        chat = ChatCompletionRequest.model_validate(chat_fields)
-        job = chat_job(chat, runtime)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise _renamed(_bad(param, first["msg"]), origins) from None
-    except APIError as exc:
-        raise _renamed(exc, origins) from None
-    guided_param = "text.format" if job.guided_param == "response_format" else job.guided_param
-    skeleton = ResponseObject(
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _skeleton(
+    body: ResponsesRequest, chat: ChatCompletionRequest, model: str, tools: list[dict[str, Any]]
+) -> ResponseObject:
+    """The response before any output: what it echoes of the request."""
+    return ResponseObject(
         id="",
         created_at=0.0,
         status="in_progress",
-        model=job.model,
+        model=model,
         instructions=body.instructions,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         tool_choice=body.tool_choice or "auto",
-        tools=echoed_tools,
+        tools=tools,
         text={"format": (body.text.format if body.text and body.text.format else {"type": "text"})},
         temperature=chat.temperature,
         top_p=chat.top_p,
@@ -398,10 +397,33 @@ def responses_turn(
         metadata=body.metadata or {},
         user=body.user,
     )
+
+
+def responses_turn(
+    body: ResponsesRequest, runtime: ReadyRuntime, store: ResponseStore, owner: str
+) -> ResponsesTurn:
+    """Translate, then let :func:`chat_job` validate; 400s name the Responses field."""
+    passthrough = _refuse_unsupported(body)
+    conversation, origins = _conversation(body, store, owner)
+    messages = list(conversation)
+    if body.instructions:
+        messages.insert(0, {"role": "system", "content": body.instructions})
+        origins.insert(0, "instructions")
+    tools, echoed_tools = _chat_tools(body.tools or [])
+    try:
+        chat = ChatCompletionRequest.model_validate(_chat_fields(body, passthrough, messages, tools))
+        job = chat_job(chat, runtime)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise _renamed(_bad(param, first["msg"]), origins) from None
+    except APIError as exc:
+        raise _renamed(exc, origins) from None
+    guided_param = "text.format" if job.guided_param == "response_format" else job.guided_param
     return ResponsesTurn(
         job=replace(job, guided_param=guided_param),
         conversation=conversation,
         origins=origins,
-        skeleton=skeleton,
+        skeleton=_skeleton(body, chat, job.model, echoed_tools),
         store=body.store is not False,
     )

@@ -5,6 +5,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CLIENT_VENV ?= .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed
+INSTRUCTOR_VENV ?= .venv-instructor
+INSTRUCTOR_STAMP := $(INSTRUCTOR_VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: help install test lint docs demo serve bench bench-quick vllm-venv soak clean
@@ -12,7 +14,7 @@ export OMP_NUM_THREADS ?= 2
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-install: $(STAMP) $(CLIENT_STAMP)  ## .venv: torch (CPU), the project (editable, dev extras), the embedded model; .venv-client: the light client alone
+install: $(STAMP) $(CLIENT_STAMP) $(INSTRUCTOR_STAMP)  ## .venv: torch (CPU), the project (editable, dev extras), the embedded model; .venv-client: the light client alone; .venv-instructor: instructor
 
 # Re-run only when the dependency list changes: `make install` on a ready machine takes a second.
 $(STAMP): pyproject.toml
@@ -32,6 +34,13 @@ $(CLIENT_STAMP): client/pyproject.toml $(shell find client/lorayard -name '*.py'
 	test -x $(CLIENT_VENV)/bin/python || python3 -m venv $(CLIENT_VENV)
 	$(CLIENT_VENV)/bin/pip install -q ./client
 	touch $(CLIENT_STAMP)
+
+# instructor pins an older openai than the dev extras: its framework test runs it from a venv of its own
+# (tests/integration/server/test_agent_frameworks.py).
+$(INSTRUCTOR_STAMP):
+	test -x $(INSTRUCTOR_VENV)/bin/python || python3 -m venv $(INSTRUCTOR_VENV)
+	$(INSTRUCTOR_VENV)/bin/pip install -q instructor==1.17.0
+	touch $(INSTRUCTOR_STAMP)
 
 test: install  ## run the whole suite; the 15 slowest tests are listed at the end
 	$(PY) -m pytest -q --durations=15

@@ -68,6 +68,40 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+class InternalErrors:
+    """Any exception no handler answered becomes OpenAI's JSON 500 here, inside the access log.
+
+    Starlette's own last resort (ServerErrorMiddleware) sits outside every middleware and re-raises
+    after answering: the access log saw no status (logged 0, never counted) and uvicorn dropped the
+    keep-alive connection without ``Connection: close``, so the client's next request on it failed.
+    Answered here, the connection stays usable. A response already started cannot be replaced: then
+    the error goes on to uvicorn, which closes the connection (the client sees a cut body, not a
+    complete wrong one).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if started:
+                raise
+            log.exception("%s %s: unhandled error", scope["method"], scope["path"])
+            await error_response(500, "internal server error", code="internal_error")(scope, receive, send)
+
+
 class AccessLog:
     """One line per request: method, path, adapter, status, tokens, duration. Never the API key.
 
@@ -134,6 +168,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.responses = ResponseStore(settings.responses_store_size, settings.responses_store_ttl)
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(InternalErrors)  # innermost of ours: the access log sees its 500
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(AccessLog, metrics=runtime.metrics)
     return app

@@ -81,6 +81,7 @@ class ServerMetrics:
     prefix_cache_queries: Counter
     prefix_cache_hits: Counter
     adapter_load_seconds: Histogram
+    grammar_compiles: Counter
 
     def log_engine_stats(self, stats: EngineStats) -> None:
         """Publish one engine step's snapshot (called on the engine thread after every step)."""
@@ -191,6 +192,14 @@ class ServerMetrics:
                 "Time to load an adapter from the volume.",
                 ADAPTER_LABELS,
                 buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            grammar_compiles=Counter(
+                f"{prefix}_grammar_compiles",
+                "Structured-output grammar compiles by outcome: compiled (or found cached), invalid"
+                " (the schema refused), timeout (past --grammar-compile-timeout), abandoned (its client"
+                " left while it waited for a compile thread: it never ran).",
+                ["outcome"],
                 registry=registry,
             ),
         )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,6 +35,9 @@ class Runtime:
     registry: AdapterRegistry | None = None
     load_error: str | None = None
     draining: bool = False
+    in_flight: int = 0
+    """Generation requests admitted and not finished, wherever they are (compiling a grammar, loading
+    an adapter, in the engine, streaming): a drain waits for them all. Event-loop only."""
     on_load_failed: Callable[[str], None] | None = None
     """Called with the reason when the base cannot be loaded: ``python -m lorayard.server`` exits non-zero
     then, so no orchestrator keeps a server that will never be ready."""
@@ -59,7 +63,12 @@ class Runtime:
             )
             # Structured output needs the tokenizer's byte strings, for the width of the model's logits.
             engine.guided = await asyncio.to_thread(
-                GuidedCompiler, tokenizer, engine.vocab_size, eos_token_ids
+                GuidedCompiler,
+                tokenizer,
+                engine.vocab_size,
+                eos_token_ids,
+                settings.grammar_compile_threads,
+                lambda outcome: self.metrics.grammar_compiles.labels(outcome=outcome).inc(),
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
         except (UnsupportedArchitecture, BaseModelError) as exc:  # expected refusals: one line
@@ -98,17 +107,32 @@ class Runtime:
         if self.on_load_failed is not None:
             self.on_load_failed(reason)
 
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """One generation request in flight for the body of the ``with``."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
     async def drain(self) -> None:
-        """SIGTERM: refuse new work (503), let in-flight requests and streams finish."""
+        """SIGTERM: refuse new work (503), let every admitted request and stream finish (up to
+        --drain-timeout), those not yet in the engine too."""
         self.draining = True
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self.engine is not None:
-            await self.engine.drain(self.settings.drain_timeout)
+            await self.engine.drain(max(0.0, deadline - time.monotonic()))
 
     async def close(self) -> None:
         if self.registry is not None:
             await self.registry.stop()
         if self.engine is not None:
             self.engine.stop()
+            if self.engine.guided is not None:
+                self.engine.guided.close()
 
 
 class ReadyRuntime(Protocol):
@@ -120,3 +144,5 @@ class ReadyRuntime(Protocol):
     tokenizer: PreTrainedTokenizerBase
     engine: Engine
     registry: AdapterRegistry
+
+    def admitted(self) -> contextlib.AbstractContextManager[None]: ...

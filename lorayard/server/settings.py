@@ -71,6 +71,20 @@ class Settings(BaseModel):
     responses_store_ttl: float = Field(
         3600.0, gt=0, description="seconds a stored /v1/responses response is kept (in memory, per API key)"
     )
+    max_schema_bytes: int = Field(
+        64 << 10,
+        ge=256,
+        description="a structured-output JSON schema's size limit, as compact JSON (400 past it): its "
+        "grammar compiles in well under a second",
+    )
+    grammar_compile_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a schema's grammar may compile (400 past it; it is cached if it ends)",
+    )
+    grammar_compile_threads: int = Field(
+        2, ge=1, description="grammar compiles at once, on their own threads (others wait their turn)"
+    )
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="KV-cache budget (default: 4 GB on the CPU, most of the free GPU memory)"
     )

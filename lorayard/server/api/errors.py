@@ -5,7 +5,6 @@ The body is always ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -16,8 +15,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorayard.server.adapters.registry import AdapterLoadError, AdaptersBusy
 from lorayard.server.engine.types import EngineStopped, InvalidRequest, PromptTooLong, QueueFull
 from lorayard.volume import AdapterNotFound, InvalidAdapterName
-
-log = logging.getLogger("lorayard.api")
 
 RETRY_AFTER_S = 1
 
@@ -151,13 +148,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         return _json_response(status_of(exc)[0], error_body(exc))
 
-    # Registered per type so Starlette's ExceptionMiddleware answers them; only true bugs reach the
-    # catch-all below (which logs the traceback and hides it from the client).
+    # Registered per type so Starlette's ExceptionMiddleware answers them; only true bugs go on, to
+    # server.app.InternalErrors (which logs the traceback, answers JSON 500, keeps the connection).
     kinds: list[type[Exception]] = [APIError, *_MAPPED]
     for kind in kinds:
         app.add_exception_handler(kind, _mapped)
-
-    @app.exception_handler(Exception)
-    async def _any(_: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error: %r", exc)
-        return error_response(500, "internal server error", code="internal_error")

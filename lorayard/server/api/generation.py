@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from lorayard.server.adapters.registry import AdapterLease, AdapterRegistry
     from lorayard.server.api.serving import EngineJob
     from lorayard.server.runtime import ReadyRuntime
+
+
+DISCONNECT_POLL_S = 0.5
+"""How often a request waiting for its grammar checks whether its client is still there."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ class ChoiceOutput:
         stops = self._stops
         text, logprobs = "", []
         # The token of a "stop" finish is the end-of-turn token: it is not text.
-        if event.token_id is not None and not (event.finish_reason == "stop" and not stops.stopped):
+        ends_on_stop_token = event.finish_reason == "stop" and not stops.stopped
+        if event.token_id is not None and not ends_on_stop_token:
             piece = self._detok.add(event.token_id)
             text = stops.push(piece)
             if event.logprob is not None and not stops.stopped:
@@ -93,6 +98,11 @@ class ChoiceOutput:
                     TokenLogprob(event.token_id, event.logprob, event.top_logprobs, self._produced)
                 )
             self._produced += len(piece)
+        elif event.token_id is not None and event.logprob is not None:
+            # The end-of-sequence (or stop) token adds no text but was generated and is counted in
+            # usage: vLLM lists it, and scorers (lm-evaluation-harness reads token_logprobs[ctxlen:-1])
+            # count on that entry being there.
+            logprobs.append(TokenLogprob(event.token_id, event.logprob, event.top_logprobs, self._produced))
         finish = event.finish_reason
         if stops.stopped and finish is None:
             finish = "stop"
@@ -143,7 +153,8 @@ class Generation:
         self.registry = runtime.registry
         self.tokenizer = runtime.tokenizer
         self.metrics = runtime.metrics
-        self.max_tokens_limit = runtime.settings.max_tokens_limit
+        self.settings = runtime.settings
+        self._admitted = runtime.admitted
         self.job = job
         self.prompt_ids = job.prompt_ids
         unresolved = BASE_LABEL if job.adapter is None else UNRESOLVED_LABEL
@@ -161,20 +172,57 @@ class Generation:
             return params
         return replace(params, seed=params.seed + index)
 
+    async def _compile_grammar_unless_gone(self, client_gone: Callable[[], Awaitable[bool]] | None) -> None:
+        """:meth:`_compile_grammar`, abandoned if the client disconnects first: a compile still waiting
+        for a grammar thread then never runs (a running one cannot be stopped; it ends, bounded by
+        the schema limits, and its grammar is cached)."""
+        compiling = asyncio.ensure_future(self._compile_grammar())
+        while True:
+            done, _ = await asyncio.wait({compiling}, timeout=DISCONNECT_POLL_S)
+            if done:
+                compiling.result()
+                return
+            if client_gone is not None and await client_gone():
+                compiling.cancel()
+                await asyncio.gather(compiling, return_exceptions=True)
+                # Nobody reads it; answered (not raised) so the access log and the request
+                # counter see it, under nginx's status for a client that closed the request.
+                raise APIError(499, "the client closed the connection", code="client_closed_request")
+
     async def _compile_grammar(self) -> None:
-        """A new schema compiles (milliseconds, cached) off the event loop, before submit; one the
-        grammar library refuses is a 400 naming the field it came from."""
+        """A new schema compiles (milliseconds, cached) on the grammar pool, before submit; one the
+        grammar library refuses, or that compiles past the server's limit, is a 400 naming the field
+        it came from."""
         guided, compiler = self.job.params.guided, self.engine.guided
         if guided is None or compiler is None:
             return  # None: submit refuses it (structured output unavailable)
+        timeout_s = self.settings.grammar_compile_timeout
         try:
-            await asyncio.to_thread(compiler.compile, guided)
+            await compiler.compile_bounded(guided, timeout_s)
         except InvalidRequest as exc:
             raise APIError(400, str(exc), param=self.job.guided_param, code="invalid_value") from exc
+        except TimeoutError:
+            raise APIError(
+                400,
+                f"{self.job.guided_param}: the JSON schema's grammar took longer than {timeout_s:g} s to"
+                " compile (server limit --grammar-compile-timeout): send a smaller schema",
+                param=self.job.guided_param,
+                code="grammar_compile_timeout",
+            ) from None
 
-    async def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
-        """Lease, submit (raises QueueFull/PromptTooLong/EngineStopped before anything is sent), stream."""
-        await self._compile_grammar()
+    async def deltas(
+        self, client_gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncGenerator[ChoiceDelta, None]:
+        """Compile, lease, submit (raises QueueFull/PromptTooLong/EngineStopped before anything is
+        sent), stream. Admitted for a drain from the first step to the last (a grammar compiling or
+        an adapter loading is as much in flight as a row in the engine). ``client_gone``: polled
+        while the grammar compiles (Starlette's ``Request.is_disconnected``)."""
+        with self._admitted():
+            await self._compile_grammar_unless_gone(client_gone)
+            async for delta in self._leased_deltas():
+                yield delta
+
+    async def _leased_deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
         job = self.job
         async with adapter_lease(self.registry, job.adapter, job.adapter_param, job.user) as lease:
             if lease is not None:
@@ -221,7 +269,7 @@ class Generation:
         # Only now is the prompt's length known: the default max_tokens and the window follow from it.
         window, requested = self.engine.max_model_len, job.requested_max_tokens
         if requested is None:
-            requested = default_max_tokens(len(self.prompt_ids), self.max_tokens_limit, window)
+            requested = default_max_tokens(len(self.prompt_ids), self.settings.max_tokens_limit, window)
         check_context(len(self.prompt_ids), requested, window)
         self.job = replace(job, params=replace(job.params, max_tokens=requested))
 

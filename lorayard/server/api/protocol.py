@@ -12,10 +12,36 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 
+def _lone_surrogate(value: Any) -> bool:
+    """True when a string in ``value`` (any nesting) holds a lone UTF-16 surrogate: JSON's "\\ud800"
+    parses to one, and it is no character (the tokenizer and every encoder fail on it)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
 class _Lenient(BaseModel):
     # OpenAI clients send fields we don't use (user, metadata, ...): accept and ignore them. Fields we
     # cannot honour are refused by name in server.api.serving (REFUSED_FIELDS), never dropped silently.
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unicode_text(cls, value: Any) -> Any:
+        if _lone_surrogate(value):
+            raise ValueError("contains a lone surrogate (\\ud800-\\udfff), which is not Unicode text")
+        return value
 
     def extra_fields(self) -> set[str]:
         return set(self.model_extra or ())
@@ -190,6 +216,14 @@ class DetokenizeRequest(_Lenient):
 class LoadLoraRequest(_Lenient):
     lora_name: str
     lora_path: str | None = None
+
+    @field_validator("lora_path")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # No file system takes a NUL in a path (Python raises ValueError on one).
+        if value is not None and "\0" in value:
+            raise ValueError("contains a NUL character")
+        return value
 
 
 class UnloadLoraRequest(_Lenient):

@@ -198,7 +198,7 @@ async def _start(
     unknown adapter, context length) become a proper HTTP error instead of a broken stream."""
     generation = Generation(runtime, job)
     request.state.generation = generation  # the access log and request counter read it
-    deltas = generation.deltas()
+    deltas = generation.deltas(request.is_disconnected)
     try:
         first: ChoiceDelta | None = await deltas.__anext__()
     except StopAsyncIteration:

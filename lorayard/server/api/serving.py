@@ -56,6 +56,14 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 LOGIT_BIAS_LIMIT = 100.0
 """OpenAI's bound on a logit_bias value (either sign)."""
+MIN_TEMPERATURE = 1e-5
+"""The smallest temperature above 0 (vLLM's sampling epsilon): logits divided by less overflow
+float32 to inf; send 0 for greedy decoding."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""torch's generator seeds: the request's seed and seed + n - 1 (its choices' seeds) must lie inside."""
+MAX_SCHEMA_DEPTH = 64
+"""JSON nesting levels (objects and arrays) a schema may have: deeper ones exhaust the recursion of
+the schema checks long before any real schema (a property path of ~30 objects) needs them."""
 
 REFUSED_FIELDS: dict[str, str] = {
     "functions": "the legacy `functions` field is not supported: send `tools`",
@@ -175,24 +183,50 @@ def _logit_bias(raw: dict[str, float] | None, vocab: int) -> tuple[tuple[int, fl
     return tuple(sorted(pairs))
 
 
-def _checked_schema(param: str, schema: Any) -> str:
+def _depth(value: Any) -> int:
+    """JSON nesting levels of ``value`` (a scalar: 0), without recursion (a deep value is the input
+    this guards against)."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        node, level = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level + 1)
+            pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _checked_schema(param: str, schema: Any, max_bytes: int) -> str:
+    """The schema as compact JSON, once its size, depth and meta-schema are checked."""
     if not isinstance(schema, dict):
         raise _bad(param, "must be a JSON Schema object")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise _bad(param, f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    text = json.dumps(schema, separators=(",", ":"))
+    if len(text.encode()) > max_bytes:
+        raise APIError(
+            400,
+            f"{param}: {len(text.encode())} bytes as compact JSON, over the server limit of {max_bytes}"
+            " (--max-schema-bytes)",
+            param=param,
+            code="schema_too_large",
+        )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise _bad(param, f"not a valid JSON Schema: {exc.message}") from None
-    return json.dumps(schema)
+    return text
 
 
-def _guided_from_format(fmt: ResponseFormat | None) -> GuidedDecoding | None:
+def _guided_from_format(fmt: ResponseFormat | None, max_bytes: int) -> GuidedDecoding | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
         return GuidedDecoding("json_object")
     if fmt.json_schema is None:
         raise _bad("response_format.json_schema", "required when type is json_schema")
-    schema = _checked_schema("response_format.json_schema.schema", fmt.json_schema.json_schema)
+    schema = _checked_schema("response_format.json_schema.schema", fmt.json_schema.json_schema, max_bytes)
     return GuidedDecoding("json_schema", schema)
 
 
@@ -254,6 +288,11 @@ def _sampling_params(
         check_min_tokens(guided, body.min_tokens)
     except InvalidRequest as exc:
         raise APIError(400, str(exc), param="min_tokens", code="invalid_value") from None
+    if 0 < body.temperature < MIN_TEMPERATURE:
+        raise _bad(
+            "temperature", f"between 0 and {MIN_TEMPERATURE:g} overflows the logits: send 0 for greedy"
+        )
+    _check_seed(body.seed, body.n)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -271,6 +310,13 @@ def _sampling_params(
         prompt_logprobs=prompt_logprobs,
         guided=guided,
     )
+
+
+def _check_seed(seed: int | None, n: int) -> None:
+    low, high = SEED_RANGE
+    if seed is not None and not (low <= seed and seed + n - 1 <= high):
+        what = "seed" if n == 1 else f"seed + n - 1 (the last choice's seed, {seed + n - 1})"
+        raise _bad("seed", f"{what} is outside [-2^63, 2^64 - 1]")
 
 
 def _job(
@@ -328,7 +374,7 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         max_tokens=max_tokens,
         logprobs=body.logprobs,
         prompt_logprobs=prompt_logprobs,
-        guided=_guided_from_format(body.response_format),
+        guided=_guided_from_format(body.response_format, runtime.settings.max_schema_bytes),
     )
     return _job(
         "completion",
@@ -408,10 +454,19 @@ def tool_format(runtime: ReadyRuntime, template: str | None = None) -> ToolForma
 def request_tools(
     runtime: ReadyRuntime, tools: list[Tool] | None, choice: ToolChoice, parallel: bool | None
 ) -> ToolCalling | None:
-    """The tools a request may call, in the base's call format."""
+    """The tools a request may call, in the base's call format; each schema checked as
+    ``response_format``'s is (size, depth, meta-schema), and all of them together bounded as one, since
+    the grammar of the calls holds every one."""
     if not tools:  # the format is only looked up when there are tools to write (a 400 if unknown)
         return tool_calling(None, choice, parallel, tool_format_for_template(None))
+    _check_tool_schemas(tools, runtime.settings.max_schema_bytes)
     return tool_calling(tools, choice, parallel, tool_format(runtime))
+
+
+def _check_tool_schemas(tools: list[Tool], max_bytes: int) -> None:
+    for i, tool in enumerate(tools):
+        _checked_schema(f"tools.{i}.function.parameters", tool.function.parameters, max_bytes)
+    _checked_schema("tools", {"anyOf": [t.function.parameters for t in tools]}, max_bytes)
 
 
 def chat_prompt_ids(
@@ -439,7 +494,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    guided = _guided_from_format(body.response_format)
+    guided = _guided_from_format(body.response_format, runtime.settings.max_schema_bytes)
     if tools is not None:
         text_schema = None if guided is None else guided.schema or JSON_OBJECT_SCHEMA
         guided = tool_grammar(tools, text_schema)

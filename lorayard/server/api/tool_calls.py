@@ -16,8 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import jsonschema
-
 from lorayard.chat_format import ToolContext, ToolSpec
 from lorayard.server.api.errors import APIError
 from lorayard.server.api.protocol import NamedToolChoice, Tool
@@ -54,7 +52,7 @@ def tool_calling(
 ) -> ToolCalling | None:
     """``tools`` + ``tool_choice`` (+ ``parallel_tool_calls``, default true) -> the calls allowed, or
     None when there are no tools or ``tool_choice`` is ``"none"``. A bad combination is a 400 naming
-    the field."""
+    the field. The schemas are checked by the caller (server.api.serving, with the other schemas)."""
     if not tools:
         if isinstance(choice, NamedToolChoice) or choice == "required":
             raise _bad("tool_choice", "names a tool but `tools` is empty")
@@ -66,12 +64,6 @@ def tool_calling(
         name = tool.function.name
         if name in by_name:
             raise _bad(f"tools.{i}.function.name", f"{name!r} is defined twice")
-        try:
-            jsonschema.validators.validator_for(tool.function.parameters).check_schema(
-                tool.function.parameters
-            )
-        except jsonschema.SchemaError as exc:
-            raise _bad(f"tools.{i}.function.parameters", f"not a valid JSON Schema: {exc.message}") from None
         by_name[name] = tool
     mode: Literal["auto", "required", "named"] = "auto" if choice is None else "required"
     names = tuple(by_name)

@@ -37,14 +37,9 @@ class GuidedDecoding:
     schema: str | None = None
 
 
-GREEDY_BELOW = 1e-5
-"""Temperatures below this pick greedily: the argmax is their limit, and dividing logits by one of them
-can overflow float32 (inf logits, NaN probabilities: a 500 where a 0 would answer). vLLM's threshold."""
-
-
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 (below :data:`GREEDY_BELOW`) means greedy; top_k 0 means off.
+    """How to pick tokens. temperature 0 means greedy; top_k 0 means off.
 
     ``max_tokens`` 0 is allowed together with ``prompt_logprobs`` (scoring a prompt, as lm-eval does):
     the request finishes after its prefill with reason "length" and no token.
@@ -76,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
+        return self.temperature == 0.0
 
 
 class AdapterHandle(Protocol):

@@ -4,13 +4,15 @@ Each runs its real loop: tools offered with automatic choice, a call (or a repla
 model answers in text), the result carried back as the next turn, structured output where the
 framework has it. A tiny random-ish adapter answers poorly, so a framework may give up (too many turns,
 output it cannot validate); that is the model's quality. An HTTP error from us never is: each test
-fails on one. (instructor pins an older openai than ours, so it is not in this venv.)
+fails on one. instructor pins an older openai than ours: it runs in its own venv (`.venv-instructor`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+from pathlib import Path
 
 import openai
 import pytest
@@ -150,3 +152,21 @@ def test_openai_agents_chat_completions_model_tool_and_output_type(real_server):
     except (MaxTurnsExceeded, ModelBehaviorError):
         return  # the tiny model did not converge
     assert isinstance(result.final_output, Weather)
+
+
+INSTRUCTOR_PYTHON = Path(__file__).resolve().parents[3] / ".venv-instructor" / "bin" / "python"
+
+
+@pytest.mark.skipif(not INSTRUCTOR_PYTHON.exists(), reason="instructor's venv: `make install` builds it")
+def test_instructor_tools_mode_with_retries(real_server):
+    """instructor in its own venv (it pins an older openai): TOOLS mode with retries, so a failed
+    validation goes back to the server as a tool-call round trip."""
+    script = Path(__file__).parent / "frameworks" / "instructor_tools.py"
+    done = subprocess.run(
+        [str(INSTRUCTOR_PYTHON), str(script), real_server.v1, ADAPTER],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

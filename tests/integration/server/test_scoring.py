@@ -134,3 +134,25 @@ def test_lm_eval_local_completions_scores_as_in_process(real_server, real_base, 
     )
     assert _accuracy(served) == _accuracy(in_process)
     assert _accuracy(served) > 0.5, "the real model knows most of these; chance is 0.25"
+
+
+def test_a_generated_end_of_sequence_keeps_its_logprob_entry(real_server, real_tokenizer):
+    """echo + logprobs + max_tokens 1 where the one generated token is EOS (forced by logit_bias):
+    the EOS entry is listed after the prompt's, as vLLM answers, so lm-evaluation-harness's
+    token_logprobs[ctxlen:-1] keeps the prompt's last token (issue 23, item 5)."""
+    ids = encode_text(real_tokenizer, PROMPT)
+    eos = real_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    body = {
+        **{"model": BASE, "prompt": PROMPT, "echo": True, "logprobs": 1, "max_tokens": 1},
+        **{"temperature": 0, "logit_bias": {str(eos): 100}},
+    }
+    response = httpx.post(real_server.v1 + "/completions", json=body, timeout=60).json()
+    choice = response["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == PROMPT  # EOS adds no text
+    assert response["usage"]["completion_tokens"] == 1
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(ids) + 1 == len(logprobs["token_logprobs"])
+    assert logprobs["tokens"][-1] == "<|im_end|>"
+    assert logprobs["token_logprobs"][-1] > -1e-3  # biased by +100: all but certain
+    assert logprobs["text_offset"][-1] == len(PROMPT)
+    assert "".join(logprobs["tokens"][:-1]) == PROMPT

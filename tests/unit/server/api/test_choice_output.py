@@ -70,7 +70,8 @@ def test_a_stop_string_across_tokens_cuts_and_finishes_before_the_engine():
 def test_logprob_offsets_follow_the_text():
     deltas, _ = _run(_tokens(1, 2, 3, EOT, logprob=-0.5))
     offsets = [(e.token_id, e.text_offset) for d in deltas for e in d.logprobs]
-    assert offsets == [(1, 0), (2, 3), (3, 5)]
+    # the end-of-turn token adds no text but keeps its entry (scorers count on it), at the text's end
+    assert offsets == [(1, 0), (2, 3), (3, 5), (EOT, 9)]
 
 
 def test_prompt_logprobs_ride_on_the_first_delta_only():

@@ -150,7 +150,13 @@ def test_without_end_of_turn_tokens_the_grammar_ends_the_row(make_engine, real_t
         # compiled by xgrammar but not enforced: refused by us, naming the keyword and where it is
         (
             GuidedDecoding(
-                "json_schema", json.dumps({**ORDER, "properties": {"tags": {"uniqueItems": True}}})
+                "json_schema",
+                json.dumps(
+                    {
+                        **ORDER,
+                        "properties": {**ORDER["properties"], "tags": {"type": "array", "uniqueItems": True}},
+                    }
+                ),
             ),
             "'uniqueItems' (at #/properties/tags)",
         ),

@@ -108,7 +108,7 @@ def _steps(
     r_max = max(w.a_t.shape[1] for a in adapters for w in a.modules.values())
     for method in METHODS:
         stack = StackedLora(shapes, 1, len(adapters), r_max, device=device, dtype=dtype, method=method)
-        row_of = [stack.write(a) for a in adapters]
+        row_of = [stack.write(slot, a) for slot, a in enumerate(adapters)]
         rows = torch.tensor([row_of[c] for c in choice], device=device)
 
         def stacked(rows: torch.Tensor, stack: StackedLora = stack) -> torch.Tensor:

@@ -75,6 +75,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 
 
+class OutsideVolume(IntegrityError):
+    """A file of an adapter folder is a symlink leading out of the adapters volume: never read."""
+
+
 class InvalidAdapterName(VolumeError):
     """A name or reference that could escape the volume or is not ``name`` / ``name@vN``."""
 
@@ -347,6 +351,17 @@ class AdapterVolume:
             raise InvalidAdapterName(f"{path.name!r} resolves outside the adapters volume")
         return real
 
+    def _files_inside(self, folder: Path, label: str) -> Path:
+        """Refuse an adapter folder any entry of which is a symlink leading out of the volume (the
+        folder itself checked by :meth:`_inside`): whoever can write the volume must not make the
+        server read, and echo, files elsewhere. The message names the entry, never its target."""
+        root = self.root.resolve()
+        for entry in folder.iterdir():
+            real = entry.resolve()
+            if root not in real.parents:
+                raise OutsideVolume(f"adapter {label}: {entry.name} resolves outside the adapters volume")
+        return folder
+
     def versions(self, name: str) -> list[int]:
         """The committed versions of ``name``, ascending."""
         folders = self.storage.committed_folders(validate_name(name), MANIFEST_FILE)
@@ -410,7 +425,7 @@ class AdapterVolume:
             if self._is_plain(ref.name):
                 if ref.version is not None:
                     raise AdapterNotFound(f"adapter {ref.name!r} is a plain PEFT folder without versions")
-                return ResolvedAdapter(ref.name, None, self._inside(folder))
+                return ResolvedAdapter(ref.name, None, self._files_inside(self._inside(folder), ref.name))
         version = ref.version
         if version is None:
             pointers = pointers or self.pointers(ref.name)
@@ -426,7 +441,7 @@ class AdapterVolume:
             path = self.storage.local_folder(prefix, None, label)
             if not path.is_dir():
                 raise AdapterNotFound(f"adapter {label} not found (versions: {self.versions(name)})")
-            return ResolvedAdapter(name, version, self._inside(path))
+            return ResolvedAdapter(name, version, self._files_inside(self._inside(path), label))
 
         def listed_files() -> dict[str, FileDigest | None]:
             manifest = self._remote_manifest(name, version)

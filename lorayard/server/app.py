@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lorayard.server.api.auth import ApiKeyGate
 from lorayard.server.api.errors import error_response, install_error_handlers
 from lorayard.server.api.response_store import ResponseStore
 from lorayard.server.api.routes import router
@@ -170,5 +171,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(InternalErrors)  # innermost of ours: the access log sees its 500
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    # After (so around) the body limit: a request without the key is 401 before its body is read.
+    app.add_middleware(ApiKeyGate, api_key=settings.api_key, metrics_public=settings.metrics_public)
     app.add_middleware(AccessLog, metrics=runtime.metrics)
     return app

@@ -124,6 +124,9 @@ class AdapterRegistry:
         self._errors: dict[str, str] = {}
         self._listing: list[AdapterListing] = []
         self._lock = asyncio.Lock()
+        """Guards the maps above for the few synchronous steps of an acquire, never across a load."""
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        """Version key -> its load in flight: a second acquire of it waits for that one."""
         self._watcher: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -168,23 +171,43 @@ class AdapterRegistry:
             self._errors[ref.partition("@")[0]] = str(exc)
             raise AdapterLoadError(f"adapter {ref!r}: {exc}") from exc
         except (OSError, StorageUnavailable) as exc:
-            raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable ({exc})") from exc
-        async with self._lock:
-            slot = self._current.get(adapter.key)
-            resident = None if slot is None else self._resident[slot]
-            if resident is not None and resident.identity != identity:
-                # Replaced in place (a plain folder rewritten, a version deleted and republished):
-                # requests already running keep the old weights; new ones get the files on disk.
-                self._retire(resident)
-                resident = None
-            if resident is None:
-                resident = await self._load(adapter, identity)
-            resident.pins += 1
-            resident.last_used = time.monotonic()
-            self._resident.move_to_end(resident.slot)
-            return AdapterLease(
-                adapter.name, adapter.version, adapter.key, resident.slot, resident.prompt_template
-            )
+            # An OSError names the path it failed on: the server's business, logged, never sent.
+            log.error("adapter %r: the adapters volume is unreadable: %s", ref, exc)
+            raise AdapterLoadError(f"adapter {ref!r}: the adapters volume is unreadable") from exc
+        while True:
+            async with self._lock:
+                lease = self._pin_resident(adapter, identity)
+                if lease is not None:
+                    return lease
+                loading = self._loading.get(adapter.key)
+                if loading is None:
+                    self._make_room()
+                    loading = asyncio.create_task(self._load(adapter, identity))
+                    self._loading[adapter.key] = loading
+            # The load runs without the lock, so acquires of resident adapters never wait behind it;
+            # concurrent acquires of this version wait for the one load. Shielded: a client that hangs
+            # up does not cancel a load others are waiting for (what it loads stays, unpinned).
+            await asyncio.shield(loading)
+
+    def _pin_resident(
+        self, adapter: ResolvedAdapter, identity: tuple[int, int, int] | None
+    ) -> AdapterLease | None:
+        """Pin the resident serving ``adapter`` (the caller holds the lock); None if there is none."""
+        slot = self._current.get(adapter.key)
+        resident = None if slot is None else self._resident[slot]
+        if resident is not None and resident.identity != identity:
+            # Replaced in place (a plain folder rewritten, a version deleted and republished):
+            # requests already running keep the old weights; new ones get the files on disk.
+            self._retire(resident)
+            resident = None
+        if resident is None:
+            return None
+        resident.pins += 1
+        resident.last_used = time.monotonic()
+        self._resident.move_to_end(resident.slot)
+        return AdapterLease(
+            adapter.name, adapter.version, adapter.key, resident.slot, resident.prompt_template
+        )
 
     def release(self, lease: AdapterLease) -> None:
         resident = self._resident.get(lease.slot)
@@ -194,9 +217,10 @@ class AdapterRegistry:
         if resident.pins == 0 and self._current.get(resident.adapter.key) != resident.slot:
             self._evict(resident.slot)  # retired and now idle: nobody can acquire it again
 
-    async def _load(self, adapter: ResolvedAdapter, identity: tuple[int, int, int] | None) -> _Resident:
-        """Load one version (the caller holds the lock); evict the LRU unpinned one if full."""
-        while len(self._resident) >= self.max_loaded:
+    def _make_room(self) -> None:
+        """Evict the LRU unpinned resident while residents and loads in flight fill ``max_loaded``
+        (the caller holds the lock)."""
+        while len(self._resident) + len(self._loading) >= self.max_loaded:
             victim = next((slot for slot, r in self._resident.items() if r.pins == 0), None)
             if victim is None:
                 raise AdaptersBusy(
@@ -204,12 +228,17 @@ class AdapterRegistry:
                     "retry shortly or raise --max-loaded-adapters"
                 )
             self._evict(victim)
+
+    async def _load(self, adapter: ResolvedAdapter, identity: tuple[int, int, int] | None) -> None:
+        """Load one version in a worker thread (no lock held meanwhile), then make it resident."""
         started = time.perf_counter()
         try:
             slot, prompt_template = await asyncio.to_thread(self._read_and_upload, adapter)
         except AdapterLoadError as exc:
             self._errors[adapter.name] = str(exc)
             raise
+        finally:
+            self._loading.pop(adapter.key, None)
         self._errors.pop(adapter.name, None)
         elapsed = time.perf_counter() - started
         log.info("loaded adapter %s in %.1f ms", adapter.key, elapsed * 1000)
@@ -219,13 +248,16 @@ class AdapterRegistry:
         self._resident[slot] = resident
         self._current[adapter.key] = slot
         self._set_loaded_gauge()
-        return resident
 
     def _read_and_upload(self, adapter: ResolvedAdapter) -> tuple[int, str | None]:
         """Check, verify and upload one version; returns its engine slot and its prompt template."""
         try:
             manifest = adapter.manifest()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise AdapterLoadError(
+                f"adapter {adapter.key}: unreadable manifest.json ({exc.strerror})"
+            ) from exc
+        except ValueError as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: unreadable manifest.json ({exc})") from exc
         if manifest is not None and manifest.base_model.sha256 != self.base_fingerprint:
             raise AdapterLoadError(
@@ -239,7 +271,12 @@ class AdapterRegistry:
             adapter.verify()
             slot = self.engine.load_adapter_weights(adapter.key, weights)
             return slot, manifest.prompt_template if manifest is not None else None
-        except (AdapterFormatError, IntegrityError, OSError, ValueError) as exc:
+        except OSError as exc:
+            log.error("adapter %s: cannot read its files: %s", adapter.key, exc)
+            raise AdapterLoadError(
+                f"adapter {adapter.key}: its files cannot be read ({exc.strerror})"
+            ) from exc
+        except (AdapterFormatError, IntegrityError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {adapter.key}: {exc}") from exc
 
     def _retire(self, resident: _Resident) -> None:
@@ -283,7 +320,7 @@ class AdapterRegistry:
         candidate = Path(path)
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
         if root not in resolved.parents:
-            raise InvalidAdapterName(f"lora_path {path!r} is outside the adapters volume {root}")
+            raise InvalidAdapterName(f"lora_path {path!r} is outside the adapters volume")
         parts = resolved.relative_to(root).parts
         if parts[0] != name or len(parts) > 2:
             raise InvalidAdapterName(f"lora_path {path!r} is not the folder of adapter {name!r}")

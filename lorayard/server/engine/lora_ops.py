@@ -122,12 +122,30 @@ class ResidentAdapter:
                 norm = torch.linalg.norm(w + module.scaling * (b @ a), dim=1)
                 row_scale = module.magnitude.to(device=device, dtype=torch.float32) / norm
                 b_t = b_t * row_scale[None, :]
-            modules[key_] = LoraLinearWeights(
+            weights_ = LoraLinearWeights(
                 a_t=a.T.contiguous().to(dtype),
                 b_t=b_t.contiguous().to(dtype),
                 row_scale=None if row_scale is None else row_scale.to(dtype),
             )
+            _require_finite(key, key_, weights_)
+            modules[key_] = weights_
         return cls(key, modules)
+
+
+def _require_finite(adapter: str, where: tuple[int, str], weights: LoraLinearWeights) -> None:
+    """Refuse what would put inf or NaN in the forward: scaling folded into B can overflow the serving
+    dtype (float16's range ends at 65504), and DoRA's ``m / ||W + s B A||`` does for a zero norm."""
+    layer, name = where
+    if not torch.isfinite(weights.b_t).all():
+        raise ValueError(
+            f"adapter {adapter}: layer {layer} {name}: lora_alpha / r times lora_B is not finite "
+            f"in {weights.b_t.dtype}"
+        )
+    if weights.row_scale is not None and not torch.isfinite(weights.row_scale).all():
+        raise ValueError(
+            f"adapter {adapter}: layer {layer} {name}: the DoRA scale lora_magnitude_vector / ||W + s B A|| "
+            "is not finite"
+        )
 
 
 def _fuse(modules: dict[tuple[int, str], LoraLinearWeights]) -> dict[tuple[int, str], FusedLoraGroup]:

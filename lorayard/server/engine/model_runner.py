@@ -236,9 +236,8 @@ class ModelRunner:
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
         self.static_decode = static_decode
         self.stack: StackedLora | None = None
-        self.stack_rows: dict[int, int] = {}
-        """Adapter slot -> its stacked buffer row (adapters the stack refused or had no room for are
-        absent: a decode pass holding one runs packed)."""
+        """Every stackable resident adapter, and which buffer row holds which slot (an adapter the
+        stack refused or had no room for has no row: a decode pass holding one runs packed)."""
         self._stack_lock = threading.Lock()  # the registry loads adapters from worker threads
         self.graphs: dict[tuple[bool, int], DecodeGraphs] = {}
         """The static step's wrappers, made on first use, keyed by (whether the pass has a row with an
@@ -306,16 +305,15 @@ class ModelRunner:
             return
         with self._stack_lock:
             try:
-                self.stack_rows[slot] = self.stack.write(resident)
+                self.stack.write(slot, resident)
             except StackedLoraRefused as exc:
                 log.info("adapter %s decodes through the packed pass: %s", resident.key, exc)
 
     def remove_adapter(self, slot: int) -> None:
         self.adapters.pop(slot, None)
         with self._stack_lock:
-            row = self.stack_rows.pop(slot, None)
-            if row is not None and self.stack is not None:
-                self.stack.evict(row)
+            if self.stack is not None and self.stack.row_of(slot) is not None:
+                self.stack.evict(slot)
 
     def over(self, storage: KVBlockStorage, max_model_len: int | None = None) -> ModelRunner:
         """This runner (same model, fused weights, adapters and stack) over other KV storage (the
@@ -550,7 +548,7 @@ class ModelRunner:
         for row in rows:
             if row.adapter_slot is None:
                 lora_rows.append(ZERO_ROW)
-            elif (stacked := self.stack_rows.get(row.adapter_slot)) is not None:
+            elif self.stack is not None and (stacked := self.stack.row_of(row.adapter_slot)) is not None:
                 lora_rows.append(stacked)
             else:
                 return None

@@ -298,11 +298,25 @@ def _decode_rows(
     head's query heads as the query axis, one attention call. q [R, heads, hd] -> [R, heads, hd]."""
     r, heads, hd = q.shape
     kv_heads = k_cache.shape[0]
-    keys = gather_kv(k_cache, block_tables, length)
-    values = gather_kv(v_cache, block_tables, length)
+    keys, values = visible_only(
+        gather_kv(k_cache, block_tables, length), gather_kv(v_cache, block_tables, length), mask
+    )
     grouped = q.view(r, kv_heads, heads // kv_heads, hd)
     out = attend(grouped, keys, values, mask, layer=layer, gqa=False)
     return out.reshape(r, heads, hd)
+
+
+def visible_only(
+    keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the gathered keys and values no query of their row sees: masked by selection.
+
+    keys, values: [R, kv_heads, L, hd]; mask: [R, 1, Q, L] bool. A masked key still enters attention
+    as ``0 * value`` (and SDPA adds the mask's -inf to its score: ``inf + -inf`` is NaN), so a stale
+    inf or NaN in a block another request left behind, or in the scratch block padded rows write,
+    would reach this row; zeros never do."""
+    seen = mask.any(dim=-2)[..., None]  # [R, 1, L, 1]
+    return torch.where(seen, keys, 0.0), torch.where(seen, values, 0.0)
 
 
 def fixed_decode_mask(key_pos: torch.Tensor, context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -337,6 +351,7 @@ def padded_prefill_attention(
         key_pos = torch.arange(length, device=q.device)[None, :]
         mask = visible(key_pos, query_pos[:, None], layer.window).view(r, 1, max_q, length)
         batch.masks["padded", layer.window] = mask
+    keys, values = visible_only(keys, values, mask)
     out = attend(padded, keys, values, mask, layer=layer, gqa=True)
     return out.transpose(1, 2).reshape(r * max_q, heads, hd)[batch.pad_index]
 

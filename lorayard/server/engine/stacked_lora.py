@@ -49,8 +49,8 @@ class StackedRows:
     """The per-token buffer rows of one step, prepared once for every linear of every layer.
 
     rows: [N] long, each token's buffer row (ZERO_ROW: no adapter).
-    mask: [N, buffer rows * r_max] in the buffers' dtype, 1 on each token's own block of A's
-          columns (``"masked"`` only; None for ``"gather"``).
+    mask: [N, buffer rows * r_max] bool, true on each token's own block of A's columns (``"masked"``
+          only; None for ``"gather"``).
     """
 
     rows: torch.Tensor
@@ -124,8 +124,11 @@ class StackedLora:
             {group: self._allocate(members) for group, members in group_members.items()}
             for _ in range(num_layers)
         ]
-        self.keys: list[str | None] = [None] * self.buffer_rows
-        """Buffer row -> the key of the adapter written there (None: free; row 0 is never used)."""
+        # The one tracker of stacked rows, both directions (the model runner asks it, keeps no copy).
+        self._slot_at: list[int | None] = [None] * self.buffer_rows
+        """Buffer row -> the engine slot of the adapter written there (None: free; row 0 never used)."""
+        self._row_of: dict[int, int] = {}
+        """Engine slot -> its buffer row, for the adapters stacked."""
         # Which buffer row each of A's flattened columns belongs to: the mask is this == rows[:, None].
         self._column_rows = torch.arange(self.buffer_rows, device=self.device).repeat_interleave(r_max)
 
@@ -184,21 +187,28 @@ class StackedLora:
             if tuple(weights.a_t.shape[:1]) + tuple(weights.b_t.shape[1:]) != self.shapes[name]:
                 shape = (tuple(weights.a_t.shape), tuple(weights.b_t.shape))
                 return f"{resident.key}'s {name} has A^T, B^T shapes {shape}, not {self.shapes[name]}"
+            if not (torch.isfinite(weights.a_t).all() and torch.isfinite(weights.b_t).all()):
+                # The masked method multiplies every token's masked-out columns (0) by every row's B:
+                # one inf there is NaN in every token of the step, the base's included.
+                return f"{resident.key}'s {name} holds NaN or inf; the stack is shared by every row"
         return None
 
     def supports(self, resident: ResidentAdapter) -> bool:
         """Whether ``resident`` can be stacked (a free row aside)."""
         return self.refusal(resident) is None
 
-    def write(self, resident: ResidentAdapter) -> int:
-        """Copy ``resident`` into a free buffer row, in place; returns that row (1 .. capacity).
+    def write(self, slot: int, resident: ResidentAdapter) -> int:
+        """Copy ``resident`` (the engine's adapter ``slot``) into a free buffer row, in place; returns
+        that row (1 .. capacity).
 
         Raises StackedLoraRefused (naming why) for an adapter the stack cannot hold or when every row
-        is taken."""
+        is taken, ValueError when ``slot`` is stacked already."""
+        if slot in self._row_of:
+            raise ValueError(f"adapter slot {slot} is stacked already, in row {self._row_of[slot]}")
         reason = self.refusal(resident)
         if reason is not None:
             raise StackedLoraRefused(reason)
-        free = [row for row in range(1, self.buffer_rows) if self.keys[row] is None]
+        free = [row for row in range(1, self.buffer_rows) if self._slot_at[row] is None]
         if not free:
             raise StackedLoraRefused(f"all {self.capacity} stacked rows are taken; evict one first")
         row = free[0]
@@ -209,15 +219,25 @@ class StackedLora:
             member = group.members.index(name)
             group.a[:, member, row, :rank].copy_(weights.a_t)
             group.b[name][row, :rank].copy_(weights.b_t)
-        self.keys[row] = resident.key
+        self._slot_at[row], self._row_of[slot] = slot, row
         return row
 
-    def evict(self, row: int) -> None:
-        """Free ``row`` and zero it in place (a token still pointing at it would add nothing)."""
-        if not 1 <= row < self.buffer_rows or self.keys[row] is None:
-            raise ValueError(f"buffer row {row} holds no adapter")
+    def evict(self, slot: int) -> None:
+        """Free the row of adapter ``slot`` and zero it in place (a token still pointing at it would
+        add nothing)."""
+        row = self._row_of.pop(slot, None)
+        if row is None:
+            raise ValueError(f"adapter slot {slot} is not stacked")
         self._clear(row)
-        self.keys[row] = None
+        self._slot_at[row] = None
+
+    def row_of(self, slot: int) -> int | None:
+        """The buffer row of adapter ``slot``; None when it is not stacked (refused, or no room)."""
+        return self._row_of.get(slot)
+
+    def slot_at(self, row: int) -> int | None:
+        """The adapter slot whose weights buffer ``row`` holds; None for a free row or the zero row."""
+        return self._slot_at[row]
 
     def _clear(self, row: int) -> None:
         for layer in self.layers:
@@ -232,7 +252,7 @@ class StackedLora:
         (for ``"masked"`` the column mask, shared by every linear of every layer)."""
         if self.method == "gather":
             return StackedRows(rows, None)
-        return StackedRows(rows, (self._column_rows[None, :] == rows[:, None]).to(self.dtype))
+        return StackedRows(rows, self._column_rows[None, :] == rows[:, None])
 
     def apply(
         self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str, rows: StackedRows
@@ -263,7 +283,10 @@ class StackedLora:
         in_features = group.a.shape[0]
         if rows.mask is not None:
             # t: [N, members, buffer rows * r_max], every row's x @ A^T for every member at once
-            t = (x @ group.a.view(in_features, -1)).view(x.shape[0], n_members, -1) * rows.mask[:, None]
+            # Masked by selection, not by multiplying by 0: a token whose x is inf or NaN (its own
+            # adapter's doing) keeps its NaN in its own row, never in another row's columns.
+            t = (x @ group.a.view(in_features, -1)).view(x.shape[0], n_members, -1)
+            t = torch.where(rows.mask[:, None], t, 0.0)
             for m, name in enumerate(group.members):
                 if name in outputs:
                     outputs[name].addmm_(t[:, m], group.b[name].view(-1, group.b[name].shape[-1]))

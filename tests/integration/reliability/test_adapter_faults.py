@@ -111,9 +111,12 @@ FAULTS = {
     "corrupt-safetensors": (_garbage, "not a readable safetensors"),
     "truncated-safetensors": (_truncate, "not a readable safetensors"),
     "shapes-do-not-fit": (_shapes_for_another_base, "do not fit"),
-    "config-bad-rank": (_config_without_rank, "r must be a positive number"),
+    "config-bad-rank": (_config_without_rank, "r must be a positive integer"),
     "weights-unreadable": (_weights_become_a_folder, "adapter_model.safetensors is missing"),
-    "config-dangling-symlink": (_config_dangling_symlink, "adapter_config.json is missing"),
+    "config-dangling-symlink": (
+        _config_dangling_symlink,
+        "adapter_config.json resolves outside the adapters volume",
+    ),
 }
 
 

@@ -66,9 +66,54 @@ def test_every_route_but_health_and_metrics_requires_the_key(secured):
             else:
                 assert response.status_code == 401, (method, path, response.text)
                 assert response.json()["error"]["code"] == "invalid_api_key"
-    # The OpenAPI document and /docs are FastAPI's own pages: public, the schema only.
-    assert httpx.get(secured.base_url + "/openapi.json").status_code == 200
+    # The route table is not public when the API is not (issue 23.9).
+    for page in ("/openapi.json", "/docs", "/redoc"):
+        assert httpx.get(secured.base_url + page).status_code == 401, page
+    assert httpx.get(secured.base_url + "/openapi.json", headers=_auth()).status_code == 200
     assert API_KEY not in secured.log()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"x" * (3 << 20), b"{not json", b'{"messages": 5}'],
+    ids=["huge", "invalid-json", "invalid-fields"],
+)
+def test_the_key_is_checked_before_the_body_is_read(secured, body):
+    """Without the key: 401, not 413 for a body over the limit nor 400 for a malformed one."""
+    response = httpx.post(
+        secured.v1 + "/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("kind", ["symlinked_weights", "symlinked_config"])
+def test_files_symlinked_out_of_the_volume_are_refused_never_echoed(secured, tiny_base_dir, tmp_path, kind):
+    """Issue 23.9: a plain folder inside the volume whose config or weights is a symlink to a file
+    elsewhere is refused (422, naming the file, not its target) and nothing of the file is echoed;
+    no client-facing message names a server path."""
+    from lorayard.testing.hostile_adapter import build_hostile_adapter
+
+    name = kind.replace("_", "-")
+    build_hostile_adapter(kind, tiny_base_dir, secured.volume / name, outside=tmp_path / "elsewhere")
+    for _ in range(2):
+        response = httpx.post(
+            secured.v1 + "/chat/completions", json={**CHAT, "adapter": name}, headers=_auth(), timeout=30
+        )
+        assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "resolves outside the adapters volume" in message
+    listed = httpx.get(secured.v1 + "/models", headers=_auth(), timeout=30).text
+    for text in (message, listed):
+        assert "SECRET-VALUE" not in text
+        assert str(tmp_path) not in text and str(secured.volume) not in text
+    ok = httpx.post(
+        secured.v1 + "/chat/completions", json={**CHAT, "adapter": "ok"}, headers=_auth(), timeout=30
+    )
+    assert ok.status_code == 200
 
 
 def test_metrics_needs_the_key_when_not_public(tiny_base_dir, tmp_path):

@@ -94,3 +94,66 @@ def test_an_adapter_for_another_architecture_is_refused_listing_the_targets(
     ]
     with pytest.raises(AdapterFormatError, match=r"a Llama .* base does not have .*its LoRA targets: q_proj"):
         load_adapter(tmp_path / "phi", AutoConfig.from_pretrained(tiny_base_dir))
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "slow_pattern",
+        "target_regex",
+        "infinite_alpha",
+        "huge_alpha",
+        "nan_alpha",
+        "rank_zero",
+        "overflowing_scale",
+    ],
+)
+def test_hostile_configs_are_refused_naming_the_field(tiny_base_dir, tmp_path, kind):
+    from lorayard.testing.hostile_adapter import HOSTILE_FIELDS, build_hostile_adapter
+
+    folder = build_hostile_adapter(kind, tiny_base_dir, tmp_path / "vol" / kind)
+    with pytest.raises(AdapterFormatError, match=HOSTILE_FIELDS[kind]) as refused:
+        load_adapter(folder, AutoConfig.from_pretrained(tiny_base_dir))
+    assert str(tmp_path) not in str(refused.value)  # no server path in what reaches a client
+
+
+def test_the_catastrophic_alpha_pattern_loads_as_peft_reads_it(tiny_base_dir, tmp_path):
+    """PEFT gives no module ``(.*)*(.*)*y``'s alpha (no name ends in y): it loads, in bounded time."""
+    from lorayard.testing.hostile_adapter import build_hostile_adapter
+
+    folder = build_hostile_adapter("regex_pattern", tiny_base_dir, tmp_path / "vol" / "a")
+    weights = load_adapter(folder, AutoConfig.from_pretrained(tiny_base_dir))
+    assert {m.scaling for m in weights.modules.values()} == {2.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target_modules": ["k_proj"]}, "target_modules selects"),
+        ({"r": 8}, "r gives it rank 8"),
+        ({"rank_pattern": {"v_proj": 2}}, "rank_pattern gives it rank 2"),
+        ({"use_dora": True}, "use_dora"),
+        ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
+    ],
+)
+def test_tensors_that_peft_would_not_load_as_they_are_are_refused(tiny_base_dir, tmp_path, change, message):
+    folder = tmp_path / "a"
+    _save_adapter(tiny_base_dir, folder, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config | change))
+    with pytest.raises(AdapterFormatError, match=message):
+        load_adapter(folder, AutoConfig.from_pretrained(tiny_base_dir))
+
+
+def test_a_non_finite_dora_magnitude_is_refused_naming_it(tiny_base_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "dora"
+    _save_adapter(tiny_base_dir, folder, r=4, lora_alpha=8, target_modules=["o_proj"], use_dora=True)
+    file = folder / ADAPTER_WEIGHTS_FILE
+    tensors = load_file(str(file))
+    magnitude = next(k for k in tensors if "lora_magnitude_vector" in k)
+    tensors[magnitude] = torch.full_like(tensors[magnitude], float("inf"))
+    save_file(tensors, str(file))
+    with pytest.raises(AdapterFormatError, match="lora_magnitude_vector holds NaN or inf"):
+        load_adapter(folder, AutoConfig.from_pretrained(tiny_base_dir))

@@ -165,3 +165,44 @@ def test_a_file_changed_after_publish_fails_its_manifest_check(volume, engine, t
         registry.release(await registry.acquire("qv4"))
 
     asyncio.run(scenario())
+
+
+def test_a_cold_load_never_blocks_resident_adapters_and_one_version_loads_once(
+    adapters_dir, engine, tiny_base, tiny_adapters, monkeypatch
+):
+    """Issue 24: the registry lock was held across a cold load. The slow adapter's config read (an
+    instrumented file read: a slow disk, an object store) blocks until the test opens a gate;
+    meanwhile a resident adapter is acquired at once, and two acquires of the slow one load it once."""
+    import pathlib
+    import threading
+
+    shutil.copytree(tiny_adapters / "qv4", adapters_dir / "warm")
+    shutil.copytree(tiny_adapters / "all8", adapters_dir / "slow")
+    gate, reads = threading.Event(), []
+    read_text = pathlib.Path.read_text
+
+    def slow_read(path: pathlib.Path, *args, **kwargs) -> str:
+        if path.parent.name == "slow" and path.name == "adapter_config.json":
+            reads.append(path)
+            assert gate.wait(timeout=30)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", slow_read)
+
+    async def scenario():
+        registry = _registry(AdapterVolume(adapters_dir), engine, tiny_base, max_loaded=3)
+        await registry.refresh()
+        registry.release(await registry.acquire("warm"))
+        cold = [asyncio.create_task(registry.acquire("slow")) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        assert reads and not any(task.done() for task in cold)  # the load is blocked in its read
+        warm = await asyncio.wait_for(registry.acquire("warm"), timeout=2)
+        registry.release(warm)
+        gate.set()
+        leases = await asyncio.wait_for(asyncio.gather(*cold), timeout=30)
+        assert len(reads) == 1  # one load for both
+        assert leases[0].slot == leases[1].slot
+        for lease in leases:
+            registry.release(lease)
+
+    asyncio.run(scenario())

@@ -40,11 +40,12 @@ def _mlp_step(device: str, tiny_base_dir, tiny_adapters):
     stack = StackedLora.from_config(config, capacity=2, r_max=16, device=device, dtype=torch.float32)
     rows = [
         stack.write(
+            slot,
             ResidentAdapter.from_weights(
                 name, load_adapter(tiny_adapters / name, config), None, device=device, dtype=torch.float32
-            )
+            ),
         )
-        for name in ("all8", "mlp16")
+        for slot, name in enumerate(("all8", "mlp16"))
     ]
     mlp = model.model.layers[0].mlp
 
@@ -150,7 +151,7 @@ def test_a_rewritten_stacked_row_is_seen_by_a_captured_graph(tiny_base_dir, tiny
         weights = load_adapter(tiny_adapters / name, config)
         return ResidentAdapter.from_weights(name, weights, None, device="cuda", dtype=torch.float32)
 
-    row = stack.write(resident("all8"))
+    row = stack.write(0, resident("all8"))
     x = torch.randn(4, config.hidden_size, device="cuda")
 
     def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -162,8 +163,8 @@ def test_a_rewritten_stacked_row_is_seen_by_a_captured_graph(tiny_base_dir, tiny
     )
     with torch.inference_mode():
         before = graphs.run({"rows": torch.full((4,), row)}).clone()
-        stack.evict(row)
-        assert stack.write(resident("mlp16")) == row
+        stack.evict(0)
+        assert stack.write(1, resident("mlp16")) == row
         after = graphs.run({"rows": torch.full((4,), row)})
         expected = step({"rows": torch.full((4,), row, device="cuda")})
     assert not torch.allclose(before, after)

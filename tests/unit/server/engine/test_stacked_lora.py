@@ -82,7 +82,7 @@ def _both_paths(
         dtype=torch.float32,
         method=method,
     )
-    row_of = {i: stack.write(a) for i, a in enumerate(adapters)}
+    row_of = {i: stack.write(i, a) for i, a in enumerate(adapters)}
     rows = stack.select(torch.tensor([ZERO_ROW if c < 0 else row_of[c] for c in choice]))
     # The segment path needs tokens grouped by adapter: order them so, then compare in that order.
     order = sorted(range(len(choice)), key=lambda i: choice[i])
@@ -158,15 +158,15 @@ def test_evict_and_rewrite_happen_in_place():
     pointers = _pointers(stack)
     first = _resident("a", 1, SEPARATE, {"q_proj": 8, "down_proj": 4})
     second = _resident("b", 2, SEPARATE, {"v_proj": 2})
-    row_a, row_b = stack.write(first), stack.write(second)
-    assert {row_a, row_b} == {1, 2} and stack.keys[row_a] == "a"
-    stack.evict(row_a)
-    assert stack.keys[row_a] is None
+    row_a, row_b = stack.write(1, first), stack.write(2, second)
+    assert {row_a, row_b} == {1, 2} and stack.slot_at(row_a) == 1 and stack.row_of(2) == row_b
+    stack.evict(1)
+    assert stack.slot_at(row_a) is None and stack.row_of(1) is None
     x, y = torch.randn(3, 16), torch.zeros(3, 16)
     stack.apply(y, x, 0, "q_proj", stack.select(torch.tensor([row_a] * 3)))
     assert torch.equal(y, torch.zeros(3, 16))  # an evicted row is zero, not stale
     third = _resident("c", 3, SEPARATE, {"k_proj": 8})
-    assert stack.write(third) == row_a
+    assert stack.write(3, third) == row_a
     assert _pointers(stack) == pointers
     _both_paths_after_rewrite(stack, third, row_a)
 
@@ -186,21 +186,23 @@ def _both_paths_after_rewrite(stack: StackedLora, resident: ResidentAdapter, row
 def test_refusals_name_the_reason():
     stack = _stack(capacity=1, r_max=4)
     with pytest.raises(StackedLoraRefused, match="rank 8 in q_proj, above the stack's r_max 4"):
-        stack.write(_resident("big", 1, SEPARATE, {"q_proj": 8}))
+        stack.write(1, _resident("big", 1, SEPARATE, {"q_proj": 8}))
     dora = _resident("d", 2, SEPARATE, {"o_proj": 2}, dora=True)
     assert not stack.supports(dora)
     with pytest.raises(StackedLoraRefused, match="DoRA"):
-        stack.write(dora)
-    stack.write(_resident("one", 3, SEPARATE, {"q_proj": 2}))
+        stack.write(2, dora)
+    stack.write(3, _resident("one", 3, SEPARATE, {"q_proj": 2}))
     small = _resident("two", 4, SEPARATE, {"q_proj": 2})
     assert stack.supports(small)  # supported, but no row is free
     with pytest.raises(StackedLoraRefused, match="all 1 stacked rows are taken"):
-        stack.write(small)
+        stack.write(4, small)
     phi = _resident("phi", 5, PHI3, {"qkv_proj": 2})
     with pytest.raises(StackedLoraRefused, match="qkv_proj of layer 0, which the stack has no buffer for"):
-        stack.write(phi)
-    with pytest.raises(ValueError, match="buffer row 0 holds no adapter"):
-        stack.evict(ZERO_ROW)
+        stack.write(5, phi)
+    with pytest.raises(ValueError, match="adapter slot 9 is not stacked"):
+        stack.evict(9)
+    with pytest.raises(ValueError, match="adapter slot 3 is stacked already"):
+        stack.write(3, small)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -218,7 +220,7 @@ def test_stack_equals_peft_lora_layers_for_a_real_adapter(method, tiny_base_dir,
         )
         for name in names
     }
-    rows_of = {name: stack.write(residents[name]) for name in names}
+    rows_of = {name: stack.write(slot, residents[name]) for slot, name in enumerate(names)}
     peft_models = {
         name: PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32), tiny_adapters / name

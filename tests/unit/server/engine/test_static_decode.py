@@ -108,7 +108,8 @@ def test_past_the_largest_bucket_and_dora_run_the_packed_pass(runners):
     """Five rows (the largest bucket is 4), and a batch with the DoRA adapter the stack refused: both
     run the packed pass, with the same result as the eager runner."""
     eager, static = runners
-    assert 3 not in static.stack_rows and set(static.stack_rows) == {0, 1, 2}  # dora8 is not stacked
+    assert static.stack is not None and static.stack.row_of(3) is None  # dora8 is not stacked
+    assert all(static.stack.row_of(slot) is not None for slot in (0, 1, 2))
     for slots in ([None, 0, 1, 2, None], [3, 0]):
         for want, have in zip(_decode(eager, slots, 3), _decode(static, slots, 3), strict=True):
             torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
@@ -130,14 +131,14 @@ def test_evict_and_rewrite_reuse_the_stacked_row(runners, tiny_base_dir, tiny_ad
     """The engine's slots are never reused; the stack's rows are: an evicted adapter's row is zeroed
     and the next adapter written into it, and decode under the new slot still equals eager."""
     eager, static = runners
-    row = static.stack_rows[0]
+    row = static.stack.row_of(0)
     static.remove_adapter(0)
     eager.remove_adapter(0)
-    assert 0 not in static.stack_rows and static.stack.keys[row] is None
+    assert static.stack.row_of(0) is None and static.stack.slot_at(row) is None
     resident = eager.adapters[1]
     static.add_adapter(7, resident)
     eager.add_adapter(7, resident)
-    assert static.stack_rows[7] == row
+    assert static.stack.row_of(7) == row and static.stack.slot_at(row) == 7
     for want, have in zip(_decode(eager, [7, 1], 3), _decode(static, [7, 1], 3), strict=True):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
 
@@ -218,3 +219,56 @@ def test_graph_decode_on_cuda_equals_the_packed_pass(tiny_base_dir, tiny_adapter
     for width in (2, 4):  # positions 6, 7 in tables 2 blocks wide; 8, 9 in 4
         assert graphed.graphs[True, width].captured == (1, 4)  # the passes with an adapter row
         assert graphed.graphs[False, width].captured == (2,)  # base rows only: no stack
+
+
+def _poisoned(resident: ResidentAdapter) -> ResidentAdapter:
+    """``resident`` with inf in every B: what lora_alpha 1e308 made before load refused it (built here
+    past the checks, as if one got through)."""
+    from lorayard.server.engine.lora_ops import LoraLinearWeights
+
+    modules = {
+        k: LoraLinearWeights(w.a_t.clone(), torch.full_like(w.b_t, float("inf")))
+        for k, w in resident.modules.items()
+    }
+    return ResidentAdapter("poisoned", modules)
+
+
+def test_an_adapter_with_inf_weights_never_reaches_other_rows_or_the_scratch_block(runners):
+    """Issue 23.2: a non-finite adapter beside the base and another adapter in a padded static step.
+    The stack refuses it (its inf times the other rows' masked-out zeros would be NaN everywhere), so
+    its rows run the packed pass; the other rows and every later pass equal the eager runner, and the
+    scratch block that pads every table stays finite."""
+    eager, static = runners
+    hostile = _poisoned(eager.adapters[0])
+    with pytest.raises(ValueError, match="not finite"):
+        from lorayard.server.engine.lora_ops import _require_finite
+
+        for where, weights in hostile.modules.items():
+            _require_finite("poisoned", where, weights)
+    static.add_adapter(9, hostile)
+    assert static.stack is not None and not static.stack.supports(hostile)
+    got = _decode(static, [None, 9, 0], 2)
+    want = _decode(eager, [None, 0, 0], 2)  # rows 0 and 2 as there (row 1: another prompt)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g[[0, 2]], w[[0, 2]], rtol=1e-4, atol=1e-4)
+    static.remove_adapter(9)
+    scratch = static.static_decode.scratch_block
+    assert all(torch.isfinite(static.storage.k[i][:, scratch]).all() for i in range(len(static.layers)))
+    for want, have in zip(_decode(eager, [None, 0, 2], 3), _decode(static, [None, 0, 2], 3), strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+    assert static.static_passes[4] == 3  # the later passes ran the static step, padded
+
+
+def test_masking_selects_so_a_nan_token_stays_in_its_row():
+    """A token whose activations are NaN (its own adapter's doing) adds nothing to another token:
+    the mask selects columns instead of multiplying them by zero."""
+    from lorayard.server.engine.stacked_lora import StackedLora
+
+    shapes = {"q_proj": (16, 16)}
+    stack = StackedLora(shapes, 1, 2, 4, device="cpu", dtype=torch.float32, method="masked")
+    rows = stack.select(torch.tensor([0, 0]))
+    x = torch.randn(2, 16)
+    x[1] = float("nan")
+    y = torch.zeros(2, 16)
+    stack.apply(y, x, 0, "q_proj", rows)
+    assert torch.equal(y[0], torch.zeros(16))

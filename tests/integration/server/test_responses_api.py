@@ -464,3 +464,30 @@ def test_responses_are_counted_by_version_and_status(client, real_server):
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="qv8", input="Hi", tools=[{"type": "web_search"}])
     assert (count(**served), count(**refused)) == (before[0] + 1, before[1] + 1)
+
+
+def test_langchain_on_the_responses_api(real_server):
+    """LangChain ``use_responses_api=True``: bind_tools, then a ToolMessage round trip, no HTTP error."""
+    pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    def get_weather(location: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {location}"
+
+    llm = ChatOpenAI(
+        base_url=real_server.v1,
+        api_key="lc-key",
+        model="qv8",
+        use_responses_api=True,
+        temperature=0,
+        max_tokens=60,
+    )
+    asked = HumanMessage("What is the weather in Oslo?")
+    first = llm.bind_tools([get_weather], tool_choice="required").invoke([asked])
+    [call] = first.tool_calls[:1]
+    assert call["name"] == "get_weather" and isinstance(call["args"], dict)
+    result = ToolMessage(get_weather(**call["args"]), tool_call_id=call["id"])
+    second = llm.bind_tools([get_weather]).invoke([asked, first, result])
+    assert second.content is not None

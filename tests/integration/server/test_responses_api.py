@@ -491,3 +491,27 @@ def test_langchain_on_the_responses_api(real_server):
     result = ToolMessage(get_weather(**call["args"]), tool_call_id=call["id"])
     second = llm.bind_tools([get_weather]).invoke([asked, first, result])
     assert second.content is not None
+
+
+def test_pydantic_ai_responses_model_with_a_tool_and_output_type(real_server):
+    """pydantic-ai's ``OpenAIResponsesModel``: a tool plus ``output_type`` (its ``final_result`` tool,
+    tool_choice required) on the base. (On the random qv8 adapter the model calls get_weather until
+    the conversation outgrows the 2,048-token window: a 400 context_length_exceeded, model quality.)"""
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    class Forecast(BaseModel):
+        city: str = Field(max_length=24)
+        summary: str = Field(max_length=60)
+
+    def get_weather(location: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {location}"
+
+    model = OpenAIResponsesModel(BASE, provider=OpenAIProvider(base_url=real_server.v1, api_key="pa-key"))
+    agent = pydantic_ai.Agent(
+        model, output_type=Forecast, model_settings={"temperature": 0, "max_tokens": 200}
+    )
+    agent.tool_plain(get_weather)
+    assert isinstance(agent.run_sync("What is the weather in Oslo?").output, Forecast)

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorayard.server.api.auth import ApiKeyGate
 from lorayard.server.api.errors import error_response, install_error_handlers
+from lorayard.server.api.response_store import ResponseStore
 from lorayard.server.api.routes import router
 from lorayard.server.metrics import COUNTED_PATHS, UNRESOLVED_LABEL, ServerMetrics
 from lorayard.server.runtime import Runtime
@@ -165,6 +166,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app = FastAPI(title="LoRAyard", version="0.1.0", lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.responses = ResponseStore(settings.responses_store_size, settings.responses_store_ttl)
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(InternalErrors)  # innermost of ours: the access log sees its 500

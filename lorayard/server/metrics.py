@@ -36,7 +36,7 @@ def adapter_labels(name: str, version: int | None) -> dict[str, str]:
     return {"adapter": name, "version": version_label(version)}
 
 
-COUNTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+COUNTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 """The routes ``lorayard_requests_total`` counts (every answer, 2xx to 5xx)."""
 
 _LATENCY_BUCKETS = (

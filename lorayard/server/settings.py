@@ -65,6 +65,12 @@ class Settings(BaseModel):
         "hermes for a template without tools support)",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
+    responses_store_size: int = Field(
+        1000, ge=0, description="stored /v1/responses (for previous_response_id) at most; the oldest go first"
+    )
+    responses_store_ttl: float = Field(
+        3600.0, gt=0, description="seconds a stored /v1/responses response is kept (in memory, per API key)"
+    )
     max_schema_bytes: int = Field(
         64 << 10,
         ge=256,

@@ -8,6 +8,7 @@ routes as the same check in FastAPI's terms (the route table's OpenAPI security 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -56,3 +57,12 @@ class ApiKeyGate:
             await self.app(scope, receive, send)
             return
         await error_response(401, _MESSAGE, code="invalid_api_key")(scope, receive, send)
+
+
+def caller_digest(request: Request) -> str:
+    """Who made a request, for scoping what it stores: a digest of the bearer token it presented (the
+    token itself is never kept); "" without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ""
+    return hashlib.sha256(token.strip().encode()).hexdigest()

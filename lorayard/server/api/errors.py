@@ -102,6 +102,17 @@ def status_of(exc: Exception) -> tuple[int, str | None]:
     return 500, "internal_error"
 
 
+def as_api_error(exc: Exception) -> APIError | None:
+    """An error this table knows as an :class:`APIError` (so a caller can rename its ``param``);
+    None for a bug."""
+    if isinstance(exc, APIError):
+        return exc
+    if not any(isinstance(exc, kind) for kind in _MAPPED):
+        return None
+    status, code = status_of(exc)
+    return APIError(status, str(exc), param=_param_of(exc), code=code)
+
+
 def _param_of(exc: Exception) -> str | None:
     if isinstance(exc, APIError):
         return exc.param

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lorayard.server.api.auth import require_api_key
+from lorayard.server.api.auth import caller_digest, require_api_key
 from lorayard.server.api.errors import APIError, NotReady
 from lorayard.server.api.generation import ChoiceDelta, Generation
 from lorayard.server.api.protocol import (
@@ -25,7 +25,11 @@ from lorayard.server.api.protocol import (
     TokenizeResponse,
     UnloadLoraRequest,
 )
+from lorayard.server.api.response_store import ResponseStore, StoredResponse
 from lorayard.server.api.responses import ChatBuilder, CompletionBuilder
+from lorayard.server.api.responses_events import ResponseAssembler, response_sse
+from lorayard.server.api.responses_protocol import ResponseDeleted, ResponseObject, ResponsesRequest
+from lorayard.server.api.responses_serving import responses_turn
 from lorayard.server.api.serving import EngineJob, chat_job, completion_job, detokenize_ids, tokenize_text
 from lorayard.server.api.streaming import sse_stream
 from lorayard.server.metrics import version_label
@@ -187,22 +191,28 @@ def _served(generation: Generation) -> tuple[EngineJob, dict[str, str]]:
     return replace(generation.job, model=lease.key), {VERSION_HEADER: version_label(lease.version)}
 
 
+async def _start(
+    runtime: ReadyRuntime, request: Request, job: EngineJob
+) -> tuple[Generation, AsyncIterator[ChoiceDelta]]:
+    """The generation of ``job``, started: its first delta is pulled now so refusals (queue full,
+    unknown adapter, context length) become a proper HTTP error instead of a broken stream."""
+    generation = Generation(runtime, job)
+    request.state.generation = generation  # the access log and request counter read it
+    deltas = generation.deltas(request.is_disconnected)
+    try:
+        first: ChoiceDelta | None = await deltas.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return generation, _prepend(first, deltas)
+
+
 async def _generate(
     runtime: ReadyRuntime,
     request: Request,
     job: EngineJob,
     builder_type: type[CompletionBuilder] | type[ChatBuilder],
 ) -> Response:
-    generation = Generation(runtime, job)
-    request.state.generation = generation  # the access log and request counter read it
-    deltas = generation.deltas(request.is_disconnected)
-    try:
-        # Pull the first delta now so refusals (queue full, unknown adapter, context length) become
-        # a proper HTTP error instead of a broken stream.
-        first: ChoiceDelta | None = await deltas.__anext__()
-    except StopAsyncIteration:
-        first = None
-    stream = _prepend(first, deltas)
+    generation, stream = await _start(runtime, request, job)
     served, headers = _served(generation)
     builder = builder_type(served, runtime.tokenizer)
     if job.stream:
@@ -224,6 +234,71 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, runtim
 @router.post("/v1/completions", dependencies=Authorized)
 async def completions(body: CompletionRequest, request: Request, runtime: ReadyDep) -> Response:
     return await _generate(runtime, request, completion_job(body, runtime), CompletionBuilder)
+
+
+# -- the Responses API (served as chat: server.api.responses_serving) ------------------------------
+def get_response_store(request: Request) -> ResponseStore:
+    store: ResponseStore = request.app.state.responses
+    return store
+
+
+StoreDep = Annotated[ResponseStore, Depends(get_response_store)]
+
+
+async def _replay(items: list[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+    for item in items:
+        yield item
+
+
+@router.post("/v1/responses", dependencies=Authorized)
+async def create_response(
+    body: ResponsesRequest, request: Request, runtime: ReadyDep, store: StoreDep
+) -> Response:
+    owner = caller_digest(request)
+    turn = responses_turn(body, runtime, store, owner)
+    with turn.errors_named():
+        generation, stream = await _start(runtime, request, turn.job)
+    served, headers = _served(generation)
+    builder = ChatBuilder(served, runtime.tokenizer)
+    assembler = ResponseAssembler(turn.skeleton.model_copy(update={"model": served.model}))
+    if body.stream:
+        errors: list[int] = []
+        request.state.stream_errors = errors
+        events = response_sse(
+            assembler,
+            builder.chunks(stream, generation.usage),
+            errors,
+            lambda response: turn.remember(store, owner, response),
+        )
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers}
+        )
+    items = await _collect(stream, request)
+    response = await assembler.run(builder.chunks(_replay(items), generation.usage))
+    turn.remember(store, owner, response)
+    return JSONResponse(response.model_dump(mode="json"), headers=headers)
+
+
+def _stored(store: ResponseStore, request: Request, response_id: str) -> StoredResponse:
+    stored = store.get(caller_digest(request), response_id)
+    if stored is None:
+        # Another key's response is answered the same: its existence is not revealed.
+        raise APIError(
+            404, f"no stored response {response_id!r}", param="response_id", code="response_not_found"
+        )
+    return stored
+
+
+@router.get("/v1/responses/{response_id}", dependencies=Authorized)
+async def get_response(response_id: str, request: Request, store: StoreDep) -> ResponseObject:
+    return _stored(store, request, response_id).response
+
+
+@router.delete("/v1/responses/{response_id}", dependencies=Authorized)
+async def delete_response(response_id: str, request: Request, store: StoreDep) -> ResponseDeleted:
+    _stored(store, request, response_id)
+    store.delete(caller_digest(request), response_id)
+    return ResponseDeleted(id=response_id)
 
 
 # -- tokenizer (vLLM's bodies) -------------------------------------------------------------------

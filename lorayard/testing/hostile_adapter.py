@@ -68,7 +68,7 @@ def _overflowing_scale(folder: Path, outside: Path) -> None:
     file = folder / ADAPTER_WEIGHTS_FILE
     tensors = {k: v * 1e6 if "lora_B" in k else v for k, v in load_file(str(file)).items()}
     save_file(tensors, str(file))
-    _edit_config(folder, lora_alpha=1e34)
+    _edit_config(folder, lora_alpha=3e38)
 
 
 def _symlinked_weights(folder: Path, outside: Path) -> None:

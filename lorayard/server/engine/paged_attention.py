@@ -166,10 +166,30 @@ of equal chunks ran as fast padded as per request (on a GPU one call saves launc
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Store new K/V: caches [kv_heads, num_blocks, bs, hd], slots [T], k and v [T, kv_heads, hd]."""
+    """Store new K/V: caches [kv_heads, num_blocks, bs, hd], slots [T], k and v [T, kv_heads, hd].
+
+    Stored bounded (:func:`bounded_kv`): a block outlives its request (freed and reused, or the
+    scratch block every padded table points at), and other rows read it masked."""
     kv_heads, _, _, hd = k_cache.shape
-    k_cache.view(kv_heads, -1, hd)[:, slots] = k.transpose(0, 1)
-    v_cache.view(kv_heads, -1, hd)[:, slots] = v.transpose(0, 1)
+    k_cache.view(kv_heads, -1, hd)[:, slots] = bounded_kv(k, k_cache.dtype).transpose(0, 1)
+    v_cache.view(kv_heads, -1, hd)[:, slots] = bounded_kv(v, v_cache.dtype).transpose(0, 1)
+
+
+KV_BOUND = 1e30
+"""The largest magnitude a cached K or V may hold: far above any real activation, and small enough
+that no sane query's dot product with it overflows float32."""
+
+
+def bounded_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x with NaN as 0 and magnitudes clamped to KV_BOUND (or the cache dtype's largest finite).
+
+    A masked key still enters attention: its score gets -inf added (``NaN + -inf`` and
+    ``inf + -inf`` are NaN) and its value is multiplied by a weight of 0 (``0 * inf`` is NaN). So a
+    NaN or inf K/V that one row's hostile adapter produced would reach every row whose table holds
+    that block, masked or not; bounded, it reaches nobody. Real K/V values are never near the bound,
+    so they are stored unchanged (two elementwise ops over the new tokens only)."""
+    bound = min(KV_BOUND, torch.finfo(cache_dtype).max)
+    return torch.nan_to_num(x, nan=0.0).clamp(-bound, bound)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -298,25 +318,11 @@ def _decode_rows(
     head's query heads as the query axis, one attention call. q [R, heads, hd] -> [R, heads, hd]."""
     r, heads, hd = q.shape
     kv_heads = k_cache.shape[0]
-    keys, values = visible_only(
-        gather_kv(k_cache, block_tables, length), gather_kv(v_cache, block_tables, length), mask
-    )
+    keys = gather_kv(k_cache, block_tables, length)
+    values = gather_kv(v_cache, block_tables, length)
     grouped = q.view(r, kv_heads, heads // kv_heads, hd)
     out = attend(grouped, keys, values, mask, layer=layer, gqa=False)
     return out.reshape(r, heads, hd)
-
-
-def visible_only(
-    keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the gathered keys and values no query of their row sees: masked by selection.
-
-    keys, values: [R, kv_heads, L, hd]; mask: [R, 1, Q, L] bool. A masked key still enters attention
-    as ``0 * value`` (and SDPA adds the mask's -inf to its score: ``inf + -inf`` is NaN), so a stale
-    inf or NaN in a block another request left behind, or in the scratch block padded rows write,
-    would reach this row; zeros never do."""
-    seen = mask.any(dim=-2)[..., None]  # [R, 1, L, 1]
-    return torch.where(seen, keys, 0.0), torch.where(seen, values, 0.0)
 
 
 def fixed_decode_mask(key_pos: torch.Tensor, context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -351,7 +357,6 @@ def padded_prefill_attention(
         key_pos = torch.arange(length, device=q.device)[None, :]
         mask = visible(key_pos, query_pos[:, None], layer.window).view(r, 1, max_q, length)
         batch.masks["padded", layer.window] = mask
-    keys, values = visible_only(keys, values, mask)
     out = attend(padded, keys, values, mask, layer=layer, gqa=True)
     return out.transpose(1, 2).reshape(r * max_q, heads, hd)[batch.pad_index]
 

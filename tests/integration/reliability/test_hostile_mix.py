@@ -1,17 +1,17 @@
 """Random mixes of hostile and innocent requests, at once, on one tiny-base server (issue 23's fuzz).
 
-A seeded generator (bounded: ROUNDS rounds of HOSTILE_PER_ROUND hostile requests beside every
-innocent one) draws hostile requests from :data:`HOSTILE` (each of issue 23's bad inputs, abandoned
-requests, huge schemas, malformed bodies) and hostile adapter folders from
+A seeded generator (bounded: one round per hostile adapter builder, HOSTILE_PER_ROUND hostile
+requests beside every innocent one) draws hostile requests from :data:`HOSTILE` (each of issue 23's
+bad inputs, abandoned requests, huge schemas, malformed bodies) and hostile adapter folders from
 :data:`HOSTILE_ADAPTER_BUILDERS`, and asserts, every round:
 
 - no 5xx, and every request answered within REQUEST_BOUND_S (no hang);
 - the innocent requests (greedy) answer exactly what they answer alone;
 - /health answers within HEALTH_BOUND_S throughout (polled by its own thread).
 
-The seam for hostile adapter folders: append a ``builder(folder, good_adapter)`` to
-:data:`HOSTILE_ADAPTER_BUILDERS` (builders live in ``lorayard.testing``); each round writes one
-into the volume under a fresh name and sends a request for it beside the innocent ones.
+The seam for hostile adapter folders: :data:`HOSTILE_ADAPTER_BUILDERS` (every kind of
+``lorayard.testing.hostile_adapter`` plus a few of our own); each round writes one into the volume
+under a fresh name and sends a request for it beside the innocent ones.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lorayard.testing.hostile_adapter import HOSTILE as HOSTILE_ADAPTER_KINDS
+from lorayard.testing.hostile_adapter import build_hostile_adapter
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 from .conftest import copy_folder, start_server
 from .test_hostile_requests import JSON, PERSON, _nested, _schema_body, huge_enum
 
 SEED = 23
-ROUNDS = 6
-HOSTILE_PER_ROUND = 6
+HOSTILE_PER_ROUND = 5
 REQUEST_BOUND_S = 60.0
 HEALTH_BOUND_S = 5.0
 
@@ -97,30 +98,42 @@ HOSTILE: list[Hostile] = [
 ]
 
 
-def _invalid_config(folder: Path, good: Path) -> None:
+def _invalid_config(folder: Path, good: Path, _base: Path) -> None:
     copy_folder(good, folder)
     (folder / ADAPTER_CONFIG_FILE).write_text("{ not json")
 
 
-def _missing_weights(folder: Path, good: Path) -> None:
+def _missing_weights(folder: Path, good: Path, _base: Path) -> None:
     copy_folder(good, folder)
     (folder / ADAPTER_WEIGHTS_FILE).unlink()
 
 
-def _truncated_weights(folder: Path, good: Path) -> None:
+def _truncated_weights(folder: Path, good: Path, _base: Path) -> None:
     copy_folder(good, folder)
     weights = folder / ADAPTER_WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
 
 
-HOSTILE_ADAPTER_BUILDERS: list[Callable[[Path, Path], None]] = [
+def _from_testing(kind: str) -> Callable[[Path, Path, Path], None]:
+    """lorayard.testing.hostile_adapter's ``kind`` (issue 23 items 1, 2, 9: catastrophic patterns,
+    non-finite scaling, rank 0, symlinks out of the volume) as a builder here."""
+
+    def build(folder: Path, _good: Path, base: Path) -> None:
+        build_hostile_adapter(kind, base, folder)
+
+    build.__name__ = kind
+    return build
+
+
+HOSTILE_ADAPTER_BUILDERS: list[Callable[[Path, Path, Path], None]] = [
     _invalid_config,
     _missing_weights,
     _truncated_weights,
+    *(_from_testing(kind) for kind in sorted(HOSTILE_ADAPTER_KINDS)),
 ]
-"""Builders of hostile plain adapter folders: ``builder(folder, good_adapter)`` writes one at
-``folder``. Extend with lorayard.testing's builders (issue 23 items 1, 2, 9: catastrophic patterns,
-non-finite scaling, symlinks out of the volume)."""
+"""Builders of hostile plain adapter folders: ``builder(folder, good_adapter, base_dir)`` writes one
+at ``folder`` (inside the volume). Each round uses the next one (in a seeded order): add a kind to
+lorayard.testing.hostile_adapter and it is fuzzed here too."""
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +149,7 @@ def mix_server(tiny_base_dir, tmp_path_factory, tiny_adapter_source):
         root / "server.log",
     )
     server.volume = root / "adapters"  # type: ignore[attr-defined]
+    server.base_dir = tiny_base_dir  # type: ignore[attr-defined]
     yield server
     server.stop()
 
@@ -213,11 +227,11 @@ def test_random_hostile_mixes_hurt_no_innocent_request(mix_server):
     health = HealthWatch(url)
     health.start()
     try:
-        for round_index in range(ROUNDS):
+        builders = rng.sample(HOSTILE_ADAPTER_BUILDERS, len(HOSTILE_ADAPTER_BUILDERS))
+        for round_index, build in enumerate(builders):  # one round per hostile adapter folder
             hostile = [rng.choice(HOSTILE)(rng) for _ in range(HOSTILE_PER_ROUND)]
             name = f"hostile-{round_index}"
-            build = rng.choice(HOSTILE_ADAPTER_BUILDERS)
-            build(mix_server.volume / name, mix_server.volume / "ok")
+            build(mix_server.volume / name, mix_server.volume / "ok", mix_server.base_dir)
             hostile.append(
                 ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "adapter": name}), None)
             )

@@ -16,6 +16,8 @@ from lorayard.server.engine.paged_attention import (
     CAUSAL,
     LayerAttention,
     PagedBatch,
+    fixed_decode_attention,
+    fixed_decode_mask,
     gather_kv,
     padded_prefill_attention,
     paged_attention,
@@ -222,6 +224,24 @@ def test_write_kv_touches_only_the_given_slots():
     torch.testing.assert_close(storage.v[0].view(2, -1, HD)[:, [5, 6, 13]], -k.transpose(0, 1))
     untouched = [s for s in range(16) if s not in (5, 6, 13)]
     assert not flat[:, untouched].any()
+
+
+def test_a_non_finite_kv_in_a_masked_block_reaches_no_row():
+    """Issue 23.2: one row's NaN / inf K/V (a hostile adapter's) written into a block that another
+    row's table holds masked (a reused block, the static step's scratch block) changes nothing there:
+    K/V are stored bounded, so ``score + -inf`` and ``0 * value`` stay 0 for a masked key."""
+    spec = BlockSpec(layers=1, kv_heads=2, head_dim=HD, block_size=BS, dtype=torch.float32)
+    storage = KVBlockStorage(spec, 4, "cpu")
+    k, v = torch.randn(BS, 2, HD), torch.randn(BS, 2, HD)
+    write_kv(storage.k[0], storage.v[0], torch.arange(BS), k, v)  # row 0's context: block 0
+    tables, lens = torch.tensor([[0, 3]]), torch.tensor([BS])  # block 3 padded in, masked
+    mask = fixed_decode_mask(torch.arange(2 * BS), lens, None)
+    q = torch.randn(1, 4, HD)
+    clean = fixed_decode_attention(q, storage.k[0], storage.v[0], tables, mask)
+    hostile = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38])[:, None, None].expand(BS, 2, HD)
+    write_kv(storage.k[0], storage.v[0], torch.arange(3 * BS, 4 * BS), hostile, hostile)
+    assert torch.isfinite(storage.k[0]).all() and torch.isfinite(storage.v[0]).all()
+    torch.testing.assert_close(fixed_decode_attention(q, storage.k[0], storage.v[0], tables, mask), clean)
 
 
 def test_gather_reads_blocks_in_table_order():

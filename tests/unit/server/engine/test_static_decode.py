@@ -236,8 +236,8 @@ def _poisoned(resident: ResidentAdapter) -> ResidentAdapter:
 def test_an_adapter_with_inf_weights_never_reaches_other_rows_or_the_scratch_block(runners):
     """Issue 23.2: a non-finite adapter beside the base and another adapter in a padded static step.
     The stack refuses it (its inf times the other rows' masked-out zeros would be NaN everywhere), so
-    its rows run the packed pass; the other rows and every later pass equal the eager runner, and the
-    scratch block that pads every table stays finite."""
+    its rows run the packed pass (its NaN K/V are stored bounded); the other rows and every later pass
+    equal the eager runner, and the scratch block that pads every table stays finite."""
     eager, static = runners
     hostile = _poisoned(eager.adapters[0])
     with pytest.raises(ValueError, match="not finite"):

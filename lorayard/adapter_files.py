@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 # architecture's own list: lorayard.architectures).
 TARGETABLE_MODULES = ARCHITECTURES["llama"].lora_targets
 
+# PEFT's keys: base_model.model.<the architecture's layers path>.<layer>.<path in the block>.lora_A...
 _KEY_RE = re.compile(
-    r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\."
-    r"(?P<module>(?P<group>self_attn|mlp)\.(?P<short>\w+))\."
+    r"^base_model\.model\.(?P<layers>[\w.]+?)\.(?P<layer>\d+)\."
+    r"(?P<module>[\w.]+?)\."
     r"(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$"
 )
 
@@ -68,7 +69,8 @@ class AdapterWeights:
 
     @property
     def target_modules(self) -> list[str]:
-        return sorted({name for _, name in self.modules})
+        """The targeted linears as PEFT names them (GPT-2's ``attn.c_proj`` is ``c_proj``)."""
+        return sorted({name.rsplit(".", 1)[-1] for _, name in self.modules})
 
     @property
     def uses_dora(self) -> bool:
@@ -156,19 +158,25 @@ def load_adapter(
 
     folder = Path(folder)
     config = read_adapter_config(folder)
+    arch = architecture_for(base_config)
+    key_of_path = {path: key for key, path in arch.linear_paths.items()}
+    shapes = expected_linear_shapes(base_config)
     try:
-        patterns = ModulePatterns(config, architecture_for(base_config).lora_targets)
+        patterns = ModulePatterns(config, arch.lora_targets)
     except PatternRefused as exc:
         raise AdapterFormatError(f"{ADAPTER_CONFIG_FILE}: {exc}") from exc
     parts = _read_parts(folder, base_config)
     target_dtype = dtype or torch.float32
     modules: dict[tuple[int, str], LoraModule] = {}
     for (layer, module_path), found in sorted(parts.items()):
+        short = key_of_path[module_path]
         try:
-            module = _lora_module(config, patterns, base_config, layer, module_path, found)
+            module = _lora_module(
+                config, patterns, f"{arch.layers_path}.{layer}.{module_path}", shapes[short], found
+            )
         except PatternRefused as exc:
             raise AdapterFormatError(f"{ADAPTER_CONFIG_FILE}: {exc}") from exc
-        modules[(layer, module_path.rsplit(".", 1)[-1])] = LoraModule(
+        modules[(layer, short)] = LoraModule(
             a=module.a.to(device=device, dtype=target_dtype).contiguous(),
             b=module.b.to(device=device, dtype=target_dtype).contiguous(),
             scaling=module.scaling,
@@ -207,7 +215,7 @@ def _read_parts(
             f"{ADAPTER_WEIGHTS_FILE} is not a readable safetensors file: {message}"
         ) from exc
     arch = architecture_for(base_config)
-    shapes = expected_linear_shapes(base_config)
+    key_of_path = {path: key for key, path in arch.linear_paths.items()}
     layers = base_config.num_hidden_layers
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -217,8 +225,7 @@ def _read_parts(
                 f"{ADAPTER_WEIGHTS_FILE}: unsupported tensor {key[:200]!r} (only LoRA on decoder linears)"
             )
         layer = int(match["layer"])
-        group = "self_attn" if match["short"] in arch.attention_modules else "mlp"
-        if match["short"] not in shapes or match["group"] != group:
+        if match["layers"] != arch.layers_path or match["module"] not in key_of_path:
             raise AdapterFormatError(
                 f"{ADAPTER_WEIGHTS_FILE}: {key} targets {match['module']}, which a {arch.name} base does not "
                 f"have (its LoRA targets: {', '.join(arch.lora_targets)})"
@@ -234,24 +241,23 @@ def _read_parts(
 def _lora_module(
     config: dict[str, Any],
     patterns: ModulePatterns,
-    base_config: PretrainedConfig,
-    layer: int,
-    module_path: str,
+    full_path: str,
+    shape: tuple[int, int],
     found: dict[str, torch.Tensor],
 ) -> LoraModule:
-    """One module's tensors, checked against the config as PEFT reads it, with its scaling (float32)."""
+    """One module's tensors (``full_path``: its PEFT module name; ``shape``: the base linear's in and
+    out features), checked against the config as PEFT reads it, with its scaling (float32)."""
     import torch
 
-    where = f"{ADAPTER_WEIGHTS_FILE}: layer {layer} {module_path}"
-    full_path = f"model.layers.{layer}.{module_path}"
+    where = f"{ADAPTER_WEIGHTS_FILE}: {full_path}"
     if not patterns.targets(full_path):
         # PEFT would not put a LoRA layer here and would drop these tensors: serving them would not
         # be the adapter PEFT loads.
-        raise AdapterFormatError(f"{where} is not among the modules target_modules selects ({full_path})")
+        raise AdapterFormatError(f"{where} is not among the modules target_modules selects")
     if "lora_A" not in found or "lora_B" not in found:
         raise AdapterFormatError(f"{where} lacks lora_A or lora_B")
     a, b = found["lora_A"], found["lora_B"]
-    in_features, out_features = expected_linear_shapes(base_config)[module_path.rsplit(".", 1)[-1]]
+    in_features, out_features = shape
     rank = a.shape[0] if a.ndim == 2 else -1
     if a.shape != (rank, in_features) or b.shape != (out_features, rank):
         raise AdapterFormatError(

@@ -15,7 +15,7 @@ still checks the runner against the HF forward at startup (``lorayard/server/eng
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -25,6 +25,37 @@ class UnsupportedArchitecture(ValueError):
     """The base cannot be served exactly; the message names the architecture and the supported ones."""
 
 
+Family = Literal["llama", "gpt2", "opt"]
+"""How a decoder is laid out: Llama's (rotary, ``model.layers``, gated MLP; every architecture but
+two), GPT-2's (learned positions, ``transformer.h``, fused ``Conv1D`` ``c_attn``, LayerNorm, GELU) or
+OPT's (learned positions offset by 2, ``model.decoder.layers``, ReLU ``fc1``/``fc2``, pre- or
+post-norm, optional ``project_in``/``project_out``)."""
+
+_FAMILY_LAYERS: dict[str, str] = {
+    "llama": "model.layers",
+    "gpt2": "transformer.h",
+    "opt": "model.decoder.layers",
+}
+
+_FAMILY_LINEARS: dict[str, dict[str, str]] = {
+    # GPT-2 names two linears c_proj (attention output, MLP output): their keys carry their parent.
+    "gpt2": {
+        "c_attn": "attn.c_attn",
+        "attn.c_proj": "attn.c_proj",
+        "c_fc": "mlp.c_fc",
+        "mlp.c_proj": "mlp.c_proj",
+    },
+    "opt": {
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "out_proj": "self_attn.out_proj",
+        "fc1": "fc1",
+        "fc2": "fc2",
+    },
+}
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One supported ``model_type`` and how its decoder block differs from Llama's."""
@@ -32,6 +63,8 @@ class Architecture:
     model_type: str
     name: str
     """What users call it, for messages and docs."""
+    family: Family = "llama"
+    """The decoder layout (:data:`Family`); the fields below refine the Llama family."""
     fused_projections: bool = False
     """Phi-3: one ``qkv_proj`` and one ``gate_up_proj`` linear (LoRA targets them as such)."""
     qk_norm: bool = False
@@ -44,21 +77,45 @@ class Architecture:
     False (Gemma's ``(1 + w)``, computed in float32) calls the module itself."""
     rotary_per_layer_type: bool = False
     """Gemma 3: ``rotary_emb(x, positions, layer_type)`` differs for sliding and full layers."""
+    packs_exactly: bool = True
+    """Whether transformers' forward keeps padding-free packed examples apart (their restarted
+    ``position_ids``), so the training job's ``packing`` gives the padded loss. OPT's does not: its
+    packed loss differs, so the job refuses packing on it."""
 
     @property
-    def attention_modules(self) -> tuple[str, ...]:
-        return ("qkv_proj", "o_proj") if self.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+    def rotary(self) -> bool:
+        """Rotary positions (the Llama family); GPT-2 and OPT add learned position embeddings."""
+        return self.family == "llama"
 
     @property
-    def mlp_modules(self) -> tuple[str, ...]:
-        return (
+    def layers_path(self) -> str:
+        """Where the decoder blocks are, from the CausalLM (PEFT keys start with it)."""
+        return _FAMILY_LAYERS[self.family]
+
+    @property
+    def linear_paths(self) -> dict[str, str]:
+        """Each LoRA-targetable linear of a decoder block: its key (how adapters, the stacked LoRA and
+        the runner name it; the PEFT name unless two linears share one) -> its path in the block."""
+        if self.family != "llama":
+            return dict(_FAMILY_LINEARS[self.family])
+        attention = (
+            ("qkv_proj", "o_proj") if self.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
+        mlp = (
             ("gate_up_proj", "down_proj") if self.fused_projections else ("gate_proj", "up_proj", "down_proj")
         )
+        return {**{n: f"self_attn.{n}" for n in attention}, **{n: f"mlp.{n}" for n in mlp}}
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
-        """The linears of a decoder block that an adapter may target, as PEFT names them."""
-        return self.attention_modules + self.mlp_modules
+        """The linears of a decoder block that an adapter may target, as PEFT names them
+        (``target_modules``; GPT-2's ``c_proj`` is both of its c_proj linears, as in PEFT)."""
+        return tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for path in self.linear_paths.values()))
+
+    @property
+    def fusable(self) -> bool:
+        """Whether q/k/v and gate/up are separate bias-free-able linears the runner may fuse on a GPU."""
+        return self.family == "llama" and not self.fused_projections
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -78,6 +135,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             rotary_per_layer_type=True,
         ),
         Architecture("phi3", "Phi-3 / Phi-4-mini", fused_projections=True),
+        Architecture("gpt2", "GPT-2 / DistilGPT-2", family="gpt2", plain_rms_norm=False),
+        Architecture("opt", "OPT", family="opt", plain_rms_norm=False, packs_exactly=False),
     )
 }
 """Every architecture the engine serves, by HF ``model_type``."""
@@ -126,6 +185,16 @@ def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def kv_heads(config: PretrainedConfig) -> int:
+    """Key/value heads; GPT-2 and OPT configs have no ``num_key_value_heads`` (one per query head)."""
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def post_norm(config: PretrainedConfig) -> bool:
+    """OPT-350m normalizes after each residual add (``do_layer_norm_before=False``); all else before."""
+    return getattr(config, "do_layer_norm_before", True) is False
+
+
 def exact_context_limit(config: PretrainedConfig) -> int | None:
     """The longest context served exactly, when the architecture's own limit is shorter.
 
@@ -148,9 +217,28 @@ def linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each LoRA-targetable linear of ``config``'s decoder block."""
     arch = architecture_for(config)
     hidden = config.hidden_size
+    if arch.family == "gpt2":
+        inner = config.n_inner or 4 * hidden
+        return {
+            "c_attn": (hidden, 3 * hidden),
+            "attn.c_proj": (hidden, hidden),
+            "c_fc": (hidden, inner),
+            "mlp.c_proj": (inner, hidden),
+        }
+    if arch.family == "opt":
+        square = (hidden, hidden)
+        ffn = config.ffn_dim
+        return {
+            "q_proj": square,
+            "k_proj": square,
+            "v_proj": square,
+            "out_proj": square,
+            "fc1": (hidden, ffn),
+            "fc2": (ffn, hidden),
+        }
     hd = head_dim(config)
     q_out = config.num_attention_heads * hd
-    kv_out = config.num_key_value_heads * hd
+    kv_out = kv_heads(config) * hd
     inter = config.intermediate_size
     if arch.fused_projections:
         return {

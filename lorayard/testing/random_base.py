@@ -81,8 +81,9 @@ TINY_ARCHITECTURES: dict[str, dict[str, Any]] = {
         **_TINY_DECODER,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
     },
-    # Refused by the server (the tests of the refusal path).
-    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    # Learned positions, fused Conv1D c_attn, LayerNorm, GELU (tanh), tied embeddings.
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512, "initializer_range": 0.1},
+    # OPT-125m's layout: pre-norm, ReLU fc1/fc2, learned positions offset by 2.
     "opt": {
         "hidden_size": 64,
         "ffn_dim": 128,
@@ -90,16 +91,28 @@ TINY_ARCHITECTURES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "word_embed_proj_dim": 64,
         "max_position_embeddings": 512,
+        "init_std": 0.1,
     },
+    # Refused by the server (the tests of the refusal path): a mixture of experts.
+    "mixtral": {**TINY, "num_local_experts": 2, "num_experts_per_tok": 1},
 }
 """Overrides for ``AutoConfig.for_model(model_type)`` per architecture: 2 layers, width 64."""
+
+TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # DistilGPT-2 is GPT-2 with 6 layers.
+    "distilgpt2": ("gpt2", {"n_layer": 6}),
+    # OPT-350m: post-norm (no final norm) and word embeddings narrower than the decoder, so
+    # project_in / project_out run on the way in and out.
+    "opt-350m": ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
+}
+"""Other shapes of a listed architecture, by name: (model_type, overrides over its tiny sizes)."""
 
 
 def build_random_architecture(
     model_type: str, tokenizer_source: Path, out: Path, overrides: dict[str, Any] | None = None, seed: int = 0
 ) -> Path:
-    """A float32 random base of ``model_type`` (TINY_ARCHITECTURES sizes, plus ``overrides``) with the
-    tokenizer of ``tokenizer_source`` and a vocabulary of its size.
+    """A float32 random base of ``model_type`` (TINY_ARCHITECTURES sizes, plus ``overrides``; or a
+    TINY_VARIANTS name) with the tokenizer of ``tokenizer_source`` and a vocabulary of its size.
 
     Norm weights and biases are randomized too (HF initializes them to constants), so a forward that
     forgets Gemma's ``(1 + w)`` or Qwen2's q/k/v bias cannot pass for a right one.
@@ -107,6 +120,7 @@ def build_random_architecture(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    model_type, variant = TINY_VARIANTS.get(model_type, (model_type, {}))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     special = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -117,8 +131,7 @@ def build_random_architecture(
         model_type,
         vocab_size=len(tokenizer),
         **special,
-        **TINY_ARCHITECTURES.get(model_type, {}),
-        **(overrides or {}),
+        **{**TINY_ARCHITECTURES.get(model_type, {}), **variant, **(overrides or {})},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -172,8 +185,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--architecture",
-        choices=sorted(TINY_ARCHITECTURES),
-        help="a tiny base of this HF model_type with --like's tokenizer",
+        choices=sorted([*TINY_ARCHITECTURES, *TINY_VARIANTS]),
+        help="a tiny base of this HF model_type (or TINY_VARIANTS shape) with --like's tokenizer",
     )
     args = parser.parse_args()
     if args.like is None:

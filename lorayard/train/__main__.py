@@ -160,6 +160,13 @@ def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | No
                 file=sys.stderr,
             )
             return EXIT_CONFIG
+    if config.packing and not arch.packs_exactly:
+        print(
+            f"config error: packing is not exact on this {arch.name} base (transformers' forward lets packed "
+            f"examples attend to each other); train without --packing",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     return None
 
 

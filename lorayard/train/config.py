@@ -104,7 +104,7 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description='decoder linears to adapt (flag: a comma list), or "all-linear" (q,k,v,o,gate,up,down)',
+        description='decoder linears to adapt (flag: a comma list), or "all-linear" (all of them)',
     )
     layers_to_transform: list[int] | None = Field(None, description="only these layer indices; default all")
     use_rslora: bool = Field(False, description="rank-stabilized LoRA (scaling alpha/sqrt(r))")

@@ -28,7 +28,7 @@ from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase, Trainer
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer
 
     from lorayard.train.config import TrainConfig
     from lorayard.train.data import Example
@@ -161,16 +161,24 @@ def perplexity(loss: float) -> float:
 
 
 # -- model ----------------------------------------------------------------------------------------------
-def lora_config(config: TrainConfig) -> Any:
+def lora_config(config: TrainConfig, base_config: PretrainedConfig) -> Any:
+    """PEFT's LoraConfig for ``config``; ``all-linear`` means the decoder blocks' linears of the base's
+    architecture (PEFT's own would also take linears outside the blocks, such as OPT-350m's
+    project_in/project_out, which no served adapter may hold)."""
     from peft import LoraConfig, TaskType
 
+    from lorayard.architectures import architecture_for
+
+    targets = config.target_modules
+    if targets == "all-linear":
+        targets = list(architecture_for(base_config).lora_targets)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=config.rank,
         # PEFT annotates an int but only ever computes alpha / r (or / sqrt(r)): a float alpha is exact
         lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
+        target_modules=targets,
         layers_to_transform=config.layers_to_transform,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
@@ -199,7 +207,7 @@ def build_model(config: TrainConfig, base: ResolvedBaseModel, device: str) -> Pe
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    return get_peft_model(model, lora_config(config))
+    return get_peft_model(model, lora_config(config, model.config))
 
 
 def training_device(config: TrainConfig) -> str:

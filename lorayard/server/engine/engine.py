@@ -256,12 +256,14 @@ class Engine:
     # -- adapters (called by the registry, from worker threads) ---------------------------------
     def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
         """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
-        dense = None
+        dense = biases = None
         if weights.uses_dora:
-            dense = {
-                k: self.runner.dense_weight(*k) for k, m in weights.modules.items() if m.magnitude is not None
-            }
-        resident = ResidentAdapter.from_weights(key, weights, dense, device=self.device, dtype=self.dtype)
+            dora = [k for k, m in weights.modules.items() if m.magnitude is not None]
+            dense = {k: self.runner.dense_weight(*k) for k in dora}
+            biases = {k: b for k in dora if (b := self.runner.dense_bias(*k)) is not None}
+        resident = ResidentAdapter.from_weights(
+            key, weights, dense, device=self.device, dtype=self.dtype, base_bias=biases
+        )
         # Never reused (itertools.count): adapter_identity keys the prefix cache on it. The runner maps
         # it to a stacked row of its own, which is reused.
         slot = next(self._adapter_slots)

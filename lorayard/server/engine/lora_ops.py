@@ -8,6 +8,7 @@ are never merged or modified.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,15 @@ class LoraLinearWeights:
     """One adapted linear layer, laid out for ``x @ a_t @ b_t``.
 
     a_t: [in_features, rank]; b_t: [rank, out_features] with the LoRA scaling (and DoRA's row
-    scale) folded in; row_scale: DoRA's ``g = m / ||W + s B A||`` per output feature, or None.
+    scale) folded in; row_scale: DoRA's ``g = m / ||W + s B A||`` per output feature, or None;
+    bias_shift: ``(1 - g) * bias`` [out_features] for a DoRA linear with a bias (GPT-2, OPT, Qwen2's
+    q/k/v), which PEFT leaves unscaled, or None.
     """
 
     a_t: torch.Tensor
     b_t: torch.Tensor
     row_scale: torch.Tensor | None = None
+    bias_shift: torch.Tensor | None = None
 
 
 FUSED_GROUPS: dict[str, tuple[str, ...]] = {
@@ -107,13 +111,15 @@ class ResidentAdapter:
         *,
         device: torch.device | str,
         dtype: torch.dtype,
+        base_bias: dict[tuple[int, str], torch.Tensor] | None = None,
     ) -> ResidentAdapter:
-        """Fold scaling into B; for DoRA compute the row scale from the dense base weight once."""
+        """Fold scaling into B; for DoRA compute the row scale from the dense base weight once (and,
+        for a linear in ``base_bias``, the shift that keeps its bias out of the rescale)."""
         modules = {}
         for key_, module in weights.modules.items():
             a = module.a.to(device=device, dtype=torch.float32)
             b = module.b.to(device=device, dtype=torch.float32)
-            row_scale = None
+            row_scale = bias_shift = None
             b_t = (b * module.scaling).T
             if module.magnitude is not None:
                 if base_weight is None or key_ not in base_weight:
@@ -122,10 +128,13 @@ class ResidentAdapter:
                 norm = torch.linalg.norm(w + module.scaling * (b @ a), dim=1)
                 row_scale = module.magnitude.to(device=device, dtype=torch.float32) / norm
                 b_t = b_t * row_scale[None, :]
+                if base_bias is not None and key_ in base_bias:
+                    bias_shift = (1 - row_scale) * base_bias[key_].to(device=device, dtype=torch.float32)
             weights_ = LoraLinearWeights(
                 a_t=a.T.contiguous().to(dtype),
                 b_t=b_t.contiguous().to(dtype),
                 row_scale=None if row_scale is None else row_scale.to(dtype),
+                bias_shift=None if bias_shift is None else bias_shift.to(dtype),
             )
             _require_finite(key, key_, weights_)
             modules[key_] = weights_
@@ -163,7 +172,7 @@ def _fuse(modules: dict[tuple[int, str], LoraLinearWeights]) -> dict[tuple[int, 
             for name in present:
                 weights = modules[(layer, name)]
                 end = start + weights.a_t.shape[1]
-                view = LoraLinearWeights(a_t[:, start:end], weights.b_t, weights.row_scale)
+                view = dataclasses.replace(weights, a_t=a_t[:, start:end])
                 modules[(layer, name)] = view
                 members.append(GroupMember(name, start, end, view))
                 start = end
@@ -185,8 +194,9 @@ def apply_lora(
         x: [N, in_features]   flattened tokens of the batch, grouped by adapter
         y: [N, out_features]  the base layer's output W x for the same tokens
         for each segment (start, end, slot) whose adapter targets (layer, module):
-            y[start:end] = g * y[start:end] + x[start:end] @ A^T @ (s * g * B)^T
-        with g = 1 for plain LoRA and DoRA's row scale otherwise; rows in no segment are untouched.
+            y[start:end] = g * y[start:end] + (1 - g) * bias + x[start:end] @ A^T @ (s * g * B)^T
+        with g = 1 for plain LoRA and DoRA's row scale otherwise (PEFT rescales W x, not the bias);
+        rows in no segment are untouched.
     Returns y.
     """
     for segment in segments:
@@ -197,6 +207,8 @@ def apply_lora(
         y_seg = y[segment.start : segment.end]
         if weights.row_scale is not None:
             y_seg.mul_(weights.row_scale)
+            if weights.bias_shift is not None:
+                y_seg.add_(weights.bias_shift)
         y_seg.addmm_(x_seg @ weights.a_t, weights.b_t)
     return y
 
@@ -217,7 +229,7 @@ def apply_lora_group(
         x: [N, in_features], shared by every member
         for each segment (start, end, slot) and each member m the adapter targets in this layer:
             t = x[start:end] @ concat_m(A_m^T)                      [rows, sum of member ranks]
-            y_m[start:end] = g_m * y_m[start:end] + t[:, ranks_m] @ (s * g_m * B_m)^T
+            y_m[start:end] = g_m * y_m[start:end] + (1 - g_m) * bias_m + t[:, ranks_m] @ (s * g_m * B_m)^T
         which equals apply_lora on each member separately.
     """
     for segment in segments:
@@ -229,4 +241,6 @@ def apply_lora_group(
             y_seg = outputs[m.name][segment.start : segment.end]
             if m.weights.row_scale is not None:
                 y_seg.mul_(m.weights.row_scale)
+                if m.weights.bias_shift is not None:
+                    y_seg.add_(m.weights.bias_shift)
             y_seg.addmm_(t[:, m.first : m.end], m.weights.b_t)

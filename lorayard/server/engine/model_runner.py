@@ -41,13 +41,14 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
-from lorayard.architectures import architecture_for, head_dim, sliding_window
+from lorayard.architectures import architecture_for, head_dim, kv_heads, post_norm, sliding_window
 from lorayard.server.engine.block_pool import KVBlockStorage
 from lorayard.server.engine.decode_graphs import DecodeGraphs, Mode, StaticInput, batch_buckets, bucket_for
 from lorayard.server.engine.lora_ops import (
@@ -211,16 +212,24 @@ class ModelRunner:
         self.model = model
         self.storage = storage
         self.block_size = storage.spec.block_size
-        decoder = model.model
-        self.layers = decoder.layers
+        # The HF decoder blocks; what they hold differs by architecture (read through self.arch).
+        self.layers: list[Any] = list(model.get_submodule(self.arch.layers_path).children())
+        self.linears: list[dict[str, torch.nn.Module]] = [
+            {key: layer.get_submodule(path) for key, path in self.arch.linear_paths.items()}
+            for layer in self.layers
+        ]
+        """Per layer: each targetable linear's key (the adapters' name for it) -> the module."""
+        self.post_norm = post_norm(config)
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = kv_heads(config)
         self.head_dim = head_dim(config)
         self.adapters: dict[int, ResidentAdapter] = {}
         self.device = next(model.parameters()).device
         n_layers = len(self.layers)
         self.windows = [sliding_window(config, i) for i in range(n_layers)]
-        self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
+        attention = "attn" if self.arch.family == "gpt2" else "self_attn"
+        # GPT-2's includes scale_attn_weights and scale_attn_by_inverse_layer_idx; OPT scales q by it.
+        self.scaling = [float(layer.get_submodule(attention).scaling) for layer in self.layers]
         self.attn_softcap: float | None = getattr(config, "attn_logit_softcapping", None)
         self.final_softcap: float | None = getattr(config, "final_logit_softcapping", None)
         layer_types: list[str] = list(getattr(config, "layer_types", None) or [])
@@ -230,7 +239,7 @@ class ModelRunner:
         self.fused_qkv: list[torch.Tensor | None] = [None] * n_layers
         self.fused_gate_up: list[torch.Tensor | None] = [None] * n_layers
         fuse = self.device.type == "cuda" if fuse_linears is None else fuse_linears
-        if fuse and not self.arch.fused_projections:  # Phi-3's linears are fused already
+        if fuse and self.arch.fusable:  # Phi-3's and GPT-2's are fused already, OPT's are biased
             self.fused_qkv = [fuse_weights([getattr(x.self_attn, n) for n in QKV]) for x in self.layers]
             self.fused_gate_up = [fuse_weights([getattr(x.mlp, n) for n in GATE_UP]) for x in self.layers]
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
@@ -336,10 +345,10 @@ class ModelRunner:
         return other
 
     # -- layers ---------------------------------------------------------------------------------
-    def _linear(
-        self, module: torch.nn.Module, x: torch.Tensor, layer: int, name: str, lora: LoraDeltas
-    ) -> torch.Tensor:
-        y = module(x)
+    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoraDeltas) -> torch.Tensor:
+        """Linear ``name`` (its key in the architecture's ``linear_paths``) of ``layer`` plus its rows'
+        LoRA: x [N, in] -> [N, out]. GPT-2's Conv1D (a transposed weight) is called as itself."""
+        y = self.linears[layer][name](x)
         if lora:
             lora.apply(y, x, layer, name)
         return y
@@ -357,15 +366,16 @@ class ModelRunner:
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, hidden] -> (qkv, q, k, v), LoRA applied: q [N, heads * hd], k, v [N, kv_heads * hd],
         column views of qkv [N, (heads + 2 kv_heads) * hd] when one matmul computed them (else None)."""
-        heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        attn = self.layers[layer_index].self_attn
-        sizes = (heads * hd, kv_heads * hd, kv_heads * hd)
-        if self.arch.fused_projections:  # LoRA targets the fused module as a whole (PEFT's layout)
-            whole = self._linear(attn.qkv_proj, x, layer_index, "qkv_proj", lora)
+        heads, n_kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        sizes = (heads * hd, n_kv * hd, n_kv * hd)
+        if self.arch.fused_projections or self.arch.family == "gpt2":
+            # One linear (Phi-3's qkv_proj, GPT-2's c_attn): LoRA targets it as a whole (PEFT's layout).
+            whole = self._linear(layer_index, "c_attn" if self.arch.family == "gpt2" else "qkv_proj", x, lora)
             return (whole, *whole.split(sizes, dim=-1))
         fused = self.fused_qkv[layer_index]
         qkv = None if fused is None else F.linear(x, fused)
-        q, k, v = (getattr(attn, name)(x) for name in QKV) if qkv is None else qkv.split(sizes, dim=-1)
+        linears = self.linears[layer_index]
+        q, k, v = (linears[name](x) for name in QKV) if qkv is None else qkv.split(sizes, dim=-1)
         if lora:  # members are separate tensors or column views of qkv: deltas land in place
             lora.apply_group(dict(zip(QKV, (q, k, v), strict=True)), x, layer_index, "qkv")
         return qkv, q, k, v
@@ -375,13 +385,16 @@ class ModelRunner:
         layer_index: int,
         x: torch.Tensor,
         lora: LoraDeltas,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [N, hidden] -> q [N, heads, hd], k/v [N, kv_heads, hd] with rotary applied to q, k."""
+        """x: [N, hidden] -> q [N, heads, hd], k/v [N, kv_heads, hd] with rotary applied to q, k
+        (``rope`` None: learned positions, already in x)."""
         n = x.shape[0]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv, q, k, v = self._project_qkv(layer_index, x, lora)
         v = v.reshape(n, kv_heads, hd)
+        if rope is None:
+            return q.reshape(n, heads, hd), k.reshape(n, kv_heads, hd), v
         if self.arch.qk_norm:
             attn = self.layers[layer_index].self_attn
             q = self._norm(attn.q_norm, q.reshape(n, heads, hd))
@@ -403,9 +416,17 @@ class ModelRunner:
         return qk[:, :heads], qk[:, heads:], v
 
     def _mlp(self, layer_index: int, x: torch.Tensor, lora: LoraDeltas) -> torch.Tensor:
-        mlp = self.layers[layer_index].mlp
+        """x: [N, hidden] -> [N, hidden]: gated (Llama family) or up -> activation -> down."""
+        layer = self.layers[layer_index]
+        if self.arch.family == "gpt2":  # GELU (tanh) between c_fc and c_proj
+            up = self._linear(layer_index, "c_fc", x, lora)
+            return self._linear(layer_index, "mlp.c_proj", layer.mlp.act(up), lora)
+        if self.arch.family == "opt":  # ReLU between fc1 and fc2
+            up = self._linear(layer_index, "fc1", x, lora)
+            return self._linear(layer_index, "fc2", layer.activation_fn(up), lora)
+        mlp = layer.mlp
         if self.arch.fused_projections:
-            gate, up = self._linear(mlp.gate_up_proj, x, layer_index, "gate_up_proj", lora).chunk(2, dim=-1)
+            gate, up = self._linear(layer_index, "gate_up_proj", x, lora).chunk(2, dim=-1)
             act = mlp.activation_fn
         else:
             fused = self.fused_gate_up[layer_index]
@@ -416,21 +437,23 @@ class ModelRunner:
             if lora:
                 lora.apply_group(dict(zip(GATE_UP, (gate, up), strict=True)), x, layer_index, "gate_up")
             act = mlp.act_fn
-        return self._linear(mlp.down_proj, act(gate) * up, layer_index, "down_proj", lora)
+        return self._linear(layer_index, "down_proj", act(gate) * up, lora)
 
     def _block(
         self,
         i: int,
         h: torch.Tensor,
         lora: LoraDeltas,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """One decoder block: h [N, hidden] -> [N, hidden]; ``attend`` writes K/V and returns the
         attention output [N, heads * hd]."""
         layer = self.layers[i]
+        if self.arch.family != "llama":
+            return self._learned_position_block(i, h, lora, attend)
         q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), lora, rope)
-        out = self._linear(layer.self_attn.o_proj, attend(i, q, k, v), i, "o_proj", lora)
+        out = self._linear(i, "o_proj", attend(i, q, k, v), lora)
         if self.arch.sandwich_norms:
             h = h + self._norm(layer.post_attention_layernorm, out)
             mlp = self._mlp(i, self._norm(layer.pre_feedforward_layernorm, h), lora)
@@ -438,11 +461,54 @@ class ModelRunner:
         h = h + out
         return h + self._mlp(i, self._norm(layer.post_attention_layernorm, h), lora)
 
+    def _learned_position_block(
+        self,
+        i: int,
+        h: torch.Tensor,
+        lora: LoraDeltas,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """A GPT-2 or OPT block, h [N, hidden] -> [N, hidden]: LayerNorms called as modules, before
+        attention and MLP, or after each residual add for OPT with ``do_layer_norm_before=False``."""
+        layer = self.layers[i]
+        if self.arch.family == "gpt2":
+            attn_norm, mlp_norm, out_name = layer.ln_1, layer.ln_2, "attn.c_proj"
+        else:
+            attn_norm, mlp_norm, out_name = layer.self_attn_layer_norm, layer.final_layer_norm, "out_proj"
+        if self.post_norm:
+            q, k, v = self._qkv(i, h, lora, None)
+            h = attn_norm(h + self._linear(i, out_name, attend(i, q, k, v), lora))
+            return mlp_norm(h + self._mlp(i, h, lora))
+        q, k, v = self._qkv(i, attn_norm(h), lora, None)
+        h = h + self._linear(i, out_name, attend(i, q, k, v), lora)
+        return h + self._mlp(i, mlp_norm(h), lora)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions: [N] -> h [N, hidden]: token embeddings (the module's own scale, Gemma's), plus
+        learned position embeddings for GPT-2 and OPT (OPT's module adds its offset of 2), with OPT's
+        ``project_in`` where the word embeddings are narrower than the decoder."""
+        if self.arch.family == "gpt2":
+            wte, wpe = (
+                self.model.get_submodule("transformer.wte"),
+                self.model.get_submodule("transformer.wpe"),
+            )
+            return wte(ids) + wpe(positions)
+        if self.arch.family == "opt":
+            decoder = self.model.model.decoder
+            h = decoder.embed_tokens(ids)
+            if decoder.project_in is not None:
+                h = decoder.project_in(h)
+            return h + decoder.embed_positions(None, position_ids=positions)
+        return self.model.model.embed_tokens(ids)
+
     def _ropes(
         self, x: torch.Tensor, positions: torch.Tensor
-    ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
-        """positions: [N] -> {layer type (None: all layers): (cos, sin) [N, 1, rotary dim]} in x's dtype."""
-        ropes = {}
+    ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """positions: [N] -> {layer type (None: all layers): (cos, sin) [N, 1, rotary dim]} in x's dtype;
+        {None: None} for learned positions (no rotary)."""
+        if not self.arch.rotary:
+            return {None: None}
+        ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for key in dict.fromkeys(self.rope_keys):
             rotary = self.model.model.rotary_emb
             cos, sin = rotary(x, positions[None, :]) if key is None else rotary(x, positions[None, :], key)
@@ -455,7 +521,17 @@ class ModelRunner:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] -> float32 logits [N, vocab], soft-capped where the architecture does (Gemma 2)."""
-        logits = self.model.lm_head(self._norm(self.model.model.norm, h))
+        if self.arch.family == "gpt2":
+            h = self.model.get_submodule("transformer.ln_f")(h)
+        elif self.arch.family == "opt":  # post-norm OPT has no final norm; OPT-350m projects out to 512
+            decoder = self.model.model.decoder
+            if decoder.final_layer_norm is not None:
+                h = decoder.final_layer_norm(h)
+            if decoder.project_out is not None:
+                h = decoder.project_out(h)
+        else:
+            h = self._norm(self.model.model.norm, h)
+        logits = self.model.lm_head(h)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -511,7 +587,7 @@ class ModelRunner:
                 wanted.append(first + n - 1)
             first += n
         ids = torch.tensor([t for row in packed for t in row.ids]).to(self.device, non_blocking=True)
-        h = self.model.model.embed_tokens(ids)
+        h = self._embed(ids, batch.positions)
         ropes = self._ropes(h, batch.positions)
         heads, hd = self.num_heads, self.head_dim
 
@@ -579,7 +655,7 @@ class ModelRunner:
         bs = self.block_size
         positions = context_lens - 1
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-        h = self.model.model.embed_tokens(tokens)
+        h = self._embed(tokens, positions)
         ropes = self._ropes(h, positions)
         key_pos = self._key_pos[: tables.shape[1] * bs]
         lora: LoraDeltas = NO_LORA
@@ -603,8 +679,14 @@ class ModelRunner:
 
     def dense_weight(self, layer: int, name: str) -> torch.Tensor:
         """The base weight [out, in] of one linear, for DoRA's norm; refused for quantized layers."""
-        block = self.layers[layer]
-        module = getattr(block.self_attn if name in self.arch.attention_modules else block.mlp, name)
+        module = self.linears[layer][name]
+        if isinstance(module, Conv1D):  # GPT-2 stores [in, out]
+            return module.weight.T
         if type(module) is not torch.nn.Linear:
             raise ValueError("DoRA adapters need an unquantized base")
         return module.weight
+
+    def dense_bias(self, layer: int, name: str) -> torch.Tensor | None:
+        """The bias [out] of one linear (None without one): DoRA leaves it out of its rescale."""
+        bias = getattr(self.linears[layer][name], "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None

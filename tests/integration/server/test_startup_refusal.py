@@ -11,7 +11,7 @@ import pytest
 from lorayard.architectures import ARCHITECTURES
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+@pytest.mark.parametrize("model_type", ["mixtral"])
 def test_unsupported_base_exits_non_zero_naming_it(tiny_arch_base, tmp_path, model_type):
     (tmp_path / "adapters").mkdir()
     command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", "0"]

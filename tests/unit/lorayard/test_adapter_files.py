@@ -6,6 +6,7 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorayard.adapter_files import AdapterFormatError, load_adapter
+from lorayard.architectures import ARCHITECTURES
 from lorayard.testing.random_adapter import build_random_adapter
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
@@ -94,6 +95,48 @@ def test_an_adapter_for_another_architecture_is_refused_listing_the_targets(
     ]
     with pytest.raises(AdapterFormatError, match=r"a Llama .* base does not have .*its LoRA targets: q_proj"):
         load_adapter(tmp_path / "phi", AutoConfig.from_pretrained(tiny_base_dir))
+
+
+def test_gpt2_conv1d_adapters_reproduce_peft_and_keep_both_c_proj_apart(tiny_arch_base, tmp_path):
+    """PEFT saves LoRA on GPT-2's Conv1D linears (fan_in_fan_out) with A [r, in], B [out, r], under
+    transformer.h.N.attn|mlp: both c_proj linears load, each under its own key, with PEFT's delta."""
+    base = tiny_arch_base("gpt2")
+    peft_model = _save_adapter(
+        base, tmp_path / "g", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]
+    )
+    weights = load_adapter(tmp_path / "g", AutoConfig.from_pretrained(base))
+    assert {name for _, name in weights.modules} == {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"}
+    assert weights.target_modules == ["c_attn", "c_fc", "c_proj"]
+    blocks = peft_model.base_model.model.transformer.h
+    paths = ARCHITECTURES["gpt2"].linear_paths
+    for (layer, name), module in weights.modules.items():
+        peft_layer = blocks[layer].get_submodule(paths[name])
+        x = torch.randn(3, module.a.shape[1])
+        with torch.no_grad():
+            expected = peft_layer(x) - peft_layer.base_layer(x)
+        torch.testing.assert_close(
+            module.scaling * (x @ module.a.T @ module.b.T), expected, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_adapters_do_not_cross_between_gpt2_opt_and_llama(tiny_arch_base, tiny_base_dir, tmp_path):
+    """A GPT-2 adapter on a Llama base and an OPT adapter on a GPT-2 base are refused, naming the targets."""
+    _save_adapter(tiny_arch_base("gpt2"), tmp_path / "g", r=4, lora_alpha=8, target_modules=["c_attn"])
+    _save_adapter(tiny_arch_base("opt"), tmp_path / "o", r=4, lora_alpha=8, target_modules=["q_proj", "fc1"])
+    with pytest.raises(
+        AdapterFormatError,
+        match=r"attn\.c_attn, which a Llama .* base does not have \(its LoRA targets: q_proj",
+    ):
+        load_adapter(tmp_path / "g", AutoConfig.from_pretrained(tiny_base_dir))
+    with pytest.raises(
+        AdapterFormatError,
+        match=r"which a GPT-2 .* base does not have \(its LoRA targets: c_attn, c_proj, c_fc\)",
+    ):
+        load_adapter(tmp_path / "o", AutoConfig.from_pretrained(tiny_arch_base("gpt2")))
+    assert load_adapter(tmp_path / "o", AutoConfig.from_pretrained(tiny_arch_base("opt"))).target_modules == [
+        "fc1",
+        "q_proj",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,14 @@ from lorayard.architectures import (
     UnsupportedArchitecture,
     architecture_for,
     exact_context_limit,
+    kv_heads,
     linear_shapes,
+    post_norm,
     sliding_window,
 )
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt", "mixtral", "qwen3_moe", "gemma3", "falcon"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gemma3", "falcon", "gpt_neox"])
 def test_unlisted_architectures_are_refused_naming_them_and_the_supported(model_type):
     with pytest.raises(UnsupportedArchitecture) as caught:
         architecture_for(AutoConfig.for_model(model_type))
@@ -57,3 +59,28 @@ def test_phi3_targets_are_its_fused_linears():
         "gate_up_proj": (64, 192),
         "down_proj": (96, 64),
     }
+
+
+def test_gpt2_targets_are_its_conv1d_linears_keyed_apart_where_peft_names_collide():
+    """GPT-2 names both output linears c_proj: keys carry the parent, PEFT's target names do not."""
+    config = AutoConfig.for_model("gpt2", n_embd=64, n_head=4, n_layer=2)
+    arch = architecture_for(config)
+    assert linear_shapes(config) == {
+        "c_attn": (64, 192),
+        "attn.c_proj": (64, 64),
+        "c_fc": (64, 256),
+        "mlp.c_proj": (256, 64),
+    }
+    assert arch.lora_targets == ("c_attn", "c_proj", "c_fc")
+    assert arch.layers_path == "transformer.h" and not arch.rotary
+
+
+def test_opt_targets_and_its_two_norm_orders():
+    config = AutoConfig.for_model("opt", hidden_size=64, ffn_dim=96, num_attention_heads=4)
+    arch = architecture_for(config)
+    assert arch.lora_targets == ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    assert linear_shapes(config)["fc1"] == (64, 96) and linear_shapes(config)["out_proj"] == (64, 64)
+    assert arch.layers_path == "model.decoder.layers"
+    assert not post_norm(config)
+    assert post_norm(AutoConfig.for_model("opt", do_layer_norm_before=False))
+    assert kv_heads(config) == 4

@@ -5,11 +5,20 @@ model; ``vN``, or ``plain`` for a plain PEFT folder): per-adapter TTFT, inter-to
 end-to-end latency are what multi-adapter operators ask for, and per version they compare a canary
 with the version it may replace.
 Metrics live in a per-app :class:`CollectorRegistry` so tests can build several apps in one process.
+
+The model-server protocol of the Gateway API Inference Extension (its ``003-model-server-protocol``
+proposal; the endpoint picker routes by these): queued and running requests, KV-cache utilization
+(0..1), the cache config (``block_size``, ``num_gpu_blocks`` labels) and the LoRA info gauge
+(``max_lora``, ``running_lora_adapters``, ``waiting_lora_adapters`` labels, the time of its last
+update as its value). Each is published under our name and under vLLM's (:data:`PICKER_ALIASES`),
+the names the picker reads by default: its metric flags are deprecated and refused since v1.5, so
+aliases work with every picker version without configuration.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -61,6 +70,40 @@ _LATENCY_BUCKETS = (
 )
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
+LORA_INFO_LABELS = ("max_lora", "running_lora_adapters", "waiting_lora_adapters")
+CACHE_CONFIG_LABELS = ("block_size", "num_gpu_blocks")
+PICKER_ALIASES = {
+    "lorayard_num_requests_waiting": ("vllm:num_requests_waiting",),
+    "lorayard_num_requests_running": ("vllm:num_requests_running",),
+    # the picker's default before and after vLLM renamed it
+    "lorayard_kv_cache_usage_ratio": ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    "lorayard_lora_requests_info": ("vllm:lora_requests_info",),
+    "lorayard_cache_config_info": ("vllm:cache_config_info",),
+}
+"""Our protocol families and the vLLM names the endpoint picker reads by default (same values)."""
+
+
+@dataclass
+class ProtocolGauges:
+    """One protocol family under our name and its picker aliases: every write goes to all of them."""
+
+    gauges: tuple[Gauge, ...]
+
+    @classmethod
+    def create(
+        cls, name: str, documentation: str, registry: CollectorRegistry, labels: tuple[str, ...] = ()
+    ) -> ProtocolGauges:
+        names = (name, *PICKER_ALIASES[name])
+        return cls(tuple(Gauge(n, documentation, labels, registry=registry) for n in names))
+
+    def set(self, value: float, **labels: str) -> None:
+        for gauge in self.gauges:
+            (gauge.labels(**labels) if labels else gauge).set(value)
+
+    def remove(self, *label_values: str) -> None:
+        for gauge in self.gauges:
+            gauge.remove(*label_values)
+
 
 @dataclass
 class ServerMetrics:
@@ -71,17 +114,31 @@ class ServerMetrics:
     prompt_tokens: Histogram
     output_tokens: Histogram
     requests: Counter
-    running: Gauge
-    waiting: Gauge
+    running: ProtocolGauges
+    waiting: ProtocolGauges
     batch_size: Gauge
     loaded_adapters: Gauge
-    kv_cache_usage: Gauge
+    kv_cache_usage: ProtocolGauges
+    lora_info: ProtocolGauges
+    cache_config: ProtocolGauges
     kv_blocks: Gauge
     preemptions: Counter
     prefix_cache_queries: Counter
     prefix_cache_hits: Counter
     adapter_load_seconds: Histogram
     grammar_compiles: Counter
+    max_lora: int = 0
+    """Distinct adapters one batch can hold (the engine's --max-loaded-adapters); set by
+    :meth:`log_engine_config`."""
+    _lora_series: tuple[str, ...] | None = field(default=None, repr=False)
+    """The label values of the LoRA info series published last (engine thread only)."""
+
+    def log_engine_config(self, *, max_lora: int, block_size: int, num_blocks: int) -> None:
+        """Publish what the engine was built with (once, when it starts)."""
+        self.max_lora = max_lora
+        self.cache_config.set(1, block_size=str(block_size), num_gpu_blocks=str(num_blocks))
+        # before any request: a picker that finds no LoRA series marks the replica unhealthy
+        self._log_lora_info((), ())
 
     def log_engine_stats(self, stats: EngineStats) -> None:
         """Publish one engine step's snapshot (called on the engine thread after every step)."""
@@ -89,12 +146,25 @@ class ServerMetrics:
         self.waiting.set(stats.waiting)
         self.batch_size.set(stats.batch_size)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        self._log_lora_info(stats.running_adapters, stats.waiting_adapters)
         free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
         self.kv_blocks.labels(state="used").set(stats.kv_blocks_used)
         self.kv_blocks.labels(state="cached").set(stats.kv_blocks_cached)
         self.kv_blocks.labels(state="free").set(free)
         if stats.step_preemptions:
             self.preemptions.inc(stats.step_preemptions)
+
+    def _log_lora_info(self, running: tuple[str, ...], waiting: tuple[str, ...]) -> None:
+        """One series whose labels name the adapters in use and whose value is the update time.
+
+        The picker reads the series with the largest value: the new one is set before the old one is
+        removed, so a scrape in between sees both and still picks the current one, never none.
+        """
+        series = (str(self.max_lora), ",".join(running), ",".join(waiting))
+        self.lora_info.set(time.time(), **dict(zip(LORA_INFO_LABELS, series, strict=True)))
+        if self._lora_series is not None and self._lora_series != series:
+            self.lora_info.remove(*self._lora_series)
+        self._lora_series = series
 
     def observe_adapter_load(self, name: str, version: int | None, seconds: float) -> None:
         self.adapter_load_seconds.labels(**adapter_labels(name, version)).observe(seconds)
@@ -147,11 +217,11 @@ class ServerMetrics:
                 [*ADAPTER_LABELS, "status"],
                 registry=registry,
             ),
-            running=Gauge(
-                f"{prefix}_num_requests_running", "Requests in the running batch.", registry=registry
+            running=ProtocolGauges.create(
+                f"{prefix}_num_requests_running", "Requests in the running batch.", registry
             ),
-            waiting=Gauge(
-                f"{prefix}_num_requests_waiting", "Requests queued for admission.", registry=registry
+            waiting=ProtocolGauges.create(
+                f"{prefix}_num_requests_waiting", "Requests queued for admission.", registry
             ),
             batch_size=Gauge(
                 f"{prefix}_batch_size", "Rows in the last batched decode step.", registry=registry
@@ -159,8 +229,25 @@ class ServerMetrics:
             loaded_adapters=Gauge(
                 f"{prefix}_loaded_adapters", "Adapters resident in engine memory.", registry=registry
             ),
-            kv_cache_usage=Gauge(
-                f"{prefix}_kv_cache_usage_ratio", "Fraction of the KV cache in use.", registry=registry
+            kv_cache_usage=ProtocolGauges.create(
+                f"{prefix}_kv_cache_usage_ratio",
+                "Fraction of the KV cache held by live requests, 0..1 (cached prefixes count as free).",
+                registry,
+            ),
+            lora_info=ProtocolGauges.create(
+                f"{prefix}_lora_requests_info",
+                "Adapters in use: max_lora (distinct adapters a batch can hold), running_lora_adapters"
+                " and waiting_lora_adapters (comma-separated names of the running and waiting"
+                " requests' adapters); the value is the time of the last update (Unix seconds).",
+                registry,
+                LORA_INFO_LABELS,
+            ),
+            cache_config=ProtocolGauges.create(
+                f"{prefix}_cache_config_info",
+                "The KV cache's shape: block_size (tokens per block) and num_gpu_blocks (blocks in the"
+                " pool, on any device); the value is always 1.",
+                registry,
+                CACHE_CONFIG_LABELS,
             ),
             kv_blocks=Gauge(
                 f"{prefix}_kv_cache_blocks",

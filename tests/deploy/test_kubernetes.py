@@ -6,7 +6,6 @@ import json
 import os
 import re
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -16,35 +15,14 @@ import yaml
 from lorayard.train.__main__ import EXIT_CONFIG, EXIT_DATA, EXIT_NOT_BETTER, EXIT_SERVING_CHECK
 
 from .conftest import (
-    K8S_VERSION,
     OVERLAYS,
     REPO,
     container,
     find,
     image_runtime,
     kustomize,
-    run_tool,
-    venv_tool,
+    validate_strictly,
 )
-
-CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-v1.json"}
-"""Kinds kubernetes-validate has no schema for, checked against a small vendored schema instead."""
-
-
-def validate_strictly(resources: list[dict[str, Any]], tmp_path: Path) -> None:
-    """kubernetes-validate --strict for the built-in kinds; the vendored schema for the CRDs."""
-    builtin = [r for r in resources if (r["apiVersion"], r["kind"]) not in CRD_SCHEMAS]
-    manifest = tmp_path / "built.yaml"
-    manifest.write_text(yaml.safe_dump_all(builtin))
-    out = run_tool([venv_tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, manifest]).stdout
-    passed = re.findall(r"^INFO .* passed for resource (\S+) ", out, flags=re.MULTILINE)
-    # a kind without a schema is only a warning there: demand a pass for every resource
-    assert len(passed) == len(builtin), out
-    for resource in resources:
-        schema_file = CRD_SCHEMAS.get((resource["apiVersion"], resource["kind"]))
-        if schema_file:
-            schema = json.loads((Path(__file__).parent / "schemas" / schema_file).read_text())
-            jsonschema.Draft202012Validator(schema).validate(resource)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -196,6 +196,11 @@ class Engine:
         self._aborts: set[str] = set()
         self._snapshot: EngineStats = self.scheduler.stats()
         """The last step's figures, published by the engine thread: what other threads read."""
+        if metrics is not None:  # every protocol family is there before the first request
+            metrics.log_engine_config(
+                max_lora=engine_config.max_loaded_adapters, block_size=spec.block_size, num_blocks=num_blocks
+            )
+            metrics.log_engine_stats(self._snapshot)
         self._draining = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None

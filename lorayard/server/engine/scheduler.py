@@ -283,6 +283,8 @@ class Scheduler(Generic[S]):
             preemptions=self.preemptions,
             step_preemptions=self._step_preemptions,
             kv_books_error=self._idle_books_error(used),
+            running_adapters=_adapter_names(self.running),
+            waiting_adapters=_adapter_names(self.waiting),
         )
         return stats
 
@@ -296,3 +298,8 @@ class Scheduler(Generic[S]):
         except BlockAccountingError as exc:
             return str(exc)
         return f"{used} blocks are in use with no request running"
+
+
+def _adapter_names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
+    """The adapter names of ``seqs``, each once, sorted (what the endpoint picker's LoRA affinity reads)."""
+    return tuple(sorted({seq.request.adapter.name for seq in seqs if seq.request.adapter is not None}))

@@ -78,6 +78,11 @@ class AdapterHandle(Protocol):
     """An adapter acquired from the registry: pinned (never evicted) until released."""
 
     @property
+    def name(self) -> str:
+        """The adapter's name (the ``model`` that addresses its latest version)."""
+        ...
+
+    @property
     def key(self) -> str:
         """``name@vN`` (or ``name`` for a plain PEFT folder): unique per immutable version."""
         ...
@@ -149,6 +154,10 @@ class EngineStats:
     """Of those, the ones preempted in the step this snapshot follows (what a counter adds)."""
     kv_books_error: str | None = None
     """Set when the engine went idle with KV blocks still in use: the pool's accounting of the leak."""
+    running_adapters: tuple[str, ...] = ()
+    """Names of the adapters of the running requests, each once, sorted (the base model is none)."""
+    waiting_adapters: tuple[str, ...] = ()
+    """Names of the adapters of the waiting requests, each once, sorted."""
 
     @property
     def idle(self) -> bool:

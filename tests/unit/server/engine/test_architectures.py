@@ -84,6 +84,7 @@ def _engine(base: Path, device: str, *, fuse_linears: bool | None = None, **sett
 
 class _Handle:
     def __init__(self, key: str, slot: int) -> None:
+        self.name = key.split("@")[0]
         self.key, self.slot = key, slot
 
 

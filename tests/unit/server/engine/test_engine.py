@@ -12,6 +12,7 @@ from ..conftest import ADAPTER_SPECS, peft_greedy
 
 class _Handle:
     def __init__(self, key: str, slot: int) -> None:
+        self.name = key.split("@")[0]
         self.key = key
         self.slot = slot
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+from lorayard.server.adapters.registry import AdapterLease
 from lorayard.server.engine.block_pool import BlockPool
 from lorayard.server.engine.scheduler import PlannedRow, Scheduler, Sequence
 from lorayard.server.engine.types import Request, SamplingParams
@@ -160,3 +161,24 @@ def test_the_snapshot_reports_a_leak_once_idle():
     scheduler.pool.admit("leaked#0", [1, 2, 3], None)  # blocks nobody running holds
     error = scheduler.stats().kv_books_error
     assert error is not None and "leaked#0" in error
+
+
+def test_the_snapshot_names_the_adapters_running_and_waiting():
+    """Each adapter once, sorted, the base model none: the endpoint picker's LoRA affinity reads these."""
+
+    def lease(name: str, version: int) -> AdapterLease:
+        return AdapterLease(name, version, f"{name}@v{version}", slot=version)
+
+    scheduler = make_scheduler(16, max_batch_size=3)
+    adapters = [lease("b", 1), lease("a", 2), None, lease("b", 2), lease("c", 1)]
+    for i, adapter in enumerate(adapters):
+        seq = make_seq(f"r{i}", [1, 2, 3])
+        seq.request.adapter = adapter
+        scheduler.add(seq)
+    scheduler.schedule()
+    stats = scheduler.stats()
+    assert stats.running_adapters == ("a", "b") and stats.waiting_adapters == ("b", "c")
+    for seq in list(scheduler.running):
+        scheduler.retire(seq)
+    stats = scheduler.stats()
+    assert stats.running_adapters == () and stats.waiting_adapters == ("b", "c")

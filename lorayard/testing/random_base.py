@@ -174,6 +174,21 @@ def build_random_base(
     return out
 
 
+def without_chat_template(source: Path, out: Path) -> Path:
+    """A copy of the model folder ``source`` with its chat template removed, as raw base checkpoints
+    (gpt2, distilgpt2, opt, most pretrained-only bases) come."""
+    import json
+    import shutil
+
+    shutil.copytree(source, out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)

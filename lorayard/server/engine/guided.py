@@ -108,16 +108,25 @@ class GuidedCompiler:
         problem = _unenforced(schema)
         if problem is not None:
             raise InvalidRequest(f"structured output cannot enforce {problem} in the JSON schema", "guided")
-        try:
-            compiled = self._compiler.compile_json_schema(
+        return self._compile(
+            schema,
+            "the JSON schema cannot be used for structured output",
+            lambda: self._compiler.compile_json_schema(
                 schema, any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE
-            )
+            ),
+        )
+
+    def _compile(
+        self, key: str, refusal: str, compile_: Callable[[], xgrammar.CompiledGrammar]
+    ) -> xgrammar.CompiledGrammar:
+        """Run ``compile_``, cache its grammar under ``key``; xgrammar's error becomes a 400 that starts
+        with ``refusal`` (its log prefix stripped)."""
+        try:
+            compiled = compile_()
         except (RuntimeError, ValueError, TypeError) as exc:
             reason = _LOG_PREFIX.sub("", str(exc)).strip()
-            raise InvalidRequest(
-                f"the JSON schema cannot be used for structured output: {reason}", "guided"
-            ) from exc
-        self._remember(schema, compiled)
+            raise InvalidRequest(f"{refusal}: {reason}", "guided") from exc
+        self._remember(key, compiled)
         return compiled
 
     def _remember(self, schema: str, compiled: xgrammar.CompiledGrammar) -> None:
@@ -177,15 +186,11 @@ class GuidedCompiler:
                     f"structured output cannot enforce {problem} in a tool's schema", "guided"
                 )
             node["max_whitespace_cnt"] = MAX_WHITESPACE
-        try:
-            compiled = self._compiler.compile_structural_tag(json.dumps(tag))
-        except (RuntimeError, ValueError, TypeError) as exc:
-            reason = _LOG_PREFIX.sub("", str(exc)).strip()
-            raise InvalidRequest(
-                f"the tool schemas cannot be used for tool calls: {reason}", "guided"
-            ) from exc
-        self._remember(key, compiled)
-        return compiled
+        return self._compile(
+            key,
+            "the tool schemas cannot be used for tool calls",
+            lambda: self._compiler.compile_structural_tag(json.dumps(tag)),
+        )
 
     def matcher(self, guided: GuidedDecoding) -> GuidedMatcher:
         """A fresh matcher for one sequence (compiling the grammar on first use)."""

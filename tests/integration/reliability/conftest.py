@@ -42,6 +42,19 @@ def copy_folder(source: Path, target: Path) -> Path:
     return target
 
 
+def small_server(base_dir: Path, root: Path, adapter: Path, *flags: str) -> ServerProcess:
+    """A tiny-base server over a volume at ``root`` holding ``adapter`` as ``ok``, with limits that keep
+    every request cheap (256-token window, 64 tokens out); ``flags`` add to or override them."""
+    copy_folder(adapter, root / "adapters" / "ok")
+    return start_server(
+        [
+            *("--adapters-dir", str(root / "adapters"), "--base-model", str(base_dir)),
+            *("--max-model-len", "256", "--max-tokens-limit", "64", *flags),
+        ],
+        root / "server.log",
+    )
+
+
 @pytest.fixture(scope="module")
 def fault_volume(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fault-volume") / "adapters"

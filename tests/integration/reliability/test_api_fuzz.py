@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import copy_folder, start_server
+from .conftest import small_server
 
 MAX_EXAMPLES = 30
 HOSTILE_EXAMPLES = 40
@@ -40,15 +40,8 @@ INNOCENT = {
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_base_dir, tmp_path_factory, tiny_adapter_source):
     root = tmp_path_factory.mktemp("fuzz")
-    copy_folder(tiny_adapter_source, root / "adapters" / "ok")
-    server = start_server(
-        [
-            *("--adapters-dir", str(root / "adapters"), "--base-model", str(tiny_base_dir)),
-            # Small limits keep every generated request cheap; the limits themselves are fuzzed.
-            *("--max-model-len", "256", "--max-tokens-limit", "64", "--max-n", "2"),
-        ],
-        root / "server.log",
-    )
+    # Small limits keep every generated request cheap; the limits themselves are fuzzed.
+    server = small_server(tiny_base_dir, root, tiny_adapter_source, "--max-n", "2")
     yield server
     server.stop()
 

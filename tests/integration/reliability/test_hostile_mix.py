@@ -32,7 +32,7 @@ from lorayard.testing.hostile_adapter import HOSTILE as HOSTILE_ADAPTER_KINDS
 from lorayard.testing.hostile_adapter import build_hostile_adapter
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
-from .conftest import copy_folder, start_server
+from .conftest import copy_folder, small_server
 from .test_hostile_requests import JSON, PERSON, _nested, _schema_body, huge_enum
 
 SEED = 23
@@ -139,14 +139,8 @@ lorayard.testing.hostile_adapter and it is fuzzed here too."""
 @pytest.fixture(scope="module")
 def mix_server(tiny_base_dir, tmp_path_factory, tiny_adapter_source):
     root = tmp_path_factory.mktemp("mix")
-    copy_folder(tiny_adapter_source, root / "adapters" / "ok")
-    server = start_server(
-        [
-            *("--adapters-dir", str(root / "adapters"), "--base-model", str(tiny_base_dir)),
-            *("--max-model-len", "256", "--max-tokens-limit", "64", "--poll-interval", "0.2"),
-            *("--max-body-bytes", str(1 << 20)),
-        ],
-        root / "server.log",
+    server = small_server(
+        tiny_base_dir, root, tiny_adapter_source, "--poll-interval", "0.2", "--max-body-bytes", str(1 << 20)
     )
     server.volume = root / "adapters"  # type: ignore[attr-defined]
     server.base_dir = tiny_base_dir  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ import pytest
 
 from lorayard.testing.server import metric_value
 
-from .conftest import copy_folder, start_server
+from .conftest import small_server
 
 PERSON = {
     "type": "object",
@@ -51,14 +51,7 @@ def huge_enum(count: int, seed: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def hostile_server(tiny_base_dir, tmp_path_factory, tiny_adapter_source):
     root = tmp_path_factory.mktemp("hostile")
-    copy_folder(tiny_adapter_source, root / "adapters" / "ok")
-    server = start_server(
-        [
-            *("--adapters-dir", str(root / "adapters"), "--base-model", str(tiny_base_dir)),
-            *("--max-model-len", "256", "--max-tokens-limit", "64", "--max-n", "4"),
-        ],
-        root / "server.log",
-    )
+    server = small_server(tiny_base_dir, root, tiny_adapter_source, "--max-n", "4")
     yield server
     server.stop()
 

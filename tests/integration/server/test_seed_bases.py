@@ -7,7 +7,6 @@ repeated prompt is answered from the prefix cache with the same text."""
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorayard.base_model import resolve_base_model
 from lorayard.chat_format import encode_text
 from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.random_base import without_chat_template
 from lorayard.train.__main__ import main as train_main
 from lorayard.volume import AdapterVolume, read_manifest
 
@@ -32,12 +32,7 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def gpt2_base(tiny_arch_base, tmp_path_factory):
     """The tiny random GPT-2 with its chat template removed, as gpt2 and distilgpt2 come."""
-    folder = tmp_path_factory.mktemp("seed-gpt2") / "base"
-    shutil.copytree(tiny_arch_base("gpt2"), folder)
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = without_chat_template(tiny_arch_base("gpt2"), tmp_path_factory.mktemp("seed-gpt2") / "base")
     assert AutoTokenizer.from_pretrained(folder).chat_template is None
     return folder
 

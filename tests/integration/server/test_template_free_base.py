@@ -6,7 +6,6 @@ the same ids."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import openai
@@ -16,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorayard.chat_format import DEFAULT_PROMPT_TEMPLATE, encode_text, render_prompt, stop_token_ids
+from lorayard.testing.random_base import without_chat_template
 from lorayard.train.__main__ import main as train_main
 from lorayard.volume import AdapterVolume, read_manifest
 
@@ -27,12 +27,7 @@ TRAIN = ["--batch-size", "4", "--eval-steps", "2", "--lr", "1e-3", "--max-steps"
 @pytest.fixture(scope="module")
 def plain_base(tiny_base_dir, tmp_path_factory):
     """The tiny Llama with its chat template removed, as raw base checkpoints come."""
-    folder = tmp_path_factory.mktemp("template-free") / "base"
-    shutil.copytree(tiny_base_dir, folder)
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = without_chat_template(tiny_base_dir, tmp_path_factory.mktemp("template-free") / "base")
     assert AutoTokenizer.from_pretrained(folder).chat_template is None
     return folder
 

@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
         "concurrency": args.concurrency,
         "requests_per_run": {c: requests_for(c) for c in args.concurrency},
         "max_tokens": args.max_tokens,
-        "prompts": "client.loadtest.DEFAULT_PROMPTS (completions endpoint, raw text)",
+        "prompts": "lorayard.client.loadtest.DEFAULT_PROMPTS (completions endpoint, raw text)",
         "repeats": args.repeats,
         "threads_per_server": args.threads,
         "precision": {

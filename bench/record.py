@@ -186,8 +186,9 @@ def portable_args(argv: list[str]) -> list[str]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The load tester's :func:`client.stats.percentile` (linear, numpy's default), so both report the
-    same p50 from the same data; NaN for no values, since a table cell reads better than a crash."""
+    """The load tester's :func:`lorayard.client.stats.percentile` (linear, numpy's default), so both
+    report the same p50 from the same data; NaN for no values, since a table cell reads better than a
+    crash."""
     return stats.percentile(values, q) if values else float("nan")
 
 

@@ -3,7 +3,7 @@
 Every targetable linear of one decoder layer of the base (q/k/v and gate/up as fused groups, o and
 down alone, as the model runner calls them) gets its rows' LoRA deltas added to a base output,
 ``--iters`` times, per variant: ``segment`` (lora_ops, a loop over the adapters present),
-``stacked masked`` and ``stacked gather`` (:mod:`server.engine.stacked_lora`, the static shapes a
+``stacked masked`` and ``stacked gather`` (:mod:`lorayard.server.engine.stacked_lora`, the static shapes a
 CUDA graph can capture; each step's row selection included). Tokens are assigned to the adapters
 round-robin, so a batch holds min(batch, adapters) of them. Adapters are bench.workload's mixed
 specs (ranks 8/16/32/64 cycling, all-linear and q/v alternating) read from PEFT's files; the stack's
@@ -50,7 +50,7 @@ from lorayard.server.engine.stacked_lora import ZERO_ROW, StackedLora
 
 METHODS = ("masked", "gather")
 GRAPHED = "stacked masked, CUDA graph"
-"""On a GPU only: the masked step captured by :class:`~server.engine.decode_graphs.DecodeGraphs`."""
+"""On a GPU only: the masked step captured by :class:`~lorayard.server.engine.decode_graphs.DecodeGraphs`."""
 
 
 def variants(device: str) -> tuple[str, ...]:

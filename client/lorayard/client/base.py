@@ -1,5 +1,5 @@
 """Everything the sync and async clients share: configuration, request building, response parsing,
-the retry policy, error mapping and stream accumulation. The two clients in :mod:`client.client` only
+the retry policy, error mapping and stream accumulation. The two clients in :mod:`lorayard.client.client` only
 add the I/O (``send`` vs ``await send``, ``time.sleep`` vs ``asyncio.sleep``).
 """
 

@@ -83,7 +83,7 @@ def _json_response(status: int, body: dict) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# The engine names its own fields (server.engine.types); the client knows the request's.
+# The engine names its own fields (lorayard.server.engine.types); the client knows the request's.
 _ENGINE_FIELDS = {"prompt_ids": "prompt", "guided": "response_format"}
 
 
@@ -149,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json_response(status_of(exc)[0], error_body(exc))
 
     # Registered per type so Starlette's ExceptionMiddleware answers them; only true bugs go on, to
-    # server.app.InternalErrors (which logs the traceback, answers JSON 500, keeps the connection).
+    # lorayard.server.app.InternalErrors (which logs the traceback, answers JSON 500, keeps the connection).
     kinds: list[type[Exception]] = [APIError, *_MAPPED]
     for kind in kinds:
         app.add_exception_handler(kind, _mapped)

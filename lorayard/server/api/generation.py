@@ -2,7 +2,7 @@
 
 The adapter lease has one owner, :func:`adapter_lease`, held for exactly as long as the generation
 runs (a streamed response outlives its route, so the lease lives in the delta generator, not the
-route). Responses are built from the deltas in :mod:`server.api.responses`.
+route). Responses are built from the deltas in :mod:`lorayard.server.api.responses`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """OpenAI request and response types (plus vLLM's extensions).
 
 Requests: pydantic checks each field's own type and range (a bad one -> 400 naming it); every check
-that needs the server (vocabulary, limits, adapters, schemas) is in :mod:`server.api.serving`.
+that needs the server (vocabulary, limits, adapters, schemas) is in :mod:`lorayard.server.api.serving`.
 Responses and stream chunks are typed here too, so chat and completions build them one way.
 """
 
@@ -33,7 +33,8 @@ def _lone_surrogate(value: Any) -> bool:
 
 class _Lenient(BaseModel):
     # OpenAI clients send fields we don't use (user, metadata, ...): accept and ignore them. Fields we
-    # cannot honour are refused by name in server.api.serving (REFUSED_FIELDS), never dropped silently.
+    # cannot honour are refused by name in lorayard.server.api.serving (REFUSED_FIELDS), never dropped
+    # silently.
     model_config = ConfigDict(extra="allow")
 
     @field_validator("*", mode="before")
@@ -50,7 +51,7 @@ class _Lenient(BaseModel):
 # -- requests ------------------------------------------------------------------------------------
 class ContentPart(_Lenient):
     """A part of a message's content: ``text`` is served; other types (images, audio, files) are refused
-    by name in :func:`server.api.serving.conversation`."""
+    by name in :func:`lorayard.server.api.serving.conversation`."""
 
     type: str
     text: str | None = None

@@ -20,7 +20,7 @@ from lorayard.server.api.responses_protocol import ResponseObject
 @dataclass(frozen=True)
 class StoredResponse:
     owner: str
-    """Digest of the API key that made it (see :func:`server.api.auth.caller_digest`)."""
+    """Digest of the API key that made it (see :func:`lorayard.server.api.auth.caller_digest`)."""
     response: ResponseObject
     conversation: tuple[dict[str, Any], ...]
     """The chat messages a follow-up continues from: the input (without ``instructions``, which

@@ -1,4 +1,4 @@
-"""Deltas -> typed OpenAI responses and stream chunks (models in :mod:`server.api.protocol`).
+"""Deltas -> typed OpenAI responses and stream chunks (models in :mod:`lorayard.server.api.protocol`).
 
 One builder per shape, used by both the whole response and the stream: logprob lists, tool calls.
 """

@@ -1,7 +1,7 @@
 """Chat's stream chunks -> the Responses API's output items, stream events and final response object.
 
 Both a streamed and a whole /v1/responses answer are assembled here from the chunks
-:class:`server.api.responses.ChatBuilder` makes, so the two cannot differ, and a tool call chat
+:class:`lorayard.server.api.responses.ChatBuilder` makes, so the two cannot differ, and a tool call chat
 recognises is a ``function_call`` item without a second parser. Events follow OpenAI's order:
 ``response.created``, ``response.in_progress``, then per output item ``output_item.added``
 (a message's ``content_part.added``, ``output_text.delta``... ``output_text.done``,

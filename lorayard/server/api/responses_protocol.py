@@ -1,7 +1,7 @@
 """OpenAI Responses API types (``/v1/responses``): the request body, the response object, stream events.
 
 Shapes follow ``openai.types.responses`` (the reference; the server does not import the openai
-package). A Responses request is served as a chat request (:mod:`server.api.responses_serving`), so
+package). A Responses request is served as a chat request (:mod:`lorayard.server.api.responses_serving`), so
 only the fields' own types and ranges are checked here; every rule is chat's.
 """
 

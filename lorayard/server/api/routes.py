@@ -236,7 +236,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: ReadyD
     return await _generate(runtime, request, completion_job(body, runtime), CompletionBuilder)
 
 
-# -- the Responses API (served as chat: server.api.responses_serving) ------------------------------
+# -- the Responses API (served as chat: lorayard.server.api.responses_serving) ------------------------------
 def get_response_store(request: Request) -> ResponseStore:
     store: ResponseStore = request.app.state.responses
     return store

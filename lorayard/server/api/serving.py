@@ -1,7 +1,7 @@
 """The serving layer: a request body -> a validated :class:`EngineJob`, the one place for every check.
 
 Routes call :func:`completion_job` / :func:`chat_job` and hand the job to
-:class:`server.api.generation.Generation`. Everything a request can carry that the engine would index
+:class:`lorayard.server.api.generation.Generation`. Everything a request can carry that the engine would index
 with (prompt ids, ``stop_token_ids``, ``logit_bias`` keys) is checked against the vocabulary here, every
 limit against the server's settings, every schema compiled as JSON Schema; a failure is a 400 naming
 the field. What we cannot do exactly is refused by name (:data:`REFUSED_FIELDS`), never ignored.

@@ -52,7 +52,7 @@ def tool_calling(
 ) -> ToolCalling | None:
     """``tools`` + ``tool_choice`` (+ ``parallel_tool_calls``, default true) -> the calls allowed, or
     None when there are no tools or ``tool_choice`` is ``"none"``. A bad combination is a 400 naming
-    the field. The schemas are checked by the caller (server.api.serving, with the other schemas)."""
+    the field. The schemas are checked by the caller (lorayard.server.api.serving, with the other schemas)."""
     if not tools:
         if isinstance(choice, NamedToolChoice) or choice == "required":
             raise _bad("tool_choice", "names a tool but `tools` is empty")

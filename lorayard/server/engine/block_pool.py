@@ -19,7 +19,7 @@ Every block is in exactly one state, checked by :meth:`BlockPool.check`:
 * referenced: in one or more live tables (more than one only for shared cached blocks).
 
 The pool is host-side bookkeeping only (plain ints, no device reads); :class:`KVBlockStorage` holds
-the tensors and :mod:`server.engine.paged_attention` reads and writes them through the tables.
+the tensors and :mod:`lorayard.server.engine.paged_attention` reads and writes them through the tables.
 Full design: docs/paged_kv.md.
 """
 

@@ -4,7 +4,7 @@ All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
 
 1. takes new requests and aborts from the API (thread-safe hand-off); aborted requests are retired
    by the scheduler, then told;
-2. asks the scheduler (:mod:`server.engine.scheduler`, torch-free) for the pass plan: it admits
+2. asks the scheduler (:mod:`lorayard.server.engine.scheduler`, torch-free) for the pass plan: it admits
    waiting requests FIFO while ``max_batch_size`` and free KV blocks allow, reusing the longest cached
    prefix computed under the same weights, and plans one token for each decoding row and prompt
    chunks of the newcomers, up to ``prefill_chunk`` prompt tokens per iteration (batched chunked
@@ -14,7 +14,7 @@ All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
    request's asyncio queue; the scheduler gives every other row room for its next token, preempting
    the most recently admitted request when the pool runs dry (its stream only pauses);
 4. publishes the step's :class:`EngineStats`: the only engine state other threads read (``stats()``,
-   ``idle``, ``check_kv``), and what :mod:`server.metrics` turns into gauges.
+   ``idle``, ``check_kv``), and what :mod:`lorayard.server.metrics` turns into gauges.
 
 Failures are per row: an exception while sampling or accepting one row's token finishes that row
 alone with an error event; a failing forward pass is retried in halves, so only the rows whose own

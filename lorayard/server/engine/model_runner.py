@@ -3,7 +3,8 @@ KV cache, with per-row LoRA.
 
 One pass (:meth:`ModelRunner.forward`) runs the new tokens of several requests packed into one
 ``[T, hidden]`` batch: decode rows (one token each) and prompt chunks of any length, each request under
-its own adapter, reading and writing K/V through its block table (:mod:`server.engine.paged_attention`).
+its own adapter, reading and writing K/V through its block table
+(:mod:`lorayard.server.engine.paged_attention`).
 Every linear runs once over the packed rows, so a burst of newcomers prefills in one pass instead of
 one per request (chunked prefill in the vLLM/Sarathi manner).
 
@@ -12,7 +13,7 @@ unchanged), for the embedding, the rotary embedding, the activation and every no
 RMSNorm; attention (causal, sliding-window, soft-capped) and the cache are ours, and each linear's
 output gets its rows' LoRA deltas from :mod:`lora_ops`. What differs between architectures is read
 from their :class:`~lorayard.architectures.Architecture` spec; the parity probe
-(:mod:`server.engine.parity_probe`) checks the result against the HF forward at startup.
+(:mod:`lorayard.server.engine.parity_probe`) checks the result against the HF forward at startup.
 
 Every op is a kernel launch, and a small model's decode step is launch-bound (on a GPU entirely so),
 so the runner keeps the op count per layer low: on a GPU, unquantized q/k/v and gate/up are each one

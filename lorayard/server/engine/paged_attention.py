@@ -9,7 +9,7 @@ keys ``0 .. position(i)`` (causal). Output: ``[T, heads, hd]``, equal within flo
 ``scaled_dot_product_attention`` over each request's contiguous K/V. GQA: query head ``h`` reads
 KV head ``h // (heads // kv_heads)``, as in HF Llama.
 
-K/V live in :class:`server.engine.block_pool.KVBlockStorage` tensors ``[kv_heads, num_blocks,
+K/V live in :class:`lorayard.server.engine.block_pool.KVBlockStorage` tensors ``[kv_heads, num_blocks,
 block_size, hd]``. Decode reads every row's blocks with one gather into a padded ``[R, kv_heads, L,
 hd]`` view and one attention call. Prefill does the same with queries padded to the longest chunk,
 unless padding would more than double the work (chunks of very different lengths), then one call per

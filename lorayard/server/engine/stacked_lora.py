@@ -77,9 +77,9 @@ class StackedLora:
     Semantics (for every layer l and targetable linear m, with ``rows`` a token's buffer row):
         y[n] += x[n] @ A_t[l, m, rows[n]] @ B_t[l, m, rows[n]]
     where A_t [in, r_max] and B_t [r_max, out] are the adapter's ``a_t`` / ``b_t`` (scaling folded into
-    B, as :class:`~server.engine.lora_ops.ResidentAdapter` holds them) zero-padded to r_max, and
+    B, as :class:`~lorayard.server.engine.lora_ops.ResidentAdapter` holds them) zero-padded to r_max, and
     zero for buffer row 0, for untargeted linears and for layers the adapter leaves alone. This equals
-    :func:`~server.engine.lora_ops.apply_lora` for a batch of plain LoRA adapters.
+    :func:`~lorayard.server.engine.lora_ops.apply_lora` for a batch of plain LoRA adapters.
     """
 
     def __init__(

@@ -4,9 +4,9 @@ The API layer parses HTTP into a :class:`Request` (prompt ids, :class:`SamplingP
 adapter handle) and consumes :class:`TokenEvent` s; it never touches tensors. The engine never sees
 HTTP, text or adapter names beyond the handle.
 
-Engine contract (``server.engine.engine.Engine``)::
+Engine contract (``lorayard.server.engine.engine.Engine``)::
 
-    engine = Engine.from_base(base, settings.engine_config(), eos_token_ids=...)  # in server.runtime
+    engine = Engine.from_base(base, settings.engine_config(), eos_token_ids=...)  # in lorayard.server.runtime
     engine.start()                                # starts the engine thread
     stream = engine.submit(request)               # -> RequestStream; raises InvalidRequest (a bad id, a
                                                   # schema that does not compile), PromptTooLong,

@@ -100,4 +100,4 @@ soak: install  ## ~5 min of mixed load with cancels on a real server; checks 5xx
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:  ## remove the venv and demo output (the model cache in ~/.cache/lorayard stays)
-	rm -rf $(VENV) $(CLIENT_VENV) client/build adapters
+	rm -rf $(VENV) $(CLIENT_VENV) $(INSTRUCTOR_VENV) client/build adapters

@@ -110,10 +110,15 @@ def base_label(tiny: Path | None) -> str:
 
 @dataclass
 class AdapterSlot:
-    """What the registry hands the engine (an AdapterHandle): the adapter's key and engine slot."""
+    """What the registry hands the engine (an AdapterHandle): the adapter's key and engine slot; a
+    bench adapter is one version, so its name is its key."""
 
     key: str
     slot: int
+
+    @property
+    def name(self) -> str:
+        return self.key
 
 
 class EngineBench:

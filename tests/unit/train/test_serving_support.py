@@ -76,7 +76,8 @@ def test_adapter_trained_by_the_job_serves_with_peft_parity(
     )
 
     class Handle:
-        key, slot = "arch", engine.load_adapter_weights("arch", weights)
+        name = key = "arch"
+        slot = engine.load_adapter_weights("arch", weights)
 
     prompt = [1, 9690, 198, 2683, 359, 253, 42, 7]
 

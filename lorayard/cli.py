@@ -60,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module, _ = COMMANDS[args[0]]
     # imported by name and only here: `lorayard chat` loads the client alone, never torch
     command_main = importlib.import_module(module).main
-    status = command_main(args[1:] if module == SERVER else args)
+    if module == CLIENT:  # its usage lines read `lorayard chat ...`, as typed
+        status = command_main(args, prog="lorayard")
+    else:
+        status = command_main(args[1:] if module == SERVER else args)
     return int(status or 0)
 
 

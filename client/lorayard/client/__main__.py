@@ -65,10 +65,11 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lorayard-client`` argument parser."""
+def build_parser(prog: str = "lorayard-client") -> argparse.ArgumentParser:
+    """The client's argument parser; ``prog``: the command its usage names (``lorayard`` when the
+    project's one command runs it)."""
     parser = argparse.ArgumentParser(
-        prog="lorayard-client",
+        prog=prog,
         description="Talk to a LoRAyard (or any OpenAI-compatible) server, or load-test it.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -339,9 +340,9 @@ _COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m lorayard.client`` and ``lorayard-client``."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "lorayard-client") -> int:
+    """Entry point of ``python -m lorayard.client``, ``lorayard-client`` and ``lorayard chat|loadtest``."""
+    args = build_parser(prog).parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except APIStatusError as exc:

@@ -207,8 +207,11 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     quantization: Quantization = None,
 ) -> PreTrainedModel:
-    """Load the base weights, optionally 4-bit NF4 (double quant) or 8-bit through bitsandbytes."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """Load the base weights, optionally 4-bit NF4 (double quant) or 8-bit through bitsandbytes; a
+    vision-language base (Qwen2.5-VL) as transformers' image-text-to-text model, vision tower included."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from lorayard.architectures import ARCHITECTURES
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -226,7 +229,10 @@ def load_base_model(
         kwargs["device_map"] = {"": device}
     elif quantization is not None:
         raise BaseModelError(f"quantization must be '4bit', '8bit' or none, not {quantization!r}")
-    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    model_type = getattr(AutoConfig.from_pretrained(base.path), "model_type", None)
+    vision = model_type in ARCHITECTURES and ARCHITECTURES[str(model_type)].vision
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(base.path, **kwargs)
     if quantization is None:
         # transformers wraps PreTrainedModel.to in a decorator that hides its signature from mypy
         model = model.to(device)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
 from lorayard.adapter_files import AdapterFormatError, load_adapter
@@ -24,6 +24,7 @@ from lorayard.server.engine.parity_probe import probe_runner
 from lorayard.server.engine.types import ImageInputs, InvalidRequest, Request, SamplingParams
 from lorayard.server.settings import Settings
 from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.shapes import shape_image
 from lorayard.vision import (
     IMAGE_PAD,
     IMAGE_PLACEHOLDER,
@@ -34,14 +35,6 @@ from lorayard.vision import (
 
 MAX_TOKENS = 8
 ADAPTERS = {"all8": {"r": 8, "lora_alpha": 16}, "all4": {"r": 4, "lora_alpha": 4, "use_rslora": True}}
-
-
-def shape_image(color: str, shape: str, size: tuple[int, int] = (56, 56)) -> Image.Image:
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    box = (8, 8, size[0] - 8, size[1] - 8)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
-    return image
 
 
 @pytest.fixture(scope="module")

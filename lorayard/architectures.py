@@ -78,7 +78,7 @@ class Architecture:
     rotary_per_layer_type: bool = False
     """Gemma 3: ``rotary_emb(x, positions, layer_type)`` differs for sliding and full layers."""
     vision: bool = False
-    """Qwen2.5-VL: a vision tower (``model.visual``, run as transformers' module) whose image
+    """Qwen2.5-VL, Qwen3-VL: a vision tower (``model.visual``, run as transformers' module) whose image
     embeddings replace the image-pad tokens' ones, and multimodal rotary positions (M-RoPE: 3-D
     t/h/w position ids for image tokens); the language model sits at ``model.language_model``."""
     packs_exactly: bool = True
@@ -152,6 +152,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             rotary_per_layer_type=True,
         ),
         Architecture("qwen2_5_vl", "Qwen2.5-VL", vision=True),
+        Architecture("qwen3_vl", "Qwen3-VL", vision=True, qk_norm=True),
         Architecture("phi3", "Phi-3 / Phi-4-mini", fused_projections=True),
         Architecture("gpt2", "GPT-2 / DistilGPT-2", family="gpt2", plain_rms_norm=False),
         Architecture("opt", "OPT", family="opt", plain_rms_norm=False, packs_exactly=False),

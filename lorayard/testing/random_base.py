@@ -166,6 +166,24 @@ TINY_VISION_LANGUAGE: dict[str, dict[str, Any]] = {
             "window_size": 56,
         },
     },
+    # Qwen3-VL: a Qwen3 language model (q/k norms), interleaved M-RoPE, and deepstack: the vision
+    # tower's blocks 0 and 1 also feed the first two decoder layers' image positions.
+    "qwen3_vl": {
+        "text_config": {
+            **TINY,
+            "initializer_range": 0.1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 1],
+        },
+    },
 }
 """Overrides for ``AutoConfig.for_model(model_type)`` per vision-language architecture: the language
 model as the tiny text bases, a vision tower of width 32."""
@@ -216,7 +234,8 @@ def build_random_vision_language(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     low, high = TINY_IMAGE_PIXELS
-    Qwen2VLImageProcessorPil(min_pixels=low, max_pixels=high).save_pretrained(out)
+    patch = int(config.vision_config.patch_size)  # 14 for Qwen2.5-VL, 16 for Qwen3-VL
+    Qwen2VLImageProcessorPil(min_pixels=low, max_pixels=high, patch_size=patch).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -87,6 +87,19 @@ GATE_UP = FUSED_GROUPS["gate_up"]
 
 
 @dataclass(frozen=True)
+class ImageEmbeds:
+    """A row's image-pad tokens: what replaces their embeddings, and (Qwen3-VL) what the first
+    decoder layers add to them."""
+
+    at: torch.Tensor
+    """[k] their indices among the row's ids (host, int64)."""
+    embeds: torch.Tensor
+    """[k, hidden] the vision tower's output for them."""
+    deepstack: tuple[torch.Tensor, ...] = ()
+    """Per early decoder layer i: [k, hidden] added to layer i's output at them (deepstack)."""
+
+
+@dataclass(frozen=True)
 class PassRow:
     """One request's new tokens in a forward pass: ``ids`` at positions ``start .. start + len(ids) - 1``,
     K/V read and written through ``blocks`` (its block table, covering every position up to the last)."""
@@ -101,9 +114,8 @@ class PassRow:
     mrope: torch.Tensor | None = None
     """A vision-language base's multimodal rotary positions of these tokens, [3, len(ids)] (t, h, w);
     None: ``start ..`` on all three axes (text only, no image before it)."""
-    image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(indices among ``ids`` [k], the vision tower's embeddings [k, hidden]) that replace those
-    image-pad tokens' embeddings; None: no image token in these ids."""
+    image_embeds: ImageEmbeds | None = None
+    """Its image-pad tokens' embeddings from the vision tower; None: no image token in these ids."""
 
 
 STACKED_R_MAX = 64
@@ -609,8 +621,9 @@ class ModelRunner:
         ids = torch.tensor([t for row in packed for t in row.ids]).to(self.device, non_blocking=True)
         h = self._embed(ids, batch.positions)
         positions = batch.positions
+        deepstack: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.arch.vision:
-            h, positions = self._with_images(packed, lengths, h, positions)
+            h, positions, deepstack = self._with_images(packed, lengths, h, positions)
         ropes = self._ropes(h, positions)
         heads, hd = self.num_heads, self.head_dim
 
@@ -622,6 +635,9 @@ class ModelRunner:
 
         for i in range(len(self.layers)):
             h = self._block(i, h, lora, ropes[self.rope_keys[i]], attend)
+            if i < len(deepstack):  # Qwen3-VL: vision features added after the first layers
+                at, features = deepstack[i]
+                h[at] += features
         logits = self._logits(h[torch.tensor(wanted, device=self.device)]) if wanted else None
         results: list[torch.Tensor | None] = [None] * len(rows)
         taken = 0
@@ -635,20 +651,30 @@ class ModelRunner:
 
     def _with_images(
         self, packed: list[PassRow], lengths: list[int], h: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """A vision-language pass's inputs: h [T, hidden] with each row's image embeddings in place of
-        its image-pad tokens' embeddings, and the [3, T] M-RoPE positions (a row without ``mrope``
-        has its sequence positions on all three axes)."""
+        its image-pad tokens' embeddings; the [3, T] M-RoPE positions (a row without ``mrope`` has
+        its sequence positions on all three axes); and per deepstack layer (packed index [k], the
+        features [k, hidden]) to add after it."""
         pos3 = positions.expand(3, -1).clone()
         first = 0
+        per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for row, n in zip(packed, lengths, strict=True):
             if row.mrope is not None:
                 pos3[:, first : first + n] = row.mrope.to(self.device)
-            if row.image_embeds is not None:
-                at, embeds = row.image_embeds
-                h[first + at.to(self.device)] = embeds.to(h.device, h.dtype)
+            images = row.image_embeds
+            if images is not None:
+                at = first + images.at.to(self.device)
+                h[at] = images.embeds.to(h.device, h.dtype)
+                for layer, features in enumerate(images.deepstack):
+                    if layer == len(per_layer):
+                        per_layer.append([])
+                    per_layer[layer].append((at, features.to(h.device, h.dtype)))
             first += n
-        return h, pos3
+        deepstack = [
+            (torch.cat([at for at, _ in parts]), torch.cat([f for _, f in parts])) for parts in per_layer
+        ]
+        return h, pos3, deepstack
 
     # -- the static decode step -------------------------------------------------------------------
     def _static_batch(self, rows: list[PassRow]) -> dict[str, torch.Tensor] | None:

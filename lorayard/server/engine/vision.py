@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lorayard.server.engine.model_runner import ImageEmbeds
 from lorayard.server.engine.types import ImageInputs, InvalidRequest
 
 
@@ -29,6 +30,9 @@ class VisionPrompt:
     """[k] prompt indices of the image-pad tokens, in order (host, int64)."""
     embeds: torch.Tensor
     """[k, hidden] the vision tower's output for them (the model's device and dtype)."""
+    deepstack: tuple[torch.Tensor, ...] = ()
+    """Qwen3-VL: per early decoder layer, [k, hidden] features of intermediate vision blocks that
+    layer's output adds at the image positions; () for Qwen2.5-VL."""
 
     def mrope(self, start: int, n: int) -> torch.Tensor:
         """[3, n] positions of sequence indices ``start .. start + n - 1``."""
@@ -37,12 +41,15 @@ class VisionPrompt:
         after = torch.arange(max(start, prompt_len), max(start + n, prompt_len)) + self.delta
         return torch.cat((inside, after.expand(3, -1)), dim=1)
 
-    def embeds_for(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(indices among the n tokens from ``start``, their embeddings) for the image-pad tokens there."""
+    def embeds_for(self, start: int, n: int) -> ImageEmbeds | None:
+        """The image-pad tokens among the n tokens from ``start``: their indices there, embeddings and
+        deepstack features; None when there is none."""
         wanted = (self.pad_at >= start) & (self.pad_at < start + n)
         if not bool(wanted.any()):
             return None
-        return self.pad_at[wanted] - start, self.embeds[wanted.to(self.embeds.device)]
+        on_device = wanted.to(self.embeds.device)
+        deepstack = tuple(layer[on_device] for layer in self.deepstack)
+        return ImageEmbeds(self.pad_at[wanted] - start, self.embeds[on_device], deepstack)
 
 
 def image_token_count(grid_thw: tuple[int, int, int], merge_size: int) -> int:
@@ -88,12 +95,12 @@ def encode_prompt(model: Any, prompt_ids: list[int], images: ImageInputs) -> Vis
     positions, delta = model.model.get_rope_index(
         ids, mm_token_type_ids=pad.int(), image_grid_thw=grid, attention_mask=torch.ones_like(ids)
     )
-    features = model.model.get_image_features(
-        images.pixel_values.to(device), grid.to(device), return_dict=True
-    ).pooler_output
+    output = model.model.get_image_features(images.pixel_values.to(device), grid.to(device), return_dict=True)
+    deepstack = getattr(output, "deepstack_features", None) or []
     return VisionPrompt(
         positions=positions[:, 0].cpu(),
         delta=int(delta.reshape(-1)[0]),
         pad_at=pad[0].nonzero()[:, 0],
-        embeds=torch.cat(list(features)).to(model.dtype),
+        embeds=torch.cat(list(output.pooler_output)).to(model.dtype),
+        deepstack=tuple(torch.cat(list(layer)).to(model.dtype) for layer in deepstack),
     )

@@ -1,8 +1,9 @@
-"""A vision-language base (a tiny random Qwen2.5-VL) served exactly by our engine: image embeddings from
-the HF vision tower in place of the image-pad tokens, M-RoPE positions in prefill and decode; greedy
-output equal to HF ``generate`` (and PEFT's with two adapters) for chats with one and two images, mixed
-in one batch with text-only rows; chunked prefill through an image; the prefix cache keyed by the
-images; the startup parity probe over a prompt with an image.
+"""Vision-language bases (tiny random Qwen2.5-VL and Qwen3-VL, deepstack included) served exactly by
+our engine: image embeddings from the HF vision tower in place of the image-pad tokens, M-RoPE
+positions in prefill and decode; greedy output equal to HF ``generate`` (and PEFT's with two adapters)
+for chats with one and two images, mixed in one batch with text-only rows, prefilled in chunks that
+cut through images; the prefix cache keyed by the images; the startup parity probe over a prompt with
+an image; adapters on the vision tower refused by name.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ MAX_TOKENS = 8
 ADAPTERS = {"all8": {"r": 8, "lora_alpha": 16}, "all4": {"r": 4, "lora_alpha": 4, "use_rslora": True}}
 
 
-@pytest.fixture(scope="module")
-def vl(tiny_arch_base, tmp_path_factory):
-    """(base folder, adapter folders): the tiny Qwen2.5-VL and two language-model adapters."""
-    base = tiny_arch_base("qwen2_5_vl")
+VISION_LANGUAGE = sorted(name for name, arch in ARCHITECTURES.items() if arch.vision)
+
+
+@pytest.fixture(scope="module", params=VISION_LANGUAGE)
+def vl(request, tiny_arch_base, tmp_path_factory):
+    """(base folder, adapter folders): a tiny vision-language base and two language-model adapters."""
+    base = tiny_arch_base(request.param)
     root = tmp_path_factory.mktemp("vl-adapters")
     adapters = {}
-    targets = ARCHITECTURES["qwen2_5_vl"].peft_target_modules(ARCHITECTURES["qwen2_5_vl"].lora_targets)
+    arch = ARCHITECTURES[request.param]
+    targets = arch.peft_target_modules(arch.lora_targets)
     for seed, (name, spec) in enumerate(ADAPTERS.items()):
         adapters[name] = root / name
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
@@ -137,8 +142,9 @@ def _request(ids: list[int], images: ImageInputs | None, handle: _Handle | None 
     )
 
 
-@pytest.mark.parametrize("prefill_chunk", [512, 7])
-def test_images_mixed_with_text_and_adapters_equal_hf(vl, prefill_chunk):
+def test_images_mixed_with_text_and_adapters_equal_hf(vl):
+    """Prefill in chunks of 7: an image's pad tokens span chunks, and chunks start inside images
+    (one-chunk prefill is the prefix-cache test's and the probe's)."""
     base, adapters = vl
     red, blue = shape_image("red", "square"), shape_image("blue", "circle", (84, 56))
     cases = [
@@ -148,7 +154,7 @@ def test_images_mixed_with_text_and_adapters_equal_hf(vl, prefill_chunk):
         ("all4", _prompt(base, "What colour?", [blue])),
         ("all8", _prompt(base, "Count to five.", [])),
     ]
-    engine = _engine(base, prefill_chunk=prefill_chunk)
+    engine = _engine(base, prefill_chunk=7)
     handles = {
         name: _Handle(
             name, engine.load_adapter_weights(name, load_adapter(folder, AutoConfig.from_pretrained(base)))

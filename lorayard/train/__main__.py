@@ -151,6 +151,14 @@ def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | No
     except ServingCheckError as exc:
         print(f"{exc}; nothing trained or published", file=sys.stderr)
         return EXIT_SERVING_CHECK
+    if arch.vision:  # served (image parts), but the job has no image data format or image model yet
+        print(
+            f"config error: the training job does not train on a vision-language base ({arch.name}) yet; "
+            "the server serves it, with PEFT adapters on its language model's linears published to the "
+            "volume",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if isinstance(config.target_modules, list):
         unknown = [m for m in config.target_modules if m not in arch.lora_targets]
         if unknown:

@@ -40,6 +40,17 @@ def test_unservable_base_is_refused_before_training(
     assert not (adapters_dir / "nope").exists()
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl"])
+def test_vision_language_base_is_refused_before_training(
+    tiny_arch_base, adapters_dir, chat_file, capsys, model_type
+):
+    """Served, not yet trained by the job: exit 2 naming it, before any data or weight is read."""
+    args = _args(tiny_arch_base(model_type), adapters_dir, chat_file)
+    assert main([*args, "--name", "nope", "--max-steps", "2"]) == EXIT_CONFIG
+    assert "vision-language base (Qwen2.5-VL)" in capsys.readouterr().err
+    assert not (adapters_dir / "nope").exists()
+
+
 def test_publish_check_refuses_an_unservable_base(tiny_arch_base, tmp_path):
     """The publish step's check (the same test) on its own: nothing is read for an unservable base."""
     with pytest.raises(ServingCheckError, match=r"'mixtral'.*supported model types"):

@@ -86,7 +86,7 @@ LLAMA31_TEMPLATE = (
     "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
     "{% set call = message.tool_calls[0].function %}"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    '{{ \'{"name": "\' + call.name + \'", "parameters": \' + call.arguments | tojson + \'}\' }}<|eot_id|>'
+    "{{ '{\"name\": \"' + call.name + '\", \"parameters\": ' + call.arguments | tojson + '}' }}<|eot_id|>"
     "{% elif message.role == 'assistant' %}"
     "<|start_header_id|>assistant<|end_header_id|>\n\n{{ message.content }}<|eot_id|>"
     "{% elif message.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n"
@@ -139,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--family", choices=sorted(FAMILIES), required=True)
-    parser.add_argument("--like", type=Path, default=None, help="tokenizer source (default: the default base)")
+    parser.add_argument(
+        "--like", type=Path, default=None, help="tokenizer source (default: the default base)"
+    )
     args = parser.parse_args()
     if args.like is None:
         from lorayard.base_model import resolve_base_model

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 
 from lorayard.server.api.errors import error_body, status_of
 from lorayard.server.api.protocol import ChatCompletionChunk, ChatDelta, ChatTokenLogprob, Usage
-from lorayard.server.api.streaming import record_stream_failure
 from lorayard.server.api.responses_protocol import (
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
@@ -38,6 +37,8 @@ from lorayard.server.api.responses_protocol import (
     TextDeltaEvent,
     TextDoneEvent,
 )
+from lorayard.server.api.streaming import record_stream_failure
+
 
 def response_usage(usage: Usage) -> ResponseUsage:
     return ResponseUsage(

@@ -48,7 +48,8 @@ class IncrementalDetokenizer:
         if not self.kept.intersection(ids):
             return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
         # Each kept token is its own text; the runs between them decode as usual.
-        text, run = "", []
+        text = ""
+        run: list[int] = []
         for token_id in ids:
             if token_id in self.kept:
                 text += str(self.tokenizer.decode(run, skip_special_tokens=True)) if run else ""

@@ -192,7 +192,12 @@ def test_a_native_tool_template_trains_the_calls_the_server_parses(tool_family_b
 
     tokenizer = AutoTokenizer.from_pretrained(tool_family_base(family))
     assert tool_format_for_template(tokenizer.chat_template) is fmt
-    conversation = [*TOOL_ROUND_TRIP[:2], _first_calls(calls), *TOOL_ROUND_TRIP[3 : 3 + calls], TOOL_ROUND_TRIP[5]]
+    conversation = [
+        *TOOL_ROUND_TRIP[:2],
+        _first_calls(calls),
+        *TOOL_ROUND_TRIP[3 : 3 + calls],
+        TOOL_ROUND_TRIP[5],
+    ]
     tools = ToolContext((WEATHER,), fmt)
     example = render_conversation(tokenizer, conversation, tools=tools)
     trained = tokenizer.decode([i for i, m in zip(example.ids, example.labels_mask, strict=True) if m])
@@ -203,7 +208,9 @@ def test_a_native_tool_template_trains_the_calls_the_server_parses(tool_family_b
     parser = ToolCallParser(fmt, ("get_weather",))
     parser.push(call_text)
     parser.finish()
-    assert parser.content == "" and [c.arguments for c in parser.calls] == [f'{{"city": "{c}"}}' for c in cities]
+    assert parser.content == "" and [c.arguments for c in parser.calls] == [
+        f'{{"city": "{c}"}}' for c in cities
+    ]
     served = render_prompt(tokenizer, conversation[:2], tools=tools)  # the turn that calls
     assert example.ids[: len(served)] == served and example.labels_mask[len(served)] == 1
 

@@ -8,6 +8,7 @@ import xgrammar
 
 from lorayard.server.api.errors import APIError
 from lorayard.server.api.protocol import NamedToolChoice, Tool
+from lorayard.server.api.streaming import IncrementalDetokenizer
 from lorayard.server.api.tool_calls import (
     ArgumentsDelta,
     CallStarted,
@@ -17,7 +18,6 @@ from lorayard.server.api.tool_calls import (
     tool_calling,
     tool_grammar,
 )
-from lorayard.server.api.streaming import IncrementalDetokenizer
 from lorayard.server.engine.guided import GuidedCompiler
 from lorayard.tool_format import HERMES, LLAMA3_JSON, MISTRAL
 

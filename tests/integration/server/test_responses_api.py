@@ -64,6 +64,33 @@ def test_text_input_equals_the_chat_answer(client):
     assert message.type == "message" and message.role == "assistant" and message.status == expected
 
 
+def test_json_object_text_format_and_sampling_fields_are_chats(client):
+    """``text.format: json_object`` is chat's json_object grammar; ``temperature``, ``top_p`` and a
+    ``seed`` sampled as chat samples them: the same answer, and it parses as an object."""
+    sampling = {"temperature": 0.9, "top_p": 0.8}
+    question = "Describe Paris as JSON."
+    response = client.responses.create(
+        model=BASE,
+        input=question,
+        text={"format": {"type": "json_object"}},
+        max_output_tokens=40,
+        extra_body={"seed": 5},
+        **sampling,
+    )
+    chat = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "user", "content": question}],
+        response_format={"type": "json_object"},
+        max_tokens=40,
+        seed=5,
+        **sampling,
+    )
+    assert response.output_text == chat.choices[0].message.content
+    assert (response.temperature, response.top_p) == (0.9, 0.8)
+    if response.status == "completed":
+        assert isinstance(json.loads(response.output_text), dict)
+
+
 def test_instructions_items_and_an_adapter_version(client):
     """``instructions`` is the system turn, items are the turns, ``model`` picks the adapter version."""
     items = [

@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -120,7 +120,7 @@ def run_train(argv: list[str]) -> int:
         return refused
     tokenizer = load_tokenizer(base)
     try:
-        data = prepare_config_data(config, tokenizer)
+        data = prepare_config_data(config, tokenizer, _image_processor(base))
     except DataError as exc:
         print(f"data error: nothing was trained or published.\n{exc}", file=sys.stderr)
         return EXIT_DATA
@@ -140,6 +140,20 @@ def run_train(argv: list[str]) -> int:
     return _train_and_publish(config, base, tokenizer, data, resume=args.resume)
 
 
+def _image_processor(base: ResolvedBaseModel) -> Any:
+    """A vision-language base's image processor (its images are data); None for a text base."""
+    from transformers import AutoConfig
+
+    from lorayard.architectures import architecture_for
+    from lorayard.vision import load_image_processor
+
+    return (
+        load_image_processor(base.path)
+        if architecture_for(AutoConfig.from_pretrained(base.path)).vision
+        else None
+    )
+
+
 def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | None:
     """Before any data or weights are read: the exit code when the server could not serve the result."""
     from transformers import AutoConfig
@@ -151,12 +165,9 @@ def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | No
     except ServingCheckError as exc:
         print(f"{exc}; nothing trained or published", file=sys.stderr)
         return EXIT_SERVING_CHECK
-    if arch.vision:  # served (image parts), but the job has no image data format or image model yet
+    if arch.vision and config.packing:  # packed rows would need their images' M-RoPE positions
         print(
-            f"config error: the training job does not train on a vision-language base ({arch.name}) yet; "
-            "the server serves it, with PEFT adapters on its language model's linears published to the "
-            "volume",
-            file=sys.stderr,
+            f"config error: packing is not supported on a vision-language base ({arch.name})", file=sys.stderr
         )
         return EXIT_CONFIG
     if isinstance(config.target_modules, list):

@@ -40,14 +40,11 @@ def test_unservable_base_is_refused_before_training(
     assert not (adapters_dir / "nope").exists()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl"])
-def test_vision_language_base_is_refused_before_training(
-    tiny_arch_base, adapters_dir, chat_file, capsys, model_type
-):
-    """Served, not yet trained by the job: exit 2 naming it, before any data or weight is read."""
-    args = _args(tiny_arch_base(model_type), adapters_dir, chat_file)
-    assert main([*args, "--name", "nope", "--max-steps", "2"]) == EXIT_CONFIG
-    assert "vision-language base (Qwen2.5-VL)" in capsys.readouterr().err
+def test_packing_is_refused_on_a_vision_language_base(tiny_arch_base, adapters_dir, chat_file, capsys):
+    """Packed rows would need each image's M-RoPE positions: exit 2 before any data or weight is read."""
+    args = _args(tiny_arch_base("qwen2_5_vl"), adapters_dir, chat_file)
+    assert main([*args, "--name", "nope", "--packing"]) == EXIT_CONFIG
+    assert "packing is not supported on a vision-language base (Qwen2.5-VL)" in capsys.readouterr().err
     assert not (adapters_dir / "nope").exists()
 
 

@@ -147,9 +147,9 @@ def _refuse_fsdp_misuse(config: TrainConfig, *, resume: bool) -> int | None:
     """fsdp needs a multi-process launch, and its checkpoints (the adapter only) cannot be resumed."""
     if not config.fsdp:
         return None
-    if "WORLD_SIZE" not in os.environ:
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         print(
-            "config error: fsdp shards the base across processes: launch with "
+            "config error: fsdp shards the base across processes: launch two or more with "
             "`torchrun --nproc-per-node N -m lorayard.train ...` (or `accelerate launch`)",
             file=sys.stderr,
         )

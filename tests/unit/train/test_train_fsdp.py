@@ -141,8 +141,12 @@ def test_fsdp_refuses_quantized_weights(tmp_path, bits):
         load_config(None, {"data": [tmp_path / "a.jsonl"], "fsdp": True, "quantization": bits})
 
 
-def test_fsdp_in_one_process_names_the_launcher(tiny_args, monkeypatch, capsys):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+@pytest.mark.parametrize("world_size", [None, "1"])
+def test_fsdp_in_one_process_names_the_launcher(tiny_args, monkeypatch, capsys, world_size):
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)  # torchrun --nproc-per-node 1: nothing to shard across
     assert main([*tiny_args, "--fsdp"]) == EXIT_CONFIG
     assert "torchrun --nproc-per-node" in capsys.readouterr().err
 

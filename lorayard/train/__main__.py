@@ -229,9 +229,14 @@ def _train_evaluate_publish(
         print(f"the server cannot serve this base: {exc}; nothing trained or published", file=sys.stderr)
         return EXIT_SERVING_CHECK
     if result.interrupted:
+        again = (
+            "Run again to start over (an fsdp run's checkpoints cannot be resumed)."
+            if config.fsdp
+            else "Run again with --resume to continue."
+        )
         print(
             f"terminated at step {result.global_step}: checkpoint {result.last_checkpoint}; "
-            f"nothing published. Run again with --resume to continue.",
+            f"nothing published. {again}",
             file=sys.stderr,
             flush=True,
         )

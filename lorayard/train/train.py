@@ -29,6 +29,7 @@ from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype
 
 if TYPE_CHECKING:
     from peft import PeftModel
+    from torch.distributed import ProcessGroup
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer
 
     from lorayard.train.config import TrainConfig
@@ -315,22 +316,50 @@ def unsharded_adapter(
     return adapted
 
 
-def publish_barrier() -> Callable[[], None]:
-    """Made by every rank together once training is done; returns the wait for the final meeting:
-    rank 0 calls it after evaluating and before publishing, the other ranks at once, then exit. So
-    rank 0 publishes only when every rank finished training and is still alive, and a rank 0 that
-    fails before publishing fails the others' wait too. A gloo group of its own (on GPUs too), with a
-    timeout long enough for rank 0's evaluation. A single process gets a no-op."""
+def ranks_group() -> ProcessGroup | None:
+    """A gloo group of every rank, made by all of them together once training is done (None in a
+    single process). Its own group, on GPUs too, for its timeout: long enough for rank 0's evaluation
+    while the others wait (the default group's is 30 minutes)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.new_group(backend="gloo", timeout=RANK0_TIMEOUT)
+
+
+def check_replicas_agree(state: dict[str, torch.Tensor], group: ProcessGroup | None) -> None:
+    """Every rank holds the same adapter (a collective over ``group``), or RuntimeError.
+
+    Trainer broadcasts the adapter's initial weights and averages its gradients, so the copies stay
+    equal; if they did not, rank 0's copy would not be the run's result, and publishing it would be a
+    silent wrong answer. A checksum (sum and sum of magnitudes) is compared across ranks."""
+    import torch.distributed as dist
+
+    if group is None:
+        return
+    tensors = list(state.values())
+    checksum = torch.tensor(
+        [sum(float(t.double().sum()) for t in tensors), sum(float(t.double().abs().sum()) for t in tensors)],
+        dtype=torch.float64,
+    )
+    high, low = checksum.clone(), checksum.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    if not torch.allclose(high, low, rtol=1e-6, atol=0.0):
+        raise RuntimeError(
+            f"the ranks' copies of the adapter differ (checksums {low.tolist()} .. {high.tolist()})"
+        )
+
+
+def meeting(group: ProcessGroup | None) -> Callable[[], None]:
+    """The final meeting of every rank: rank 0 calls it after evaluating and before publishing, the
+    other ranks at once, then exit. So rank 0 publishes only when every rank finished training and is
+    still alive, and a rank 0 that fails before publishing fails the others' wait too."""
+    import torch.distributed as dist
+
+    if group is None:
         return lambda: None
-    group = dist.new_group(backend="gloo", timeout=RANK0_TIMEOUT)
-
-    def meet() -> None:
-        dist.barrier(group=group)
-
-    return meet
+    return lambda: dist.barrier(group=group)
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -346,7 +375,7 @@ class TrainResult:
     interrupted: bool = False
     last_checkpoint: Path | None = None
     meet_other_ranks: Callable[[], None] = lambda: None
-    """The final meeting of every rank (:func:`publish_barrier`)."""
+    """The final meeting of every rank (:func:`meeting`)."""
 
 
 def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
@@ -458,15 +487,20 @@ def run_training(
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
     trained: PeftModel = trainer.model  # type: ignore[assignment]  # Trainer types it loosely: build_model's
-    meet_other_ranks = publish_barrier()
+    group = ranks_group()
     if config.fsdp and not flag.is_set:
         # Sharded, the model answers only with every rank taking part: rank 0 evaluates and publishes a
         # whole copy, alone.
         adapter, sharded = trained_adapter_state(trained)
         if not sharded:  # never publish a run that silently trained unsharded copies
             raise RuntimeError("fsdp is set but the base was not sharded (no DTensor weights)")
+        check_replicas_agree(adapter, group)
         if is_main_process():
-            print(f"fsdp: the base was sharded ({sharded} weights); rank 0 publishes alone", flush=True)
+            print(
+                f"fsdp: the base was sharded ({sharded} weights), every rank holds the same adapter; "
+                "rank 0 publishes alone",
+                flush=True,
+            )
             del trainer, model, trained
             free_memory(device)
             trained = unsharded_adapter(config, base, device, adapter)
@@ -480,7 +514,7 @@ def run_training(
         train_runtime_s=output.metrics.get("train_runtime"),
         interrupted=flag.is_set,
         last_checkpoint=last_complete_checkpoint(config.run_dir),
-        meet_other_ranks=meet_other_ranks,
+        meet_other_ranks=meeting(group),
     )
 
 

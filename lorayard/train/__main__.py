@@ -144,7 +144,16 @@ def run_train(argv: list[str]) -> int:
 
 
 def _refuse_fsdp_misuse(config: TrainConfig, *, resume: bool) -> int | None:
-    """fsdp needs a multi-process launch, and its checkpoints (the adapter only) cannot be resumed."""
+    """fsdp needs a multi-process launch, and its checkpoints (the adapter only) cannot be resumed;
+    accelerate's own FSDP (an `accelerate launch` config with FSDP) would shard the model a second way,
+    and rank 0 could then not evaluate it alone."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        print(
+            "config error: accelerate's FSDP config is not used: launch without it "
+            "(`accelerate launch --num_processes N ...`) and pass --fsdp",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if not config.fsdp:
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:

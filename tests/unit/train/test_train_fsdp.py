@@ -155,3 +155,12 @@ def test_fsdp_refuses_resume(tiny_args, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*tiny_args, "--fsdp", "--resume"]) == EXIT_CONFIG
     assert "run without --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp"]])
+def test_accelerates_own_fsdp_is_refused(tiny_args, monkeypatch, capsys, fsdp):
+    # `accelerate launch` with an FSDP config sets this; rank 0 could not evaluate that model alone
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*tiny_args, *fsdp]) == EXIT_CONFIG
+    assert "pass --fsdp" in capsys.readouterr().err

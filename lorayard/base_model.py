@@ -206,9 +206,15 @@ def load_base_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     quantization: Quantization = None,
+    fsdp_ranks: int = 1,
 ) -> PreTrainedModel:
     """Load the base weights, optionally 4-bit NF4 (double quant) or 8-bit through bitsandbytes; a
-    vision-language base (Qwen2.5-VL) as transformers' image-text-to-text model, vision tower included."""
+    vision-language base (Qwen2.5-VL, Qwen3-VL) as transformers' image-text-to-text model, vision
+    tower included.
+
+    ``fsdp_ranks`` > 1 (a torchrun run with ``fsdp``): transformers' own FSDP2 at load time, each rank
+    reading only its shard of every weight (DTensors over the process group, on this rank's device).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
     from lorayard.architectures import ARCHITECTURES
@@ -229,11 +235,15 @@ def load_base_model(
         kwargs["device_map"] = {"": device}
     elif quantization is not None:
         raise BaseModelError(f"quantization must be '4bit', '8bit' or none, not {quantization!r}")
+    if fsdp_ranks > 1:
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=fsdp_ranks)
     model_type = getattr(AutoConfig.from_pretrained(base.path), "model_type", None)
     vision = model_type in ARCHITECTURES and ARCHITECTURES[str(model_type)].vision
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model = auto.from_pretrained(base.path, **kwargs)
-    if quantization is None:
+    if quantization is None and fsdp_ranks == 1:
         # transformers wraps PreTrainedModel.to in a decorator that hides its signature from mypy
         model = model.to(device)  # type: ignore[arg-type]
     return model

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorayard.architectures import UnsupportedArchitecture
 from lorayard.base_model import BaseModelError, load_tokenizer, resolve_base_model
@@ -18,6 +18,7 @@ from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.guided import GuidedCompiler
 from lorayard.server.metrics import ServerMetrics
 from lorayard.server.settings import Settings
+from lorayard.vision import load_image_processor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -31,6 +32,8 @@ class Runtime:
     metrics: ServerMetrics = field(default_factory=ServerMetrics.create)
     started_at: float = field(default_factory=time.time)
     tokenizer: PreTrainedTokenizerBase | None = None
+    image_processor: Any = None
+    """A vision-language base's image processor (``lorayard.vision``); None: the base reads text only."""
     engine: Engine | None = None
     registry: AdapterRegistry | None = None
     load_error: str | None = None
@@ -71,6 +74,8 @@ class Runtime:
                 lambda outcome: self.metrics.grammar_compiles.labels(outcome=outcome).inc(),
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
+            if engine.runner.arch.vision:
+                self.image_processor = await asyncio.to_thread(load_image_processor, base.path)
         except (UnsupportedArchitecture, BaseModelError) as exc:  # expected refusals: one line
             self._load_failed(f"cannot serve base model {settings.base_model!r}: {exc}")
             return
@@ -142,6 +147,7 @@ class ReadyRuntime(Protocol):
     metrics: ServerMetrics
     started_at: float
     tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
     engine: Engine
     registry: AdapterRegistry
 

@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -123,7 +123,7 @@ def run_train(argv: list[str]) -> int:
         return refused
     tokenizer = load_tokenizer(base)
     try:
-        data = prepare_config_data(config, tokenizer)
+        data = prepare_config_data(config, tokenizer, _image_processor(base))
     except DataError as exc:
         print(f"data error: nothing was trained or published.\n{exc}", file=sys.stderr)
         return EXIT_DATA
@@ -141,6 +141,20 @@ def run_train(argv: list[str]) -> int:
                 _show_example(example, tokenizer)
         return EXIT_OK
     return _train_and_publish(config, base, tokenizer, data, resume=args.resume)
+
+
+def _image_processor(base: ResolvedBaseModel) -> Any:
+    """A vision-language base's image processor (its images are data); None for a text base."""
+    from transformers import AutoConfig
+
+    from lorayard.architectures import architecture_for
+    from lorayard.vision import load_image_processor
+
+    return (
+        load_image_processor(base.path)
+        if architecture_for(AutoConfig.from_pretrained(base.path)).vision
+        else None
+    )
 
 
 def _refuse_fsdp_misuse(config: TrainConfig, *, resume: bool) -> int | None:
@@ -184,6 +198,11 @@ def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | No
     except ServingCheckError as exc:
         print(f"{exc}; nothing trained or published", file=sys.stderr)
         return EXIT_SERVING_CHECK
+    if arch.vision and config.packing:  # packed rows would need their images' M-RoPE positions
+        print(
+            f"config error: packing is not supported on a vision-language base ({arch.name})", file=sys.stderr
+        )
+        return EXIT_CONFIG
     if isinstance(config.target_modules, list):
         unknown = [m for m in config.target_modules if m not in arch.lora_targets]
         if unknown:

@@ -25,6 +25,7 @@ from lorayard.chat_format import (
     render_prompt,
 )
 from lorayard.server.api.errors import APIError
+from lorayard.server.api.images import ImageRef, request_images, with_image_pads
 from lorayard.server.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -45,8 +46,15 @@ from lorayard.server.engine.request_rules import (
     check_token_ids,
     default_max_tokens,
 )
-from lorayard.server.engine.types import GuidedDecoding, InvalidRequest, PromptTooLong, SamplingParams
+from lorayard.server.engine.types import (
+    GuidedDecoding,
+    ImageInputs,
+    InvalidRequest,
+    PromptTooLong,
+    SamplingParams,
+)
 from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
+from lorayard.vision import IMAGE_PAD, IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from lorayard.server.runtime import ReadyRuntime
@@ -148,6 +156,8 @@ class EngineJob:
     """Chat jobs: the conversation, rendered again with the leased version's prompt template when it
     has one (an adapter trained on a base without a chat template); ``prompt_ids`` is then empty
     until the lease says which template applies."""
+    images: ImageInputs | None = None
+    """Chat jobs on a vision-language base: the images whose pad tokens ``prompt_ids`` holds."""
 
 
 def _bad(param: str, message: str) -> APIError:
@@ -399,12 +409,22 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     )
 
 
-def _content_text(content: str | list[ContentPart] | None, param: str) -> str:
-    """A message's content as text: a string, or text parts joined; other parts are refused by name."""
+def _content_text(
+    content: str | list[ContentPart] | None, param: str, images: list[ImageRef] | None = None
+) -> str:
+    """A message's content as text: a string, or text parts joined; with ``images`` (a vision-language
+    base) each image part is its placeholder in the text and its URL is appended to ``images``; other
+    parts are refused by name."""
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
     for j, part in enumerate(content):
+        if part.type == "image_url" and images is not None:
+            if part.image_url is None:
+                raise _bad(f"{param}.{j}.image_url", "required in an image_url part")
+            images.append(ImageRef(part.image_url.url, f"{param}.{j}.image_url.url"))
+            texts.append(IMAGE_PLACEHOLDER)
+            continue
         if part.type != "text" or part.text is None:
             what = "image" if "image" in part.type else repr(part.type)
             raise APIError(
@@ -431,16 +451,18 @@ def _replayed_calls(message: ChatMessage, i: int) -> list[ToolCallEntry]:
     return calls
 
 
-def conversation(messages: list[ChatMessage]) -> list[Message]:
+def conversation(messages: list[ChatMessage], images: list[ImageRef] | None = None) -> list[Message]:
     """OpenAI's messages -> the conversation :mod:`lorayard.chat_format` renders: ``developer`` is a
-    system turn, content parts are text, an assistant turn may be calls alone, a tool turn answers a
-    call by ``tool_call_id``. A message we cannot render is a 400 naming its field."""
+    system turn, content parts are text (and, given ``images`` to collect them in, image parts are
+    image placeholders), an assistant turn may be calls alone, a tool turn answers a call by
+    ``tool_call_id``. A message we cannot render is a 400 naming its field."""
     out: list[Message] = []
     for i, message in enumerate(messages):
         if message.content is None and message.role != "assistant":
             raise _bad(f"messages.{i}.content", f"required in a {message.role} message")
         role = "system" if message.role == "developer" else message.role
-        entry: Message = {"role": role, "content": _content_text(message.content, f"messages.{i}.content")}
+        content = _content_text(message.content, f"messages.{i}.content", images)
+        entry: Message = {"role": role, "content": content}
         if message.tool_calls:
             entry["tool_calls"] = _replayed_calls(message, i)
         if message.role == "tool":
@@ -492,15 +514,26 @@ def chat_prompt_ids(
 def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     """/v1/chat/completions body -> job, with response_format or forced tool calls as a grammar."""
     _refuse_unsupported(body)
-    messages = conversation(body.messages)
+    image_refs: list[ImageRef] | None = [] if runtime.image_processor is not None else None
+    messages = conversation(body.messages, image_refs)
     ref = _adapter_ref(body, runtime)
     adapter = ref[0]
     # A base without a chat template: only an adapter's own prompt template can render the chat,
     # known once its version is leased (canary routing picks it); Generation renders it then.
     deferred = adapter is not None and runtime.tokenizer.chat_template is None
+    if deferred and image_refs:
+        raise _bad("messages", "images need the base's chat template (this base has none)")
     tools = request_tools(runtime, body.tools, body.tool_choice, body.parallel_tool_calls)
     context = tools.context if tools is not None else ToolContext(_tool_specs(body.tools))
     prompt_ids = [] if deferred else chat_prompt_ids(runtime, messages, tools=context)
+    images = None
+    if image_refs:
+        settings = runtime.settings
+        images, counts = request_images(
+            image_refs, runtime.image_processor, settings.image_limits(), settings.image_dir
+        )
+        pad_id = runtime.tokenizer.get_vocab()[IMAGE_PAD]
+        prompt_ids = with_image_pads(prompt_ids, pad_id, counts)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -522,6 +555,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         messages=tuple(messages),
         tool_context=context,
         requested_max_tokens=requested,
+        images=images,
     )
 
 

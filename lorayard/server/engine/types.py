@@ -23,7 +23,10 @@ Engine contract (``lorayard.server.engine.engine.Engine``)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -94,6 +97,19 @@ class AdapterHandle(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """A request's images, preprocessed by the base's image processor (``lorayard.vision``): what the
+    vision tower reads. The prompt holds each image's placeholder tokens already expanded, in order."""
+
+    pixel_values: torch.Tensor
+    """[patches, channels * temporal patch * patch * patch], every image's patches one after another."""
+    grid_thw: tuple[tuple[int, int, int], ...]
+    """Per image, its patch grid (temporal, height, width)."""
+    hashes: tuple[str, ...]
+    """Per image, the sha256 of its encoded bytes: part of the prefix-cache key of its request."""
+
+
 @dataclass
 class Request:
     request_id: str
@@ -101,6 +117,8 @@ class Request:
     params: SamplingParams
     adapter: AdapterHandle | None = None
     """None: the plain base model."""
+    images: ImageInputs | None = None
+    """A vision-language base's images for the prompt's image-pad tokens; None: text only."""
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def _refuse_fsdp_misuse(config: TrainConfig, *, resume: bool) -> int | None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         print(
             "config error: accelerate's FSDP config is not used: launch without it "
-            "(`accelerate launch --num_processes N ...`) and pass --fsdp",
+            "(`accelerate launch --multi_gpu --num_processes N ...`) and pass --fsdp",
             file=sys.stderr,
         )
         return EXIT_CONFIG

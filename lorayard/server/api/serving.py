@@ -76,23 +76,28 @@ the schema checks long before any real schema (a property path of ~30 objects) n
 REFUSED_FIELDS: dict[str, str] = {
     "functions": "the legacy `functions` field is not supported: send `tools`",
     "function_call": "the legacy `function_call` field is not supported: send `tool_choice`",
-    "suffix": "`suffix` (insertion) is not supported",
+    "suffix": "`suffix` (insertion) is not supported: send the text before the gap as `prompt`",
     "guided_json": "vLLM's `guided_json` is not supported: send `response_format` with a json_schema",
     "guided_regex": "`guided_regex` is not supported: only JSON (response_format) can be enforced",
     "guided_choice": "`guided_choice` is not supported: send `response_format` with an enum json_schema",
     "guided_grammar": "`guided_grammar` is not supported: only JSON (response_format) can be enforced",
-    "audio": "audio output is not supported",
-    "prediction": "predicted outputs are not supported",
+    "audio": "audio output is not supported: the served models write text; send the request without it",
+    "prediction": "predicted outputs are not supported: send the request without it (a prediction only"
+    " speeds an answer up, never changes it)",
     "min_p": "`min_p` is not supported: use top_p or top_k",
     "typical_p": "`typical_p` is not supported: use top_p or top_k",
-    "use_beam_search": "beam search is not supported",
-    "length_penalty": "`length_penalty` (beam search) is not supported",
+    "use_beam_search": "beam search is not supported: send `n` with `logprobs` and rank the choices",
+    "length_penalty": "`length_penalty` (beam search) is not supported: send `n` with `logprobs` and"
+    " rank the choices",
     "allowed_token_ids": "`allowed_token_ids` is not supported: use logit_bias (+100) or response_format",
     "bad_words": "`bad_words` is not supported: use logit_bias (-100) on their token ids",
-    "include_stop_str_in_output": "`include_stop_str_in_output` is not supported: stop strings are cut",
-    "skip_special_tokens": "`skip_special_tokens: false` is not supported: special tokens are skipped",
+    "include_stop_str_in_output": "`include_stop_str_in_output` is not supported: stop strings are cut;"
+    " a choice that ended on one has finish_reason `stop`: append it yourself",
+    "skip_special_tokens": "`skip_special_tokens: false` is not supported: special tokens are skipped"
+    " from the text; `logprobs` lists every generated token, special ones included",
     "truncate_prompt_tokens": "prompt truncation is not supported: send a shorter prompt",
-    "chat_template": "a per-request chat template is not supported: the base's template is used",
+    "chat_template": "a per-request chat template is not supported: the base's template is used; send"
+    " a prompt rendered your way to /v1/completions",
     "continue_final_message": "`continue_final_message` is not supported: use /v1/completions",
     # Declared by /v1/completions, so only ever an unknown field on chat:
     "echo": "`echo` is only supported on /v1/completions",
@@ -166,7 +171,12 @@ def _refuse_unsupported(body: SamplingFields) -> None:
             raise APIError(400, REFUSED_FIELDS[name], param=name, code="unsupported_field")
     best_of = (body.model_extra or {}).get("best_of")
     if best_of not in (None, 1, body.n):
-        raise APIError(400, "best_of: only best_of == n is supported", param="best_of", code="unsupported")
+        raise APIError(
+            400,
+            "best_of: only best_of == n is supported: send `n` with `logprobs` and rank the choices",
+            param="best_of",
+            code="unsupported",
+        )
 
 
 def _token_ids(param: str, ids: list[int], vocab: int) -> list[int]:

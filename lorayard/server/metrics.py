@@ -127,6 +127,7 @@ class ServerMetrics:
     prefix_cache_hits: Counter
     adapter_load_seconds: Histogram
     grammar_compiles: Counter
+    vision_encoded_images: Counter
     max_lora: int = 0
     """Distinct adapters one batch can hold (the engine's --max-loaded-adapters); set by
     :meth:`log_engine_config`."""
@@ -287,6 +288,12 @@ class ServerMetrics:
                 " (the schema refused), timeout (past --grammar-compile-timeout), abandoned (its client"
                 " left while it waited for a compile thread: it never ran).",
                 ["outcome"],
+                registry=registry,
+            ),
+            vision_encoded_images=Counter(
+                f"{prefix}_vision_encoded_images",
+                "Images run through a vision-language base's vision tower (a request whose image"
+                " tokens all come from the prefix cache runs none).",
                 registry=registry,
             ),
         )

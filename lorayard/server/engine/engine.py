@@ -72,7 +72,7 @@ from lorayard.server.engine.types import (
     Request,
     TokenEvent,
 )
-from lorayard.server.engine.vision import VisionPrompt, check_images, encode_prompt
+from lorayard.server.engine.vision import VisionPrompt, check_images, encode_images, rope_prompt
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -95,7 +95,8 @@ class _Sequence(Sequence):
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent]
     vision: VisionPrompt | None = None
-    """Its images' embeddings and M-RoPE positions, computed on its first planned pass."""
+    """Its M-RoPE positions, computed on its first planned pass, and its images' embeddings, on the
+    first pass that computes an image-pad token (never when the prefix cache holds them all)."""
 
     @property
     def adapter_slot(self) -> int | None:
@@ -625,15 +626,21 @@ class Engine:
     def _pass_row(self, row: PlannedRow[_Sequence]) -> PassRow:
         """The model runner's view of a planned row: its tokens, positions, blocks and adapter, and for
         a request with images their embeddings and M-RoPE positions (the vision tower runs here, on
-        the engine thread, once per request: inside the pass's try, so a failure is that row's)."""
+        the engine thread, at most once per request and only when the row computes an image-pad
+        token, i.e. not all of them came from the prefix cache: inside the pass's try, so a failure
+        is that row's)."""
         seq = row.seq
         assert seq.table is not None
         images = seq.request.images
         if images is None:
             return PassRow(row.ids, row.start, seq.table.blocks, seq.adapter_slot, row.logits)
         if seq.vision is None:
-            seq.vision = encode_prompt(self.model, seq.request.prompt_ids, images)
+            seq.vision = rope_prompt(self.model, seq.request.prompt_ids, images)
         n = len(row.ids)
+        if seq.vision.features is None and seq.vision.has_pads(row.start, n):
+            seq.vision.features = encode_images(self.model, images)
+            if self.metrics is not None:
+                self.metrics.vision_encoded_images.inc(len(images.grid_thw))
         return PassRow(
             row.ids,
             row.start,

@@ -5,8 +5,10 @@ Both come from transformers' own code on the loaded base: the embeddings from th
 (``get_image_features``: the HF ``visual`` module, patch merger included), the positions from its
 ``get_rope_index`` (image tokens get 3-D t/h/w positions; text after an image continues from the
 image's largest position, so a token at sequence index i >= the prompt's length sits at ``i + delta``).
-Computed once per request, on the engine thread, the first time one of its passes is planned; a
-preempted request keeps it (its recompute needs the same embeddings and positions).
+Computed on the engine thread: the positions the first time one of the request's passes is planned,
+the embeddings (all its images at once) the first time a pass computes an image-pad token. A request
+whose image tokens are all prefix-cache hits (the same images before it, same adapter version) never
+runs the vision tower. A preempted request keeps both (its recompute needs the same ones).
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ from lorayard.server.engine.types import ImageInputs, InvalidRequest
 
 
 @dataclass(frozen=True)
+class ImageFeatures:
+    """The vision tower's output for a request's images, in prompt order."""
+
+    embeds: torch.Tensor
+    """[k, hidden] one row per image-pad token (the model's device and dtype)."""
+    deepstack: tuple[torch.Tensor, ...] = ()
+    """Qwen3-VL: per early decoder layer, [k, hidden] features of intermediate vision blocks that
+    layer's output adds at the image positions; () for Qwen2.5-VL."""
+
+
+@dataclass
 class VisionPrompt:
     positions: torch.Tensor
     """[3, prompt length] M-RoPE positions of the prompt (host, int64)."""
@@ -28,11 +41,9 @@ class VisionPrompt:
     """Positions of tokens past the prompt: their sequence index plus this."""
     pad_at: torch.Tensor
     """[k] prompt indices of the image-pad tokens, in order (host, int64)."""
-    embeds: torch.Tensor
-    """[k, hidden] the vision tower's output for them (the model's device and dtype)."""
-    deepstack: tuple[torch.Tensor, ...] = ()
-    """Qwen3-VL: per early decoder layer, [k, hidden] features of intermediate vision blocks that
-    layer's output adds at the image positions; () for Qwen2.5-VL."""
+    features: ImageFeatures | None = None
+    """The vision tower's output; None until a pass computes one of the image-pad tokens (a request
+    whose image tokens all come from the prefix cache never runs the tower)."""
 
     def mrope(self, start: int, n: int) -> torch.Tensor:
         """[3, n] positions of sequence indices ``start .. start + n - 1``."""
@@ -41,15 +52,21 @@ class VisionPrompt:
         after = torch.arange(max(start, prompt_len), max(start + n, prompt_len)) + self.delta
         return torch.cat((inside, after.expand(3, -1)), dim=1)
 
+    def has_pads(self, start: int, n: int) -> bool:
+        """Whether an image-pad token is among the n tokens from ``start``."""
+        return bool(((self.pad_at >= start) & (self.pad_at < start + n)).any())
+
     def embeds_for(self, start: int, n: int) -> ImageEmbeds | None:
         """The image-pad tokens among the n tokens from ``start``: their indices there, embeddings and
-        deepstack features; None when there is none."""
+        deepstack features; None when there is none. The features must be set when there are."""
         wanted = (self.pad_at >= start) & (self.pad_at < start + n)
         if not bool(wanted.any()):
             return None
-        on_device = wanted.to(self.embeds.device)
-        deepstack = tuple(layer[on_device] for layer in self.deepstack)
-        return ImageEmbeds(self.pad_at[wanted] - start, self.embeds[on_device], deepstack)
+        if self.features is None:
+            raise RuntimeError("image-pad tokens to compute, no vision-tower features: encode_images first")
+        on_device = wanted.to(self.features.embeds.device)
+        deepstack = tuple(layer[on_device] for layer in self.features.deepstack)
+        return ImageEmbeds(self.pad_at[wanted] - start, self.features.embeds[on_device], deepstack)
 
 
 def image_token_count(grid_thw: tuple[int, int, int], merge_size: int) -> int:
@@ -86,21 +103,36 @@ def check_images(config: Any, prompt_ids: list[int], images: ImageInputs | None)
 
 
 @torch.inference_mode()
-def encode_prompt(model: Any, prompt_ids: list[int], images: ImageInputs) -> VisionPrompt:
-    """Run the base's vision tower over ``images`` and its ``get_rope_index`` over the prompt."""
+def rope_prompt(model: Any, prompt_ids: list[int], images: ImageInputs) -> VisionPrompt:
+    """The prompt's M-RoPE positions and image-pad indices from the base's ``get_rope_index`` (cheap:
+    no vision tower; :func:`encode_images` adds the features when a pass needs them)."""
     ids = torch.tensor([prompt_ids])
     pad = ids == int(model.config.image_token_id)
     grid = torch.tensor(images.grid_thw, dtype=torch.long)
-    device = next(model.parameters()).device
     positions, delta = model.model.get_rope_index(
         ids, mm_token_type_ids=pad.int(), image_grid_thw=grid, attention_mask=torch.ones_like(ids)
     )
-    output = model.model.get_image_features(images.pixel_values.to(device), grid.to(device), return_dict=True)
-    deepstack = getattr(output, "deepstack_features", None) or []
     return VisionPrompt(
-        positions=positions[:, 0].cpu(),
-        delta=int(delta.reshape(-1)[0]),
-        pad_at=pad[0].nonzero()[:, 0],
+        positions=positions[:, 0].cpu(), delta=int(delta.reshape(-1)[0]), pad_at=pad[0].nonzero()[:, 0]
+    )
+
+
+@torch.inference_mode()
+def encode_images(model: Any, images: ImageInputs) -> ImageFeatures:
+    """Run the base's vision tower over all of ``images`` at once (as HF ``generate`` does, so the
+    embeddings are the reference's bit for bit)."""
+    device = next(model.parameters()).device
+    grid = torch.tensor(images.grid_thw, dtype=torch.long, device=device)
+    output = model.model.get_image_features(images.pixel_values.to(device), grid, return_dict=True)
+    deepstack = getattr(output, "deepstack_features", None) or []
+    return ImageFeatures(
         embeds=torch.cat(list(output.pooler_output)).to(model.dtype),
         deepstack=tuple(torch.cat(list(layer)).to(model.dtype) for layer in deepstack),
     )
+
+
+def encode_prompt(model: Any, prompt_ids: list[int], images: ImageInputs) -> VisionPrompt:
+    """:func:`rope_prompt` with the vision tower's features already computed."""
+    vision = rope_prompt(model, prompt_ids, images)
+    vision.features = encode_images(model, images)
+    return vision

@@ -9,6 +9,7 @@ limits, network URLs, paths outside the image folder and bad data are 400s namin
 from __future__ import annotations
 
 import base64
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from lorayard.architectures import ARCHITECTURES
 from lorayard.base_model import resolve_base_model
 from lorayard.chat_format import render_prompt
 from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.server import metric_value
 from lorayard.testing.shapes import data_url, png_bytes, shape_image
 from lorayard.vision import IMAGE_PAD, IMAGE_PLACEHOLDER, expand_image_pads, load_image_processor
 from lorayard.volume import AdapterVolume
@@ -163,11 +165,20 @@ def test_responses_input_image_answers_as_chat(server):
     assert response.json()["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
 
 
+def _encoded_images(server) -> float:
+    """Images the server's vision tower has encoded since it started (its /metrics counter)."""
+    return metric_value(httpx.get(server.base_url + "/metrics").text, "lorayard_vision_encoded_images_total")
+
+
 def test_prefix_cache_hits_the_same_image_only(server):
     text = "Describe the picture in detail, please, with every shape and every colour you see in it."
+    encoded = [_encoded_images(server)]
     first = _chat(server, None, text, [data_url(shape_image("yellow", "triangle"))]).json()
+    encoded.append(_encoded_images(server))
     again = _chat(server, None, text, [data_url(shape_image("yellow", "triangle"))]).json()
+    encoded.append(_encoded_images(server))
     other = _chat(server, None, text, [data_url(shape_image("green", "triangle"))]).json()
+    encoded.append(_encoded_images(server))
     assert first["usage"]["prompt_tokens"] == other["usage"]["prompt_tokens"]  # same size, same tokens
 
     def cached(body: dict) -> int:
@@ -175,6 +186,9 @@ def test_prefix_cache_hits_the_same_image_only(server):
 
     assert cached(again) >= 16 and cached(other) == 0
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    # The same image again: its tokens all came from the cache, the vision tower did not run; the
+    # first time and another image each ran it once.
+    assert [b - a for a, b in itertools.pairwise(encoded)] == [1, 0, 1]
 
 
 @pytest.mark.parametrize(

@@ -487,12 +487,29 @@ def _skeleton(
     )
 
 
-def responses_turn(
-    body: ResponsesRequest, runtime: ReadyRuntime, store: ResponseStore, owner: str
-) -> ResponsesTurn:
-    """Translate, then let :func:`chat_job` validate; 400s name the Responses field."""
+@dataclass(frozen=True)
+class ResponsesInput:
+    """What a Responses request reads from the store (and the checks before it): the event loop's
+    part of a turn, so the rest (:func:`responses_turn`: image decoding included) can run on a
+    worker thread while the store stays event-loop only."""
+
+    passthrough: dict[str, Any]
+    conversation: list[dict[str, Any]]
+    origins: list[str]
+
+
+def responses_input(body: ResponsesRequest, store: ResponseStore, owner: str) -> ResponsesInput:
+    """Refuse what we cannot honour, then the previous response's conversation and this input."""
     passthrough = _refuse_unsupported(body)
     conversation, origins = _conversation(body, store, owner)
+    return ResponsesInput(passthrough, conversation, origins)
+
+
+def responses_turn(body: ResponsesRequest, runtime: ReadyRuntime, given: ResponsesInput) -> ResponsesTurn:
+    """Translate, then let :func:`chat_job` validate; 400s name the Responses field. Reads only the
+    runtime and ``given`` (never the store): safe off the event loop."""
+    passthrough, conversation = given.passthrough, given.conversation
+    origins = list(given.origins)
     messages = list(conversation)
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})

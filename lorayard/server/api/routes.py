@@ -34,7 +34,7 @@ from lorayard.server.api.responses_protocol import (
     ResponseObject,
     ResponsesRequest,
 )
-from lorayard.server.api.responses_serving import input_item_page, responses_turn
+from lorayard.server.api.responses_serving import input_item_page, responses_input, responses_turn
 from lorayard.server.api.serving import EngineJob, chat_job, completion_job, detokenize_ids, tokenize_text
 from lorayard.server.api.streaming import sse_stream
 from lorayard.server.metrics import version_label
@@ -266,7 +266,11 @@ async def create_response(
     body: ResponsesRequest, request: Request, runtime: ReadyDep, store: StoreDep
 ) -> Response:
     owner = caller_digest(request)
-    turn = responses_turn(body, runtime, store, owner)
+    given = responses_input(body, store, owner)  # the store is read on the event loop only
+    if runtime.image_processor is None:
+        turn = responses_turn(body, runtime, given)
+    else:  # images are decoded and resized off the event loop, as for chat
+        turn = await asyncio.to_thread(responses_turn, body, runtime, given)
     with turn.errors_named():
         generation, stream = await _start(runtime, request, turn.job)
     served, headers = _served(generation)

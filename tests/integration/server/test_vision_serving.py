@@ -162,7 +162,37 @@ def test_responses_input_image_answers_as_chat(server):
         timeout=120,
     )
     assert response.status_code == 200, response.text
-    assert response.json()["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+    answer = response.json()["output"][0]["content"][0]["text"]
+    assert answer == chat["choices"][0]["message"]["content"]
+    # The next turn by previous_response_id: the stored conversation (read on the event loop) and
+    # its image (decoded on a worker thread) answer as chat does with the whole conversation.
+    follow = "And its colour?"
+    turn = httpx.post(
+        f"{server.v1}/responses",
+        json={
+            "model": "a4",
+            "previous_response_id": response.json()["id"],
+            "input": follow,
+            "max_output_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        timeout=120,
+    )
+    assert turn.status_code == 200, turn.text
+    messages = [
+        {"role": "user", "content": _content("What shape is this?", [data_url(red)])},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": follow},
+    ]
+    whole = httpx.post(
+        f"{server.v1}/chat/completions",
+        json={"model": "a4", "messages": messages, "max_tokens": MAX_TOKENS}
+        | {"temperature": 0, "ignore_eos": True},
+        timeout=120,
+    ).json()
+    assert turn.json()["output"][0]["content"][0]["text"] == whole["choices"][0]["message"]["content"]
+    assert turn.json()["usage"]["input_tokens"] == whole["usage"]["prompt_tokens"]
 
 
 def _encoded_images(server) -> float:

@@ -221,6 +221,12 @@ def load_base_model(
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    model_type = getattr(AutoConfig.from_pretrained(base.path), "model_type", None)
+    vision = model_type in ARCHITECTURES and ARCHITECTURES[str(model_type)].vision
+    # A vision-language base quantizes its language model only: the vision tower (``model.visual``) stays
+    # in the compute dtype, as QLoRA recipes for Qwen-VL do (its linears are a small fraction of the
+    # weights, and its embeddings feed every image token).
+    skip = ["model.visual", "lm_head"] if vision else None
     kwargs: dict[str, object] = {"dtype": dtype}
     if quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -228,10 +234,11 @@ def load_base_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
         )
         kwargs["device_map"] = {"": device}
     elif quantization == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         kwargs["device_map"] = {"": device}
     elif quantization is not None:
         raise BaseModelError(f"quantization must be '4bit', '8bit' or none, not {quantization!r}")
@@ -239,8 +246,6 @@ def load_base_model(
         from transformers.distributed import DistributedConfig
 
         kwargs["distributed_config"] = DistributedConfig(fsdp_size=fsdp_ranks)
-    model_type = getattr(AutoConfig.from_pretrained(base.path), "model_type", None)
-    vision = model_type in ARCHITECTURES and ARCHITECTURES[str(model_type)].vision
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model = auto.from_pretrained(base.path, **kwargs)
     if quantization is None and fsdp_ranks == 1:

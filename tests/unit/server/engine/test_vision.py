@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,10 +75,13 @@ def _prompt(base: Path, text: str, images: list[Image.Image]) -> tuple[list[int]
     return ids, ImageInputs(pixels, tuple(grids), hashes)
 
 
-def _reference(base: Path, adapter: Path | None, ids: list[int], images: ImageInputs | None) -> list[int]:
+def _reference(
+    base: Path, adapter: Path | None, ids: list[int], images: ImageInputs | None, **load: Any
+) -> list[int]:
+    """HF ``generate`` (+ PEFT); ``load``: more from_pretrained arguments (a quantization config)."""
     from peft import PeftModel
 
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, **load)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
@@ -167,6 +171,42 @@ def test_images_mixed_with_text_and_adapters_equal_hf(vl):
         engine.stop()
     for (name, (ids, images)), (tokens, _cached) in zip(cases, got, strict=True):
         assert tokens == _reference(base, adapters[name] if name else None, ids, images), name
+
+
+def test_4bit_base_quantizes_the_language_model_and_equals_hf(vl):
+    """QLoRA serving on a vision-language base: the language model NF4, the vision tower left in the
+    compute dtype (bitsandbytes skips ``model.visual``); an image chat for an adapter and a text chat
+    for the base, in one batch, equal HF generate (+ PEFT) on the same 4-bit model."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    base, adapters = vl
+    cases = [
+        ("all8", _prompt(base, "What shape is this?", [shape_image("red", "square")])),
+        (None, _prompt(base, "Say hello in French.", [])),
+    ]
+    engine = _engine(base, quantization="4bit")
+    linears = {n: type(m) for n, m in engine.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tower = [kind for name, kind in linears.items() if name.startswith("model.visual.")]
+    assert tower and all(kind is torch.nn.Linear for kind in tower)  # bnb's layers subclass Linear
+    assert linears["model.language_model.layers.0.mlp.down_proj"] is bnb.nn.Linear4bit
+    weights = load_adapter(adapters["all8"], AutoConfig.from_pretrained(base))
+    handle = _Handle("all8", engine.load_adapter_weights("all8", weights))
+    try:
+        got = _run(engine, [_request(ids, images, handle if name else None) for name, (ids, images) in cases])
+    finally:
+        engine.stop()
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype="float32",
+        llm_int8_skip_modules=["model.visual", "lm_head"],
+    )
+    for (name, (ids, images)), (tokens, _cached) in zip(cases, got, strict=True):
+        adapter = adapters[name] if name else None
+        expected = _reference(base, adapter, ids, images, quantization_config=nf4, device_map={"": "cpu"})
+        assert tokens == expected, name
 
 
 def test_prefix_cache_keys_images(vl):

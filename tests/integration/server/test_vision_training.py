@@ -1,4 +1,5 @@
-"""An image adapter end to end: the training job trains a LoRA on a tiny random Qwen2.5-VL with the
+"""An image adapter end to end, on a tiny random Qwen2.5-VL and a Qwen3-VL (deepstack; the bases are
+the session's, shared with the serving tests): the training job trains a LoRA with the
 generated shapes-and-colours dataset (messages whose image parts point at PNG files next to the data),
 publishes it, and a real server serves it: a chat with an image answers what HF ``generate`` + PEFT
 answers with the published adapter on the same ids and pixels."""
@@ -21,9 +22,9 @@ from .test_vision_serving import MAX_TOKENS, _reference
 TRAIN = ["--batch-size", "4", "--eval-steps", "2", "--lr", "1e-3", "--max-steps", "3"]
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_arch_base, tmp_path_factory):
-    base = tiny_arch_base("qwen2_5_vl")
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def trained(request, tiny_arch_base, tmp_path_factory):
+    base = tiny_arch_base(request.param)
     root = tmp_path_factory.mktemp("vl-train")
     data = write_dataset(root / "data", count=12)
     args = ["--base-model", str(base), "--adapters-dir", str(root / "adapters"), "--data", str(data)]

@@ -75,6 +75,7 @@ from lorayard.server.engine.types import (
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -254,8 +255,10 @@ class Engine:
         self._guided = compiler
 
     # -- adapters (called by the registry, from worker threads) ---------------------------------
-    def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
-        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
+    def load_adapter_weights(self, key: str, weights: AdapterWeights, folder: Path | None = None) -> int:
+        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once.
+        ``folder`` is not read again: ``weights`` are its files, already validated."""
+        del folder
         dense = biases = None
         if weights.uses_dora:
             dora = [k for k, m in weights.modules.items() if m.magnitude is not None]

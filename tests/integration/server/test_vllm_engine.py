@@ -171,12 +171,14 @@ def test_prefix_cache_is_never_stale_after_an_in_place_rewrite(
     client, vllm_server, real_volume, real_adapter_sources, real_base, real_tokenizer
 ):
     """A plain folder rewritten in place: the next request must see the new weights, not KV the old
-    ones computed for the same prompt (vLLM keys its cache by the LoRA's name: ours is per load)."""
+    ones computed for the same prompt (vLLM keys its cache by the LoRA's name: ours is per load).
+    The prompt spans more than one of vLLM's CPU KV blocks (128 tokens): only full blocks are cached."""
+    question = "Items: " + ", ".join(f"item {i}" for i in range(60)) + ". " + QUESTIONS[2]
     folder = real_volume / "inplace"
     shutil.copytree(real_adapter_sources / "qv8", folder)
     time.sleep(1.0)
-    first = _chat(client, QUESTIONS[2], model="inplace")
-    again = _chat(client, QUESTIONS[2], model="inplace")
+    first = _chat(client, question, model="inplace")
+    again = _chat(client, question, model="inplace")
     assert again.usage.prompt_tokens_details.cached_tokens > 0, "the second request must hit the cache"
     assert again.choices[0].message.content == first.choices[0].message.content
     for file in (real_adapter_sources / "qv8-v2").iterdir():

@@ -44,7 +44,7 @@ from lorayard.server.engine.types import (
     Request,
     TokenEvent,
 )
-from lorayard.server.engine_vllm.config import cpu_environment, engine_arguments
+from lorayard.server.engine_vllm.config import VllmSettingsError, cpu_environment, engine_arguments
 from lorayard.server.engine_vllm.outputs import OutputTracker
 from lorayard.server.engine_vllm.sampling import sampling_kwargs
 
@@ -129,7 +129,12 @@ class VllmEngine:
                 os.environ.setdefault(key, value)
         args = vllm.AsyncEngineArgs(**engine_arguments(settings, base.path, device, dtype, max_model_len))
         holder: list[VllmEngine] = []
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger_factory(holder)])
+        try:
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger_factory(holder)])
+        except ValueError as exc:  # its config checks (pydantic's errors are ValueErrors): one line
+            errors = getattr(exc, "errors", None)
+            reason = errors()[0]["msg"] if callable(errors) else str(exc)
+            raise VllmSettingsError(f"vLLM refuses these settings: {reason}") from exc
         engine = cls(
             llm,
             settings,

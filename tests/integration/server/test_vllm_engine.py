@@ -233,3 +233,46 @@ def test_drain_finishes_the_stream_in_flight_then_refuses(vllm_server):
     ]
     assert finishes[-1] == "length"
     assert vllm_server.process.wait(timeout=120) == 0
+
+
+def test_tensor_parallel_2_on_the_cpu_equals_peft(real_base, tmp_path):
+    """--tensor-parallel-size 2 on vLLM's CPU build: two worker ranks, one core each. The embedded base
+    has 9 attention heads (vLLM needs them divisible by the TP size) and vLLM's CPU attention has no
+    kernel for the tiny base's head_dim 16, so a small random Llama with 4 heads of 64 serves here."""
+    from lorayard.base_model import load_tokenizer, resolve_base_model
+    from lorayard.testing.random_adapter import build_random_adapter
+    from lorayard.testing.random_base import TINY, build_random_base
+
+    folder = build_random_base(
+        real_base.path,
+        tmp_path / "base",
+        {**TINY, "hidden_size": 128, "intermediate_size": 256, "head_dim": 64},
+    )
+    base = resolve_base_model(str(folder))
+    build_random_adapter(
+        folder, tmp_path / "qv8", 0, b_scale=0.3, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+    )
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    publish_folder(AdapterVolume(volume), "qv8", tmp_path / "qv8", base.fingerprint, base.model_id)
+    server = start_server(
+        [
+            *("--base-model", str(folder), "--adapters-dir", str(volume), "--engine", "vllm"),
+            "--tensor-parallel-size",
+            "2",
+        ],
+        tmp_path / "tp2.log",
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # auto would keep both cores for its own processes
+        timeout=900,
+    )
+    try:
+        tokenizer = load_tokenizer(base)
+        for model, adapter in ((str(folder), None), ("qv8", tmp_path / "qv8")):
+            body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 16}
+            answer = httpx.post(server.v1 + "/chat/completions", json={**body, "temperature": 0}, timeout=300)
+            assert answer.status_code == 200, answer.text
+            expected = peft_reference(folder, adapter, tokenizer, QUESTIONS[0], 16)
+            assert answer.json()["choices"][0]["message"]["content"] == expected, model
+        assert "tensor_parallel_size=2" in server.log()
+    finally:
+        assert server.stop() == 0

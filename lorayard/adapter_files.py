@@ -159,7 +159,6 @@ def load_adapter(
     folder = Path(folder)
     config = read_adapter_config(folder)
     arch = architecture_for(base_config)
-    key_of_path = {path: key for key, path in arch.linear_paths.items()}
     shapes = expected_linear_shapes(base_config)
     try:
         patterns = ModulePatterns(config, arch.lora_targets)
@@ -168,12 +167,10 @@ def load_adapter(
     parts = _read_parts(folder, base_config)
     target_dtype = dtype or torch.float32
     modules: dict[tuple[int, str], LoraModule] = {}
-    for (layer, module_path), found in sorted(parts.items()):
-        short = key_of_path[module_path]
+    for (layer, short), found in sorted(parts.items()):
+        module_path = f"{arch.layers_path}.{layer}.{arch.linear_paths[short]}"
         try:
-            module = _lora_module(
-                config, patterns, f"{arch.layers_path}.{layer}.{module_path}", shapes[short], found
-            )
+            module = _lora_module(config, patterns, module_path, shapes[short], found)
         except PatternRefused as exc:
             raise AdapterFormatError(f"{ADAPTER_CONFIG_FILE}: {exc}") from exc
         modules[(layer, short)] = LoraModule(
@@ -192,7 +189,8 @@ def load_adapter(
 def _read_parts(
     folder: Path, base_config: PretrainedConfig
 ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    """(layer, ``self_attn.q_proj``-style path) -> {lora_A, lora_B, lora_magnitude_vector: tensor}."""
+    """(layer, the linear's short key: ``q_proj``, ``c_attn``...) -> {lora_A, lora_B,
+    lora_magnitude_vector: tensor}."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -234,7 +232,7 @@ def _read_parts(
             raise AdapterFormatError(
                 f"{ADAPTER_WEIGHTS_FILE}: {key} targets layer {layer}; the base has {layers}"
             )
-        parts.setdefault((layer, match["module"]), {})[match["kind"]] = tensor
+        parts.setdefault((layer, key_of_path[match["module"]]), {})[match["kind"]] = tensor
     return parts
 
 

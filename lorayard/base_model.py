@@ -206,8 +206,13 @@ def load_base_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     quantization: Quantization = None,
+    fsdp_ranks: int = 1,
 ) -> PreTrainedModel:
-    """Load the base weights, optionally 4-bit NF4 (double quant) or 8-bit through bitsandbytes."""
+    """Load the base weights, optionally 4-bit NF4 (double quant) or 8-bit through bitsandbytes.
+
+    ``fsdp_ranks`` > 1 (a torchrun run with ``fsdp``): transformers' own FSDP2 at load time, each rank
+    reading only its shard of every weight (DTensors over the process group, on this rank's device).
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or default_device()
@@ -226,8 +231,12 @@ def load_base_model(
         kwargs["device_map"] = {"": device}
     elif quantization is not None:
         raise BaseModelError(f"quantization must be '4bit', '8bit' or none, not {quantization!r}")
+    if fsdp_ranks > 1:
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=fsdp_ranks)
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
-    if quantization is None:
+    if quantization is None and fsdp_ranks == 1:
         # transformers wraps PreTrainedModel.to in a decorator that hides its signature from mypy
         model = model.to(device)  # type: ignore[arg-type]
     return model

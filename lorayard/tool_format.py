@@ -8,9 +8,10 @@ Training renders assistant ``tool_calls`` with it (through :mod:`lorayard.chat_f
 constrains generation to it once ``trigger`` appears (xgrammar structural tags) and parses it back into
 OpenAI ``tool_calls``. A format is chosen from the chat template (:func:`tool_format_for_template`):
 a template that writes ``<tool_call>`` is Hermes/Qwen, one that writes ``<|python_tag|>`` or an
-``ipython`` role is Llama 3 JSON; a template that knows no tools at all (SmolLM2's) gets our default,
-Hermes, with the tool schemas in the system turn (:func:`tools_system_text`) and tool results as a user
-turn in ``<tool_response>`` tags, as Qwen's own template writes them.
+``ipython`` role is Llama 3 JSON, one that writes ``[TOOL_CALLS]`` and ``[ARGS]`` is Mistral's (v11+);
+a template that knows no tools at all (SmolLM2's) gets our default, Hermes, with the tool schemas in
+the system turn (:func:`tools_system_text`) and tool results as a user turn in ``<tool_response>``
+tags, as Qwen's own template writes them.
 """
 
 from __future__ import annotations
@@ -67,12 +68,25 @@ LLAMA3_JSON = ToolFormat(
 )
 """Llama 3.1-3.3's JSON tool calls: ``{"name": ..., "parameters": {...}}``."""
 
-TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HERMES, LLAMA3_JSON)}
+MISTRAL = ToolFormat(
+    name="mistral",
+    trigger="[TOOL_CALLS]",
+    head="[TOOL_CALLS]",
+    arguments_field="[ARGS]",
+    end="",
+    separator="",
+)
+"""Mistral's calls since its v11 tokenizer (Mistral Small 3.1+, Magistral, Devstral, Ministral 3):
+``[TOOL_CALLS]NAME[ARGS]{...}``, each call of a turn with its own ``[TOOL_CALLS]``. Both markers are
+special tokens in Mistral's tokenizers (:func:`lorayard.server.api.tool_calls.marker_token_ids`)."""
+
+TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL)}
 DEFAULT_TOOL_FORMAT = HERMES
 
 
 class UnknownToolFormat(ValueError):
-    """A chat template that writes tool calls in a format we cannot parse (Mistral's ``[TOOL_CALLS]``...)."""
+    """A chat template that writes tool calls in a format we cannot parse (Mistral v3's JSON list
+    after ``[TOOL_CALLS]``, ...)."""
 
 
 def template_knows_tools(template: str | None) -> bool:
@@ -94,8 +108,23 @@ def tool_format_for_template(template: str | None, override: str | None = None) 
         return HERMES
     if "<|python_tag|>" in template or "ipython" in template:
         return LLAMA3_JSON
+    if "[TOOL_CALLS]" in template:
+        return _mistral_format(template)
     raise UnknownToolFormat(
         "the chat template writes tool calls in a format we do not parse (one of "
+        f"{sorted(TOOL_FORMATS)} can be forced with --tool-call-format)"
+    )
+
+
+def _mistral_format(template: str) -> ToolFormat:
+    """Mistral's v11+ calls; the older spellings are refused, not parsed as something else: v3's (Mistral
+    7B v0.3, Nemo) one JSON list of calls after ``[TOOL_CALLS]``, v7's (Large 2411) ``[CALL_ID]``."""
+    if "[ARGS]" in template and "[CALL_ID]" not in template:
+        return MISTRAL
+    spelling = "[CALL_ID] inside each call" if "[CALL_ID]" in template else "a JSON list after [TOOL_CALLS]"
+    raise UnknownToolFormat(
+        f"the chat template writes Mistral's older tool calls ({spelling}), which we do not parse; "
+        "we parse Mistral's v11+ [TOOL_CALLS]name[ARGS]{...} (one of "
         f"{sorted(TOOL_FORMATS)} can be forced with --tool-call-format)"
     )
 

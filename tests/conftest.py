@@ -85,6 +85,24 @@ def tiny_arch_base(tmp_path_factory, real_base):
 
 
 @pytest.fixture(scope="session")
+def tool_family_base(tmp_path_factory, real_base):
+    """family -> a tiny random base whose chat template writes tool calls in that family's native
+    format, its markers special tokens (lorayard.testing.tool_templates.FAMILIES: mistral, llama3),
+    built once per session on first use."""
+    from lorayard.testing.tool_templates import build_tool_family_base
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"tools-{family}") / "base"
+            built[family] = build_tool_family_base(family, real_base.path, folder)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tiny_base_dir):
     from lorayard.base_model import resolve_base_model
 

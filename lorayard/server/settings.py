@@ -70,10 +70,10 @@ class Settings(BaseModel):
     max_model_len: int = Field(2048, ge=16, description="context window: prompt + max_tokens")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
-    tool_call_format: Literal["hermes", "llama3_json"] | None = Field(
+    tool_call_format: Literal["hermes", "llama3_json", "mistral"] | None = Field(
         None,
-        description="how the base writes tool calls (default: recognised from its chat template; "
-        "hermes for a template without tools support)",
+        description="how the base writes tool calls: hermes, llama3_json or mistral (default: recognised "
+        "from its chat template; hermes for a template without tools support)",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
     responses_store_size: int = Field(

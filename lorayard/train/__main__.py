@@ -107,6 +107,9 @@ def run_train(argv: list[str]) -> int:
     if args.print_config:
         _print_config(config)
         return EXIT_OK
+    refused = _refuse_fsdp_misuse(config, resume=args.resume)
+    if refused is not None:
+        return refused
 
     from lorayard.base_model import BaseModelError, load_tokenizer, resolve_base_model
 
@@ -138,6 +141,36 @@ def run_train(argv: list[str]) -> int:
                 _show_example(example, tokenizer)
         return EXIT_OK
     return _train_and_publish(config, base, tokenizer, data, resume=args.resume)
+
+
+def _refuse_fsdp_misuse(config: TrainConfig, *, resume: bool) -> int | None:
+    """fsdp needs a multi-process launch, and its checkpoints (the adapter only) cannot be resumed;
+    accelerate's own FSDP (an `accelerate launch` config with FSDP) would shard the model a second way,
+    and rank 0 could then not evaluate it alone."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        print(
+            "config error: accelerate's FSDP config is not used: launch without it "
+            "(`accelerate launch --num_processes N ...`) and pass --fsdp",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if not config.fsdp:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        print(
+            "config error: fsdp shards the base across processes: launch two or more with "
+            "`torchrun --nproc-per-node N -m lorayard.train ...` (or `accelerate launch`)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if resume:
+        print(
+            "config error: --resume with fsdp: its checkpoints hold the adapter, not the optimizer "
+            "state (Trainer cannot save that of a base sharded at load time); run without --resume",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return None
 
 
 def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | None:
@@ -205,15 +238,21 @@ def _train_evaluate_publish(
         print(f"the server cannot serve this base: {exc}; nothing trained or published", file=sys.stderr)
         return EXIT_SERVING_CHECK
     if result.interrupted:
+        again = (
+            "Run again to start over (an fsdp run's checkpoints cannot be resumed)."
+            if config.fsdp
+            else "Run again with --resume to continue."
+        )
         print(
             f"terminated at step {result.global_step}: checkpoint {result.last_checkpoint}; "
-            f"nothing published. Run again with --resume to continue.",
+            f"nothing published. {again}",
             file=sys.stderr,
             flush=True,
         )
         return EXIT_TERMINATED
     if not is_main_process():
-        return EXIT_OK  # rank 0 evaluates and publishes
+        result.meet_other_ranks()  # rank 0 evaluates and publishes, once every rank got here
+        return EXIT_OK
     report = evaluate_adapter(
         result.model,
         tokenizer,
@@ -227,6 +266,7 @@ def _train_evaluate_publish(
     if flag.is_set:
         print("SIGTERM during evaluation: nothing published", file=sys.stderr)
         return EXIT_TERMINATED
+    result.meet_other_ranks()  # every rank finished training and is alive: publish
     manifest = build_manifest(
         name=config.name,
         base_id=base.model_id,

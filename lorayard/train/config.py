@@ -132,6 +132,12 @@ class TrainConfig(BaseModel):
         "within each example, so no compute is spent on padding",
     )
     seed: int = Field(42, description="seed for the split, LoRA init, dropout and data order")
+    fsdp: bool = Field(
+        False,
+        description="shard the base across the processes of a torchrun / accelerate launch run (FSDP2 at "
+        "load time: each rank reads and holds only its shard); the adapter is replicated, its gradients "
+        "averaged; rank 0 alone evaluates and publishes. Not with quantization or --resume",
+    )
 
     # -- evaluation, checkpoints, reporting ---------------------------------------------------------
     eval_steps: int = Field(10, ge=1, description="evaluate (loss, perplexity) every N steps")
@@ -171,6 +177,17 @@ class TrainConfig(BaseModel):
         if self.save_steps is not None and self.save_steps % self.eval_steps:
             raise ValueError(
                 f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_shards_floats(self) -> TrainConfig:
+        # transformers' load-time FSDP shards float weights; bitsandbytes' quantized ones are not
+        # shardable that way, and a run we cannot do exactly is refused rather than run unsharded.
+        if self.fsdp and self.quantization:
+            raise ValueError(
+                "fsdp cannot shard quantized weights: drop quantization (the base is sharded instead), "
+                "or train QLoRA on one GPU per run"
             )
         return self
 

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype
 
 if TYPE_CHECKING:
     from peft import PeftModel
+    from torch.distributed import ProcessGroup
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer
 
     from lorayard.train.config import TrainConfig
@@ -195,11 +197,17 @@ def build_model(config: TrainConfig, base: ResolvedBaseModel, device: str) -> Pe
 
     set_seed(config.seed)
     model = load_base_model(
-        base, device=device, dtype=default_dtype(device), quantization=config.quantization
+        base,
+        device=device,
+        dtype=default_dtype(device),
+        quantization=config.quantization,
+        fsdp_ranks=fsdp_ranks(config),
     )
     # The server's startup probe, on the same weights, before training is spent on a base it would
-    # refuse (UnsupportedArchitecture).
-    check_runner_parity(model)
+    # refuse (UnsupportedArchitecture). A sharded base answers only with every rank taking part: rank 0
+    # probes its whole copy after training instead (unsharded_adapter), before anything is published.
+    if fsdp_ranks(config) == 1:
+        check_runner_parity(model)
     if config.quantization:
         model = prepare_model_for_kbit_training(
             model,
@@ -216,6 +224,11 @@ def training_device(config: TrainConfig) -> str:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     return device
+
+
+def fsdp_ranks(config: TrainConfig) -> int:
+    """How many processes share the sharded base: the run's world size under ``fsdp``, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if config.fsdp else 1
 
 
 def is_main_process() -> bool:
@@ -250,6 +263,105 @@ def clear_stale_checkpoints(run_dir: Path, keep_upto: Path | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+# -- several processes: one adapter, one publisher ---------------------------------------------------------
+RANK0_TIMEOUT = timedelta(hours=6)
+"""How long the other ranks wait for rank 0 to evaluate (the training Job's deadline)."""
+
+
+def trained_adapter_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int]:
+    """Every trainable (LoRA) tensor whole, on the CPU, by parameter name; and how many of the base's
+    weights are sharded.
+
+    With the base sharded at load time the adapter is added after, so its tensors are replicated, and
+    Trainer keeps them equal on every rank (broadcast from rank 0, gradients averaged). A sharded one
+    (a DTensor) would be all-gathered by ``full_tensor()``, a collective: every rank calls this.
+    """
+    from torch.distributed.tensor import DTensor
+
+    state, sharded = {}, 0
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            sharded += 1
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            state[name] = whole.detach().to("cpu", copy=True)
+    return state, sharded
+
+
+def unsharded_adapter(
+    config: TrainConfig, base: ResolvedBaseModel, device: str, state: dict[str, torch.Tensor]
+) -> PeftModel:
+    """Rank 0's own whole copy of the trained model: the base loaded again, a fresh LoRA adapter of the
+    same config, the gathered weights. What it evaluates and saves, through the single-process path,
+    so the published files are the same as a single-process run's."""
+    from peft import get_peft_model
+
+    from lorayard.server.engine.parity_probe import check_runner_parity
+
+    model = load_base_model(
+        base, device=device, dtype=default_dtype(device), quantization=config.quantization
+    )
+    check_runner_parity(model)  # the probe build_model could not run on the sharded base
+    model.config.use_cache = False
+    adapted = get_peft_model(model, lora_config(config, model.config))
+    adapted_names = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    if adapted_names != set(state):
+        raise RuntimeError(
+            f"the gathered adapter does not match a fresh one: {sorted(adapted_names ^ set(state))[:4]}"
+        )
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if name in state:
+                param.copy_(state[name])
+    return adapted
+
+
+def ranks_group() -> ProcessGroup | None:
+    """A gloo group of every rank, made by all of them together once training is done (None in a
+    single process). Its own group, on GPUs too, for its timeout: long enough for rank 0's evaluation
+    while the others wait (the default group's is 30 minutes)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.new_group(backend="gloo", timeout=RANK0_TIMEOUT)
+
+
+def check_replicas_agree(state: dict[str, torch.Tensor], group: ProcessGroup | None) -> None:
+    """Every rank holds the same adapter (a collective over ``group``), or RuntimeError.
+
+    Trainer broadcasts the adapter's initial weights and averages its gradients, so the copies stay
+    equal; if they did not, rank 0's copy would not be the run's result, and publishing it would be a
+    silent wrong answer. A checksum (sum and sum of magnitudes) is compared across ranks."""
+    import torch.distributed as dist
+
+    if group is None:
+        return
+    tensors = list(state.values())
+    checksum = torch.tensor(
+        [sum(float(t.double().sum()) for t in tensors), sum(float(t.double().abs().sum()) for t in tensors)],
+        dtype=torch.float64,
+    )
+    high, low = checksum.clone(), checksum.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    if not torch.allclose(high, low, rtol=1e-6, atol=0.0):
+        raise RuntimeError(
+            f"the ranks' copies of the adapter differ (checksums {low.tolist()} .. {high.tolist()})"
+        )
+
+
+def meeting(group: ProcessGroup | None) -> Callable[[], None]:
+    """The final meeting of every rank: rank 0 calls it after evaluating and before publishing, the
+    other ranks at once, then exit. So rank 0 publishes only when every rank finished training and is
+    still alive, and a rank 0 that fails before publishing fails the others' wait too."""
+    import torch.distributed as dist
+
+    if group is None:
+        return lambda: None
+    return lambda: dist.barrier(group=group)
+
+
 # -- training ------------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -262,6 +374,8 @@ class TrainResult:
     train_runtime_s: float | None = None
     interrupted: bool = False
     last_checkpoint: Path | None = None
+    meet_other_ranks: Callable[[], None] = lambda: None
+    """The final meeting of every rank (:func:`meeting`)."""
 
 
 def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
@@ -304,6 +418,9 @@ def training_arguments(config: TrainConfig, device: str) -> TrainingArguments:
         save_strategy="steps",
         save_steps=config.checkpoint_steps,
         save_total_limit=config.save_total_limit,
+        # Trainer cannot checkpoint the optimizer of a model sharded at load time: fsdp runs keep the
+        # adapter only (the best one is still chosen; --resume is refused for them).
+        save_only_model=config.fsdp,
         load_best_model_at_end=config.load_best_model_at_end,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
@@ -369,8 +486,26 @@ def run_training(
         print(f"resuming from {resume_from} (step {resumed_from_step})", flush=True)
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
+    trained: PeftModel = trainer.model  # type: ignore[assignment]  # Trainer types it loosely: build_model's
+    group = ranks_group()
+    if config.fsdp and not flag.is_set:
+        # Sharded, the model answers only with every rank taking part: rank 0 evaluates and publishes a
+        # whole copy, alone.
+        adapter, sharded = trained_adapter_state(trained)
+        if not sharded:  # never publish a run that silently trained unsharded copies
+            raise RuntimeError("fsdp is set but the base was not sharded (no DTensor weights)")
+        check_replicas_agree(adapter, group)
+        if is_main_process():
+            print(
+                f"fsdp: the base was sharded ({sharded} weights), every rank holds the same adapter; "
+                "rank 0 publishes alone",
+                flush=True,
+            )
+            del trainer, model, trained
+            free_memory(device)
+            trained = unsharded_adapter(config, base, device, adapter)
     return TrainResult(
-        model=trainer.model,  # type: ignore[arg-type]  # Trainer types it loosely: it is build_model's PeftModel
+        model=trained,
         global_step=state.global_step,
         train_loss=output.training_loss if not math.isnan(output.training_loss) else None,
         log_history=list(state.log_history),
@@ -379,4 +514,14 @@ def run_training(
         train_runtime_s=output.metrics.get("train_runtime"),
         interrupted=flag.is_set,
         last_checkpoint=last_complete_checkpoint(config.run_dir),
+        meet_other_ranks=meeting(group),
     )
+
+
+def free_memory(device: str) -> None:
+    """Return what the deleted sharded model held, before the whole copy is loaded beside it."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()

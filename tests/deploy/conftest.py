@@ -93,6 +93,7 @@ CRD_SCHEMAS = {
     ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-v1.json",
     ("gateway.networking.k8s.io/v1", "Gateway"): "gateway-v1.json",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-v1.json",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjob-v1alpha1.json",
 }
 """Kinds kubernetes-validate has no schema for, checked against a small vendored schema instead."""
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from lorayard.chat_format import ChatFormatError, render_prompt
 from lorayard.server.api.errors import APIError, EngineFailed
 from lorayard.server.api.streaming import IncrementalDetokenizer, StopStringFilter
+from lorayard.server.api.tool_calls import marker_token_ids
 from lorayard.server.engine.request_rules import check_context, default_max_tokens
 from lorayard.server.engine.types import (
     InvalidRequest,
@@ -69,9 +70,16 @@ class ChoiceOutput:
     character), cuts at stop strings, places each token's logprob at its text offset, and finishes
     (a stop string finishes the choice before the engine does: ``stopped_by_string``)."""
 
-    def __init__(self, index: int, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
+    def __init__(
+        self,
+        index: int,
+        tokenizer: PreTrainedTokenizerBase,
+        stops: list[str],
+        kept: frozenset[int] = frozenset(),
+    ) -> None:
+        """``kept``: special tokens whose text stays in the output (a tool format's markers)."""
         self.index = index
-        self._detok = IncrementalDetokenizer(tokenizer)
+        self._detok = IncrementalDetokenizer(tokenizer, kept=kept)
         self._stops = StopStringFilter(stops)
         self._produced = 0  # characters decoded so far: the next token's text_offset
         self._prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
@@ -164,6 +172,9 @@ class Generation:
         self.usage = UsageCount(prompt_tokens=len(job.prompt_ids))
         self.request_ids = [uuid.uuid4().hex for _ in range(job.n)]
         self.arrival = time.perf_counter()
+        tools = job.tools
+        self._markers = frozenset() if tools is None else marker_token_ids(self.tokenizer, tools.format)
+        """The tool format's special tokens, kept in the text the tool-call parser reads."""
 
     def _params_for(self, index: int) -> SamplingParams:
         # n > 1 with a seed: each choice its own reproducible seed, or they would all be equal.
@@ -278,7 +289,7 @@ class Generation:
         return self.labels["adapter"]
 
     async def _pump(self, index: int, stream: AsyncIterator[TokenEvent], queue: asyncio.Queue) -> None:
-        output = ChoiceOutput(index, self.tokenizer, self.job.stops)
+        output = ChoiceOutput(index, self.tokenizer, self.job.stops, self._markers)
         labels = self.labels
         last_time: float | None = None
         try:

@@ -26,6 +26,8 @@ class StoredResponse:
     """The chat messages a follow-up continues from: the input (without ``instructions``, which
     OpenAI does not carry over) and the output, as chat messages."""
     expires_at: float
+    input_items: tuple[dict[str, Any], ...] = ()
+    """The request's own ``input`` as items with ids, in order (``GET .../input_items``)."""
 
 
 class ResponseStore:
@@ -41,10 +43,16 @@ class ResponseStore:
         self._expire()
         return len(self._items)
 
-    def put(self, owner: str, response: ResponseObject, conversation: list[dict[str, Any]]) -> None:
+    def put(
+        self,
+        owner: str,
+        response: ResponseObject,
+        conversation: list[dict[str, Any]],
+        input_items: list[dict[str, Any]] | None = None,
+    ) -> None:
         self._expire()
         self._items[response.id] = StoredResponse(
-            owner, response, tuple(conversation), self.clock() + self.ttl
+            owner, response, tuple(conversation), self.clock() + self.ttl, tuple(input_items or ())
         )
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)

@@ -12,7 +12,6 @@ recognises is a ``function_call`` item without a second parser. Events follow Op
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,8 +37,7 @@ from lorayard.server.api.responses_protocol import (
     TextDeltaEvent,
     TextDoneEvent,
 )
-
-log = logging.getLogger("lorayard.api")
+from lorayard.server.api.streaming import record_stream_failure
 
 
 def response_usage(usage: Usage) -> ResponseUsage:
@@ -266,10 +264,7 @@ async def response_sse(
             for event in assembler.add(chunk):
                 yield sse_frame(event)
     except Exception as exc:
-        status, _ = status_of(exc)
-        if status >= 500:
-            log.error("response stream failed: %r", exc)
-        on_error.append(status)
+        record_stream_failure(exc, on_error, "response stream")
         for event in assembler.failed(exc):
             yield sse_frame(event)
         return

@@ -174,6 +174,17 @@ class ResponseObject(BaseModel):
         )
 
 
+class InputItemList(BaseModel):
+    """``GET /v1/responses/{id}/input_items``: one page of a response's input items (OpenAI's cursor
+    page: ``after`` an item id gives the next)."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class ResponseDeleted(BaseModel):
     id: str
     object: Literal["response"] = "response"

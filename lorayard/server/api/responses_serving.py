@@ -12,9 +12,10 @@ reasoning) is refused here by name.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,6 +26,7 @@ from lorayard.server.api.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputInput,
     FunctionTool,
+    InputItemList,
     InputMessage,
     InputText,
     Refusal,
@@ -34,7 +36,7 @@ from lorayard.server.api.responses_protocol import (
 from lorayard.server.api.serving import EngineJob, chat_job
 
 if TYPE_CHECKING:
-    from lorayard.server.api.response_store import ResponseStore
+    from lorayard.server.api.response_store import ResponseStore, StoredResponse
     from lorayard.server.runtime import ReadyRuntime
 
 RESPONSES_REFUSED: dict[str, str] = {
@@ -164,6 +166,58 @@ def input_messages(items: str | list[dict[str, Any]]) -> tuple[list[dict[str, An
         origins += [where] * (len(messages) - count)
         previous_kind = "assistant" if kind == "message" and messages[-1]["role"] == "assistant" else kind
     return messages, origins
+
+
+def listed_input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``input`` as ``GET /v1/responses/{id}/input_items`` lists it: OpenAI's item shapes, each with an
+    id (its own when the client sent one). A string is one user message; an assistant message's text
+    is ``output_text``, as OpenAI lists it. ``items`` were checked by :func:`input_messages`."""
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    listed = []
+    for raw in items:
+        kind = raw.get("type", "message")
+        item: dict[str, Any] = {"id": raw.get("id") or _item_id(kind), "type": kind, "status": "completed"}
+        if kind == "message":
+            part = "output_text" if raw["role"] == "assistant" else "input_text"
+            content = raw["content"]
+            if isinstance(content, str):
+                content = [{"type": part, "text": content}]
+            if raw["role"] == "assistant":
+                content = [{"annotations": [], **p} if p.get("type") == "output_text" else p for p in content]
+            item |= {"role": raw["role"], "content": content}
+        elif kind == "function_call":
+            item |= {"call_id": raw["call_id"], "name": raw["name"], "arguments": raw["arguments"]}
+        else:
+            item |= {"call_id": raw["call_id"], "output": raw["output"]}
+        listed.append(item)
+    return listed
+
+
+def input_item_page(
+    stored: StoredResponse, limit: int, order: Literal["asc", "desc"], after: str | None
+) -> InputItemList:
+    """One page of a stored response's input items: ``order`` (``desc``: newest first, OpenAI's
+    default), at most ``limit``, starting after the item ``after`` names."""
+    items = list(stored.input_items)
+    if order == "desc":
+        items.reverse()
+    ids = [item["id"] for item in items]
+    if after is not None and after not in ids:
+        raise _bad("after", f"no input item {after!r} in response {stored.response.id!r}")
+    start = 0 if after is None else ids.index(after) + 1
+    page = items[start : start + limit]
+    return InputItemList(
+        data=page,
+        first_id=page[0]["id"] if page else None,
+        last_id=page[-1]["id"] if page else None,
+        has_more=start + limit < len(items),
+    )
+
+
+def _item_id(kind: str) -> str:
+    prefix = {"message": "msg_", "function_call": "fc_"}.get(kind, "fco_")
+    return prefix + uuid.uuid4().hex
 
 
 def output_messages(response: ResponseObject) -> list[dict[str, Any]]:
@@ -304,6 +358,8 @@ class ResponsesTurn:
     skeleton: ResponseObject
     """The response before any output (``model`` echoes the body until the lease names a version)."""
     store: bool
+    input_items: list[dict[str, Any]]
+    """This request's ``input``, as ``GET /v1/responses/{id}/input_items`` lists it."""
 
     @contextlib.contextmanager
     def errors_named(self) -> Iterator[None]:
@@ -318,7 +374,7 @@ class ResponsesTurn:
 
     def remember(self, store: ResponseStore, owner: str, response: ResponseObject) -> None:
         if self.store:
-            store.put(owner, response, [*self.conversation, *output_messages(response)])
+            store.put(owner, response, [*self.conversation, *output_messages(response)], self.input_items)
 
 
 def _conversation(
@@ -426,4 +482,5 @@ def responses_turn(
         origins=origins,
         skeleton=_skeleton(body, chat, job.model, echoed_tools),
         store=body.store is not False,
+        input_items=listed_input_items(body.input),
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -28,8 +28,13 @@ from lorayard.server.api.protocol import (
 from lorayard.server.api.response_store import ResponseStore, StoredResponse
 from lorayard.server.api.responses import ChatBuilder, CompletionBuilder
 from lorayard.server.api.responses_events import ResponseAssembler, response_sse
-from lorayard.server.api.responses_protocol import ResponseDeleted, ResponseObject, ResponsesRequest
-from lorayard.server.api.responses_serving import responses_turn
+from lorayard.server.api.responses_protocol import (
+    InputItemList,
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+)
+from lorayard.server.api.responses_serving import input_item_page, responses_turn
 from lorayard.server.api.serving import EngineJob, chat_job, completion_job, detokenize_ids, tokenize_text
 from lorayard.server.api.streaming import sse_stream
 from lorayard.server.metrics import version_label
@@ -292,6 +297,19 @@ def _stored(store: ResponseStore, request: Request, response_id: str) -> StoredR
 @router.get("/v1/responses/{response_id}", dependencies=Authorized)
 async def get_response(response_id: str, request: Request, store: StoreDep) -> ResponseObject:
     return _stored(store, request, response_id).response
+
+
+@router.get("/v1/responses/{response_id}/input_items", dependencies=Authorized)
+async def list_input_items(
+    response_id: str,
+    request: Request,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> InputItemList:
+    """The stored response's input items, newest first unless ``order=asc``, ``limit`` a page."""
+    return input_item_page(_stored(store, request, response_id), limit, order, after)
 
 
 @router.delete("/v1/responses/{response_id}", dependencies=Authorized)

@@ -25,17 +25,39 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    """Feed token ids one at a time; get back the text they add (possibly "" while incomplete)."""
+    """Feed token ids one at a time; get back the text they add (possibly "" while incomplete).
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, skip_special_tokens: bool = True) -> None:
+    ``kept``: special tokens whose text stays in the output although special tokens are skipped: a
+    tool format's markers (Mistral's ``[TOOL_CALLS]``), which the tool-call parser must see."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        skip_special_tokens: bool = True,
+        kept: frozenset[int] = frozenset(),
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.kept = kept if skip_special_tokens else frozenset()
         self.ids: list[int] = []
         self._prefix = 0  # ids before this index are fully emitted and only kept as context
         self._read = 0  # ids before this index have produced their text
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
+        if not self.kept.intersection(ids):
+            return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
+        # Each kept token is its own text; the runs between them decode as usual.
+        text = ""
+        run: list[int] = []
+        for token_id in ids:
+            if token_id in self.kept:
+                text += str(self.tokenizer.decode(run, skip_special_tokens=True)) if run else ""
+                text += str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+                run = []
+            else:
+                run.append(token_id)
+        return text + (str(self.tokenizer.decode(run, skip_special_tokens=True)) if run else "")
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -118,9 +140,16 @@ async def sse_stream(chunks: AsyncIterator[BaseModel], on_error: list[int]) -> A
         async for chunk in chunks:
             yield sse_event(chunk)
     except Exception as exc:
-        status, _ = status_of(exc)
-        if status >= 500:
-            log.error("stream failed: %r", exc)
-        on_error.append(status)
+        record_stream_failure(exc, on_error, "stream")
         yield sse_event(error_body(exc))
     yield SSE_DONE
+
+
+def record_stream_failure(exc: Exception, on_error: list[int], stream: str) -> None:
+    """The bookkeeping of a failure after a stream's 200 header went out (chat, completions and
+    /v1/responses streams alike): its status appended to ``on_error`` (the request counter reads it
+    once the stream ends), and logged when it is the server's fault (5xx); ``stream`` names it in the log."""
+    status, _ = status_of(exc)
+    if status >= 500:
+        log.error("%s failed: %r", stream, exc)
+    on_error.append(status)

@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorayard.chat_format import ToolContext, ToolSpec
 from lorayard.server.api.errors import APIError
 from lorayard.server.api.protocol import NamedToolChoice, Tool
 from lorayard.server.engine.types import GuidedDecoding
 from lorayard.tool_format import ToolFormat
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
 
@@ -124,6 +127,17 @@ def tool_grammar(calling: ToolCalling, text_schema: str | None) -> GuidedDecodin
     return GuidedDecoding("structural_tag", json.dumps({"type": "structural_tag", "format": grammar}))
 
 
+def marker_token_ids(tokenizer: PreTrainedTokenizerBase, fmt: ToolFormat) -> frozenset[int]:
+    """The special tokens that spell the format's markers (Mistral's ``[TOOL_CALLS]`` and ``[ARGS]``):
+    decoding skips special tokens, so these are kept, or the parser would never see a call start."""
+    markers = (fmt.trigger, fmt.head, fmt.arguments_field, fmt.end, fmt.separator)
+    return frozenset(
+        token_id
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+        if token.special and any(token.content in marker for marker in markers)
+    )
+
+
 # -- parsing the output --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ContentDelta:
@@ -195,8 +209,9 @@ class ToolCallParser:
                 events += self._content(self._buffer, final=True)
             else:
                 events.append(self._start(name))
-        elif self._state == "text":
+        elif self._state == "text" and not (self.calls and self.format.trigger.startswith(self._buffer)):
             events += self._content(self._buffer, final=True)
+        # else: after a call, a trigger cut short (``[TOOL_CA``) is the next call's start, never content
         self._buffer = ""
         return events
 

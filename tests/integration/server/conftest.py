@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import openai
 import pytest
 
 from lorayard.testing.random_adapter import build_random_adapter
 from lorayard.testing.server import ServerProcess, publish_folder, start_server
+from lorayard.train.__main__ import main as train_main
 from lorayard.volume import AdapterVolume
 
 __all__ = ["ServerProcess", "publish_folder", "start_server"]
@@ -17,6 +21,26 @@ REAL_ADAPTERS = {
     "qv8": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
     "all16": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear"},
 }
+
+
+SHORT_TRAINING = ["--batch-size", "4", "--eval-steps", "2", "--lr", "1e-3", "--max-steps", "3"]
+"""A few steps of the real job: enough to publish a trained adapter on a tiny base."""
+
+
+def train_and_publish(base: Path, adapters: Path, data: Path, name: str, *flags: str) -> None:
+    """``name`` trained on ``data`` by the real job (SHORT_TRAINING, then ``flags``) and published."""
+    args = ["--base-model", str(base), "--adapters-dir", str(adapters), "--data", str(data), "--name", name]
+    assert train_main([*args, *SHORT_TRAINING, *flags]) == 0
+
+
+@contextmanager
+def openai_on(base: Path, adapters: Path, log: Path) -> Iterator[openai.OpenAI]:
+    """A real server for ``base`` and the volume ``adapters``, and an openai client of it."""
+    server = start_server(["--base-model", str(base), "--adapters-dir", str(adapters)], log)
+    try:
+        yield openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+    finally:
+        server.stop()
 
 
 def make_real_adapter(base_path: Path, out: Path, seed: int, **lora) -> None:

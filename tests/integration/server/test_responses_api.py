@@ -64,6 +64,33 @@ def test_text_input_equals_the_chat_answer(client):
     assert message.type == "message" and message.role == "assistant" and message.status == expected
 
 
+def test_json_object_text_format_and_sampling_fields_are_chats(client):
+    """``text.format: json_object`` is chat's json_object grammar; ``temperature``, ``top_p`` and a
+    ``seed`` sampled as chat samples them: the same answer, and it parses as an object."""
+    sampling = {"temperature": 0.9, "top_p": 0.8}
+    question = "Describe Paris as JSON."
+    response = client.responses.create(
+        model=BASE,
+        input=question,
+        text={"format": {"type": "json_object"}},
+        max_output_tokens=40,
+        extra_body={"seed": 5},
+        **sampling,
+    )
+    chat = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "user", "content": question}],
+        response_format={"type": "json_object"},
+        max_tokens=40,
+        seed=5,
+        **sampling,
+    )
+    assert response.output_text == chat.choices[0].message.content
+    assert (response.temperature, response.top_p) == (0.9, 0.8)
+    if response.status == "completed":
+        assert isinstance(json.loads(response.output_text), dict)
+
+
 def test_instructions_items_and_an_adapter_version(client):
     """``instructions`` is the system turn, items are the turns, ``model`` picks the adapter version."""
     items = [
@@ -183,6 +210,59 @@ def test_get_delete_and_the_api_key_scope(client, real_server):
     unstored = client.responses.create(model=BASE, input="Hello", store=False, max_output_tokens=4)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
+
+
+def test_input_items_are_listed_paged_and_scoped_to_the_key(client, real_server):
+    """``client.responses.input_items.list``: the request's own input as OpenAI's items (ids kept when
+    sent), newest first by default, paged by ``limit`` and ``after`` (the client follows the cursor)."""
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "type": "function_call",
+            "id": "fc_1",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": "{}",
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "rain"},
+        {"role": "assistant", "content": "It rains."},
+    ]
+    made = client.responses.create(model=BASE, input=items, tools=[WEATHER_TOOL], max_output_tokens=4)
+    newest_first = client.responses.input_items.list(made.id)
+    assert newest_first.object == "list" and not newest_first.has_more
+    kinds = [(item.type, getattr(item, "role", None)) for item in newest_first.data]
+    assert kinds == [
+        ("message", "assistant"),
+        ("function_call_output", None),
+        ("function_call", None),
+        ("message", "user"),
+        ("message", "developer"),
+    ]
+    assert newest_first.data[2].id == "fc_1" and newest_first.data[1].output == "rain"
+    assert newest_first.data[3].content[0].type == "input_text"
+    assert newest_first.data[0].content[0].text == "It rains."
+    assert (newest_first.first_id, newest_first.last_id) == (
+        newest_first.data[0].id,
+        newest_first.data[-1].id,
+    )
+
+    first_page = client.responses.input_items.list(made.id, order="asc", limit=2)
+    assert first_page.has_more and [i.id for i in first_page.data] == [
+        i.id for i in newest_first.data[:-3:-1]
+    ]
+    every = list(client.responses.input_items.list(made.id, order="asc", limit=2))  # follows ``after``
+    assert [i.id for i in every] == [i.id for i in reversed(newest_first.data)]
+
+    one = client.responses.create(model=BASE, input="Hello", max_output_tokens=2)
+    (message,) = client.responses.input_items.list(one.id).data
+    assert (message.role, message.content[0].text) == ("user", "Hello")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.input_items.list(made.id, after="msg_nope")
+    assert bad.value.body["param"] == "after"
+    other = openai.OpenAI(base_url=real_server.v1, api_key="key-b", max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.input_items.list(made.id)
 
 
 def test_logprobs_when_included_equal_chats(client):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 import torch
 from peft import PeftModel
@@ -19,12 +18,10 @@ from lorayard.base_model import resolve_base_model
 from lorayard.chat_format import encode_text
 from lorayard.testing.random_adapter import build_random_adapter
 from lorayard.testing.random_base import without_chat_template
-from lorayard.train.__main__ import main as train_main
 from lorayard.volume import AdapterVolume, read_manifest
 
-from .conftest import publish_folder, start_server
+from .conftest import openai_on, publish_folder, train_and_publish
 
-TRAIN = ["--batch-size", "4", "--eval-steps", "2", "--lr", "1e-3", "--max-steps", "3"]
 PROMPTS = ["Question 3:", "The capital of France is", "Once upon a time"]
 MAX_TOKENS = 8
 
@@ -43,8 +40,7 @@ def volume(gpt2_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("seed-volume")
     data = root / "seed.json"  # the seed projects' format: one JSON list of text/target rows
     data.write_text(json.dumps([{"text": f"Question {i}:", "target": f" answer {i}."} for i in range(12)]))
-    args = ["--base-model", str(gpt2_base), "--adapters-dir", str(root / "adapters"), "--data", str(data)]
-    assert train_main([*args, *TRAIN, "--name", "seed", "--target-modules", "c_attn"]) == 0
+    train_and_publish(gpt2_base, root / "adapters", data, "seed", "--target-modules", "c_attn")
     base = resolve_base_model(str(gpt2_base))
     build_random_adapter(
         gpt2_base, root / "mlp-src", 7, b_scale=4.0, r=4, lora_alpha=8, target_modules=["c_proj", "c_fc"]
@@ -55,12 +51,8 @@ def volume(gpt2_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(gpt2_base, volume, tmp_path_factory):
-    server = start_server(
-        ["--base-model", str(gpt2_base), "--adapters-dir", str(volume)],
-        tmp_path_factory.mktemp("logs") / "seed-gpt2.log",
-    )
-    yield openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
-    server.stop()
+    with openai_on(gpt2_base, volume, tmp_path_factory.mktemp("logs") / "seed-gpt2.log") as client:
+        yield client
 
 
 def _model(base, adapter):

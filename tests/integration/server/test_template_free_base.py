@@ -19,9 +19,7 @@ from lorayard.testing.random_base import without_chat_template
 from lorayard.train.__main__ import main as train_main
 from lorayard.volume import AdapterVolume, read_manifest
 
-from .conftest import start_server
-
-TRAIN = ["--batch-size", "4", "--eval-steps", "2", "--lr", "1e-3", "--max-steps", "3"]
+from .conftest import openai_on, train_and_publish
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +44,14 @@ def trained(plain_base, tmp_path_factory):
     for name, data in rows.items():
         file = root / f"{name}.jsonl"
         file.write_text("".join(json.dumps(r) + "\n" for r in data))
-        args = [
-            "--base-model",
-            str(plain_base),
-            "--adapters-dir",
-            str(root / "adapters"),
-            "--data",
-            str(file),
-        ]
-        assert train_main([*args, *TRAIN, "--name", name, "--target-modules", "all-linear"]) == 0
+        train_and_publish(plain_base, root / "adapters", file, name, "--target-modules", "all-linear")
     return root / "adapters"
 
 
 @pytest.fixture(scope="module")
 def client(plain_base, trained, tmp_path_factory):
-    server = start_server(
-        ["--base-model", str(plain_base), "--adapters-dir", str(trained)],
-        tmp_path_factory.mktemp("logs") / "template-free.log",
-    )
-    yield openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
-    server.stop()
+    with openai_on(plain_base, trained, tmp_path_factory.mktemp("logs") / "template-free.log") as client:
+        yield client
 
 
 def _peft_text(base, adapter, ids: list[int], max_new_tokens: int) -> str:

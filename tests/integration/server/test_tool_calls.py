@@ -173,6 +173,26 @@ def test_response_format_with_tools_text_obeys_the_schema(client):
                 jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_response_format_with_a_forced_tool_is_a_valid_call(client, choice):
+    """What openai-agents sends for ``output_type`` + tools: the format is for a text answer, and a
+    forced choice answers with the call, valid against its tool."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    answer = client.chat.completions.create(
+        model=BASE,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice=choice,
+        parallel_tool_calls=False,
+        response_format=fmt,
+        temperature=0,
+        max_tokens=60,
+    ).choices[0]
+    (call,) = answer.message.tool_calls
+    assert answer.finish_reason == "tool_calls" and answer.message.content is None
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+
+
 def test_tokenize_with_tools_is_the_chat_prompt(client, real_server):
     messages = [
         *ASK,

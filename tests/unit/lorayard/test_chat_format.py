@@ -7,7 +7,8 @@ from lorayard.chat_format import (
     render_prompt,
     stop_token_ids,
 )
-from lorayard.tool_format import HERMES, LLAMA3_JSON, UnknownToolFormat, tool_format_for_template
+from lorayard.server.api.tool_calls import ToolCallParser
+from lorayard.tool_format import HERMES, LLAMA3_JSON, MISTRAL, UnknownToolFormat, tool_format_for_template
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -168,10 +169,56 @@ def test_tool_formats_from_templates_and_the_override():
     assert tool_format_for_template("{{ messages }}") is HERMES  # no tools support: our default
     assert tool_format_for_template("{{ tools }}<|python_tag|>") is LLAMA3_JSON
     assert tool_format_for_template("{{ tools }}<tool_call>", "llama3_json") is LLAMA3_JSON
+    assert tool_format_for_template("{{ tools }}[TOOL_CALLS]{{ name }}[ARGS]{{ args }}") is MISTRAL
+    assert tool_format_for_template("{{ tools }}<tool_call>", "mistral") is MISTRAL
+    # Mistral's older spellings are refused by name, never parsed as another format.
+    with pytest.raises(UnknownToolFormat, match="JSON list after"):
+        tool_format_for_template("{{ tools }}[TOOL_CALLS] [{{ calls }}]")
+    with pytest.raises(UnknownToolFormat, match=r"\[CALL_ID\]"):
+        tool_format_for_template("{{ tools }}[TOOL_CALLS]{{ n }}[CALL_ID]{{ id }}[ARGS]{{ a }}")
     with pytest.raises(UnknownToolFormat, match="--tool-call-format"):
-        tool_format_for_template("{{ tools }}[TOOL_CALLS]")
+        tool_format_for_template("{{ tools }}<function=")
     with pytest.raises(UnknownToolFormat, match="unknown"):
-        tool_format_for_template(None, "mistral")
+        tool_format_for_template(None, "pythonic")
+
+
+@pytest.mark.parametrize(("family", "fmt", "calls"), [("mistral", MISTRAL, 2), ("llama3", LLAMA3_JSON, 1)])
+def test_a_native_tool_template_trains_the_calls_the_server_parses(tool_family_base, family, fmt, calls):
+    """A base whose own template writes calls (Mistral v11+ with ``[TOOL_CALLS]`` as a special token,
+    Llama 3.1's JSON; Meta's template takes one call a turn): its format is recognised, training puts
+    exactly the format's call text in the loss, the parser reads it back as the calls that were
+    rendered, and the serving prompt of the turn that calls is the start of the training example."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_family_base(family))
+    assert tool_format_for_template(tokenizer.chat_template) is fmt
+    conversation = [
+        *TOOL_ROUND_TRIP[:2],
+        _first_calls(calls),
+        *TOOL_ROUND_TRIP[3 : 3 + calls],
+        TOOL_ROUND_TRIP[5],
+    ]
+    tools = ToolContext((WEATHER,), fmt)
+    example = render_conversation(tokenizer, conversation, tools=tools)
+    trained = tokenizer.decode([i for i, m in zip(example.ids, example.labels_mask, strict=True) if m])
+    cities = ["Paris", "Rome"][:calls]
+    call_text = fmt.separator.join(fmt.render_call("get_weather", f'{{"city": "{c}"}}') for c in cities)
+    eos = tokenizer.eos_token
+    assert trained == f"{call_text}{eos}{conversation[-1]['content']}{eos}"
+    parser = ToolCallParser(fmt, ("get_weather",))
+    parser.push(call_text)
+    parser.finish()
+    assert parser.content == "" and [c.arguments for c in parser.calls] == [
+        f'{{"city": "{c}"}}' for c in cities
+    ]
+    served = render_prompt(tokenizer, conversation[:2], tools=tools)  # the turn that calls
+    assert example.ids[: len(served)] == served and example.labels_mask[len(served)] == 1
+
+
+def _first_calls(count: int) -> dict:
+    turn = dict(TOOL_ROUND_TRIP[2])
+    turn["tool_calls"] = turn["tool_calls"][:count]
+    return turn
 
 
 def test_only_assistant_messages_carry_tool_calls(real_tokenizer):

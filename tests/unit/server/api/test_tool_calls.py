@@ -8,16 +8,18 @@ import xgrammar
 
 from lorayard.server.api.errors import APIError
 from lorayard.server.api.protocol import NamedToolChoice, Tool
+from lorayard.server.api.streaming import IncrementalDetokenizer
 from lorayard.server.api.tool_calls import (
     ArgumentsDelta,
     CallStarted,
     ContentDelta,
     ToolCallParser,
+    marker_token_ids,
     tool_calling,
     tool_grammar,
 )
 from lorayard.server.engine.guided import GuidedCompiler
-from lorayard.tool_format import HERMES, LLAMA3_JSON
+from lorayard.tool_format import HERMES, LLAMA3_JSON, MISTRAL
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 N = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -88,6 +90,60 @@ def test_llama3_json_calls():
     assert [(c.name, c.arguments) for c in parser.calls] == [("count", '{"n": 12}')]
 
 
+MISTRAL_CALLS = 'Checking.[TOOL_CALLS]weather[ARGS]{"city": "Paris"}[TOOL_CALLS]count[ARGS]{"n": 3}'
+
+
+@pytest.mark.parametrize("chunks", [[], list(range(1, len(MISTRAL_CALLS))), [9, 12, 20, 27, 50, 62, 70]])
+def test_mistral_calls_however_chunked(chunks):
+    """Mistral v11+: each call its own ``[TOOL_CALLS]NAME[ARGS]{...}``, nothing after the arguments."""
+    events, parser = _parse(MISTRAL_CALLS, chunks, MISTRAL)
+    assert parser.content == "Checking."
+    assert [(c.name, json.loads(c.arguments), c.complete) for c in parser.calls] == [
+        ("weather", {"city": "Paris"}, True),
+        ("count", {"n": 3}, True),
+    ]
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == "Checking."
+
+
+def test_a_trigger_cut_after_a_call_is_not_content():
+    """max_tokens cut the next call inside its trigger: it is no call yet, and not content either."""
+    cases = [
+        (MISTRAL, '[TOOL_CALLS]count[ARGS]{"n": 3}[TOOL_CA', "", 1),
+        (HERMES, f"{TWO_CALLS}\n<tool_", "Let me check.", 2),
+    ]
+    for fmt, text, content, calls in cases:
+        _, parser = _parse(text, [], fmt)
+        assert parser.content == content
+        assert len(parser.calls) == calls and all(c.complete for c in parser.calls)
+
+
+def test_mistral_markers_are_special_tokens_the_grammar_and_the_parser_see(tool_family_base):
+    """``[TOOL_CALLS]`` and ``[ARGS]`` are special tokens in Mistral's tokenizers: a plain decode drops
+    them, the detokenizer keeps them (so the parser sees a call start), and the grammar takes the
+    special token as the trigger and as the call's own markers."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_family_base("mistral"))
+    markers = marker_token_ids(tokenizer, MISTRAL)
+    assert markers == {tokenizer.convert_tokens_to_ids(t) for t in ("[TOOL_CALLS]", "[ARGS]")}
+    assert marker_token_ids(tokenizer, HERMES) == frozenset()
+    encode = tokenizer.encode
+    ids = encode("Sure.") + encode("[TOOL_CALLS]count[ARGS]") + encode('{"n": 3}')
+    assert len(ids) == len(encode("Sure.")) + 3 + len(encode('{"n": 3}'))  # each marker one token
+    assert "[TOOL_CALLS]" not in tokenizer.decode(ids, skip_special_tokens=True)
+    detok = IncrementalDetokenizer(tokenizer, kept=markers)
+    text = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert text == 'Sure.[TOOL_CALLS]count[ARGS]{"n": 3}'
+    for choice in ("auto", "required"):
+        compiled = GuidedCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id]).compile(
+            tool_grammar(_calling(choice, fmt=MISTRAL), None)
+        )
+        matcher = xgrammar.GrammarMatcher(compiled)
+        call = ids[len(encode("Sure.")) :] if choice == "required" else ids
+        assert all(matcher.accept_token(i) for i in call)
+        assert matcher.accept_token(tokenizer.eos_token_id) and matcher.is_terminated()
+
+
 def _accepts(calling, text: str, real_tokenizer, text_schema=None) -> bool:
     compiled = GuidedCompiler(real_tokenizer, len(real_tokenizer), []).compile(
         tool_grammar(calling, text_schema)
@@ -106,6 +162,17 @@ def test_auto_grammar_lets_text_be_and_constrains_calls(real_tokenizer):
     assert not _accepts(calling, unknown, real_tokenizer)
     one_only = _calling(parallel=False)
     assert not _accepts(one_only, TWO_CALLS, real_tokenizer)
+
+
+def test_mistral_grammars(real_tokenizer):
+    """Calls in Mistral's spelling: arguments valid against their tool, one call when not parallel."""
+    one = '[TOOL_CALLS]count[ARGS]{"n": 1}'
+    assert _accepts(_calling(fmt=MISTRAL), "Just text.", real_tokenizer)
+    assert _accepts(_calling(fmt=MISTRAL), MISTRAL_CALLS, real_tokenizer)
+    assert not _accepts(_calling(fmt=MISTRAL), '[TOOL_CALLS]count[ARGS]{"n": "x"}', real_tokenizer)
+    assert not _accepts(_calling("required", fmt=MISTRAL), "text", real_tokenizer)
+    assert _accepts(_calling("required", fmt=MISTRAL), one, real_tokenizer)
+    assert not _accepts(_calling("required", parallel=False, fmt=MISTRAL), one + one, real_tokenizer)
 
 
 def test_required_named_and_response_format_grammars(real_tokenizer):

@@ -51,7 +51,7 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.registry is not None
+        return self.engine is not None and self.registry is not None and self.load_error is None
 
     async def load(self) -> None:
         """Load the base model off the event loop (so /health answers meanwhile), then start serving."""
@@ -118,11 +118,18 @@ class Runtime:
         from lorayard.server.engine_vllm.config import VllmSettingsError
 
         try:
-            return VllmEngine.from_base(
+            engine = VllmEngine.from_base(
                 base, self.settings, eos_token_ids=eos_token_ids, metrics=self.metrics
             )
         except VllmSettingsError as exc:
             raise EngineUnavailable(str(exc)) from exc
+        engine.on_dead = self._engine_died
+        return engine
+
+    def _engine_died(self, reason: str) -> None:
+        """The engine cannot serve any more (vLLM's process died): not ready, and the server exits
+        non-zero (as when the base fails to load), so it is restarted rather than kept."""
+        self._load_failed(reason)
 
     def _load_failed(self, reason: str) -> None:
         self.load_error = reason

@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,9 @@ class VllmEngine:
         self.num_blocks = int(cache.num_gpu_blocks or 0)
         self.metrics = metrics
         self.guided: GuidedCompiler | None = None
+        self.on_dead: Callable[[str], None] | None = None
+        """Told once if vLLM's engine dies (its process gone): the runtime stops the server, so an
+        orchestrator restarts it instead of keeping a replica that answers 500 forever."""
         self._lora_ids = itertools.count(1)  # vLLM's ids start at 1; never reused (see the docstring)
         self._loras: dict[int, LoRARequest] = {}
         self._names: dict[str, str] = {}
@@ -259,6 +263,9 @@ class VllmEngine:
         except Exception as exc:
             log.error("request %s failed in vLLM", request.request_id, exc_info=exc)
             queue.put_nowait(self._final(tracker, error=f"vLLM failed: {type(exc).__name__}: {exc}"))
+            if self.llm.errored and self.on_dead is not None:
+                on_dead, self.on_dead = self.on_dead, None
+                on_dead(f"vLLM's engine died: {type(exc).__name__}: {exc}")
             return
         if not finished:
             queue.put_nowait(self._final(tracker))

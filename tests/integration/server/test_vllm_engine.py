@@ -13,11 +13,13 @@ so it comes last.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -235,10 +237,12 @@ def test_drain_finishes_the_stream_in_flight_then_refuses(vllm_server):
     assert vllm_server.process.wait(timeout=120) == 0
 
 
-def test_tensor_parallel_2_on_the_cpu_equals_peft(real_base, tmp_path):
+def test_tensor_parallel_2_on_the_cpu_equals_peft_and_a_dead_engine_stops_the_server(real_base, tmp_path):
     """--tensor-parallel-size 2 on vLLM's CPU build: two worker ranks, one core each. The embedded base
     has 9 attention heads (vLLM needs them divisible by the TP size) and vLLM's CPU attention has no
-    kernel for the tiny base's head_dim 16, so a small random Llama with 4 heads of 64 serves here."""
+    kernel for the tiny base's head_dim 16, so a small random Llama with 4 heads of 64 serves here.
+    Then vLLM's engine process is killed: the next request fails and the server exits non-zero, so an
+    orchestrator restarts it rather than keeping a replica that would answer 500 forever."""
     from lorayard.base_model import load_tokenizer, resolve_base_model
     from lorayard.testing.random_adapter import build_random_adapter
     from lorayard.testing.random_base import TINY, build_random_base
@@ -274,5 +278,19 @@ def test_tensor_parallel_2_on_the_cpu_equals_peft(real_base, tmp_path):
             expected = peft_reference(folder, adapter, tokenizer, QUESTIONS[0], 16)
             assert answer.json()["choices"][0]["message"]["content"] == expected, model
         assert "tensor_parallel_size=2" in server.log()
+        os.kill(_engine_core_pid(server.process.pid), signal.SIGKILL)
+        failed = httpx.post(server.v1 + "/chat/completions", json={**body, "temperature": 0}, timeout=300)
+        assert failed.status_code == 500, failed.text
+        assert server.process.wait(timeout=120) == 1
+        assert "vLLM's engine died" in server.log()
     finally:
-        assert server.stop() == 0
+        server.stop()
+
+
+def _engine_core_pid(server_pid: int) -> int:
+    """vLLM's engine-core process among the server's children (it names itself VLLM::EngineCore)."""
+    children = Path(f"/proc/{server_pid}/task").glob("*/children")
+    for pid in (int(p) for f in children for p in f.read_text().split()):
+        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+            return pid
+    raise AssertionError(f"no VLLM::EngineCore child of {server_pid}")

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorayard.architectures import UnsupportedArchitecture
 from lorayard.base_model import BaseModelError, load_tokenizer, resolve_base_model
@@ -19,6 +19,7 @@ from lorayard.server.engine.guided import GuidedCompiler
 from lorayard.server.engine.types import ServingEngine
 from lorayard.server.metrics import ServerMetrics
 from lorayard.server.settings import Settings
+from lorayard.vision import load_image_processor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,6 +39,8 @@ class Runtime:
     metrics: ServerMetrics = field(default_factory=ServerMetrics.create)
     started_at: float = field(default_factory=time.time)
     tokenizer: PreTrainedTokenizerBase | None = None
+    image_processor: Any = None
+    """A vision-language base's image processor (``lorayard.vision``); None: the base reads text only."""
     engine: ServingEngine | None = None
     registry: AdapterRegistry | None = None
     load_error: str | None = None
@@ -72,6 +75,8 @@ class Runtime:
                 lambda outcome: self.metrics.grammar_compiles.labels(outcome=outcome).inc(),
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
+            if isinstance(engine, Engine) and engine.runner.arch.vision:  # --engine vllm: text only
+                self.image_processor = await asyncio.to_thread(load_image_processor, base.path)
         except (UnsupportedArchitecture, BaseModelError, EngineUnavailable) as exc:  # expected: one line
             self._load_failed(f"cannot serve base model {settings.base_model!r}: {exc}")
             return
@@ -172,6 +177,7 @@ class ReadyRuntime(Protocol):
     metrics: ServerMetrics
     started_at: float
     tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
     engine: ServingEngine
     registry: AdapterRegistry
 

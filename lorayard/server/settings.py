@@ -18,6 +18,7 @@ from lorayard.flags import add_field_flags, flag_name, flags_table
 from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
 from lorayard.server.engine.config import DecodeMode, EngineConfig
 from lorayard.storage import location_value
+from lorayard.vision import ImageLimits
 
 ENV_PREFIX = "LORAYARD_"
 
@@ -96,6 +97,20 @@ class Settings(BaseModel):
     grammar_compile_threads: int = Field(
         2, ge=1, description="grammar compiles at once, on their own threads (others wait their turn)"
     )
+    max_image_bytes: int = Field(
+        10 << 20, ge=1024, description="a vision-language base: one image's encoded size limit (400 past it)"
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=28 * 28,
+        description="one image's width x height limit, read from its header before decoding (400 past it)",
+    )
+    max_images: int = Field(8, ge=1, description="images in one request at most (400 past it)")
+    image_dir: Path | None = Field(
+        None,
+        description="also accept image URLs file:NAME for files inside this folder (default: data: URLs "
+        "only; nothing is ever fetched from the network)",
+    )
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="KV-cache budget (default: 4 GB on the CPU, most of the free GPU memory)"
     )
@@ -161,6 +176,9 @@ class Settings(BaseModel):
         if given:
             raise ValueError(f"{', '.join(given)} need --engine vllm (the native engine runs one device)")
         return self
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_images)
 
     def engine_config(self) -> EngineConfig:
         """What the engine needs of these settings: each EngineConfig field is the setting of its name."""

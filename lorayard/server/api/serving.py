@@ -532,7 +532,8 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         images, counts = request_images(
             image_refs, runtime.image_processor, settings.image_limits(), settings.image_dir
         )
-        pad_id = runtime.tokenizer.get_vocab()[IMAGE_PAD]
+        pad_id = runtime.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        assert isinstance(pad_id, int)  # one token in, one id out
         prompt_ids = with_image_pads(prompt_ids, pad_id, counts)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)

@@ -76,6 +76,7 @@ from lorayard.server.engine.vision import VisionPrompt, check_images, encode_ima
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -258,8 +259,10 @@ class Engine:
         self._guided = compiler
 
     # -- adapters (called by the registry, from worker threads) ---------------------------------
-    def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
-        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
+    def load_adapter_weights(self, key: str, weights: AdapterWeights, folder: Path | None = None) -> int:
+        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once.
+        ``folder`` is not read again: ``weights`` are its files, already validated."""
+        del folder
         dense = biases = None
         if weights.uses_dora:
             dora = [k for k, m in weights.modules.items() if m.magnitude is not None]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorayard.adapter_patterns import ModulePatterns, PatternRefused
-from lorayard.architectures import ARCHITECTURES, architecture_for, linear_shapes
+from lorayard.architectures import ARCHITECTURES, architecture_for, language_config, linear_shapes
 from lorayard.volume import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def _read_parts(
         ) from exc
     arch = architecture_for(base_config)
     key_of_path = {path: key for key, path in arch.linear_paths.items()}
-    layers = base_config.num_hidden_layers
+    layers = language_config(base_config).num_hidden_layers
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY_RE.match(key)
@@ -223,6 +223,11 @@ def _read_parts(
                 f"{ADAPTER_WEIGHTS_FILE}: unsupported tensor {key[:200]!r} (only LoRA on decoder linears)"
             )
         layer = int(match["layer"])
+        if arch.vision and match["layers"] != arch.layers_path:
+            raise AdapterFormatError(
+                f"{ADAPTER_WEIGHTS_FILE}: {key} adapts the vision tower, which is not served (LoRA on the "
+                f"language model only: target its {', '.join(arch.lora_targets)})"
+            )
         if match["layers"] != arch.layers_path or match["module"] not in key_of_path:
             raise AdapterFormatError(
                 f"{ADAPTER_WEIGHTS_FILE}: {key} targets {match['module']}, which a {arch.name} base does not "

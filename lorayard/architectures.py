@@ -77,6 +77,10 @@ class Architecture:
     False (Gemma's ``(1 + w)``, computed in float32) calls the module itself."""
     rotary_per_layer_type: bool = False
     """Gemma 3: ``rotary_emb(x, positions, layer_type)`` differs for sliding and full layers."""
+    vision: bool = False
+    """Qwen2.5-VL, Qwen3-VL: a vision tower (``model.visual``, run as transformers' module) whose image
+    embeddings replace the image-pad tokens' ones, and multimodal rotary positions (M-RoPE: 3-D
+    t/h/w position ids for image tokens); the language model sits at ``model.language_model``."""
     packs_exactly: bool = True
     """Whether transformers' forward keeps padding-free packed examples apart (their restarted
     ``position_ids``), so the training job's ``packing`` gives the padded loss. OPT's does not: its
@@ -88,9 +92,14 @@ class Architecture:
         return self.family == "llama"
 
     @property
+    def decoder_path(self) -> str:
+        """The Llama family's decoder module (embed_tokens, layers, norm, rotary_emb), from the top."""
+        return "model.language_model" if self.vision else "model"
+
+    @property
     def layers_path(self) -> str:
         """Where the decoder blocks are, from the CausalLM (PEFT keys start with it)."""
-        return _FAMILY_LAYERS[self.family]
+        return f"{self.decoder_path}.layers" if self.vision else _FAMILY_LAYERS[self.family]
 
     @property
     def linear_paths(self) -> dict[str, str]:
@@ -111,6 +120,14 @@ class Architecture:
         """The linears of a decoder block that an adapter may target, as PEFT names them
         (``target_modules``; GPT-2's ``c_proj`` is both of its c_proj linears, as in PEFT)."""
         return tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for path in self.linear_paths.values()))
+
+    def peft_target_modules(self, names: list[str] | tuple[str, ...]) -> list[str] | str:
+        """PEFT's ``target_modules`` for these linears of the language model: the names themselves, or
+        for a vision-language base a regex anchored to the language model's blocks (a bare name would
+        also take the vision tower's ``gate_proj``/``up_proj``/``down_proj``)."""
+        if not self.vision:
+            return list(names)
+        return rf"^.*{self.layers_path.replace('.', '[.]')}[.]\d+[.].*({'|'.join(names)})$"
 
     @property
     def fusable(self) -> bool:
@@ -134,6 +151,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             plain_rms_norm=False,
             rotary_per_layer_type=True,
         ),
+        Architecture("qwen2_5_vl", "Qwen2.5-VL", vision=True),
+        Architecture("qwen3_vl", "Qwen3-VL", vision=True, qk_norm=True),
         Architecture("phi3", "Phi-3 / Phi-4-mini", fused_projections=True),
         Architecture("gpt2", "GPT-2 / DistilGPT-2", family="gpt2", plain_rms_norm=False),
         Architecture("opt", "OPT", family="opt", plain_rms_norm=False, packs_exactly=False),
@@ -174,6 +193,7 @@ def sliding_window(config: PretrainedConfig, layer: int) -> int | None:
     the others (Mistral, Phi-3) window every layer when ``sliding_window`` is set. Same rule as HF's
     ``sliding_window_overlay``: key ``k`` is visible from query ``q`` when ``q - window < k <= q``.
     """
+    config = language_config(config)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
@@ -181,12 +201,19 @@ def sliding_window(config: PretrainedConfig, layer: int) -> int | None:
     return window
 
 
+def language_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The language model's config: a vision-language base's ``text_config``, else the config itself."""
+    return config.get_text_config()
+
+
 def head_dim(config: PretrainedConfig) -> int:
+    config = language_config(config)
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def kv_heads(config: PretrainedConfig) -> int:
     """Key/value heads; GPT-2 and OPT configs have no ``num_key_value_heads`` (one per query head)."""
+    config = language_config(config)
     return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
@@ -203,7 +230,7 @@ def exact_context_limit(config: PretrainedConfig) -> int | None:
     each other's length. Up to ``original_max_position_embeddings`` they are plain rope, so we serve
     that far and no further.
     """
-    params: dict[str, Any] = getattr(config, "rope_parameters", None) or {}
+    params: dict[str, Any] = getattr(language_config(config), "rope_parameters", None) or {}
     rope_type = params.get("rope_type")
     if rope_type not in _LENGTH_DEPENDENT_ROPE:
         return None
@@ -216,6 +243,7 @@ def exact_context_limit(config: PretrainedConfig) -> int | None:
 def linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each LoRA-targetable linear of ``config``'s decoder block."""
     arch = architecture_for(config)
+    config = language_config(config)
     hidden = config.hidden_size
     if arch.family == "gpt2":
         inner = config.n_inner or 4 * hidden

@@ -208,12 +208,16 @@ def load_base_model(
     quantization: Quantization = None,
     fsdp_ranks: int = 1,
 ) -> PreTrainedModel:
-    """Load the base weights, optionally 4-bit NF4 (double quant) or 8-bit through bitsandbytes.
+    """Load the base weights, optionally 4-bit NF4 (double quant) or 8-bit through bitsandbytes; a
+    vision-language base (Qwen2.5-VL, Qwen3-VL) as transformers' image-text-to-text model, vision
+    tower included.
 
     ``fsdp_ranks`` > 1 (a torchrun run with ``fsdp``): transformers' own FSDP2 at load time, each rank
     reading only its shard of every weight (DTensors over the process group, on this rank's device).
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from lorayard.architectures import ARCHITECTURES
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -235,7 +239,10 @@ def load_base_model(
         from transformers.distributed import DistributedConfig
 
         kwargs["distributed_config"] = DistributedConfig(fsdp_size=fsdp_ranks)
-    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    model_type = getattr(AutoConfig.from_pretrained(base.path), "model_type", None)
+    vision = model_type in ARCHITECTURES and ARCHITECTURES[str(model_type)].vision
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(base.path, **kwargs)
     if quantization is None and fsdp_ranks == 1:
         # transformers wraps PreTrainedModel.to in a decorator that hides its signature from mypy
         model = model.to(device)  # type: ignore[arg-type]

@@ -120,6 +120,8 @@ def build_random_architecture(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if model_type in TINY_VISION_LANGUAGE:
+        return build_random_vision_language(model_type, tokenizer_source, out, overrides, seed)
     model_type, variant = TINY_VARIANTS.get(model_type, (model_type, {}))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     special = {
@@ -141,6 +143,99 @@ def build_random_architecture(
                 param.add_(torch.randn_like(param) * 0.2)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+TINY_VISION_LANGUAGE: dict[str, dict[str, Any]] = {
+    # Qwen2.5-VL: a Qwen2 language model (q/k/v bias) with M-RoPE (mrope_section sums to head_dim / 2),
+    # and a 2-block vision tower (one windowed, one full-attention block) merging 2x2 patches.
+    "qwen2_5_vl": {
+        "text_config": {
+            **TINY,
+            "initializer_range": 0.1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+            "window_size": 56,
+        },
+    },
+    # Qwen3-VL: a Qwen3 language model (q/k norms), interleaved M-RoPE, and deepstack: the vision
+    # tower's blocks 0 and 1 also feed the first two decoder layers' image positions.
+    "qwen3_vl": {
+        "text_config": {
+            **TINY,
+            "initializer_range": 0.1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 1],
+        },
+    },
+}
+"""Overrides for ``AutoConfig.for_model(model_type)`` per vision-language architecture: the language
+model as the tiny text bases, a vision tower of width 32."""
+
+IMAGE_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+"""Qwen-VL's image markers: start, the placeholder each image's embeddings replace, end."""
+
+TINY_IMAGE_PIXELS = (28 * 28, 112 * 112)
+"""The tiny bases' image processor's (min, max) pixels: a 56x56 image is 16 patches, 4 image tokens."""
+
+
+def build_random_vision_language(
+    model_type: str, tokenizer_source: Path, out: Path, overrides: dict[str, Any] | None = None, seed: int = 0
+) -> Path:
+    """A float32 random vision-language base of ``model_type`` (TINY_VISION_LANGUAGE sizes) with the
+    tokenizer of ``tokenizer_source`` plus Qwen-VL's image tokens, and an image processor built
+    locally (the PIL one: transformers' processor class wants torchvision for its video half)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer.add_tokens(list(IMAGE_TOKENS), special_tokens=True)
+    start, pad, end = (tokenizer.get_vocab()[token] for token in IMAGE_TOKENS)
+    sizes = TINY_VISION_LANGUAGE[model_type]
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text = {**sizes["text_config"], "vocab_size": len(tokenizer), **special}
+    config = AutoConfig.for_model(
+        model_type,
+        text_config=text,
+        vision_config=sizes["vision_config"],
+        image_token_id=pad,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        **special,
+        **(overrides or {}),
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:  # norms and biases
+                param.add_(torch.randn_like(param) * 0.2)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    low, high = TINY_IMAGE_PIXELS
+    patch = int(config.vision_config.patch_size)  # 14 for Qwen2.5-VL, 16 for Qwen3-VL
+    Qwen2VLImageProcessorPil(min_pixels=low, max_pixels=high, patch_size=patch).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -200,7 +295,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--architecture",
-        choices=sorted([*TINY_ARCHITECTURES, *TINY_VARIANTS]),
+        choices=sorted([*TINY_ARCHITECTURES, *TINY_VARIANTS, *TINY_VISION_LANGUAGE]),
         help="a tiny base of this HF model_type (or TINY_VARIANTS shape) with --like's tokenizer",
     )
     args = parser.parse_args()

@@ -1,11 +1,11 @@
 """Chat templates that write tool calls in a family's native format, for tiny bases of that family.
 
 The embedded base's template knows no tools (our default format serves it); these stand in for the
-real templates of Mistral (v11+) and Llama 3.1, trimmed to what decides the format: where the tool
-schemas go, how an assistant turn spells its calls, how a tool result comes back. Their markers are
-added to the tokenizer as special tokens, as the real tokenizers have them, so a served test meets
-what a real Mistral or Llama base does: ``[TOOL_CALLS]`` is one special token, skipped by a plain
-decode.
+real templates of Mistral (v11+), Llama 3.1 and Qwen 2.5 (Hermes), trimmed to what decides the
+format: where the tool schemas go, how an assistant turn spells its calls, how a tool result comes
+back. Their markers are added to the tokenizer as the real tokenizers have them (special tokens for
+Mistral and Llama, plain added tokens for Qwen), so a served test meets what a real base does:
+``[TOOL_CALLS]`` is one special token, skipped by a plain decode.
 
     python -m lorayard.testing.tool_templates OUT --family mistral [--like FOLDER]
 """
@@ -26,6 +26,8 @@ class TemplateFamily:
     special_tokens: tuple[str, ...]
     eos_token: str | None = None
     """The end of an assistant turn, when it is not the source tokenizer's EOS."""
+    added_tokens: tuple[str, ...] = ()
+    """Whole tokens that are not special (Qwen's ``<tool_call>``: a plain decode keeps them)."""
 
 
 MISTRAL_TEMPLATE = (
@@ -106,7 +108,47 @@ LLAMA31 = TemplateFamily(
     eos_token="<|eot_id|>",
 )
 
-FAMILIES = {"mistral": MISTRAL, "llama3": LLAMA31}
+QWEN25_TEMPLATE = (
+    "{% if messages and messages[0].role == 'system' %}"
+    "{% set system = messages[0].content %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = 'You are a helpful assistant.' %}{% set loop_messages = messages %}{% endif %}"
+    "<|im_start|>system\n{{ system }}"
+    "{% if tools %}{{ '\\n' }}\n# Tools\n\n"
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>{% endif %}<|im_end|>\n"
+    "{% for message in loop_messages %}"
+    "{% if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{% if message.content %}{{ '\\n' + message.content }}{% endif %}"
+    "{% for call in message.tool_calls %}"
+    "{% set arguments = call.function.arguments %}"
+    "{% if arguments is not string %}{% set arguments = arguments | tojson %}{% endif %}"
+    "{{ '\\n' }}<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ arguments }}}\n</tool_call>'
+    "{% endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}"
+    "{% if loop.first or loop_messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n' }}<tool_response>\n{{ message.content }}\n</tool_response>"
+    "{% if loop.last or loop_messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Qwen 2.5 (Hermes calls): the schemas in the system turn, each call ``<tool_call>`` NL JSON NL
+``</tool_call>``, consecutive results in one user turn of ``<tool_response>`` blocks. HF renders
+templates with ``trim_blocks`` (a newline right after a tag is dropped), so those are expressions."""
+
+QWEN25 = TemplateFamily(
+    model_type="qwen2",
+    template=QWEN25_TEMPLATE,
+    special_tokens=(),
+    added_tokens=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
+)
+
+FAMILIES = {"mistral": MISTRAL, "llama3": LLAMA31, "qwen": QWEN25}
 
 
 def tokenizer_with_template(source: Path, out: Path, family: TemplateFamily) -> Path:
@@ -117,6 +159,7 @@ def tokenizer_with_template(source: Path, out: Path, family: TemplateFamily) -> 
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.add_tokens(list(family.special_tokens), special_tokens=True)
+    tokenizer.add_tokens(list(family.added_tokens), special_tokens=False)
     if family.eos_token is not None:
         tokenizer.eos_token = family.eos_token
     tokenizer.chat_template = family.template

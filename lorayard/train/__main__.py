@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -123,7 +123,7 @@ def run_train(argv: list[str]) -> int:
         return refused
     tokenizer = load_tokenizer(base)
     try:
-        data = prepare_config_data(config, tokenizer)
+        data = prepare_config_data(config, tokenizer, _image_processor(base))
     except DataError as exc:
         print(f"data error: nothing was trained or published.\n{exc}", file=sys.stderr)
         return EXIT_DATA
@@ -143,6 +143,20 @@ def run_train(argv: list[str]) -> int:
     return _train_and_publish(config, base, tokenizer, data, resume=args.resume)
 
 
+def _image_processor(base: ResolvedBaseModel) -> Any:
+    """A vision-language base's image processor (its images are data); None for a text base."""
+    from transformers import AutoConfig
+
+    from lorayard.architectures import architecture_for
+    from lorayard.vision import load_image_processor
+
+    return (
+        load_image_processor(base.path)
+        if architecture_for(AutoConfig.from_pretrained(base.path)).vision
+        else None
+    )
+
+
 def _refuse_fsdp_misuse(config: TrainConfig, *, resume: bool) -> int | None:
     """fsdp needs a multi-process launch, and its checkpoints (the adapter only) cannot be resumed;
     accelerate's own FSDP (an `accelerate launch` config with FSDP) would shard the model a second way,
@@ -150,7 +164,7 @@ def _refuse_fsdp_misuse(config: TrainConfig, *, resume: bool) -> int | None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         print(
             "config error: accelerate's FSDP config is not used: launch without it "
-            "(`accelerate launch --num_processes N ...`) and pass --fsdp",
+            "(`accelerate launch --multi_gpu --num_processes N ...`) and pass --fsdp",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -184,6 +198,11 @@ def _refuse_unservable(config: TrainConfig, base: ResolvedBaseModel) -> int | No
     except ServingCheckError as exc:
         print(f"{exc}; nothing trained or published", file=sys.stderr)
         return EXIT_SERVING_CHECK
+    if arch.vision and config.packing:  # packed rows would need their images' M-RoPE positions
+        print(
+            f"config error: packing is not supported on a vision-language base ({arch.name})", file=sys.stderr
+        )
+        return EXIT_CONFIG
     if isinstance(config.target_modules, list):
         unknown = [m for m in config.target_modules if m not in arch.lora_targets]
         if unknown:

@@ -42,6 +42,14 @@ from lorayard.chat_format import (
     render_conversation,
 )
 from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
+from lorayard.vision import (
+    IMAGE_PAD,
+    IMAGE_PLACEHOLDER,
+    ImageError,
+    ImageLimits,
+    decode_image,
+    preprocess_images,
+)
 from lorayard.volume import DatasetRef
 
 if TYPE_CHECKING:
@@ -57,6 +65,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text_target": ("text", "target"),
 }
+IMAGE_MARK = "<image>"
+"""Where an image of a ShareGPT record's ``images`` column goes in its text (LLaMA-Factory's mark)."""
+
 COMPLETION_FORMATS = ("prompt_completion", "text_target")
 """Formats that train as raw prompt + completion + EOS on a base without a chat template."""
 SHAREGPT_ROLES: dict[str, Role] = {
@@ -92,6 +103,16 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class ExampleImages:
+    """An example's images as the base's image processor reads them (``lorayard.vision``)."""
+
+    paths: tuple[Path, ...]
+    pixel_values: Any
+    """torch.Tensor [patches, dim]: every image's patches, one image after another."""
+    grid_thw: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
 class Example:
     """One validated record as a conversation, with where it came from and its rendered ids."""
 
@@ -102,6 +123,8 @@ class Example:
     rendered: RenderedExample
     tools: tuple[ToolSpec, ...] = ()
     """The tools the conversation offers (rendered into its prompts)."""
+    images: ExampleImages | None = None
+    """A vision-language base's images, in the order of their placeholders in ``rendered``."""
 
     @property
     def prompt_messages(self) -> list[Message]:
@@ -259,7 +282,33 @@ def _text_field(record: dict[str, Any], key: str, *, required: bool = True) -> s
     return value
 
 
-def _chat_list(record: dict[str, Any], key: str, role_key: str, text_key: str) -> list[Message]:
+def _content_with_images(content: Any, where: str, images: list[str]) -> Any:
+    """A ``messages`` turn's content given as parts: text parts joined, each image part
+    (``{"type": "image", "image": PATH}`` or ``{"type": "image_url", "image_url": {"url": PATH}}``)
+    its placeholder in the text, its path appended to ``images``; any other content unchanged."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image" and isinstance(part.get("image"), str):
+            images.append(part["image"])
+            texts.append(IMAGE_PLACEHOLDER)
+        elif kind == "image_url" and isinstance((part.get("image_url") or {}).get("url"), str):
+            images.append(part["image_url"]["url"])
+            texts.append(IMAGE_PLACEHOLDER)
+        else:
+            raise _RecordProblem(
+                f"{where}[{j}] must be a text part or an image part ({{'type': 'image', 'image': PATH}})"
+            )
+    return "".join(texts)
+
+
+def _chat_list(
+    record: dict[str, Any], key: str, role_key: str, text_key: str, images: list[str] | None = None
+) -> list[Message]:
     turns = record.get(key)
     if turns is None:
         raise _RecordProblem(f"missing field {key!r}")
@@ -278,6 +327,8 @@ def _chat_list(record: dict[str, Any], key: str, role_key: str, text_key: str) -
         where = f"{key}[{i}]"
         calls = _turn_calls(turn, role, text_key, where)
         content = turn.get(text_key) if role != "function_call" else ""
+        if images is not None:
+            content = _content_with_images(content, f"{where}.{text_key}", images)
         if content is None and calls:
             content = ""
         if not isinstance(content, str):
@@ -356,14 +407,30 @@ def record_tools(record: Any) -> tuple[ToolSpec, ...]:
     return tuple(specs)
 
 
-def to_messages(record: Any, data_format: str, system_prompt: str | None) -> list[Message]:
-    """One record of ``data_format`` as a conversation; raises _RecordProblem naming the field."""
+def to_messages(
+    record: Any, data_format: str, system_prompt: str | None, images: list[str] | None = None
+) -> list[Message]:
+    """One record of ``data_format`` as a conversation; raises _RecordProblem naming the field.
+
+    ``images`` collects the record's image paths in placeholder order: image parts of ``messages``
+    content, or the LLaMA-Factory / ShareGPT ``images`` column whose ``<image>`` marks in the text
+    become placeholders (one mark per image)."""
     if not isinstance(record, dict):
         raise _RecordProblem(f"a record must be a JSON object, got {type(record).__name__}")
     if data_format == "messages":
-        return _chat_list(record, "messages", "role", "content")
+        return _chat_list(record, "messages", "role", "content", images)
     if data_format == "sharegpt":
-        return _chat_list(record, "conversations", "from", "value")
+        turns = _chat_list(record, "conversations", "from", "value")
+        column = record.get("images")
+        if column is None or images is None:
+            return turns
+        if not isinstance(column, list) or not all(isinstance(p, str) for p in column):
+            raise _RecordProblem("field 'images' must be a list of paths")
+        marks = sum(m["content"].count(IMAGE_MARK) for m in turns)
+        if marks != len(column):
+            raise _RecordProblem(f"{marks} {IMAGE_MARK} marks in the text for {len(column)} images")
+        images.extend(column)
+        return [{**m, "content": m["content"].replace(IMAGE_MARK, IMAGE_PLACEHOLDER)} for m in turns]
     if data_format == "alpaca":
         instruction = _text_field(record, "instruction")
         extra = _text_field(record, "input", required=False)
@@ -398,11 +465,13 @@ def load_examples(
     issues: _Collector,
     formats: dict[str, str],
     prompt_template: str | None = None,
+    image_processor: Any = None,
 ) -> list[Example]:
     """Read, convert, render and length-check every record of ``files``; problems go to ``issues``.
 
     prompt_template: the user's chat template for chat-style data, None for the base's own (or, on a
-    base without one, :data:`~lorayard.chat_format.DEFAULT_PROMPT_TEMPLATE`).
+    base without one, :data:`~lorayard.chat_format.DEFAULT_PROMPT_TEMPLATE`). image_processor: a
+    vision-language base's (images are read from files next to the data); None: images are a problem.
     """
     raw_completions = prompt_template is None and tokenizer.chat_template is None
     template = chat_template_for(tokenizer, prompt_template)
@@ -425,8 +494,9 @@ def load_examples(
             continue
         formats[str(path)] = fmt
         for location, record in records:
+            image_paths: list[str] = []
             try:
-                messages = to_messages(record, fmt, system_prompt)
+                messages = to_messages(record, fmt, system_prompt, image_paths)
                 tools = record_tools(record)
                 if raw_completions and fmt in COMPLETION_FORMATS:
                     rendered = render_completion(tokenizer, messages[-2]["content"], messages[-1]["content"])
@@ -442,6 +512,11 @@ def load_examples(
                     rendered = render_conversation(
                         tokenizer, messages, prompt_template=template, tools=context
                     )
+                images = None
+                if image_paths:
+                    rendered, images = _with_images(
+                        rendered, image_paths, path.parent, image_processor, tokenizer
+                    )
             except (_RecordProblem, ChatFormatError, UnknownToolFormat) as exc:
                 issues.add(location, f"{exc} ({fmt} format)")
                 continue
@@ -452,8 +527,49 @@ def load_examples(
                     f"(shorten it or raise max_length)",
                 )
                 continue
-            examples.append(Example(location, path, messages, rendered, tools))
+            examples.append(Example(location, path, messages, rendered, tools, images))
     return examples
+
+
+def _with_images(
+    rendered: RenderedExample,
+    paths: list[str],
+    folder: Path,
+    processor: Any,
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[RenderedExample, ExampleImages]:
+    """The example's images read from files in ``folder`` (the data's) and each placeholder's pad
+    token repeated once per image embedding (outside the loss, as the prompt is)."""
+    if processor is None:
+        raise _RecordProblem(
+            "has images: only a vision-language base (Qwen2.5-VL, Qwen3-VL) trains on images"
+        )
+    root = folder.resolve()
+    files = []
+    for name in paths:
+        file = (root / name).resolve()
+        if not file.is_relative_to(root) or not file.is_file():
+            raise _RecordProblem(f"image {name!r} is not a file next to the data ({root})")
+        files.append(file)
+    try:
+        decoded = [
+            decode_image(file.read_bytes(), ImageLimits(max_images=len(files))).image for file in files
+        ]
+    except ImageError as exc:
+        raise _RecordProblem(f"image: {exc}") from None
+    pixels, grids = preprocess_images(processor, decoded)
+    merge = int(processor.merge_size)
+    counts = iter(t * h * w // (merge * merge) for t, h, w in grids)
+    pad = tokenizer.get_vocab()[IMAGE_PAD]
+    if sum(1 for t in rendered.ids if t == pad) != len(files):
+        raise _RecordProblem("the text may not spell the image placeholder itself")
+    ids: list[int] = []
+    mask: list[int] = []
+    for token, trained in zip(rendered.ids, rendered.labels_mask, strict=True):
+        n = next(counts) if token == pad else 1
+        ids.extend([token] * n)
+        mask.extend([0 if token == pad else trained] * n)  # image tokens are never predicted
+    return RenderedExample(ids, mask), ExampleImages(tuple(files), pixels, tuple(grids))
 
 
 def _tool_format(tokenizer: PreTrainedTokenizerBase, template: str | None) -> ToolFormat | UnknownToolFormat:
@@ -476,8 +592,11 @@ def split_validation(
     return [examples[i] for i in train], [examples[i] for i in val]
 
 
-def prepare_config_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """:func:`prepare_data` with every option taken from a training config."""
+def prepare_config_data(
+    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, image_processor: Any = None
+) -> PreparedData:
+    """:func:`prepare_data` with every option taken from a training config (``image_processor``: a
+    vision-language base's)."""
     return prepare_data(
         train_files=config.data,
         val_files=config.val_data,
@@ -489,6 +608,7 @@ def prepare_config_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase)
         val_fraction=config.val_fraction,
         seed=config.seed,
         max_errors=config.max_data_errors,
+        image_processor=image_processor,
     )
 
 
@@ -504,6 +624,7 @@ def prepare_data(
     seed: int,
     max_errors: int,
     prompt_template: str | None = None,
+    image_processor: Any = None,
 ) -> PreparedData:
     """Every file validated and rendered; raises DataError listing all problems (up to ``max_errors``)."""
     issues = _Collector(max_errors)
@@ -515,6 +636,7 @@ def prepare_data(
         "issues": issues,
         "formats": formats,
         "prompt_template": prompt_template,
+        "image_processor": image_processor,
     }
     train = load_examples(train_files, tokenizer, **common)
     validation = load_examples(val_files, tokenizer, **common)

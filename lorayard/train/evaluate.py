@@ -14,13 +14,20 @@ import torch
 from pydantic import BaseModel, Field
 
 from lorayard.chat_format import stop_token_ids
-from lorayard.train.train import IGNORE_INDEX, CompletionDataset, PaddingCollator, pad_token_id, perplexity
+from lorayard.train.train import (
+    IGNORE_INDEX,
+    CompletionDataset,
+    PaddingCollator,
+    image_token_id,
+    pad_token_id,
+    perplexity,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from lorayard.train.data import Example
+    from lorayard.train.data import Example, ExampleImages
 
 EVAL_FILE = "eval.json"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -73,18 +80,23 @@ class EvalReport(BaseModel):
 
 @torch.no_grad()
 def completion_loss(
-    model: PreTrainedModel | PeftModel, examples: list[Example], *, pad_id: int, batch_size: int
+    model: PreTrainedModel | PeftModel,
+    examples: list[Example],
+    *,
+    pad_id: int,
+    batch_size: int,
+    image_token: int | None = None,
 ) -> tuple[float, int]:
-    """(mean loss per trained token, number of trained tokens) over ``examples``."""
+    """(mean loss per trained token, number of trained tokens) over ``examples`` (``image_token``: a
+    vision-language base's image-pad id, for examples with images)."""
     device = next(model.parameters()).device
-    collate = PaddingCollator(pad_id)
+    collate = PaddingCollator(pad_id, image_token)
     dataset = CompletionDataset(examples)
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits.float()  # [batch, seq, vocab]
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()  # [batch, seq, vocab]
         labels = batch["labels"].to(device)[:, 1:]  # token t+1 is predicted at position t
         total += torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -103,10 +115,20 @@ def generate_from_ids(
     prompt_ids: list[int],
     *,
     max_new_tokens: int,
+    images: ExampleImages | None = None,
 ) -> str:
-    """Greedy answer to a prompt already rendered (the ids the server would send)."""
+    """Greedy answer to a prompt already rendered (the ids the server would send), with its images."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
+    extra: dict[str, torch.Tensor] = {}
+    if images is not None:
+        pad = image_token_id(tokenizer)
+        assert pad is not None  # a base that read the example's images has the token
+        extra = {
+            "pixel_values": images.pixel_values.to(device),
+            "image_grid_thw": torch.tensor(images.grid_thw, device=device),
+            "mm_token_type_ids": torch.eq(ids, pad).int(),
+        }
     # PeftModel forwards generate to its base through __getattr__, which torch types as Tensor | Module
     output = model.generate(  # type: ignore[operator]
         input_ids=ids,
@@ -115,6 +137,7 @@ def generate_from_ids(
         do_sample=False,
         eos_token_id=sorted(stop_token_ids(tokenizer)),
         pad_token_id=pad_token_id(tokenizer),
+        **extra,
     )
     return str(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)).strip()
 
@@ -142,17 +165,25 @@ def evaluate_adapter(
     """Validation loss/perplexity and held-back answers for the base (adapter disabled) and the adapter."""
     model.eval()
     pad_id = pad_token_id(tokenizer)
+    image_token = image_token_id(tokenizer)
     held_back = validation[:prompts]
-    adapter_loss, tokens = completion_loss(model, validation, pad_id=pad_id, batch_size=batch_size)
-    adapter_answers = [
-        generate_from_ids(model, tokenizer, e.prompt_ids, max_new_tokens=max_new_tokens) for e in held_back
-    ]
-    with model.disable_adapter():
-        base_loss, _ = completion_loss(model, validation, pad_id=pad_id, batch_size=batch_size)
-        base_answers = [
-            generate_from_ids(model, tokenizer, e.prompt_ids, max_new_tokens=max_new_tokens)
+
+    def losses() -> tuple[float, int]:
+        return completion_loss(
+            model, validation, pad_id=pad_id, batch_size=batch_size, image_token=image_token
+        )
+
+    def answers() -> list[str]:
+        return [
+            generate_from_ids(model, tokenizer, e.prompt_ids, max_new_tokens=max_new_tokens, images=e.images)
             for e in held_back
         ]
+
+    adapter_loss, tokens = losses()
+    adapter_answers = answers()
+    with model.disable_adapter():
+        base_loss, _ = losses()
+        base_answers = answers()
     samples = [
         SampleAnswer(
             source=e.source,

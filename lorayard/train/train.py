@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
+from lorayard.vision import IMAGE_PAD
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -51,19 +52,42 @@ class CompletionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        rendered = self.examples[index].rendered
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        rendered = example.rendered
         labels = [t if m else IGNORE_INDEX for t, m in zip(rendered.ids, rendered.labels_mask, strict=True)]
-        return {"input_ids": rendered.ids, "labels": labels}
+        item: dict[str, Any] = {"input_ids": rendered.ids, "labels": labels}
+        if example.images is not None:
+            item["pixel_values"] = example.images.pixel_values
+            item["image_grid_thw"] = example.images.grid_thw
+        return item
+
+
+def image_inputs(features: list[dict[str, Any]], input_ids: torch.Tensor, image_token_id: int | None) -> dict:
+    """A batch's images for a vision-language base: every example's patches one after another, their
+    grids, and which tokens are image tokens (without ``mm_token_type_ids`` transformers cannot build
+    the M-RoPE positions and falls back to 1-D ones); {} for a batch without images."""
+    with_images = [f for f in features if "pixel_values" in f]
+    if not with_images or image_token_id is None:
+        return {}
+    return {
+        "pixel_values": torch.cat([f["pixel_values"] for f in with_images]),
+        "image_grid_thw": torch.tensor(
+            [g for f in with_images for g in f["image_grid_thw"]], dtype=torch.long
+        ),
+        "mm_token_type_ids": (input_ids == image_token_id).int(),
+    }
 
 
 @dataclass(frozen=True)
 class PaddingCollator:
-    """Right-pads a batch to its longest example: input_ids/labels/attention_mask [batch, longest]."""
+    """Right-pads a batch to its longest example: input_ids/labels/attention_mask [batch, longest];
+    with ``image_token_id`` (a vision-language base) the batch's images too (:func:`image_inputs`)."""
 
     pad_token_id: int
+    image_token_id: int | None = None
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
@@ -73,7 +97,12 @@ class PaddingCollator:
             ids[row, :n] = torch.tensor(feature["input_ids"])
             labels[row, :n] = torch.tensor(feature["labels"])
             attention[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": attention,
+            **image_inputs(features, ids, self.image_token_id),
+        }
 
 
 def collator(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
@@ -87,7 +116,12 @@ def collator(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Callabl
         # separator -100: each example's first label is outside the loss, as it is when padded
         # (no token predicts it).
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-    return PaddingCollator(pad_token_id(tokenizer))
+    return PaddingCollator(pad_token_id(tokenizer), image_token_id(tokenizer))
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The image-pad token's id: a vision-language base's tokenizer has one, a text base's none."""
+    return tokenizer.get_vocab().get(IMAGE_PAD)
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -171,9 +205,10 @@ def lora_config(config: TrainConfig, base_config: PretrainedConfig) -> Any:
 
     from lorayard.architectures import architecture_for
 
-    targets = config.target_modules
-    if targets == "all-linear":
-        targets = list(architecture_for(base_config).lora_targets)
+    arch = architecture_for(base_config)
+    names = list(arch.lora_targets) if config.target_modules == "all-linear" else config.target_modules
+    # A vision-language base: its language model's linears only (the vision tower stays frozen).
+    targets = arch.peft_target_modules(names) if arch.vision else names
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=config.rank,

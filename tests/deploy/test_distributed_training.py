@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from lorayard.train.config import TrainConfig
+from lorayard.train.__main__ import _train_parser
 
 from .conftest import REPO, container, find, kustomize, validate_strictly
 
@@ -70,7 +70,8 @@ def test_the_trainjob_replaces_the_job_and_trains_with_fsdp_across_nodes(distrib
     assert trainer["command"] == ["torchrun", "-m", "lorayard.train"]
     args = trainer["args"]
     assert "--fsdp" in args and "--resume" not in args  # the job refuses --resume with fsdp
-    assert "fsdp" in TrainConfig.model_fields
+    parsed = _train_parser().parse_args(args)  # flags the job knows, the config it is mounted with
+    assert parsed.fsdp is True and str(parsed.config) == "/config/train.yaml"
     assert {e["name"]: e["value"] for e in trainer["env"]}["LORAYARD_ADAPTERS_DIR"] == "/adapters"
 
 

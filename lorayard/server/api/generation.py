@@ -243,7 +243,7 @@ class Generation:
             streams = []
             try:
                 for i, request_id in enumerate(self.request_ids):
-                    request = Request(request_id, self.prompt_ids, self._params_for(i), lease)
+                    request = Request(request_id, self.prompt_ids, self._params_for(i), lease, job.images)
                     streams.append(self.engine.submit(request))
                 queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
                 tasks = [asyncio.create_task(self._pump(i, s, queue)) for i, s in enumerate(streams)]
@@ -270,6 +270,13 @@ class Generation:
         job = self.job
         if job.messages is None or (lease.prompt_template is None and self.prompt_ids):
             return
+        if job.images is not None:  # its pad tokens were expanded in the base template's rendering
+            raise APIError(
+                400,
+                f"{lease.name} has its own prompt template: images are served with the base's chat template",
+                param="messages",
+                code="invalid_value",
+            )
         try:
             self.prompt_ids = render_prompt(
                 self.tokenizer, list(job.messages), lease.prompt_template, job.tool_context

@@ -49,12 +49,19 @@ class _Lenient(BaseModel):
 
 
 # -- requests ------------------------------------------------------------------------------------
+class ImageURL(_Lenient):
+    url: str
+    detail: str | None = None
+    """OpenAI's low/high/auto: accepted, and the base's image processor decides the resolution."""
+
+
 class ContentPart(_Lenient):
-    """A part of a message's content: ``text`` is served; other types (images, audio, files) are refused
-    by name in :func:`lorayard.server.api.serving.conversation`."""
+    """A part of a message's content: ``text``, and ``image_url`` on a vision-language base; other
+    types (audio, files) are refused by name in :func:`lorayard.server.api.serving.conversation`."""
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCallIn(_Lenient):

@@ -50,6 +50,14 @@ class InputText(_Lenient):
     text: str
 
 
+class InputImage(_Lenient):
+    type: Literal["input_image"]
+    image_url: str | None = None
+    """A data: URL (or file:NAME inside the server's --image-dir)."""
+    file_id: str | None = None
+    detail: str | None = None
+
+
 class Refusal(_Lenient):
     type: Literal["refusal"]
     refusal: str

@@ -26,6 +26,7 @@ from lorayard.server.api.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputInput,
     FunctionTool,
+    InputImage,
     InputItemList,
     InputMessage,
     InputText,
@@ -103,14 +104,38 @@ def _parsed(model: type[_Model], raw: Any, where: str) -> _Model:
 
 
 # -- input items -> chat messages ----------------------------------------------------------------
+def _message_content(content: str | list[dict[str, Any]], where: str) -> str | list[dict[str, Any]]:
+    """A message's content: its text, or with ``input_image`` parts chat's text and image_url parts
+    (an image's URL is a data: URL, or file: with --image-dir; chat_job decides whether the base reads
+    images, and refuses them by name otherwise)."""
+    if isinstance(content, str) or not any(
+        isinstance(p, dict) and p.get("type") == "input_image" for p in content
+    ):
+        return _text_of(content, where)
+    parts: list[dict[str, Any]] = []
+    for j, raw in enumerate(content):
+        if raw.get("type") == "input_image":
+            image = _parsed(InputImage, raw, f"{where}.{j}")
+            if image.image_url is None:
+                raise _bad(
+                    f"{where}.{j}.image_url", "required: file_id images are not supported", "unsupported"
+                )
+            parts.append({"type": "image_url", "image_url": {"url": image.image_url}})
+        else:
+            parts.append({"type": "text", "text": _text_of([raw], f"{where}.{j}")})
+    return parts
+
+
 def _text_of(content: str | list[dict[str, Any]], where: str) -> str:
     if isinstance(content, str):
         return content
     texts = []
     for j, raw in enumerate(content):
         kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind in ("input_image", "input_file", "input_audio"):
+        if kind in ("input_file", "input_audio"):
             raise _bad(f"{where}.{j}", f"{kind} is not supported: the served models read text", "unsupported")
+        if kind == "input_image":  # in a function_call_output
+            raise _bad(f"{where}.{j}", "images are accepted in message content only", "unsupported")
         if kind == "refusal":
             texts.append(_parsed(Refusal, raw, f"{where}.{j}").refusal)
         else:
@@ -141,7 +166,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> tuple[list[dict[str, An
         if kind == "message":
             message = _parsed(InputMessage, raw, where)
             role = "system" if message.role == "developer" else message.role
-            messages.append({"role": role, "content": _text_of(message.content, f"{where}.content")})
+            messages.append({"role": role, "content": _message_content(message.content, f"{where}.content")})
         elif kind == "function_call":
             call = _parsed(FunctionCallInput, raw, where)
             turn = _call_message(messages, previous_kind in ("assistant", "function_call"))
@@ -320,8 +345,15 @@ def responses_param(param: str | None, origins: list[str]) -> str | None:
         return None
     head, _, rest = param.partition(".")
     if head == "messages":
-        index = rest.partition(".")[0]
-        return origins[int(index)] if index.isdigit() and int(index) < len(origins) else "input"
+        index, _, inner = rest.partition(".")
+        if not (index.isdigit() and int(index) < len(origins)):
+            return "input"
+        origin = origins[int(index)]
+        # A message item's content parts are chat's, one for one (an image part included).
+        if inner.startswith("content.") and origin.startswith("input."):
+            # chat's image_url.url is the Responses part's image_url
+            return f"{origin}.{inner.removesuffix('.url') if inner.endswith('.image_url.url') else inner}"
+        return origin
     if head == "response_format":
         rest = rest.removeprefix("json_schema").removeprefix(".")
         return "text.format" + (f".{rest}" if rest else "")

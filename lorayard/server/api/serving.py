@@ -25,6 +25,7 @@ from lorayard.chat_format import (
     render_prompt,
 )
 from lorayard.server.api.errors import APIError
+from lorayard.server.api.images import ImageRef, request_images, with_image_pads
 from lorayard.server.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -45,8 +46,15 @@ from lorayard.server.engine.request_rules import (
     check_token_ids,
     default_max_tokens,
 )
-from lorayard.server.engine.types import GuidedDecoding, InvalidRequest, PromptTooLong, SamplingParams
+from lorayard.server.engine.types import (
+    GuidedDecoding,
+    ImageInputs,
+    InvalidRequest,
+    PromptTooLong,
+    SamplingParams,
+)
 from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
+from lorayard.vision import IMAGE_PAD, IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from lorayard.server.runtime import ReadyRuntime
@@ -68,23 +76,28 @@ the schema checks long before any real schema (a property path of ~30 objects) n
 REFUSED_FIELDS: dict[str, str] = {
     "functions": "the legacy `functions` field is not supported: send `tools`",
     "function_call": "the legacy `function_call` field is not supported: send `tool_choice`",
-    "suffix": "`suffix` (insertion) is not supported",
+    "suffix": "`suffix` (insertion) is not supported: send the text before the gap as `prompt`",
     "guided_json": "vLLM's `guided_json` is not supported: send `response_format` with a json_schema",
     "guided_regex": "`guided_regex` is not supported: only JSON (response_format) can be enforced",
     "guided_choice": "`guided_choice` is not supported: send `response_format` with an enum json_schema",
     "guided_grammar": "`guided_grammar` is not supported: only JSON (response_format) can be enforced",
-    "audio": "audio output is not supported",
-    "prediction": "predicted outputs are not supported",
+    "audio": "audio output is not supported: the served models write text; send the request without it",
+    "prediction": "predicted outputs are not supported: send the request without it (a prediction only"
+    " speeds an answer up, never changes it)",
     "min_p": "`min_p` is not supported: use top_p or top_k",
     "typical_p": "`typical_p` is not supported: use top_p or top_k",
-    "use_beam_search": "beam search is not supported",
-    "length_penalty": "`length_penalty` (beam search) is not supported",
+    "use_beam_search": "beam search is not supported: send `n` with `logprobs` and rank the choices",
+    "length_penalty": "`length_penalty` (beam search) is not supported: send `n` with `logprobs` and"
+    " rank the choices",
     "allowed_token_ids": "`allowed_token_ids` is not supported: use logit_bias (+100) or response_format",
     "bad_words": "`bad_words` is not supported: use logit_bias (-100) on their token ids",
-    "include_stop_str_in_output": "`include_stop_str_in_output` is not supported: stop strings are cut",
-    "skip_special_tokens": "`skip_special_tokens: false` is not supported: special tokens are skipped",
+    "include_stop_str_in_output": "`include_stop_str_in_output` is not supported: stop strings are cut;"
+    " a choice that ended on one has finish_reason `stop`: append it yourself",
+    "skip_special_tokens": "`skip_special_tokens: false` is not supported: special tokens are skipped"
+    " from the text; `logprobs` lists every generated token, special ones included",
     "truncate_prompt_tokens": "prompt truncation is not supported: send a shorter prompt",
-    "chat_template": "a per-request chat template is not supported: the base's template is used",
+    "chat_template": "a per-request chat template is not supported: the base's template is used; send"
+    " a prompt rendered your way to /v1/completions",
     "continue_final_message": "`continue_final_message` is not supported: use /v1/completions",
     # Declared by /v1/completions, so only ever an unknown field on chat:
     "echo": "`echo` is only supported on /v1/completions",
@@ -143,6 +156,8 @@ class EngineJob:
     """Chat jobs: the conversation, rendered again with the leased version's prompt template when it
     has one (an adapter trained on a base without a chat template); ``prompt_ids`` is then empty
     until the lease says which template applies."""
+    images: ImageInputs | None = None
+    """Chat jobs on a vision-language base: the images whose pad tokens ``prompt_ids`` holds."""
 
 
 def _bad(param: str, message: str) -> APIError:
@@ -156,7 +171,12 @@ def _refuse_unsupported(body: SamplingFields) -> None:
             raise APIError(400, REFUSED_FIELDS[name], param=name, code="unsupported_field")
     best_of = (body.model_extra or {}).get("best_of")
     if best_of not in (None, 1, body.n):
-        raise APIError(400, "best_of: only best_of == n is supported", param="best_of", code="unsupported")
+        raise APIError(
+            400,
+            "best_of: only best_of == n is supported: send `n` with `logprobs` and rank the choices",
+            param="best_of",
+            code="unsupported",
+        )
 
 
 def _token_ids(param: str, ids: list[int], vocab: int) -> list[int]:
@@ -389,12 +409,22 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     )
 
 
-def _content_text(content: str | list[ContentPart] | None, param: str) -> str:
-    """A message's content as text: a string, or text parts joined; other parts are refused by name."""
+def _content_text(
+    content: str | list[ContentPart] | None, param: str, images: list[ImageRef] | None = None
+) -> str:
+    """A message's content as text: a string, or text parts joined; with ``images`` (a vision-language
+    base) each image part is its placeholder in the text and its URL is appended to ``images``; other
+    parts are refused by name."""
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
     for j, part in enumerate(content):
+        if part.type == "image_url" and images is not None:
+            if part.image_url is None:
+                raise _bad(f"{param}.{j}.image_url", "required in an image_url part")
+            images.append(ImageRef(part.image_url.url, f"{param}.{j}.image_url.url"))
+            texts.append(IMAGE_PLACEHOLDER)
+            continue
         if part.type != "text" or part.text is None:
             what = "image" if "image" in part.type else repr(part.type)
             raise APIError(
@@ -421,16 +451,18 @@ def _replayed_calls(message: ChatMessage, i: int) -> list[ToolCallEntry]:
     return calls
 
 
-def conversation(messages: list[ChatMessage]) -> list[Message]:
+def conversation(messages: list[ChatMessage], images: list[ImageRef] | None = None) -> list[Message]:
     """OpenAI's messages -> the conversation :mod:`lorayard.chat_format` renders: ``developer`` is a
-    system turn, content parts are text, an assistant turn may be calls alone, a tool turn answers a
-    call by ``tool_call_id``. A message we cannot render is a 400 naming its field."""
+    system turn, content parts are text (and, given ``images`` to collect them in, image parts are
+    image placeholders), an assistant turn may be calls alone, a tool turn answers a call by
+    ``tool_call_id``. A message we cannot render is a 400 naming its field."""
     out: list[Message] = []
     for i, message in enumerate(messages):
         if message.content is None and message.role != "assistant":
             raise _bad(f"messages.{i}.content", f"required in a {message.role} message")
         role = "system" if message.role == "developer" else message.role
-        entry: Message = {"role": role, "content": _content_text(message.content, f"messages.{i}.content")}
+        content = _content_text(message.content, f"messages.{i}.content", images)
+        entry: Message = {"role": role, "content": content}
         if message.tool_calls:
             entry["tool_calls"] = _replayed_calls(message, i)
         if message.role == "tool":
@@ -482,15 +514,27 @@ def chat_prompt_ids(
 def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     """/v1/chat/completions body -> job, with response_format or forced tool calls as a grammar."""
     _refuse_unsupported(body)
-    messages = conversation(body.messages)
+    image_refs: list[ImageRef] | None = [] if runtime.image_processor is not None else None
+    messages = conversation(body.messages, image_refs)
     ref = _adapter_ref(body, runtime)
     adapter = ref[0]
     # A base without a chat template: only an adapter's own prompt template can render the chat,
     # known once its version is leased (canary routing picks it); Generation renders it then.
     deferred = adapter is not None and runtime.tokenizer.chat_template is None
+    if deferred and image_refs:
+        raise _bad("messages", "images need the base's chat template (this base has none)")
     tools = request_tools(runtime, body.tools, body.tool_choice, body.parallel_tool_calls)
     context = tools.context if tools is not None else ToolContext(_tool_specs(body.tools))
     prompt_ids = [] if deferred else chat_prompt_ids(runtime, messages, tools=context)
+    images = None
+    if image_refs:
+        settings = runtime.settings
+        images, counts = request_images(
+            image_refs, runtime.image_processor, settings.image_limits(), settings.image_dir
+        )
+        pad_id = runtime.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        assert isinstance(pad_id, int)  # one token in, one id out
+        prompt_ids = with_image_pads(prompt_ids, pad_id, counts)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -512,6 +556,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         messages=tuple(messages),
         tool_context=context,
         requested_max_tokens=requested,
+        images=images,
     )
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorayard.architectures import head_dim, kv_heads
+from lorayard.architectures import head_dim, kv_heads, language_config
 from lorayard.server.engine.types import BlockAccountingError
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ class BlockSpec:
         cls, config: PretrainedConfig, dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE
     ) -> BlockSpec:
         """The block shape of a model's KV: its layers, KV heads and head dim (:func:`head_dim`)."""
-        return cls(config.num_hidden_layers, kv_heads(config), head_dim(config), block_size, dtype)
+        return cls(
+            language_config(config).num_hidden_layers, kv_heads(config), head_dim(config), block_size, dtype
+        )
 
 
 def kv_budget_bytes(budget_gb: float | None, device: str) -> int:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorayard.adapter_files import AdapterWeights
-from lorayard.architectures import architecture_for, exact_context_limit
+from lorayard.architectures import architecture_for, exact_context_limit, language_config
 from lorayard.base_model import ResolvedBaseModel, default_device, load_base_model
 from lorayard.server.engine.block_pool import (
     BlockPool,
@@ -72,9 +72,11 @@ from lorayard.server.engine.types import (
     Request,
     TokenEvent,
 )
+from lorayard.server.engine.vision import VisionPrompt, check_images, encode_prompt
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -93,6 +95,8 @@ class _Sequence(Sequence):
     """Its ``output_ids`` is the scheduler's list (one list, appended by the engine only)."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenEvent]
+    vision: VisionPrompt | None = None
+    """Its images' embeddings and M-RoPE positions, computed on its first planned pass."""
 
     @property
     def adapter_slot(self) -> int | None:
@@ -145,13 +149,13 @@ class Engine:
         wanted_len = engine_config.max_model_len
         self.max_model_len = min(
             wanted_len,
-            int(getattr(self.hf_config, "max_position_embeddings", wanted_len)),
+            int(getattr(language_config(self.hf_config), "max_position_embeddings", wanted_len)),
             exact_context_limit(self.hf_config) or wanted_len,
         )
         self.max_queue = engine_config.max_queue
         self.prefill_chunk = engine_config.prefill_chunk
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.vocab_size = int(self.hf_config.vocab_size)
+        self.vocab_size = int(language_config(self.hf_config).vocab_size)
         """Width of the logits: every token id a request carries must be below it."""
         self.metrics = metrics
         self._guided: GuidedCompiler | None = None
@@ -258,8 +262,10 @@ class Engine:
         self._guided = compiler
 
     # -- adapters (called by the registry, from worker threads) ---------------------------------
-    def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
-        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
+    def load_adapter_weights(self, key: str, weights: AdapterWeights, folder: Path | None = None) -> int:
+        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once.
+        ``folder`` is not read again: ``weights`` are its files, already validated."""
+        del folder
         dense = biases = None
         if weights.uses_dora:
             dora = [k for k, m in weights.modules.items() if m.magnitude is not None]
@@ -302,6 +308,12 @@ class Engine:
         if prompt_len == 0:
             raise InvalidRequest("the prompt is empty", "prompt_ids")
         check_token_ids("prompt_ids", request.prompt_ids, self.vocab_size)
+        if self.runner.arch.vision:
+            check_images(self.hf_config, request.prompt_ids, request.images)
+        elif request.images is not None:
+            raise InvalidRequest(
+                f"the base ({self.runner.arch.name}) reads text only: images are not accepted", "images"
+            )
         check_token_ids("stop_token_ids", params.stop_token_ids, self.vocab_size)
         check_token_ids("logit_bias", [token for token, _bias in params.logit_bias], self.vocab_size)
         if params.max_tokens < 0:
@@ -322,7 +334,7 @@ class Engine:
             seq = _Sequence(
                 request=request,
                 pool_id=f"{request.request_id}#{next(self._pool_ids)}",
-                identity=adapter_identity(request.adapter),
+                identity=_prefix_identity(request),
                 output_ids=state.output_ids,
                 state=state,
                 loop=asyncio.get_running_loop(),
@@ -464,7 +476,7 @@ class Engine:
         samplers = [row.seq for row in planned if row.samples]
         masks = self._fill_masks([seq for seq in samplers if seq.request.params.max_tokens])
         try:
-            outputs = self.runner.forward([_pass_row(row) for row in planned])
+            outputs = self.runner.forward([self._pass_row(row) for row in planned])
         except Exception as exc:
             _settle(masks)  # the retry fills again; never two fills of one matcher at once
             if len(planned) == 1:
@@ -617,6 +629,28 @@ class Engine:
             return None
         return tuple(seq.prompt_logprobs)
 
+    def _pass_row(self, row: PlannedRow[_Sequence]) -> PassRow:
+        """The model runner's view of a planned row: its tokens, positions, blocks and adapter, and for
+        a request with images their embeddings and M-RoPE positions (the vision tower runs here, on
+        the engine thread, once per request: inside the pass's try, so a failure is that row's)."""
+        seq = row.seq
+        assert seq.table is not None
+        images = seq.request.images
+        if images is None:
+            return PassRow(row.ids, row.start, seq.table.blocks, seq.adapter_slot, row.logits)
+        if seq.vision is None:
+            seq.vision = encode_prompt(self.model, seq.request.prompt_ids, images)
+        n = len(row.ids)
+        return PassRow(
+            row.ids,
+            row.start,
+            seq.table.blocks,
+            seq.adapter_slot,
+            row.logits,
+            mrope=seq.vision.mrope(row.start, n),
+            image_embeds=seq.vision.embeds_for(row.start, n),
+        )
+
     @staticmethod
     def _emit(seq: _Sequence, event: TokenEvent) -> None:
         # A closed event loop means nobody is listening any more.
@@ -624,11 +658,14 @@ class Engine:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, event)
 
 
-def _pass_row(row: PlannedRow[_Sequence]) -> PassRow:
-    """The model runner's view of a planned row: its tokens, positions, blocks and adapter."""
-    seq = row.seq
-    assert seq.table is not None
-    return PassRow(row.ids, row.start, seq.table.blocks, seq.adapter_slot, row.logits)
+def _prefix_identity(request: Request) -> str | None:
+    """The prefix-cache key's identity: the adapter version's, and with images the images' hashes too,
+    so a cached block is shared only by requests with the same adapter and the same images (in order):
+    a different image never hits, the same image hits."""
+    identity = adapter_identity(request.adapter)
+    if request.images is None:
+        return identity
+    return f"{identity or ''}|images:{','.join(request.images.hashes)}"
 
 
 def _settle(masks: Future[None] | None) -> None:

@@ -49,7 +49,14 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lorayard.architectures import architecture_for, head_dim, kv_heads, post_norm, sliding_window
+from lorayard.architectures import (
+    architecture_for,
+    head_dim,
+    kv_heads,
+    language_config,
+    post_norm,
+    sliding_window,
+)
 from lorayard.server.engine.block_pool import KVBlockStorage
 from lorayard.server.engine.decode_graphs import DecodeGraphs, Mode, StaticInput, batch_buckets, bucket_for
 from lorayard.server.engine.lora_ops import (
@@ -80,6 +87,19 @@ GATE_UP = FUSED_GROUPS["gate_up"]
 
 
 @dataclass(frozen=True)
+class ImageEmbeds:
+    """A row's image-pad tokens: what replaces their embeddings, and (Qwen3-VL) what the first
+    decoder layers add to them."""
+
+    at: torch.Tensor
+    """[k] their indices among the row's ids (host, int64)."""
+    embeds: torch.Tensor
+    """[k, hidden] the vision tower's output for them."""
+    deepstack: tuple[torch.Tensor, ...] = ()
+    """Per early decoder layer i: [k, hidden] added to layer i's output at them (deepstack)."""
+
+
+@dataclass(frozen=True)
 class PassRow:
     """One request's new tokens in a forward pass: ``ids`` at positions ``start .. start + len(ids) - 1``,
     K/V read and written through ``blocks`` (its block table, covering every position up to the last)."""
@@ -91,6 +111,11 @@ class PassRow:
     logits: Literal["last", "all", "none"] = "last"
     """Which of its positions need logits: the last (it samples), all (prompt logprobs), none (a
     prompt chunk before the last)."""
+    mrope: torch.Tensor | None = None
+    """A vision-language base's multimodal rotary positions of these tokens, [3, len(ids)] (t, h, w);
+    None: ``start ..`` on all three axes (text only, no image before it)."""
+    image_embeds: ImageEmbeds | None = None
+    """Its image-pad tokens' embeddings from the vision tower; None: no image token in these ids."""
 
 
 STACKED_R_MAX = 64
@@ -208,13 +233,15 @@ class ModelRunner:
 
         Raises UnsupportedArchitecture for a base that :mod:`lorayard.architectures` does not list.
         """
-        config = model.config
-        self.arch = architecture_for(config)
+        self.arch = architecture_for(model.config)
+        config = language_config(model.config)  # a vision-language base's language model's
         self.model = model
         self.storage = storage
         self.block_size = storage.spec.block_size
         # The HF decoder blocks; what they hold differs by architecture (read through self.arch).
         self.layers: list[Any] = list(model.get_submodule(self.arch.layers_path).children())
+        # The Llama family's embed_tokens, norm and rotary_emb (a vision-language base's language model).
+        self.decoder: Any = model.get_submodule(self.arch.decoder_path) if self.arch.rotary else None
         self.linears: list[dict[str, torch.nn.Module]] = [
             {key: layer.get_submodule(path) for key, path in self.arch.linear_paths.items()}
             for layer in self.layers
@@ -227,7 +254,7 @@ class ModelRunner:
         self.adapters: dict[int, ResidentAdapter] = {}
         self.device = next(model.parameters()).device
         n_layers = len(self.layers)
-        self.windows = [sliding_window(config, i) for i in range(n_layers)]
+        self.windows = [sliding_window(model.config, i) for i in range(n_layers)]
         attention = "attn" if self.arch.family == "gpt2" else "self_attn"
         # GPT-2's includes scale_attn_weights and scale_attn_by_inverse_layer_idx; OPT scales q by it.
         self.scaling = [float(layer.get_submodule(attention).scaling) for layer in self.layers]
@@ -500,18 +527,22 @@ class ModelRunner:
             if decoder.project_in is not None:
                 h = decoder.project_in(h)
             return h + decoder.embed_positions(None, position_ids=positions)
-        return self.model.model.embed_tokens(ids)
+        return self.decoder.embed_tokens(ids)
 
     def _ropes(
         self, x: torch.Tensor, positions: torch.Tensor
     ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """positions: [N] -> {layer type (None: all layers): (cos, sin) [N, 1, rotary dim]} in x's dtype;
-        {None: None} for learned positions (no rotary)."""
+        """positions: [N] (or a vision-language base's [3, N]: t, h, w) -> {layer type (None: all
+        layers): (cos, sin) [N, 1, rotary dim]} in x's dtype; {None: None} for learned positions."""
         if not self.arch.rotary:
             return {None: None}
+        if self.arch.vision:  # M-RoPE: the module picks each frequency band's axis (mrope_section)
+            pos3 = positions.expand(3, -1) if positions.ndim == 1 else positions
+            cos, sin = self.decoder.rotary_emb(x, pos3[:, None, :])
+            return {None: (cos[0, :, None, :], sin[0, :, None, :])}
         ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for key in dict.fromkeys(self.rope_keys):
-            rotary = self.model.model.rotary_emb
+            rotary = self.decoder.rotary_emb
             cos, sin = rotary(x, positions[None, :]) if key is None else rotary(x, positions[None, :], key)
             ropes[key] = (cos[0, :, None, :], sin[0, :, None, :])
         return ropes
@@ -531,7 +562,7 @@ class ModelRunner:
             if decoder.project_out is not None:
                 h = decoder.project_out(h)
         else:
-            h = self._norm(self.model.model.norm, h)
+            h = self._norm(self.decoder.norm, h)
         logits = self.model.lm_head(h)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
@@ -589,7 +620,11 @@ class ModelRunner:
             first += n
         ids = torch.tensor([t for row in packed for t in row.ids]).to(self.device, non_blocking=True)
         h = self._embed(ids, batch.positions)
-        ropes = self._ropes(h, batch.positions)
+        positions = batch.positions
+        deepstack: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.arch.vision:
+            h, positions, deepstack = self._with_images(packed, lengths, h, positions)
+        ropes = self._ropes(h, positions)
         heads, hd = self.num_heads, self.head_dim
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -600,6 +635,9 @@ class ModelRunner:
 
         for i in range(len(self.layers)):
             h = self._block(i, h, lora, ropes[self.rope_keys[i]], attend)
+            if i < len(deepstack):  # Qwen3-VL: vision features added after the first layers
+                at, features = deepstack[i]
+                h[at] += features
         logits = self._logits(h[torch.tensor(wanted, device=self.device)]) if wanted else None
         results: list[torch.Tensor | None] = [None] * len(rows)
         taken = 0
@@ -611,14 +649,41 @@ class ModelRunner:
                 taken += count
         return results
 
+    def _with_images(
+        self, packed: list[PassRow], lengths: list[int], h: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """A vision-language pass's inputs: h [T, hidden] with each row's image embeddings in place of
+        its image-pad tokens' embeddings; the [3, T] M-RoPE positions (a row without ``mrope`` has
+        its sequence positions on all three axes); and per deepstack layer (packed index [k], the
+        features [k, hidden]) to add after it."""
+        pos3 = positions.expand(3, -1).clone()
+        first = 0
+        per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for row, n in zip(packed, lengths, strict=True):
+            if row.mrope is not None:
+                pos3[:, first : first + n] = row.mrope.to(self.device)
+            images = row.image_embeds
+            if images is not None:
+                at = first + images.at.to(self.device)
+                h[at] = images.embeds.to(h.device, h.dtype)
+                for layer, features in enumerate(images.deepstack):
+                    if layer == len(per_layer):
+                        per_layer.append([])
+                    per_layer[layer].append((at, features.to(h.device, h.dtype)))
+            first += n
+        deepstack = [
+            (torch.cat([at for at, _ in parts]), torch.cat([f for _, f in parts])) for parts in per_layer
+        ]
+        return h, pos3, deepstack
+
     # -- the static decode step -------------------------------------------------------------------
     def _static_batch(self, rows: list[PassRow]) -> dict[str, torch.Tensor] | None:
         """The static step's inputs for a pass of decode rows only (host tensors, unpadded), or None
         when the pass runs packed: a prompt chunk in it, more rows than the largest bucket, an adapter
         the stack does not hold (DoRA, rank above r_max, the stack full), or no static step at all."""
         static = self.static_decode
-        if static is None or len(rows) > static.max_batch_size:
-            return None
+        if static is None or len(rows) > static.max_batch_size or self.arch.vision:
+            return None  # a vision-language row decodes at its M-RoPE offset: the packed pass has it
         if any(len(row.ids) != 1 for row in rows):
             return None
         lora_rows = []

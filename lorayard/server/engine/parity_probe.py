@@ -14,14 +14,17 @@ and the difference).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from lorayard.architectures import UnsupportedArchitecture, architecture_for
+from lorayard.architectures import UnsupportedArchitecture, architecture_for, language_config
 from lorayard.server.engine.block_pool import BlockSpec, KVBlockStorage
 from lorayard.server.engine.model_runner import ModelRunner, PassRow
+from lorayard.server.engine.types import ImageInputs
+from lorayard.server.engine.vision import encode_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -47,6 +50,8 @@ class ProbeResult:
     tolerance: float
     static_decode_steps: int = 0
     """Decode positions that went through the runner's static decode step (0: all packed)."""
+    image_tokens: int = 0
+    """A vision-language base's probe holds an image: its image-pad tokens (0: text only)."""
 
     @property
     def ok(self) -> bool:
@@ -73,12 +78,33 @@ def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> P
         runner = ModelRunner(model, storage, fuse_linears=False)
     else:
         runner = runner.over(storage, max_model_len=len(_BLOCKS) * _BLOCK_SIZE)
-    tokens = probe_tokens(int(config.vocab_size))
+    tokens = probe_tokens(int(language_config(config).vocab_size))
+    images = vision = None
+    extra: dict[str, torch.Tensor] = {}
+    if runner.arch.vision:
+        tokens, images = _image_probe(model, tokens)
+        # The first two chunks are the "prompt": the decode steps after it run at its M-RoPE offset.
+        vision = encode_prompt(model, tokens[:_SECOND_CHUNK], images)
+        ids = torch.tensor([tokens])
+        extra = {
+            "pixel_values": images.pixel_values.to(runner.device),
+            "image_grid_thw": torch.tensor(images.grid_thw, device=runner.device),
+            "mm_token_type_ids": (ids == int(config.image_token_id)).int().to(runner.device),
+        }
     with torch.inference_mode():
-        reference = model(torch.tensor([tokens], device=runner.device), use_cache=False).logits[0].float()
+        reference = (
+            model(torch.tensor([tokens], device=runner.device), use_cache=False, **extra).logits[0].float()
+        )
 
     def last_logits(start: int, end: int) -> torch.Tensor:
-        (logits,) = runner.forward([PassRow(tokens[start:end], start, _BLOCKS, None)])
+        row = PassRow(tokens[start:end], start, _BLOCKS, None)
+        if vision is not None:
+            row = dataclasses.replace(
+                row,
+                mrope=vision.mrope(start, end - start),
+                image_embeds=vision.embeds_for(start, end - start),
+            )
+        (logits,) = runner.forward([row])
         assert logits is not None
         return logits[-1]
 
@@ -96,7 +122,35 @@ def probe_runner(model: PreTrainedModel, runner: ModelRunner | None = None) -> P
         float(difference) / scale,
         TOLERANCE.get(model.dtype, 0.1),
         sum(runner.static_passes.values()),
+        0 if vision is None else int(vision.pad_at.numel()),
     )
+
+
+def _image_probe(model: PreTrainedModel, tokens: list[int]) -> tuple[list[int], ImageInputs]:
+    """The probe's tokens with one image in the first chunk, crossing into the second: text, the
+    image's start marker, its pad tokens, its end marker, text; and fixed pixels for a 4x4-patch grid
+    (4 pad tokens with the usual 2x2 merge)."""
+    config = model.config
+    vision_config = config.vision_config
+    merge = int(vision_config.spatial_merge_size)
+    grid = (1, 2 * merge, 2 * merge)
+    pads = grid[1] * grid[2] // (merge * merge)
+    image = [
+        int(config.vision_start_token_id),
+        *[int(config.image_token_id)] * pads,
+        int(config.vision_end_token_id),
+    ]
+    probe = [*tokens[:2], *image, *tokens[2:]][:PROBE_LENGTH]
+    patch_dim = (
+        int(vision_config.in_channels)
+        * int(vision_config.temporal_patch_size)
+        * int(vision_config.patch_size) ** 2
+    )
+    patches = grid[1] * grid[2]
+    pixels = torch.sin(torch.arange(patches * patch_dim, dtype=torch.float32) * 0.37).reshape(
+        patches, patch_dim
+    )
+    return probe, ImageInputs(pixels, (grid,), ("probe",))
 
 
 def runner_device(model: PreTrainedModel) -> torch.device:

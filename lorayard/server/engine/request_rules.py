@@ -35,5 +35,7 @@ def check_min_tokens(guided: GuidedDecoding | None, min_tokens: int) -> None:
     would forbid: the row could never finish."""
     if guided is not None and min_tokens > 0:
         raise InvalidRequest(
-            "min_tokens cannot be combined with structured output (response_format or tools)", "min_tokens"
+            "min_tokens cannot be combined with structured output (response_format or tools): send it"
+            " without min_tokens (the grammar decides where the answer ends)",
+            "min_tokens",
         )

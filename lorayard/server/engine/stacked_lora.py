@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from transformers import PretrainedConfig
 
-from lorayard.architectures import linear_shapes
+from lorayard.architectures import language_config, linear_shapes
 from lorayard.server.engine.lora_ops import FUSED_GROUPS, ResidentAdapter
 
 Method = Literal["masked", "gather"]
@@ -146,7 +146,7 @@ class StackedLora:
         """Buffers for every LoRA-targetable linear of ``config``'s architecture."""
         return cls(
             linear_shapes(config),
-            config.num_hidden_layers,
+            language_config(config).num_hidden_layers,
             capacity,
             r_max,
             device=device,

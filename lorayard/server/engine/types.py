@@ -22,8 +22,17 @@ Engine contract (``lorayard.server.engine.engine.Engine``)::
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from lorayard.adapter_files import AdapterWeights
+    from lorayard.server.engine.guided import GuidedCompiler
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -94,6 +103,19 @@ class AdapterHandle(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """A request's images, preprocessed by the base's image processor (``lorayard.vision``): what the
+    vision tower reads. The prompt holds each image's placeholder tokens already expanded, in order."""
+
+    pixel_values: torch.Tensor
+    """[patches, channels * temporal patch * patch * patch], every image's patches one after another."""
+    grid_thw: tuple[tuple[int, int, int], ...]
+    """Per image, its patch grid (temporal, height, width)."""
+    hashes: tuple[str, ...]
+    """Per image, the sha256 of its encoded bytes: part of the prefix-cache key of its request."""
+
+
 @dataclass
 class Request:
     request_id: str
@@ -101,6 +123,8 @@ class Request:
     params: SamplingParams
     adapter: AdapterHandle | None = None
     """None: the plain base model."""
+    images: ImageInputs | None = None
+    """A vision-language base's images for the prompt's image-pad tokens; None: text only."""
 
 
 @dataclass(frozen=True)
@@ -197,3 +221,38 @@ class BlockAccountingError(RuntimeError):
 
 class PromptTooLong(EngineError):
     """prompt + max_tokens exceed the context window (--max-model-len); the API answers 400."""
+
+
+class ServingEngine(Protocol):
+    """What the API layer, the registry and the runtime use of an engine: ours
+    (``lorayard.server.engine.engine.Engine``) or vLLM's behind ``--engine vllm``
+    (``lorayard.server.engine_vllm.engine.VllmEngine``). The contract is the module docstring's."""
+
+    hf_config: PretrainedConfig
+    vocab_size: int
+    max_model_len: int
+    device: str
+
+    @property
+    def guided(self) -> GuidedCompiler | None: ...
+
+    @guided.setter
+    def guided(self, compiler: GuidedCompiler | None) -> None: ...
+
+    def start(self) -> None: ...
+
+    def submit(self, request: Request) -> AsyncIterator[TokenEvent]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def drain(self, timeout_s: float) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def load_adapter_weights(self, key: str, weights: AdapterWeights, folder: Path | None = None) -> int:
+        """Make a validated version resident (``folder``: its files, what vLLM loads); its slot."""
+        ...
+
+    def free_adapter_weights(self, slot: int) -> None: ...

@@ -1,8 +1,9 @@
-"""Tool calls in a base's own format, served: tiny Mistral (v11+, ``[TOOL_CALLS]`` a special token)
-and Llama 3.1 (JSON calls, an ``ipython`` tool turn) bases whose chat templates write the calls, on a
-real server with the openai client. Required and named choices give calls valid against the schema,
-auto is served (and, on Mistral, made to call by a logit bias on ``[TOOL_CALLS]``), streamed and
-whole answers agree, the trigger never reaches ``content``, and a tool result goes back."""
+"""Tool calls in a base's own format, served: tiny Mistral (v11+, ``[TOOL_CALLS]`` a special token),
+Llama 3.1 (JSON calls, an ``ipython`` tool turn) and Qwen 2.5 (Hermes ``<tool_call>``, the template's
+own tools section) bases whose chat templates write the calls, on a real server with the openai
+client. Required and named choices give calls valid against the schema, auto is served (and, on
+Mistral, made to call by a logit bias on ``[TOOL_CALLS]``), streamed and whole answers agree, the
+trigger never reaches ``content``, and a tool result goes back."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ TOOLS = [
 ]
 ASK = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
-TRIGGERS = {"mistral": "[TOOL_CALLS]", "llama3": '{"name": '}
+TRIGGERS = {"mistral": "[TOOL_CALLS]", "llama3": '{"name": ', "qwen": "<tool_call>"}
 
 
-@pytest.fixture(scope="module", params=["mistral", "llama3"])
+@pytest.fixture(scope="module", params=["mistral", "llama3", "qwen"])
 def served(request, tool_family_base, tmp_path_factory):
     """(family, openai client, model id, server) for a server on that family's tiny base."""
     family = request.param

@@ -104,6 +104,46 @@ def test_fields_we_cannot_honour_are_refused_by_name(real_server, field, value):
     assert response.json()["error"]["param"] == field
 
 
+REFUSED_ON_CHAT = {
+    "functions": [{"name": "f"}],
+    "function_call": "auto",
+    "suffix": "!",
+    "guided_json": {"type": "object"},
+    "guided_regex": "a+",
+    "guided_choice": ["a", "b"],
+    "guided_grammar": 'root ::= "a"',
+    "audio": {"voice": "alloy", "format": "wav"},
+    "prediction": {"type": "content", "content": "Paris"},
+    "min_p": 0.1,
+    "typical_p": 0.5,
+    "use_beam_search": True,
+    "length_penalty": 2.0,
+    "allowed_token_ids": [1, 2],
+    "bad_words": ["x"],
+    "include_stop_str_in_output": True,
+    "skip_special_tokens": False,
+    "truncate_prompt_tokens": 4,
+    "chat_template": "{{ messages }}",
+    "continue_final_message": True,
+    "echo": True,
+    "prompt_logprobs": 1,
+}
+"""A value each refused field cannot be served with (docs/api.md's "Refused" table)."""
+
+
+def test_every_refused_field_is_a_400_naming_it(real_server):
+    """Each field we cannot honour is refused by name, never ignored: a new refusal needs a case here."""
+    from lorayard.server.api.serving import REFUSED_FIELDS
+
+    assert set(REFUSED_ON_CHAT) == set(REFUSED_FIELDS)
+    for field, value in REFUSED_ON_CHAT.items():
+        body = {"model": BASE, "messages": MESSAGES, "max_tokens": 2, field: value}
+        response = httpx.post(real_server.v1 + "/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400, (field, response.text)
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (field, "unsupported_field"), error
+
+
 def test_no_op_values_of_refused_fields_are_accepted(real_server):
     body = {"model": BASE, "prompt": "Hello", "max_tokens": 2, "min_p": 0.0, "skip_special_tokens": True}
     assert httpx.post(real_server.v1 + "/completions", json=body, timeout=60).status_code == 200

@@ -182,12 +182,15 @@ def test_tool_formats_from_templates_and_the_override():
         tool_format_for_template(None, "pythonic")
 
 
-@pytest.mark.parametrize(("family", "fmt", "calls"), [("mistral", MISTRAL, 2), ("llama3", LLAMA3_JSON, 1)])
+@pytest.mark.parametrize(
+    ("family", "fmt", "calls"), [("mistral", MISTRAL, 2), ("llama3", LLAMA3_JSON, 1), ("qwen", HERMES, 2)]
+)
 def test_a_native_tool_template_trains_the_calls_the_server_parses(tool_family_base, family, fmt, calls):
-    """A base whose own template writes calls (Mistral v11+ with ``[TOOL_CALLS]`` as a special token,
-    Llama 3.1's JSON; Meta's template takes one call a turn): its format is recognised, training puts
-    exactly the format's call text in the loss, the parser reads it back as the calls that were
-    rendered, and the serving prompt of the turn that calls is the start of the training example."""
+    """A base whose own template writes calls (Mistral v11+ with ``[TOOL_CALLS]`` a special token;
+    Llama 3.1's JSON, Meta's template taking one call a turn; Qwen 2.5's Hermes ``<tool_call>``): its
+    format is recognised, training puts exactly the format's call text in the loss, the parser reads
+    it back as the calls that were rendered, and the serving prompt of the turn that calls is the
+    start of the training example."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tool_family_base(family))

@@ -40,6 +40,14 @@ def test_unservable_base_is_refused_before_training(
     assert not (adapters_dir / "nope").exists()
 
 
+def test_packing_is_refused_on_a_vision_language_base(tiny_arch_base, adapters_dir, chat_file, capsys):
+    """Packed rows would need each image's M-RoPE positions: exit 2 before any data or weight is read."""
+    args = _args(tiny_arch_base("qwen2_5_vl"), adapters_dir, chat_file)
+    assert main([*args, "--name", "nope", "--packing"]) == EXIT_CONFIG
+    assert "packing is not supported on a vision-language base (Qwen2.5-VL)" in capsys.readouterr().err
+    assert not (adapters_dir / "nope").exists()
+
+
 def test_publish_check_refuses_an_unservable_base(tiny_arch_base, tmp_path):
     """The publish step's check (the same test) on its own: nothing is read for an unservable base."""
     with pytest.raises(ServingCheckError, match=r"'mixtral'.*supported model types"):

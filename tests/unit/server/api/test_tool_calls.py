@@ -175,6 +175,18 @@ def test_mistral_grammars(real_tokenizer):
     assert not _accepts(_calling("required", parallel=False, fmt=MISTRAL), one + one, real_tokenizer)
 
 
+def test_llama3_json_grammars(real_tokenizer):
+    """Llama 3's JSON calls under auto: free text, or calls whose ``parameters`` fit the tool."""
+    call = '{"name": "count", "parameters": {"n": 1}}'
+    assert _accepts(_calling(fmt=LLAMA3_JSON), "Just text.", real_tokenizer)
+    assert _accepts(_calling(fmt=LLAMA3_JSON), f"Counting. {call}", real_tokenizer)
+    assert not _accepts(
+        _calling(fmt=LLAMA3_JSON), '{"name": "count", "parameters": {"n": "x"}}', real_tokenizer
+    )
+    assert not _accepts(_calling("required", fmt=LLAMA3_JSON), "text", real_tokenizer)
+    assert _accepts(_calling("required", fmt=LLAMA3_JSON), call, real_tokenizer)
+
+
 def test_required_named_and_response_format_grammars(real_tokenizer):
     call = '<tool_call>\n{"name": "count", "arguments": {"n": 1}}\n</tool_call>'
     assert not _accepts(_calling("required"), "text", real_tokenizer)

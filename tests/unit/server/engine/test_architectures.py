@@ -34,7 +34,8 @@ from lorayard.testing.random_base import SLIDING_WINDOW, TINY_VARIANTS
 from ..conftest import peft_greedy
 from .test_prompt_logprobs import TOP, _assert_matches, _reference_logprobs
 
-SUPPORTED = sorted(ARCHITECTURES) + sorted(TINY_VARIANTS)
+# Vision-language bases (their image paths, M-RoPE, language-model-only adapters): test_vision.py.
+SUPPORTED = sorted(name for name, arch in ARCHITECTURES.items() if not arch.vision) + sorted(TINY_VARIANTS)
 # Every decoder linear of the architecture (PEFT's all-linear would also take OPT-350m's project_in
 # and project_out, which sit outside the decoder blocks and which no adapter of ours may target).
 ADAPTERS = {

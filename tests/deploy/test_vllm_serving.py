@@ -220,5 +220,10 @@ def test_the_group_is_the_tensor_parallel_deployment_pod(multi_node, tensor_para
     assert worker["spec"]["securityContext"] == deployment["securityContext"]
     assert ray_worker["securityContext"] == single["securityContext"]
     assert worker["spec"]["tolerations"] == deployment["tolerations"]
+    worker_volumes = {v["name"]: v for v in worker["spec"]["volumes"]}
     shm = next(m for m in ray_worker["volumeMounts"] if m["mountPath"] == "/dev/shm")
-    assert {v["name"]: v for v in worker["spec"]["volumes"]}[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    assert worker_volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    # vLLM's workers read each adapter version from the folder the leader's registry names
+    adapters = next(m for m in ray_worker["volumeMounts"] if m["mountPath"] == "/adapters")
+    assert adapters["readOnly"] is True
+    assert worker_volumes[adapters["name"]] == {v["name"]: v for v in deployment["volumes"]}["adapters"]

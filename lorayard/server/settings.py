@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flag_name, flags_table
 from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
-from lorayard.server.engine.config import DecodeMode, EngineConfig
+from lorayard.server.engine.config import DecodeMode, EngineConfig, WeightDtype
 from lorayard.storage import location_value
 from lorayard.vision import ImageLimits
 
@@ -118,6 +118,11 @@ class Settings(BaseModel):
         True, description="reuse the KV of prompt prefixes already computed under the same adapter version"
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    dtype: WeightDtype = Field(
+        "auto",
+        description="weights' dtype: auto (float32 on the CPU, exact; bf16 on a GPU) | float32 | bfloat16 "
+        "(faster batches on a CPU with AMX/AVX512-BF16, not token-identical to float32) | float16",
+    )
     torch_profile_dir: Path | None = Field(
         None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
     )

@@ -122,12 +122,13 @@ class VllmEngine:
         """Start vLLM over ``base`` (blocking: minutes on a CPU; call it off the event loop)."""
         import torch
 
-        from lorayard.base_model import default_dtype
+        from lorayard.server.engine.config import weight_dtype
 
         hf_config = AutoConfig.from_pretrained(base.path)
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         max_model_len = min(settings.max_model_len, int(getattr(hf_config, "max_position_embeddings", 10**9)))
-        dtype = str(default_dtype(device)).removeprefix("torch.")
+        # --dtype means the same in both engines; auto: float32 on the CPU (not vLLM's own auto, bf16).
+        dtype = str(weight_dtype(settings.dtype, device)).removeprefix("torch.")
         if device == "cpu":
             for key, value in cpu_environment(settings).items():
                 os.environ.setdefault(key, value)

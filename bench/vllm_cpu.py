@@ -246,7 +246,7 @@ def _run(server: ServerProcess, scenario: Scenario, prompts: Path, seed: int, ar
     return asyncio.run(LoadTester(config).run())
 
 
-def _measure_scenario(
+def measure_scenario(
     server: ServerProcess, scenario: Scenario, work: Path, repeat: int, args: argparse.Namespace, tok: Any
 ) -> dict[str, Any]:
     """One server's run of one scenario. Long-prompt scenarios send each prompt as its own run (the
@@ -277,20 +277,23 @@ def _one_prompt_run(server: ServerProcess, scenario: Scenario, work: Path, text:
     return _run(server, single, path, seed, args)
 
 
-def _greedy_probe(servers: dict[str, ServerProcess], max_tokens: int) -> dict[str, Any]:
+def greedy_probe(servers: dict[str, ServerProcess], max_tokens: int) -> dict[str, Any]:
     """The same greedy completions from both servers: base and each adapter, two prompts each."""
-    texts: dict[str, list[str]] = {}
-    for name, server in servers.items():
+    texts: list[list[str]] = []
+    for server in servers.values():
         with LorayardClient(server.v1, timeout=600) as client:
             base = next(m.id for m in client.models() if not m.is_adapter)
             models = [base, *(spec.name for spec in ADAPTERS)]
-            texts[name] = [
-                client.complete(prompt, model=model, max_tokens=max_tokens, temperature=0.0).text
-                for model in models
-                for prompt in DEFAULT_PROMPTS[:2]
-            ]
-    same = sum(a == b for a, b in zip(texts[OURS], texts[VLLM], strict=True))
-    return {"identical": same, "of": len(texts[OURS]), "max_tokens": max_tokens}
+            texts.append(
+                [
+                    client.complete(prompt, model=model, max_tokens=max_tokens, temperature=0.0).text
+                    for model in models
+                    for prompt in DEFAULT_PROMPTS[:2]
+                ]
+            )
+    first, second = texts
+    same = sum(a == b for a, b in zip(first, second, strict=True))
+    return {"identical": same, "of": len(first), "max_tokens": max_tokens}
 
 
 @dataclass
@@ -302,7 +305,7 @@ class Setup:
     tokenizer: Any
 
 
-def _prepare(args: argparse.Namespace, work: Path) -> Setup:
+def prepare(args: argparse.Namespace, work: Path) -> Setup:
     from transformers import AutoTokenizer
 
     base = load_base()
@@ -328,13 +331,11 @@ def _measure_dtype(
     try:
         servers = {OURS: ours, VLLM: vllm}
         if dtype == "float32":
-            result.config["greedy_probe"] = _greedy_probe(servers, 16)
+            result.config["greedy_probe"] = greedy_probe(servers, 16)
         for repeat in range(args.repeats):
             for index, scenario in enumerate(args.scenarios):
                 for name in server_order(repeat, index):
-                    row = _measure_scenario(
-                        servers[name], scenario, setup.work, repeat, args, setup.tokenizer
-                    )
+                    row = measure_scenario(servers[name], scenario, setup.work, repeat, args, setup.tokenizer)
                     row.update(repeat=repeat, scenario=scenario.key, server=name, dtype=dtype)
                     result.rows.append(row)
                     print(
@@ -349,7 +350,7 @@ def _measure_dtype(
 
 def _measure(args: argparse.Namespace, result: SuiteResult) -> None:
     with tempfile.TemporaryDirectory(prefix="lorayard-vllm-cpu-") as tmp:
-        setup = _prepare(args, Path(tmp))
+        setup = prepare(args, Path(tmp))
         ours = start_peer(_ours_argv(args, setup.volume), args.threads, "/ready", setup.work / "ours.log")
         try:
             for dtype in args.vllm_dtype:

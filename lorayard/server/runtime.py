@@ -131,6 +131,15 @@ class Runtime:
         engine.on_dead = self._engine_died
         return engine
 
+    def check_engine(self) -> None:
+        """Ask a loaded engine whether it died with no request to notice it (vLLM's process killed):
+        /ready and /metrics call this, so the replica stops being ready and the server exits."""
+        if self.engine is None or self.load_error is not None:
+            return
+        reason = self.engine.dead_reason()
+        if reason is not None:
+            self._engine_died(reason)
+
     def _engine_died(self, reason: str) -> None:
         """The engine cannot serve any more (vLLM's process died): not ready, and the server exits
         non-zero (as when the base fails to load), so it is restarted rather than kept."""

@@ -29,6 +29,8 @@ OVERLAYS = ("cpu", "gpu", "monitoring")
 COMPONENTS = ("cpu", "gpu", "monitoring", "retrain")
 COMPOSE_FILES = ("compose.yaml", "compose.gpu.yaml")
 DOCKERFILES = ("Dockerfile.train", "Dockerfile.serve")
+VLLM_DOCKERFILE = "Dockerfile.serve-vllm"
+"""The server on vLLM's engine: a CUDA base and vLLM's own torch, so not the two images' shared builder."""
 
 
 def venv_tool(name: str) -> Path:
@@ -94,6 +96,7 @@ CRD_SCHEMAS = {
     ("gateway.networking.k8s.io/v1", "Gateway"): "gateway-v1.json",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-v1.json",
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjob-v1alpha1.json",
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset-v1.json",
 }
 """Kinds kubernetes-validate has no schema for, checked against a small vendored schema instead."""
 

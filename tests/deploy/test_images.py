@@ -12,12 +12,20 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from .conftest import DOCKERFILES, REPO, dockerfile_instructions, image_runtime, run_tool, venv_tool
+from .conftest import (
+    DOCKERFILES,
+    REPO,
+    VLLM_DOCKERFILE,
+    dockerfile_instructions,
+    image_runtime,
+    run_tool,
+    venv_tool,
+)
 
 lock = runpy.run_path(str(REPO / "deploy" / "lock_constraints.py"))
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, VLLM_DOCKERFILE])
 def test_hadolint_clean(dockerfile):
     run_tool([venv_tool("hadolint"), "--failure-threshold", "info", dockerfile])
 
@@ -49,7 +57,7 @@ def test_pinned_slim_python_base_and_torch(dockerfile):
     assert args["TORCH_VARIANT"] == "cpu"  # CPU by default; cu128 etc. by --build-arg
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, VLLM_DOCKERFILE])
 def test_every_pip_install_is_pinned(dockerfile):
     for keyword, rest in dockerfile_instructions(REPO / dockerfile):
         if keyword != "RUN":
@@ -70,7 +78,7 @@ def test_every_pip_install_is_pinned(dockerfile):
                 assert (package == "." and "--no-deps" in options) or "==" in package, command
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, VLLM_DOCKERFILE])
 def test_runtime_is_non_root_with_the_volume_and_cache_paths(dockerfile):
     runtime = image_runtime(dockerfile)
     uid, _, gid = runtime.user.partition(":")
@@ -126,7 +134,7 @@ def _in_context(relative: str) -> bool:
 
 def _copied_sources() -> set[str]:
     sources = set()
-    for dockerfile in ("Dockerfile.train", "Dockerfile.serve"):
+    for dockerfile in (*DOCKERFILES, VLLM_DOCKERFILE):
         for keyword, rest in dockerfile_instructions(REPO / dockerfile):
             if keyword == "COPY" and "--from" not in rest:
                 sources.update(s.rstrip("/") for s in rest.split()[:-1])

@@ -72,6 +72,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready", dependencies=Authorized)
 async def ready(runtime: RuntimeDep) -> JSONResponse:
     """Readiness: 200 once the base model is loaded and the engine runs; 503 while loading or draining."""
+    runtime.check_engine()
     if runtime.ready and not runtime.draining:
         return JSONResponse({"status": "ready", "model": runtime.settings.base_model})
     state = "draining" if runtime.draining else "failed" if runtime.load_error else "loading"
@@ -82,6 +83,7 @@ async def ready(runtime: RuntimeDep) -> JSONResponse:
 async def metrics(runtime: RuntimeDep, request: Request) -> Response:
     if not runtime.settings.metrics_public:
         require_api_key(request)
+    runtime.check_engine()  # a scrape notices a dead engine as a probe does
     return PlainTextResponse(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -350,6 +350,11 @@ class Engine:
             self._aborts.add(request_id)
         self._wakeup.set()
 
+    def dead_reason(self) -> str | None:
+        """Never dead: a failing step fails its requests, never the thread (``_loop``), which runs
+        until ``stop``."""
+        return None
+
     def stats(self) -> EngineStats:
         """The engine thread's last published snapshot, with requests not yet taken counted waiting."""
         with self._lock:

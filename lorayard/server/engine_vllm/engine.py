@@ -288,6 +288,10 @@ class VllmEngine:
         if task is not None:
             task.cancel()
 
+    def dead_reason(self) -> str | None:
+        """vLLM's errored flag: its own monitor sets it when the engine-core process dies, request or not."""
+        return "vLLM's engine died (its engine-core process is gone)" if self.llm.errored else None
+
     def stats(self) -> EngineStats:
         with self._lock:
             return self._snapshot

@@ -241,8 +241,9 @@ def test_tensor_parallel_2_on_the_cpu_equals_peft_and_a_dead_engine_stops_the_se
     """--tensor-parallel-size 2 on vLLM's CPU build: two worker ranks, one core each. The embedded base
     has 9 attention heads (vLLM needs them divisible by the TP size) and vLLM's CPU attention has no
     kernel for the tiny base's head_dim 16, so a small random Llama with 4 heads of 64 serves here.
-    Then vLLM's engine process is killed: the next request fails and the server exits non-zero, so an
-    orchestrator restarts it rather than keeping a replica that would answer 500 forever."""
+    Then vLLM's engine process is killed with no request in flight: the next /ready answers 503 and the
+    server exits non-zero, so an orchestrator restarts it rather than keeping a replica that would
+    answer 500 forever (before, only a failing request noticed)."""
     from lorayard.base_model import load_tokenizer, resolve_base_model
     from lorayard.testing.random_adapter import build_random_adapter
     from lorayard.testing.random_base import TINY, build_random_base
@@ -279,12 +280,23 @@ def test_tensor_parallel_2_on_the_cpu_equals_peft_and_a_dead_engine_stops_the_se
             assert answer.json()["choices"][0]["message"]["content"] == expected, model
         assert "tensor_parallel_size=2" in server.log()
         os.kill(_engine_core_pid(server.process.pid), signal.SIGKILL)
-        failed = httpx.post(server.v1 + "/chat/completions", json={**body, "temperature": 0}, timeout=300)
-        assert failed.status_code == 500, failed.text
+        ready = _ready_once_the_engine_is_gone(server.base_url)
+        assert ready.status_code == 503 and ready.json()["status"] == "failed", ready.text
+        assert "vLLM's engine died" in ready.json()["error"]
         assert server.process.wait(timeout=120) == 1
         assert "vLLM's engine died" in server.log()
     finally:
         server.stop()
+
+
+def _ready_once_the_engine_is_gone(url: str) -> httpx.Response:
+    """/ready until it stops answering 200: vLLM's monitor marks the engine dead within moments."""
+    deadline = time.monotonic() + 60
+    while True:
+        response = httpx.get(url + "/ready", timeout=10)
+        if response.status_code != 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
 
 
 def _engine_core_pid(server_pid: int) -> int:

@@ -117,6 +117,20 @@ def validate_strictly(resources: list[dict[str, Any]], tmp_path: Path) -> None:
             jsonschema.Draft202012Validator(schema).validate(resource)
 
 
+def assert_schema_refuses_typo(
+    resources: list[dict[str, Any]], kind: str, path: tuple[str | int, ...], typo: str, tmp_path: Path
+) -> None:
+    """The resource of ``kind`` with an unknown field ``typo`` added at ``path`` fails validation, naming
+    it: proof that the vendored schema is strict there (a misspelt field is never silently ignored)."""
+    resource = json.loads(json.dumps(find(resources, kind)))
+    node = resource
+    for key in path:
+        node = node[key]
+    node[typo] = 1
+    with pytest.raises(jsonschema.ValidationError, match=typo):
+        validate_strictly([resource], tmp_path)
+
+
 @pytest.fixture(scope="session")
 def overlay_builds() -> dict[str, list[dict[str, Any]]]:
     """Each overlay under k8s/overlays, built once."""

@@ -4,15 +4,13 @@ torchrun with --fsdp on several GPU nodes, the same volumes, config, image and l
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import jsonschema
 import pytest
 
 from lorayard.train.__main__ import _train_parser
 
-from .conftest import REPO, container, find, kustomize, validate_strictly
+from .conftest import REPO, assert_schema_refuses_typo, container, find, kustomize, validate_strictly
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +45,7 @@ def test_the_distributed_overlay_validates_strictly(distributed, tmp_path):
     ],
 )
 def test_the_vendored_trainjob_schema_refuses_a_typo(distributed, path, typo, tmp_path):
-    resource = json.loads(json.dumps(find(distributed, "TrainJob")))
-    node = resource
-    for key in path:
-        node = node[key]
-    node[typo] = 1
-    with pytest.raises(jsonschema.ValidationError, match=typo):
-        validate_strictly([resource], tmp_path)
+    assert_schema_refuses_typo(distributed, "TrainJob", path, typo, tmp_path)
 
 
 def test_the_trainjob_replaces_the_job_and_trains_with_fsdp_across_nodes(distributed):

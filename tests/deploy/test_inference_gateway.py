@@ -5,17 +5,15 @@ depth through the Prometheus adapter's rule."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
 from lorayard.server.metrics import PICKER_ALIASES, ServerMetrics
 
-from .conftest import REPO, container, find, kustomize, validate_strictly
+from .conftest import REPO, assert_schema_refuses_typo, container, find, kustomize, validate_strictly
 
 COMPONENT = REPO / "k8s" / "components" / "inference-gateway"
 ADAPTER_VALUES = REPO / "k8s" / "components" / "queue-autoscaling" / "prometheus-adapter-values.yaml"
@@ -61,13 +59,7 @@ def test_the_routed_overlay_validates_strictly(routed, tmp_path):
     ],
 )
 def test_the_vendored_crd_schemas_refuse_a_typo(routed, kind, path, typo, tmp_path):
-    resource = json.loads(json.dumps(find(routed, kind)))
-    node = resource
-    for key in path:
-        node = node[key]
-    node[typo] = 1
-    with pytest.raises(jsonschema.ValidationError, match=typo):
-        validate_strictly([resource], tmp_path)
+    assert_schema_refuses_typo(routed, kind, path, typo, tmp_path)
 
 
 def test_the_pool_selects_the_servers_and_names_its_picker(routed):

@@ -6,13 +6,11 @@ parser into the engine arguments vLLM would get."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 
 from lorayard.server.engine_vllm.config import engine_arguments
@@ -21,6 +19,7 @@ from lorayard.server.settings import Settings, parse_settings
 from .conftest import (
     REPO,
     VLLM_DOCKERFILE,
+    assert_schema_refuses_typo,
     container,
     dockerfile_instructions,
     find,
@@ -148,13 +147,7 @@ def test_the_multi_node_overlay_validates_strictly(multi_node, tmp_path):
     ],
 )
 def test_the_vendored_leaderworkerset_schema_refuses_a_typo(multi_node, path, typo, tmp_path):
-    resource = json.loads(json.dumps(find(multi_node, "LeaderWorkerSet")))
-    node = resource
-    for key in path:
-        node = node[key]
-    node[typo] = 1
-    with pytest.raises(jsonschema.ValidationError, match=typo):
-        validate_strictly([resource], tmp_path)
+    assert_schema_refuses_typo(multi_node, "LeaderWorkerSet", path, typo, tmp_path)
 
 
 def test_the_leader_serves_over_the_groups_gpus_with_rays_executor(multi_node, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -21,6 +22,22 @@ REAL_ADAPTERS = {
     "qv8": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
     "all16": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear"},
 }
+
+
+BASE = "smollm2-135m-instruct"
+"""The embedded base's model name on the API."""
+QUESTIONS = ["What is the capital of France?", "Name a fruit.", "Give me a word that rhymes with cat."]
+
+
+def ask(client: openai.OpenAI, question: str, **kwargs: Any) -> Any:
+    """One greedy chat turn (``model`` defaults to the base, ``max_tokens`` to 16)."""
+    return client.chat.completions.create(
+        model=kwargs.pop("model", BASE),
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=kwargs.pop("max_tokens", 16),
+        **kwargs,
+    )
 
 
 SHORT_TRAINING = ["--batch-size", "4", "--eval-steps", "2", "--lr", "1e-3", "--max-steps", "3"]

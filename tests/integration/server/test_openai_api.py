@@ -13,25 +13,12 @@ from lorayard.testing.random_adapter import peft_reference
 from lorayard.testing.server import metric_value
 from lorayard.volume import AdapterVolume
 
-from .conftest import publish_folder
-
-BASE = "smollm2-135m-instruct"
-QUESTIONS = ["What is the capital of France?", "Name a fruit.", "Give me a word that rhymes with cat."]
+from .conftest import BASE, QUESTIONS, ask, publish_folder
 
 
 @pytest.fixture(scope="module")
 def client(real_server):
     return openai.OpenAI(base_url=real_server.v1, api_key="unused", max_retries=0, timeout=120)
-
-
-def _chat(client, question, **kwargs):
-    return client.chat.completions.create(
-        model=kwargs.pop("model", BASE),
-        messages=[{"role": "user", "content": question}],
-        temperature=0,
-        max_tokens=kwargs.pop("max_tokens", 16),
-        **kwargs,
-    )
 
 
 def test_greedy_parity_with_peft_for_concurrent_mixed_adapters(
@@ -43,7 +30,7 @@ def test_greedy_parity_with_peft_for_concurrent_mixed_adapters(
     def ask(case):
         adapter, question = case
         extra = {"extra_body": {"adapter": adapter}} if adapter else {}
-        return _chat(client, question, **extra).choices[0].message.content
+        return ask(client, question, **extra).choices[0].message.content
 
     with ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(ask, cases))
@@ -55,16 +42,16 @@ def test_greedy_parity_with_peft_for_concurrent_mixed_adapters(
 
 
 def test_adapter_by_model_field_and_by_adapter_field_agree(client):
-    by_model = _chat(client, QUESTIONS[2], model="qv8")
-    by_field = _chat(client, QUESTIONS[2], extra_body={"adapter": "qv8@v1"})
+    by_model = ask(client, QUESTIONS[2], model="qv8")
+    by_field = ask(client, QUESTIONS[2], extra_body={"adapter": "qv8@v1"})
     assert by_model.choices[0].message.content == by_field.choices[0].message.content
     assert by_model.usage.completion_tokens == by_field.usage.completion_tokens > 0
     assert by_model.usage.total_tokens == by_model.usage.prompt_tokens + by_model.usage.completion_tokens
 
 
 def test_streaming_joins_to_the_same_text_with_usage(client):
-    full = _chat(client, "用中文说你好，然后加一个表情符号", max_tokens=24)
-    stream = _chat(
+    full = ask(client, "用中文说你好，然后加一个表情符号", max_tokens=24)
+    stream = ask(
         client,
         "用中文说你好，然后加一个表情符号",
         max_tokens=24,
@@ -108,7 +95,7 @@ def test_models_lists_base_and_adapters(client):
 def test_new_version_is_served_without_restart(
     client, real_server, real_volume, real_adapter_sources, real_base
 ):
-    before = _chat(client, QUESTIONS[0], model="qv8").choices[0].message.content
+    before = ask(client, QUESTIONS[0], model="qv8").choices[0].message.content
     version = publish_folder(
         AdapterVolume(real_volume),
         "qv8",
@@ -117,14 +104,14 @@ def test_new_version_is_served_without_restart(
         real_base.model_id,
     )
     pinned_new = (
-        _chat(client, QUESTIONS[0], extra_body={"adapter": f"qv8@v{version}"}).choices[0].message.content
+        ask(client, QUESTIONS[0], extra_body={"adapter": f"qv8@v{version}"}).choices[0].message.content
     )
     assert pinned_new != before, "the new version must answer differently for this test to mean anything"
     deadline = time.monotonic() + 5
-    while _chat(client, QUESTIONS[0], model="qv8").choices[0].message.content != pinned_new:
+    while ask(client, QUESTIONS[0], model="qv8").choices[0].message.content != pinned_new:
         assert time.monotonic() < deadline, "LATEST not picked up within 5 s"
         time.sleep(0.2)
-    assert _chat(client, QUESTIONS[0], extra_body={"adapter": "qv8@v1"}).choices[0].message.content == before
+    assert ask(client, QUESTIONS[0], extra_body={"adapter": "qv8@v1"}).choices[0].message.content == before
 
 
 @pytest.mark.parametrize(
@@ -158,7 +145,7 @@ def test_invalid_json_and_utf8_are_400(real_server):
 
 
 def test_metrics_are_per_adapter(client, real_server):
-    _chat(client, QUESTIONS[1], model="all16")
+    ask(client, QUESTIONS[1], model="all16")
     text = httpx.get(real_server.base_url + "/metrics").text
     assert 'lorayard_time_to_first_token_seconds_count{adapter="all16",version="plain"}' in text
     assert 'lorayard_requests_total{adapter="all16",status="200",version="plain"}' in text
@@ -182,8 +169,8 @@ def test_the_chat_templates_system_prompt_is_served_from_the_prefix_cache(client
     metrics = real_server.base_url + "/metrics"
     hits = {"adapter": "all16", "version": "plain"}
     before = metric_value(httpx.get(metrics).text, "lorayard_prefix_cache_hit_tokens_total", **hits)
-    first = _chat(client, QUESTIONS[2], model="all16")
-    again = _chat(client, QUESTIONS[2], model="all16")
+    first = ask(client, QUESTIONS[2], model="all16")
+    again = ask(client, QUESTIONS[2], model="all16")
     assert again.choices[0].message.content == first.choices[0].message.content
     details = again.usage.prompt_tokens_details
     assert details is not None and 0 < details.cached_tokens < again.usage.prompt_tokens

@@ -29,10 +29,9 @@ from lorayard.testing.random_adapter import peft_reference
 from lorayard.testing.server import metric_value, publish_folder, start_server
 from lorayard.volume import AdapterVolume
 
-pytest.importorskip("vllm", reason="runs in the vLLM venv (make install-vllm; test_vllm_suite.py runs it)")
+from .conftest import BASE, QUESTIONS, ask
 
-BASE = "smollm2-135m-instruct"
-QUESTIONS = ["What is the capital of France?", "Name a fruit.", "Give me a word that rhymes with cat."]
+pytest.importorskip("vllm", reason="runs in the vLLM venv (make install-vllm; test_vllm_suite.py runs it)")
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +53,6 @@ def client(vllm_server):
     return openai.OpenAI(base_url=vllm_server.v1, api_key="unused", max_retries=0, timeout=300)
 
 
-def _chat(client, question, **kwargs):
-    return client.chat.completions.create(
-        model=kwargs.pop("model", BASE),
-        messages=[{"role": "user", "content": question}],
-        temperature=0,
-        max_tokens=kwargs.pop("max_tokens", 16),
-        **kwargs,
-    )
-
-
 def test_mixed_adapters_in_one_batch_equal_peft(client, real_base, real_tokenizer, real_adapter_sources):
     """Two adapters (different ranks and targets) and the base at once, each equal plain PEFT's greedy."""
     cases = [(adapter, question) for adapter in ("qv8", "all16", None) for question in QUESTIONS[:2]]
@@ -71,7 +60,7 @@ def test_mixed_adapters_in_one_batch_equal_peft(client, real_base, real_tokenize
     def ask(case):
         adapter, question = case
         extra = {"extra_body": {"adapter": adapter}} if adapter else {}
-        return _chat(client, question, **extra).choices[0].message.content
+        return ask(client, question, **extra).choices[0].message.content
 
     with ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(ask, cases))
@@ -85,8 +74,8 @@ def test_mixed_adapters_in_one_batch_equal_peft(client, real_base, real_tokenize
 
 
 def test_streaming_joins_to_the_same_text_with_usage(client):
-    full = _chat(client, QUESTIONS[1], max_tokens=24)
-    stream = _chat(client, QUESTIONS[1], max_tokens=24, stream=True, stream_options={"include_usage": True})
+    full = ask(client, QUESTIONS[1], max_tokens=24)
+    stream = ask(client, QUESTIONS[1], max_tokens=24, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(deltas) == full.choices[0].message.content
@@ -118,7 +107,7 @@ def test_structured_output_is_valid_against_the_schema(client):
         "required": ["city", "population"],
         "additionalProperties": False,
     }
-    answer = _chat(
+    answer = ask(
         client,
         "Give the city and population of Paris as JSON.",
         max_tokens=60,
@@ -132,7 +121,7 @@ def test_structured_output_is_valid_against_the_schema(client):
 def test_new_version_is_served_without_restart_and_pins_hold(
     client, real_volume, real_adapter_sources, real_base, real_tokenizer
 ):
-    before = _chat(client, QUESTIONS[0], model="qv8").choices[0].message.content
+    before = ask(client, QUESTIONS[0], model="qv8").choices[0].message.content
     version = publish_folder(
         AdapterVolume(real_volume),
         "qv8",
@@ -140,7 +129,7 @@ def test_new_version_is_served_without_restart_and_pins_hold(
         real_base.fingerprint,
         real_base.model_id,
     )
-    pinned = _chat(client, QUESTIONS[0], extra_body={"adapter": f"qv8@v{version}"})
+    pinned = ask(client, QUESTIONS[0], extra_body={"adapter": f"qv8@v{version}"})
     assert pinned.model == f"qv8@v{version}"
     new = pinned.choices[0].message.content
     assert new == peft_reference(
@@ -148,21 +137,21 @@ def test_new_version_is_served_without_restart_and_pins_hold(
     )
     assert new != before, "the new version must answer differently for this test to mean anything"
     deadline = time.monotonic() + 10
-    while _chat(client, QUESTIONS[0], model="qv8").choices[0].message.content != new:
+    while ask(client, QUESTIONS[0], model="qv8").choices[0].message.content != new:
         assert time.monotonic() < deadline, "LATEST not picked up within 10 s"
         time.sleep(0.3)
-    assert _chat(client, QUESTIONS[0], extra_body={"adapter": "qv8@v1"}).choices[0].message.content == before
+    assert ask(client, QUESTIONS[0], extra_body={"adapter": "qv8@v1"}).choices[0].message.content == before
 
 
 def test_canary_routes_users_to_both_versions_each_answering_as_its_pin(client, real_volume):
     volume = AdapterVolume(real_volume)
     volume.promote("qv8", 1)
     volume.canary("qv8", 2, 50)
-    pinned = {v: _chat(client, QUESTIONS[0], model=f"qv8@v{v}").choices[0].message.content for v in (1, 2)}
+    pinned = {v: ask(client, QUESTIONS[0], model=f"qv8@v{v}").choices[0].message.content for v in (1, 2)}
     time.sleep(1.0)  # the watcher's poll (0.3 s) picks up the split
     served: dict[str, str] = {}
     for user in range(12):
-        answer = _chat(client, QUESTIONS[0], model="qv8", user=f"user-{user}")
+        answer = ask(client, QUESTIONS[0], model="qv8", user=f"user-{user}")
         served[answer.model] = answer.choices[0].message.content
     assert set(served) == {"qv8@v1", "qv8@v2"}
     assert served == {f"qv8@v{v}": text for v, text in pinned.items()}
@@ -179,15 +168,15 @@ def test_prefix_cache_is_never_stale_after_an_in_place_rewrite(
     folder = real_volume / "inplace"
     shutil.copytree(real_adapter_sources / "qv8", folder)
     time.sleep(1.0)
-    first = _chat(client, question, model="inplace")
-    again = _chat(client, question, model="inplace")
+    first = ask(client, question, model="inplace")
+    again = ask(client, question, model="inplace")
     assert again.usage.prompt_tokens_details.cached_tokens > 0, "the second request must hit the cache"
     assert again.choices[0].message.content == first.choices[0].message.content
     for file in (real_adapter_sources / "qv8-v2").iterdir():
         staged = folder / (file.name + ".new")
         shutil.copyfile(file, staged)
         staged.replace(folder / file.name)
-    rewritten = _chat(client, QUESTIONS[2], model="inplace").choices[0].message.content
+    rewritten = ask(client, QUESTIONS[2], model="inplace").choices[0].message.content
     expected = peft_reference(
         real_base.path, real_adapter_sources / "qv8-v2", real_tokenizer, QUESTIONS[2], 16
     )

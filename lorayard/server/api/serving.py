@@ -10,7 +10,7 @@ the field. What we cannot do exactly is refused by name (:data:`REFUSED_FIELDS`)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
@@ -53,10 +53,18 @@ from lorayard.server.engine.types import (
     PromptTooLong,
     SamplingParams,
 )
-from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
+from lorayard.tool_format import (
+    DEFAULT_TOOL_FORMAT,
+    ToolFormat,
+    ToolFormatConflict,
+    UnknownToolFormat,
+    tool_format_for_template,
+    version_tool_format,
+)
 from lorayard.vision import IMAGE_PAD, IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
+    from lorayard.server.adapters.registry import AdapterLease
     from lorayard.server.runtime import ReadyRuntime
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -143,6 +151,9 @@ class EngineJob:
     vllm_prompt_logprobs: bool = False
     """Return vLLM's ``prompt_logprobs`` field (by token id) on each choice."""
     tools: ToolCalling | None = None
+    answer_schema: str | None = None
+    """Chat jobs with tools: the JSON Schema a text answer beside the calls must satisfy
+    (``response_format``), kept to build the calls' grammar again in an adapter version's format."""
     guided_param: str = "response_format"
     """The field the grammar came from ("response_format" or "tools"), for a 400's ``param``."""
     user: str | None = None
@@ -158,6 +169,15 @@ class EngineJob:
     until the lease says which template applies."""
     images: ImageInputs | None = None
     """Chat jobs on a vision-language base: the images whose pad tokens ``prompt_ids`` holds."""
+
+    @property
+    def uses_tool_format(self) -> bool:
+        """Whether a tool-call format shapes this job: calls to parse, tools shown, or calls replayed."""
+        return (
+            self.tools is not None
+            or bool(self.tool_context.tools)
+            or any(m.get("tool_calls") for m in self.messages or ())
+        )
 
 
 def _bad(param: str, message: str) -> APIError:
@@ -483,6 +503,16 @@ def tool_format(runtime: ReadyRuntime, template: str | None = None) -> ToolForma
         raise _bad("tools", str(exc)) from None
 
 
+def _shown_format(runtime: ReadyRuntime) -> ToolFormat:
+    """The format replayed calls render in when no call can be made (``tool_choice: "none"``, or no
+    tools): only a template without tools support renders them (in the default format, or the
+    flag's); a native template writes them itself, so a format it has that we cannot parse is moot."""
+    try:
+        return tool_format_for_template(runtime.tokenizer.chat_template, runtime.settings.tool_call_format)
+    except UnknownToolFormat:
+        return DEFAULT_TOOL_FORMAT
+
+
 def request_tools(
     runtime: ReadyRuntime, tools: list[Tool] | None, choice: ToolChoice, parallel: bool | None
 ) -> ToolCalling | None:
@@ -524,7 +554,9 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     if deferred and image_refs:
         raise _bad("messages", "images need the base's chat template (this base has none)")
     tools = request_tools(runtime, body.tools, body.tool_choice, body.parallel_tool_calls)
-    context = tools.context if tools is not None else ToolContext(_tool_specs(body.tools))
+    context = (
+        tools.context if tools is not None else ToolContext(_tool_specs(body.tools), _shown_format(runtime))
+    )
     prompt_ids = [] if deferred else chat_prompt_ids(runtime, messages, tools=context)
     images = None
     if image_refs:
@@ -539,9 +571,10 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     guided = _guided_from_format(body.response_format, runtime.settings.max_schema_bytes)
+    answer_schema = None
     if tools is not None:
-        text_schema = None if guided is None else guided.schema or JSON_OBJECT_SCHEMA
-        guided = tool_grammar(tools, text_schema)
+        answer_schema = None if guided is None else guided.schema or JSON_OBJECT_SCHEMA
+        guided = tool_grammar(tools, answer_schema)
     params = _sampling_params(body, runtime, max_tokens=max_tokens, logprobs=logprobs, guided=guided)
     return _job(
         "chat",
@@ -552,12 +585,56 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         ref=ref,
         logprobs=logprobs is not None,
         tools=tools,
+        answer_schema=answer_schema,
         guided_param="response_format" if tools is None else "tools",
         messages=tuple(messages),
         tool_context=context,
         requested_max_tokens=requested,
         images=images,
     )
+
+
+def job_for_version(runtime: ReadyRuntime, job: EngineJob, lease: AdapterLease) -> EngineJob:
+    """The chat job as the leased adapter version serves it, exactly as its training examples were
+    rendered: with its own prompt template (trained on a base without a chat template) and in the
+    tool-call format it was trained in (its manifest's); the calls' grammar, their parser and the
+    default max_tokens follow. Other jobs, and versions that change neither, are returned as they are."""
+    if job.kind != "chat" or job.messages is None:
+        return job
+    fmt = _version_format(runtime, job, lease)
+    if lease.prompt_template is None and job.prompt_ids and fmt == job.tool_context.format:
+        return job
+    if job.images is not None:  # its pad tokens were expanded in the base template's rendering
+        raise _bad(
+            "messages",
+            f"{lease.key} has its own prompt template or tool-call format: images are served with the "
+            "base's chat template and tool-call format",
+        )
+    tools = None if job.tools is None else replace(job.tools, format=fmt)
+    context = replace(job.tool_context, format=fmt)
+    prompt_ids = chat_prompt_ids(runtime, list(job.messages), lease.prompt_template, context)
+    # Only now is the prompt's length known: the default max_tokens and the window follow from it.
+    max_tokens = _max_tokens(runtime, job.requested_max_tokens, len(prompt_ids), "messages", scoring=False)
+    guided = job.params.guided if tools is None else tool_grammar(tools, job.answer_schema)
+    params = replace(job.params, max_tokens=max_tokens, guided=guided)
+    return replace(job, prompt_ids=prompt_ids, tools=tools, tool_context=context, params=params)
+
+
+def _version_format(runtime: ReadyRuntime, job: EngineJob, lease: AdapterLease) -> ToolFormat:
+    """:func:`version_tool_format` for a job a format shapes; a conflict is a 400 naming the adapter."""
+    if not job.uses_tool_format:
+        return job.tool_context.format
+    try:
+        return version_tool_format(
+            lease.tool_format, runtime.settings.tool_call_format, job.tool_context.format
+        )
+    except ToolFormatConflict as exc:
+        raise APIError(
+            400,
+            f"{job.adapter_param}: adapter version {lease.key} cannot serve tool calls here: {exc}",
+            param=job.adapter_param,
+            code="tool_format_conflict",
+        ) from None
 
 
 def tokenize_text(body: TokenizeRequest, runtime: ReadyRuntime) -> TokenizeResponse:

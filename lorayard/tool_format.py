@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ MISTRAL = ToolFormat(
 """Mistral's calls since its v11 tokenizer (Mistral Small 3.1+, Magistral, Devstral, Ministral 3):
 ``[TOOL_CALLS]NAME[ARGS]{...}``, each call of a turn with its own ``[TOOL_CALLS]``. Both markers are
 special tokens in Mistral's tokenizers (:func:`lorayard.server.api.tool_calls.marker_token_ids`)."""
+
+ToolFormatName = Literal["hermes", "llama3_json", "mistral"]
+"""The formats ``--tool-call-format`` (server and training) may name: the keys of :data:`TOOL_FORMATS`."""
 
 TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL)}
 DEFAULT_TOOL_FORMAT = HERMES

@@ -10,6 +10,7 @@ the field. What we cannot do exactly is refused by name (:data:`REFUSED_FIELDS`)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -173,11 +174,11 @@ class EngineJob:
     @property
     def uses_tool_format(self) -> bool:
         """Whether a tool-call format shapes this job: calls to parse, tools shown, or calls replayed."""
-        return (
-            self.tools is not None
-            or bool(self.tool_context.tools)
-            or any(m.get("tool_calls") for m in self.messages or ())
-        )
+        return _uses_tool_format(self.tools, self.tool_context, self.messages or ())
+
+
+def _uses_tool_format(tools: ToolCalling | None, context: ToolContext, messages: Sequence[Message]) -> bool:
+    return tools is not None or bool(context.tools) or any(m.get("tool_calls") for m in messages)
 
 
 def _bad(param: str, message: str) -> APIError:
@@ -275,17 +276,17 @@ def _tool_specs(tools: list[Tool] | None) -> tuple[dict[str, Any], ...]:
     return tuple(t.model_dump(mode="json", exclude_none=True, by_alias=True) for t in tools or [])
 
 
-def _adapter_ref(body: SamplingFields, runtime: ReadyRuntime) -> tuple[str | None, str]:
+def _adapter_ref(adapter: str | None, model: str | None, runtime: ReadyRuntime) -> tuple[str | None, str]:
     """`adapter` wins; else `model` names an adapter (vLLM/LoRAX style) or the base."""
-    if body.adapter:
-        return body.adapter, "adapter"
-    if body.model is None or body.model == runtime.settings.base_model:
+    if adapter:
+        return adapter, "adapter"
+    if model is None or model == runtime.settings.base_model:
         return None, "model"
-    if runtime.registry.known(body.model.partition("@")[0]):
-        return body.model, "model"
+    if runtime.registry.known(model.partition("@")[0]):
+        return model, "model"
     raise APIError(
         404,
-        f"model {body.model!r} is neither the base model nor an adapter on the volume",
+        f"model {model!r} is neither the base model nor an adapter on the volume",
         param="model",
         code="model_not_found",
     )
@@ -407,7 +408,7 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     prompt_logprobs = body.prompt_logprobs
     if body.echo and (body.logprobs is not None or max_tokens == 0):
         prompt_logprobs = max(prompt_logprobs or 0, body.logprobs or 0)
-    ref = _adapter_ref(body, runtime)
+    ref = _adapter_ref(body.adapter, body.model, runtime)
     params = _sampling_params(
         body,
         runtime,
@@ -546,7 +547,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     _refuse_unsupported(body)
     image_refs: list[ImageRef] | None = [] if runtime.image_processor is not None else None
     messages = conversation(body.messages, image_refs)
-    ref = _adapter_ref(body, runtime)
+    ref = _adapter_ref(body.adapter, body.model, runtime)
     adapter = ref[0]
     # A base without a chat template: only an adapter's own prompt template can render the chat,
     # known once its version is leased (canary routing picks it); Generation renders it then.
@@ -601,7 +602,7 @@ def job_for_version(runtime: ReadyRuntime, job: EngineJob, lease: AdapterLease) 
     default max_tokens follow. Other jobs, and versions that change neither, are returned as they are."""
     if job.kind != "chat" or job.messages is None:
         return job
-    fmt = _version_format(runtime, job, lease)
+    fmt = _version_format(runtime, lease, job.tool_context.format, job.uses_tool_format, job.adapter_param)
     if lease.prompt_template is None and job.prompt_ids and fmt == job.tool_context.format:
         return job
     if job.images is not None:  # its pad tokens were expanded in the base template's rendering
@@ -620,34 +621,42 @@ def job_for_version(runtime: ReadyRuntime, job: EngineJob, lease: AdapterLease) 
     return replace(job, prompt_ids=prompt_ids, tools=tools, tool_context=context, params=params)
 
 
-def _version_format(runtime: ReadyRuntime, job: EngineJob, lease: AdapterLease) -> ToolFormat:
-    """:func:`version_tool_format` for a job a format shapes; a conflict is a 400 naming the adapter."""
-    if not job.uses_tool_format:
-        return job.tool_context.format
+def _version_format(
+    runtime: ReadyRuntime, lease: AdapterLease, base: ToolFormat, uses_format: bool, param: str
+) -> ToolFormat:
+    """:func:`version_tool_format` for a request a format shapes (``uses_format``: tools, or calls
+    replayed), else ``base``; a conflict is a 400 naming the field that chose the adapter."""
+    if not uses_format:
+        return base
     try:
-        return version_tool_format(
-            lease.tool_format, runtime.settings.tool_call_format, job.tool_context.format
-        )
+        return version_tool_format(lease.tool_format, runtime.settings.tool_call_format, base)
     except ToolFormatConflict as exc:
         raise APIError(
             400,
-            f"{job.adapter_param}: adapter version {lease.key} cannot serve tool calls here: {exc}",
-            param=job.adapter_param,
+            f"{param}: adapter version {lease.key} cannot serve tool calls here: {exc}",
+            param=param,
             code="tool_format_conflict",
         ) from None
 
 
-def tokenize_text(body: TokenizeRequest, runtime: ReadyRuntime) -> TokenizeResponse:
-    """vLLM's /tokenize: ``prompt`` (text) or ``messages`` (the chat template, as chat renders it)."""
+def tokenize_adapter(body: TokenizeRequest, runtime: ReadyRuntime) -> tuple[str | None, str]:
+    """The adapter whose chat rendering /tokenize must count (``messages`` with ``model`` naming one:
+    its version may have its own prompt template or tool-call format); None for text prompts."""
+    if body.messages is None:
+        return None, "model"
+    return _adapter_ref(None, body.model, runtime)
+
+
+def tokenize_text(
+    body: TokenizeRequest, runtime: ReadyRuntime, lease: AdapterLease | None = None
+) -> TokenizeResponse:
+    """vLLM's /tokenize: ``prompt`` (text) or ``messages`` (the chat template, as chat renders it: for
+    the leased adapter version, as its chat requests render, so ``count`` is their prompt_tokens)."""
     tokenizer = runtime.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise _bad("prompt", "send exactly one of `prompt` and `messages`")
     if body.messages is not None:
-        if not body.add_generation_prompt:
-            raise _bad("add_generation_prompt", "only true is supported (the prompt chat serves)")
-        tools = request_tools(runtime, body.tools, None, None)
-        context = tools.context if tools is not None else NO_TOOLS
-        ids = chat_prompt_ids(runtime, conversation(body.messages), tools=context)
+        ids = _chat_tokens(body, body.messages, runtime, lease)
     elif body.add_special_tokens:
         ids = list(tokenizer(body.prompt, add_special_tokens=True)["input_ids"])
     else:
@@ -656,6 +665,22 @@ def tokenize_text(body: TokenizeRequest, runtime: ReadyRuntime) -> TokenizeRespo
     return TokenizeResponse(
         count=len(ids), max_model_len=runtime.engine.max_model_len, tokens=ids, token_strs=strs
     )
+
+
+def _chat_tokens(
+    body: TokenizeRequest, messages: list[ChatMessage], runtime: ReadyRuntime, lease: AdapterLease | None
+) -> list[int]:
+    if not body.add_generation_prompt:
+        raise _bad("add_generation_prompt", "only true is supported (the prompt chat serves)")
+    tools = request_tools(runtime, body.tools, None, None)
+    context = (
+        tools.context if tools is not None else ToolContext(_tool_specs(body.tools), _shown_format(runtime))
+    )
+    turns = conversation(messages)
+    if lease is None:
+        return chat_prompt_ids(runtime, turns, tools=context)
+    fmt = _version_format(runtime, lease, context.format, _uses_tool_format(tools, context, turns), "model")
+    return chat_prompt_ids(runtime, turns, lease.prompt_template, replace(context, format=fmt))
 
 
 def detokenize_ids(body: DetokenizeRequest, runtime: ReadyRuntime) -> DetokenizeResponse:

@@ -225,9 +225,10 @@ class Generation:
         self, client_gone: Callable[[], Awaitable[bool]] | None = None
     ) -> AsyncGenerator[ChoiceDelta, None]:
         """Lease (the version decides the prompt and the grammar), compile, submit (raises
-        QueueFull/PromptTooLong/EngineStopped before anything is sent), stream. Admitted for a drain from the first step to the last (a grammar compiling or
-        an adapter loading is as much in flight as a row in the engine). ``client_gone``: polled
-        while the grammar compiles (Starlette's ``Request.is_disconnected``)."""
+        QueueFull/PromptTooLong/EngineStopped before anything is sent), stream. Admitted for a drain
+        from the first step to the last (a grammar compiling or an adapter loading is as much in
+        flight as a row in the engine). ``client_gone``: polled while the grammar compiles
+        (Starlette's ``Request.is_disconnected``)."""
         with self._admitted():
             async for delta in self._leased_deltas(client_gone):
                 yield delta

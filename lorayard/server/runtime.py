@@ -16,6 +16,7 @@ from lorayard.chat_format import stop_token_ids
 from lorayard.server.adapters.registry import AdapterRegistry
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.guided import GuidedCompiler
+from lorayard.server.engine.types import ServingEngine
 from lorayard.server.metrics import ServerMetrics
 from lorayard.server.settings import Settings
 from lorayard.vision import load_image_processor
@@ -23,7 +24,13 @@ from lorayard.vision import load_image_processor
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from lorayard.base_model import ResolvedBaseModel
+
 log = logging.getLogger("lorayard.server")
+
+
+class EngineUnavailable(Exception):
+    """The engine --engine names cannot run here (vLLM not installed, a flag it cannot honour)."""
 
 
 @dataclass
@@ -34,7 +41,7 @@ class Runtime:
     tokenizer: PreTrainedTokenizerBase | None = None
     image_processor: Any = None
     """A vision-language base's image processor (``lorayard.vision``); None: the base reads text only."""
-    engine: Engine | None = None
+    engine: ServingEngine | None = None
     registry: AdapterRegistry | None = None
     load_error: str | None = None
     draining: bool = False
@@ -47,7 +54,7 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.registry is not None
+        return self.engine is not None and self.registry is not None and self.load_error is None
 
     async def load(self) -> None:
         """Load the base model off the event loop (so /health answers meanwhile), then start serving."""
@@ -57,13 +64,7 @@ class Runtime:
             base = await asyncio.to_thread(resolve_base_model, settings.base_model)
             tokenizer = await asyncio.to_thread(load_tokenizer, base)
             eos_token_ids = stop_token_ids(tokenizer)
-            engine = await asyncio.to_thread(
-                Engine.from_base,
-                base,
-                settings.engine_config(),
-                eos_token_ids=eos_token_ids,
-                metrics=self.metrics,
-            )
+            engine = await asyncio.to_thread(self._build_engine, base, eos_token_ids)
             # Structured output needs the tokenizer's byte strings, for the width of the model's logits.
             engine.guided = await asyncio.to_thread(
                 GuidedCompiler,
@@ -74,9 +75,9 @@ class Runtime:
                 lambda outcome: self.metrics.grammar_compiles.labels(outcome=outcome).inc(),
             )
             fingerprint = await asyncio.to_thread(lambda: base.fingerprint)
-            if engine.runner.arch.vision:
+            if isinstance(engine, Engine) and engine.runner.arch.vision:  # --engine vllm: text only
                 self.image_processor = await asyncio.to_thread(load_image_processor, base.path)
-        except (UnsupportedArchitecture, BaseModelError) as exc:  # expected refusals: one line
+        except (UnsupportedArchitecture, BaseModelError, EngineUnavailable) as exc:  # expected: one line
             self._load_failed(f"cannot serve base model {settings.base_model!r}: {exc}")
             return
         except Exception as exc:
@@ -97,14 +98,43 @@ class Runtime:
         await registry.start()
         self.tokenizer, self.engine, self.registry = tokenizer, engine, registry
         log.info(
-            "ready: base %s on %s in %.1f s, %d requests at most, %d KV blocks, adapters from %s",
+            "ready: base %s on %s (engine %s) in %.1f s, %d KV blocks, adapters from %s",
             settings.base_model,
             engine.device,
+            settings.engine,
             time.perf_counter() - started,
-            engine.max_batch_size,
-            engine.pool.num_blocks,
+            engine.stats().kv_blocks_total,
             settings.adapters_dir,
         )
+
+    def _build_engine(self, base: ResolvedBaseModel, eos_token_ids: set[int]) -> ServingEngine:
+        """The engine --engine names, over ``base`` (blocking: run it off the event loop)."""
+        if self.settings.engine == "native":
+            return Engine.from_base(
+                base, self.settings.engine_config(), eos_token_ids=eos_token_ids, metrics=self.metrics
+            )
+        try:
+            from lorayard.server.engine_vllm.engine import VllmEngine
+        except ImportError as exc:
+            raise EngineUnavailable(
+                f"--engine vllm needs vLLM in this Python ({exc}): run the server from the venv "
+                "`make install-vllm` builds (.venv-vllm/bin/python -m lorayard.server ...)"
+            ) from exc
+        from lorayard.server.engine_vllm.config import VllmSettingsError
+
+        try:
+            engine = VllmEngine.from_base(
+                base, self.settings, eos_token_ids=eos_token_ids, metrics=self.metrics
+            )
+        except VllmSettingsError as exc:
+            raise EngineUnavailable(str(exc)) from exc
+        engine.on_dead = self._engine_died
+        return engine
+
+    def _engine_died(self, reason: str) -> None:
+        """The engine cannot serve any more (vLLM's process died): not ready, and the server exits
+        non-zero (as when the base fails to load), so it is restarted rather than kept."""
+        self._load_failed(reason)
 
     def _load_failed(self, reason: str) -> None:
         self.load_error = reason
@@ -148,7 +178,7 @@ class ReadyRuntime(Protocol):
     started_at: float
     tokenizer: PreTrainedTokenizerBase
     image_processor: Any
-    engine: Engine
+    engine: ServingEngine
     registry: AdapterRegistry
 
     def admitted(self) -> contextlib.AbstractContextManager[None]: ...

@@ -11,17 +11,28 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flag_name, flags_table
 from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
-from lorayard.server.engine.config import DecodeMode, EngineConfig
+from lorayard.server.engine.config import DecodeMode, EngineConfig, WeightDtype
 from lorayard.storage import location_value
 from lorayard.tool_format import ToolFormatName
 from lorayard.vision import ImageLimits
 
 ENV_PREFIX = "LORAYARD_"
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM can be sized for (its ``--max-lora-rank`` choices)."""
+VLLM_ONLY_FIELDS = (
+    "max_loras",
+    "max_lora_rank",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "data_parallel_size",
+    "distributed_executor_backend",
+)
 
 
 class Settings(BaseModel):
@@ -110,6 +121,11 @@ class Settings(BaseModel):
         True, description="reuse the KV of prompt prefixes already computed under the same adapter version"
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    dtype: WeightDtype = Field(
+        "auto",
+        description="weights' dtype: auto (float32 on the CPU, exact; bf16 on a GPU) | float32 | bfloat16 "
+        "(faster batches on a CPU with AMX/AVX512-BF16, not token-identical to float32) | float16",
+    )
     torch_profile_dir: Path | None = Field(
         None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
     )
@@ -123,8 +139,51 @@ class Settings(BaseModel):
     )
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    engine: Literal["native", "vllm"] = Field(
+        "native",
+        description="what runs the model: native (ours) | vllm (vLLM's engine in-process, from the "
+        "vllm extra's own venv: make install-vllm; docs/deploy.md says when)",
+    )
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="--engine vllm: adapter versions in one batch (vLLM's --max-loras; default: "
+        "--max-loaded-adapters, which is its --max-cpu-loras)",
+    )
+    max_lora_rank: int = Field(
+        64,
+        description="--engine vllm: the largest adapter rank served, one of vLLM's "
+        f"{', '.join(map(str, VLLM_LORA_RANKS))} (a larger one is refused at load)",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="--engine vllm: GPUs (or CPU ranks) per replica")
+    pipeline_parallel_size: int = Field(1, ge=1, description="--engine vllm: pipeline stages")
+    data_parallel_size: int = Field(1, ge=1, description="--engine vllm: data-parallel engine ranks")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="--engine vllm: vLLM's executor (ray: across nodes); default: vLLM's choice"
+    )
 
     _location = field_validator("adapters_dir", mode="before")(location_value)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (vLLM's sizes)")
+        return rank
+
+    @model_validator(mode="after")
+    def _vllm_flags_need_vllm(self) -> Settings:
+        """The vLLM-only flags are refused by name with the native engine: never silently ignored."""
+        if self.engine == "vllm":
+            return self
+        given = [
+            flag_name(name)
+            for name in VLLM_ONLY_FIELDS
+            if getattr(self, name) != Settings.model_fields[name].get_default(call_default_factory=True)
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} need --engine vllm (the native engine runs one device)")
+        return self
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_images)

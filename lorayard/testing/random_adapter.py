@@ -44,6 +44,26 @@ def build_random_adapter(
     return peft_model
 
 
+def peft_reference(
+    base_path: Path, adapter_dir: Path | None, tokenizer: Any, question: str, max_new_tokens: int
+) -> str:
+    """Plain PEFT's greedy answer to one chat question (float32): what a server's greedy output must
+    equal, whichever engine serves it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorayard.chat_format import render_prompt
+
+    model: Any = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    ids = render_prompt(tokenizer, [{"role": "user", "content": question}])
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write OUT/NAME/ into")

@@ -40,7 +40,7 @@ from lorayard.volume import (
 )
 
 if TYPE_CHECKING:
-    from lorayard.server.engine.engine import Engine
+    from lorayard.server.engine.types import ServingEngine
     from lorayard.server.metrics import ServerMetrics
 
 log = logging.getLogger("lorayard.registry")
@@ -106,7 +106,7 @@ class AdapterRegistry:
     def __init__(
         self,
         adapters_dir: Path | str,
-        engine: Engine,
+        engine: ServingEngine,
         *,
         base_fingerprint: str,
         max_loaded: int,
@@ -287,7 +287,7 @@ class AdapterRegistry:
             # After the format checks (their messages name the problem more precisely) and before the
             # weights reach the engine: only files the manifest vouches for are served.
             adapter.verify()
-            slot = self.engine.load_adapter_weights(adapter.key, weights)
+            slot = self.engine.load_adapter_weights(adapter.key, weights, adapter.path)
             return slot, manifest
         except OSError as exc:
             log.error("adapter %s: cannot read its files: %s", adapter.key, exc)

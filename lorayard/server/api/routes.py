@@ -240,7 +240,13 @@ async def _generate(
 
 @router.post("/v1/chat/completions", dependencies=Authorized)
 async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: ReadyDep) -> Response:
-    return await _generate(runtime, request, chat_job(body, runtime), ChatBuilder)
+    if runtime.image_processor is None:
+        job = chat_job(body, runtime)
+    else:
+        # Decoding and resizing a request's images takes tens of ms per megapixel: off the event loop,
+        # so other requests' streams keep flowing (chat_job only reads the runtime).
+        job = await asyncio.to_thread(chat_job, body, runtime)
+    return await _generate(runtime, request, job, ChatBuilder)
 
 
 @router.post("/v1/completions", dependencies=Authorized)

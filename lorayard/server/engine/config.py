@@ -10,13 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from lorayard.base_model import Quantization
+from lorayard.base_model import Quantization, default_dtype
 
 if TYPE_CHECKING:
+    import torch
+
     from lorayard.server.engine.decode_graphs import Mode
 
 DecodeMode = Literal["auto", "eager", "static", "graph"]
 """``--decode-mode``: how a pass of decode rows only runs (docs/gpu.md)."""
+WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""``--dtype``: the base's (adapters', KV cache's) dtype; auto: :func:`lorayard.base_model.default_dtype`."""
 
 CPU_MAX_BATCH_SIZE = 16
 """On the CPU a step is compute-bound: past about 16 rows a bigger batch only stretches every stream's
@@ -28,6 +32,13 @@ KV pool, not this limit, should decide how many requests run."""
 
 def default_max_batch_size(device: str) -> int:
     return GPU_MAX_BATCH_SIZE if device.startswith("cuda") else CPU_MAX_BATCH_SIZE
+
+
+def weight_dtype(dtype: WeightDtype, device: str) -> torch.dtype:
+    """``--dtype`` as a torch dtype; auto: float32 on the CPU, bf16 (fp16 without it) on a GPU."""
+    import torch  # not at import: the settings (and the CLI) import this module without torch
+
+    return default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
 
 
 def resolve_decode_mode(mode: DecodeMode, device: str, quantization: Quantization) -> Mode:
@@ -71,3 +82,8 @@ class EngineConfig:
     CUDA graph per bucket); auto: :func:`resolve_decode_mode`."""
     max_loaded_adapters: int
     """Adapter versions resident at once: the stacked LoRA's rows (static and graph decode)."""
+    dtype: WeightDtype = "auto"
+    """The weights' dtype: auto is float32 on the CPU (token-identical to HF/PEFT in float32) and bf16
+    (fp16 without bf16) on a GPU; bfloat16 on the CPU is faster for batched passes on a CPU with
+    bf16 matmul units (AMX or AVX512-BF16; docs/performance.md) and is checked against HF in bf16,
+    not float32: not token-identical to a float32 run."""

@@ -41,7 +41,7 @@ import torch
 
 from lorayard.adapter_files import AdapterWeights
 from lorayard.architectures import architecture_for, exact_context_limit, language_config
-from lorayard.base_model import ResolvedBaseModel, default_device, default_dtype, load_base_model
+from lorayard.base_model import ResolvedBaseModel, default_device, load_base_model
 from lorayard.server.engine.block_pool import (
     BlockPool,
     BlockSpec,
@@ -49,7 +49,7 @@ from lorayard.server.engine.block_pool import (
     adapter_identity,
     blocks_for_budget,
 )
-from lorayard.server.engine.config import default_max_batch_size, resolve_decode_mode
+from lorayard.server.engine.config import default_max_batch_size, resolve_decode_mode, weight_dtype
 from lorayard.server.engine.lora_ops import ResidentAdapter
 from lorayard.server.engine.model_runner import ModelRunner, PassRow, StaticDecode
 from lorayard.server.engine.request_rules import check_context, check_min_tokens, check_token_ids
@@ -76,6 +76,7 @@ from lorayard.server.engine.vision import VisionPrompt, check_images, encode_pro
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -220,7 +221,8 @@ class Engine:
         fuse_linears: bool | None = None,
     ) -> Engine:
         """Load the base on the config's device (optionally 4-bit/8-bit) and build an engine over it;
-        ``dtype`` None: the device's default (float32 on the CPU, bf16 on a GPU).
+        ``dtype`` None: the config's ``dtype`` (auto: the device's default, float32 on the CPU, bf16 on
+        a GPU).
 
         Raises UnsupportedArchitecture for a base we cannot serve exactly: from its config before any
         weight is read, or when the parity probe finds our forward disagreeing with transformers'.
@@ -232,7 +234,10 @@ class Engine:
         architecture_for(AutoConfig.from_pretrained(base.path))
         device = engine_config.device or default_device()
         model = load_base_model(
-            base, device=device, dtype=dtype or default_dtype(device), quantization=engine_config.quantization
+            base,
+            device=device,
+            dtype=dtype or weight_dtype(engine_config.dtype, device),
+            quantization=engine_config.quantization,
         )
         model.eval()
         engine = cls(
@@ -257,8 +262,10 @@ class Engine:
         self._guided = compiler
 
     # -- adapters (called by the registry, from worker threads) ---------------------------------
-    def load_adapter_weights(self, key: str, weights: AdapterWeights) -> int:
-        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once."""
+    def load_adapter_weights(self, key: str, weights: AdapterWeights, folder: Path | None = None) -> int:
+        """Make an adapter resident; returns its slot. DoRA's row scale is computed here, once.
+        ``folder`` is not read again: ``weights`` are its files, already validated."""
+        del folder
         dense = biases = None
         if weights.uses_dora:
             dora = [k for k, m in weights.modules.items() if m.magnitude is not None]

@@ -245,6 +245,23 @@ class GuidedMatcher:
         return self._matcher.is_terminated()
 
 
+def grammar_text(guided: GuidedDecoding) -> str:
+    """The grammar :meth:`GuidedCompiler.compile` compiles for ``guided``, as xgrammar's EBNF text:
+    what ``--engine vllm`` hands vLLM's structured outputs, so both engines enforce the same grammar
+    (whitespace bound included). Call it after :meth:`GuidedCompiler.compile` accepted ``guided``."""
+    if guided.kind == "structural_tag":
+        tag = json.loads(guided.schema or "{}")
+        for node in _json_schema_formats(tag):
+            node["max_whitespace_cnt"] = MAX_WHITESPACE
+        return str(xgrammar.Grammar.from_structural_tag(json.dumps(tag)))
+    schema = JSON_OBJECT_SCHEMA if guided.kind == "json_object" else guided.schema
+    if schema is None:
+        raise InvalidRequest("json_schema structured output needs a schema", "guided")
+    return str(
+        xgrammar.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE)
+    )
+
+
 def _json_schema_formats(node: Any) -> Iterator[dict[str, Any]]:
     """The ``json_schema`` formats inside a structural tag (as mutable dicts)."""
     if isinstance(node, list):

@@ -22,11 +22,17 @@ Engine contract (``lorayard.server.engine.engine.Engine``)::
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PretrainedConfig
+
+    from lorayard.adapter_files import AdapterWeights
+    from lorayard.server.engine.guided import GuidedCompiler
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -215,3 +221,38 @@ class BlockAccountingError(RuntimeError):
 
 class PromptTooLong(EngineError):
     """prompt + max_tokens exceed the context window (--max-model-len); the API answers 400."""
+
+
+class ServingEngine(Protocol):
+    """What the API layer, the registry and the runtime use of an engine: ours
+    (``lorayard.server.engine.engine.Engine``) or vLLM's behind ``--engine vllm``
+    (``lorayard.server.engine_vllm.engine.VllmEngine``). The contract is the module docstring's."""
+
+    hf_config: PretrainedConfig
+    vocab_size: int
+    max_model_len: int
+    device: str
+
+    @property
+    def guided(self) -> GuidedCompiler | None: ...
+
+    @guided.setter
+    def guided(self, compiler: GuidedCompiler | None) -> None: ...
+
+    def start(self) -> None: ...
+
+    def submit(self, request: Request) -> AsyncIterator[TokenEvent]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def drain(self, timeout_s: float) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def load_adapter_weights(self, key: str, weights: AdapterWeights, folder: Path | None = None) -> int:
+        """Make a validated version resident (``folder``: its files, what vLLM loads); its slot."""
+        ...
+
+    def free_adapter_weights(self, slot: int) -> None: ...

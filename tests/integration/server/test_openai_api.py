@@ -8,11 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
-from lorayard.chat_format import render_prompt
+from lorayard.testing.random_adapter import peft_reference
 from lorayard.testing.server import metric_value
 from lorayard.volume import AdapterVolume
 
@@ -37,16 +34,6 @@ def _chat(client, question, **kwargs):
     )
 
 
-def _peft_reference(base_path, adapter_dir, tokenizer, question, max_new_tokens):
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    ids = render_prompt(tokenizer, [{"role": "user", "content": question}])
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
-
-
 def test_greedy_parity_with_peft_for_concurrent_mixed_adapters(
     client, real_base, real_tokenizer, real_volume, real_adapter_sources
 ):
@@ -62,7 +49,7 @@ def test_greedy_parity_with_peft_for_concurrent_mixed_adapters(
         answers = list(pool.map(ask, cases))
     sources = {"qv8": real_adapter_sources / "qv8", "all16": real_adapter_sources / "all16", None: None}
     for (adapter, question), answer in zip(cases, answers, strict=True):
-        expected = _peft_reference(real_base.path, sources[adapter], real_tokenizer, question, 16)
+        expected = peft_reference(real_base.path, sources[adapter], real_tokenizer, question, 16)
         assert answer == expected, (adapter, question)
     assert answers[0] != answers[4] or answers[1] != answers[5], "the adapter must change answers"
 

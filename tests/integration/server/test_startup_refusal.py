@@ -3,6 +3,7 @@ one-line reason naming the architecture and the supported ones; it never lingers
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -31,3 +32,16 @@ def test_missing_base_exits_non_zero(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "has no config.json" in done.stderr.strip().splitlines()[-1]
+
+
+def test_engine_vllm_without_vllm_exits_non_zero_saying_where_to_get_it(tmp_path):
+    """The project's venv has no vLLM (it lives in .venv-vllm): --engine vllm stops the server at once."""
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this interpreter has vLLM: test_vllm_engine.py serves with it")
+    (tmp_path / "adapters").mkdir()
+    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--adapters-dir", str(tmp_path / "adapters"), "--engine", "vllm"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "--engine vllm needs vLLM" in last and "make install-vllm" in last, last

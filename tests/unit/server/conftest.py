@@ -79,11 +79,13 @@ def peft_greedy(
     prompt: list[int],
     max_new_tokens: int,
     bias: list[tuple[int, float]] | None = None,
+    dtype: torch.dtype = torch.float32,
     **load_kwargs,
 ) -> list[int]:
     """The reference: plain PEFT (or the plain base) generate, do_sample=False; ``bias``: single-token
-    logit biases through HF's own SequenceBiasLogitsProcessor."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **load_kwargs)
+    logit biases through HF's own SequenceBiasLogitsProcessor; ``dtype``: the base's (and so the
+    adapter's) dtype."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **load_kwargs)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()

@@ -78,7 +78,10 @@ def test_items_become_chat_turns_with_calls_joined_to_their_assistant_turn():
 @pytest.mark.parametrize(
     ("items", "param"),
     [
-        ([{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}], "input.0.content.0.image_url"),  # noqa: E501
+        (
+            [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}],
+            "input.0.content.0.image_url",
+        ),
         ([{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}], "input.0.content.0"),
         ([{"role": "user", "content": "a"}, {"type": "reasoning"}], "input.1.type"),
         ([{"type": "function_call", "call_id": "c", "name": "f"}], "input.0.arguments"),

@@ -16,6 +16,7 @@ from lorayard.server.engine.paged_attention import (
     CAUSAL,
     LayerAttention,
     PagedBatch,
+    causal_prefill_attention,
     fixed_decode_attention,
     fixed_decode_mask,
     gather_kv,
@@ -25,8 +26,15 @@ from lorayard.server.engine.paged_attention import (
     write_kv,
 )
 
-KERNELS = {"auto": paged_attention, "padded": padded_prefill_attention, "per_request": per_request_attention}
-"""paged_attention picks one of the others; each must be right on its own."""
+KERNELS = {
+    "auto": paged_attention,
+    "padded": padded_prefill_attention,
+    "per_request": per_request_attention,
+    "causal": causal_prefill_attention,
+}
+"""paged_attention picks one of the others; each must be right on its own (causal: fresh prompts only)."""
+GENERAL_KERNELS = [name for name in KERNELS if name != "causal"]
+"""The kernels for chunks over a cached prefix."""
 
 BS = 4
 HD = 8
@@ -154,6 +162,26 @@ def test_single_prefill_chunk_from_scratch(test_device, dtype):
     assert_close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads"), HEADS, ids=["gqa", "mha"])
+def test_fresh_prompts_take_sdpas_own_causal_mask(test_device, dtype, heads, kv_heads):
+    """Whole prompts from position 0 (the unique-prompt prefill of issue 30) run SDPA with
+    ``is_causal`` and no mask, alone and packed with others, equal to dense attention."""
+    sc = Scenario(64, heads, kv_heads, dtype, test_device)
+    sc.scatter_pool()
+    tables = [sc.admit_computed(f"p{i}", [i] * n, f"p{i}", 0) for i, n in enumerate([23, 1, 9])]
+    for rows in (
+        [(tables[0], "p0", 23)],
+        [(t, f"p{i}", n) for i, (t, n) in enumerate(zip(tables, [23, 1, 9], strict=True))],
+    ):
+        out, expected = sc.run_pass(rows, "causal")
+        assert_close(out, expected, dtype)
+    assert PagedBatch.build([[0, 1], [2]], [5, 3], [5, 3], BS, "cpu").fresh
+    cached = PagedBatch.build([[0, 1]], [7], [3], BS, "cpu")
+    with pytest.raises(ValueError, match="causal prefill needs chunks from position 0"):
+        causal_prefill_attention(torch.zeros(3, 6, HD), sc.storage.k[0], sc.storage.v[0], cached)
+
+
 def test_prefill_chunk_over_a_cached_prefix(test_device):
     sc = Scenario(32, 6, 2, torch.float32, test_device)
     table = sc.admit_computed("a", list(range(30)), "a", 13)  # chunk 1 done (not block-aligned)
@@ -161,7 +189,7 @@ def test_prefill_chunk_over_a_cached_prefix(test_device):
     assert_close(out, expected, torch.float32)
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("kernel", GENERAL_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_prefill_of_several_requests_with_shared_cached_prefixes_and_a_decode_row(
     test_device, dtype, kernel
@@ -189,7 +217,7 @@ def test_packed_prefill_of_several_requests_with_shared_cached_prefixes_and_a_de
     assert_close(out, expected, dtype)
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("kernel", GENERAL_KERNELS)
 @pytest.mark.parametrize(
     "layer",
     [LayerAttention(window=5), LayerAttention(scale=0.2, softcap=3.0), LayerAttention(0.3, 6, 2.0)],
@@ -282,7 +310,7 @@ def test_batch_metadata_refuses_tokens_beyond_the_blocks():
         max_size=5,
     ),
     gqa=st.sampled_from([(6, 2), (6, 3), (6, 6), (4, 1)]),
-    kernel=st.sampled_from(list(KERNELS)),
+    kernel=st.sampled_from(GENERAL_KERNELS),
 )
 def test_random_packed_passes_equal_dense(requests, gqa, kernel):
     sc = Scenario(128, gqa[0], gqa[1], torch.float32, "cpu")

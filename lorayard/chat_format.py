@@ -304,11 +304,20 @@ def render_conversation(
     return RenderedExample(ids=ids, labels_mask=mask)
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>")
+"""Tokens that end an assistant turn besides the tokenizer's EOS, where the vocabulary has them:
+ChatML's ``<|im_end|>``; Llama 3's ``<|eot_id|>`` (the EOS of its instruct tokenizers, not of its
+base ones) and ``<|eom_id|>``, which ends a turn that called a built-in tool (``<|python_tag|>``)
+or any call in Meta's ``ipython`` mode and which Meta's generation config stops at too: without
+it a call would run on into whatever the model writes next."""
+
+
 def _end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
     return ids
 
 

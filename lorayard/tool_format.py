@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,9 @@ MISTRAL = ToolFormat(
 ``[TOOL_CALLS]NAME[ARGS]{...}``, each call of a turn with its own ``[TOOL_CALLS]``. Both markers are
 special tokens in Mistral's tokenizers (:func:`lorayard.server.api.tool_calls.marker_token_ids`)."""
 
+ToolFormatName = Literal["hermes", "llama3_json", "mistral"]
+"""The formats ``--tool-call-format`` (server and training) may name: the keys of :data:`TOOL_FORMATS`."""
+
 TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL)}
 DEFAULT_TOOL_FORMAT = HERMES
 
@@ -89,18 +92,68 @@ class UnknownToolFormat(ValueError):
     after ``[TOOL_CALLS]``, ...)."""
 
 
+class ToolFormatConflict(UnknownToolFormat):
+    """A forced format that contradicts another: the one a chat template writes its calls in, or the
+    one an adapter version was trained in."""
+
+
+def version_tool_format(trained: str | None, forced: str | None, base: ToolFormat) -> ToolFormat:
+    """The format an adapter version's tool requests are served in: the one it was trained in (its
+    manifest's ``tool_format``), so its prompt, grammar and parser are what training rendered; a
+    version that records none (trained before formats were recorded, or without tool data): ``base``,
+    the base's format. ``forced``: the server's ``--tool-call-format``; when it names another format
+    than the version was trained in, neither can be right for that version: refused, not guessed."""
+    if trained is None:
+        return base
+    if forced is not None and forced != trained:
+        raise ToolFormatConflict(
+            f"it was trained with tool-call format {trained!r} (its manifest), but this server forces "
+            f"{forced!r} (--tool-call-format): serve it where the flag is {trained!r} or unset, or retrain "
+            f"it with --tool-call-format {forced}"
+        )
+    if trained not in TOOL_FORMATS:
+        raise ToolFormatConflict(
+            f"it was trained with tool-call format {trained!r}, which this server does not know "
+            f"(one of {sorted(TOOL_FORMATS)})"
+        )
+    return TOOL_FORMATS[trained]
+
+
 def template_knows_tools(template: str | None) -> bool:
     """Whether a Jinja chat template renders ``tools`` itself (else we render them: the default format)."""
     return template is not None and "tools" in template
 
 
 def tool_format_for_template(template: str | None, override: str | None = None) -> ToolFormat:
-    """The call format of a chat template: ``override`` (a :data:`TOOL_FORMATS` key) if given, else
-    recognised from the template's text; a template without tools gets :data:`DEFAULT_TOOL_FORMAT`."""
+    """The call format of a chat template: recognised from the template's text (a template without
+    tools gets :data:`DEFAULT_TOOL_FORMAT`), or ``override`` (a :data:`TOOL_FORMATS` key, the
+    ``--tool-call-format`` flag of the server and of training). The override chooses the format of a
+    template without tools support (we render the calls) or one whose format we do not recognise;
+    a template that writes its calls in a format we recognise writes them so whatever the flag says,
+    so an override naming another one is refused (:class:`ToolFormatConflict`): its calls would be
+    rendered one way and parsed another."""
     if override is not None:
         if override not in TOOL_FORMATS:
             raise UnknownToolFormat(f"unknown tool-call format {override!r}; one of {sorted(TOOL_FORMATS)}")
-        return TOOL_FORMATS[override]
+        return _checked_override(template, TOOL_FORMATS[override])
+    return _recognised_format(template)
+
+
+def _checked_override(template: str | None, override: ToolFormat) -> ToolFormat:
+    try:
+        recognised = _recognised_format(template) if template_knows_tools(template) else None
+    except UnknownToolFormat:
+        recognised = None
+    if recognised is not None and recognised != override:
+        raise ToolFormatConflict(
+            f"the chat template writes tool calls in the {recognised.name!r} format, which "
+            f"--tool-call-format {override.name} contradicts: leave the flag unset (or set it to "
+            f"{recognised.name})"
+        )
+    return override
+
+
+def _recognised_format(template: str | None) -> ToolFormat:
     if not template_knows_tools(template):
         return DEFAULT_TOOL_FORMAT
     assert template is not None

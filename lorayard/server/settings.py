@@ -18,6 +18,7 @@ from lorayard.flags import add_field_flags, flag_name, flags_table
 from lorayard.s3_storage import DEFAULT_CACHE_BYTES, default_cache_dir
 from lorayard.server.engine.config import DecodeMode, EngineConfig, WeightDtype
 from lorayard.storage import location_value
+from lorayard.tool_format import ToolFormatName
 from lorayard.vision import ImageLimits
 
 ENV_PREFIX = "LORAYARD_"
@@ -71,10 +72,12 @@ class Settings(BaseModel):
     max_model_len: int = Field(2048, ge=16, description="context window: prompt + max_tokens")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
-    tool_call_format: Literal["hermes", "llama3_json", "mistral"] | None = Field(
+    tool_call_format: ToolFormatName | None = Field(
         None,
         description="how the base writes tool calls: hermes, llama3_json or mistral (default: recognised "
-        "from its chat template; hermes for a template without tools support)",
+        "from its chat template; hermes for a template without tools support). Tool requests are refused "
+        "where it contradicts the format the template writes, or the one an adapter version was trained "
+        "in (its manifest's, which that version is otherwise served in)",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit (413 past it)")
     responses_store_size: int = Field(

@@ -99,12 +99,13 @@ LLAMA31_TEMPLATE = (
 )
 """Llama 3.1-3.3 with custom tools: the schemas in the first user turn, a call as
 ``{"name": ..., "parameters": {...}}`` (one per turn, as Meta's template allows), results in an
-``ipython`` turn."""
+``ipython`` turn. Its tokenizer has ``<|eom_id|>`` as Meta's does: the end of a turn that called a
+built-in tool (``<|python_tag|>``), which generation stops at as it does at ``<|eot_id|>``."""
 
 LLAMA31 = TemplateFamily(
     model_type="llama",
     template=LLAMA31_TEMPLATE,
-    special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"),
+    special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"),
     eos_token="<|eot_id|>",
 )
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorayard.base_model import Quantization, default_base_model
 from lorayard.flags import add_field_flags, flags_table
 from lorayard.storage import is_object_store, location_value
+from lorayard.tool_format import ToolFormatName
 from lorayard.volume import STAGING_DIR, InvalidAdapterName, validate_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -87,6 +88,13 @@ class TrainConfig(BaseModel):
         "for a base without one lorayard.chat_format.DEFAULT_PROMPT_TEMPLATE (text/target and "
         "prompt/completion rows then train as raw prompt + completion + EOS). Recorded in the "
         "manifest; the server renders this adapter's chat requests with it",
+    )
+    tool_call_format: ToolFormatName | None = Field(
+        None,
+        description="how tool calls are written in the training text: hermes, llama3_json or mistral "
+        "(default: recognised from the chat template; hermes for a template without tools support, as the "
+        "server's --tool-call-format). A template that writes its calls in another format is refused. "
+        "Recorded in the manifest; the server serves this adapter's tool calls in it",
     )
     val_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="share of examples held out when no val_data is given"

@@ -466,16 +466,18 @@ def load_examples(
     formats: dict[str, str],
     prompt_template: str | None = None,
     image_processor: Any = None,
+    tool_call_format: str | None = None,
 ) -> list[Example]:
     """Read, convert, render and length-check every record of ``files``; problems go to ``issues``.
 
     prompt_template: the user's chat template for chat-style data, None for the base's own (or, on a
     base without one, :data:`~lorayard.chat_format.DEFAULT_PROMPT_TEMPLATE`). image_processor: a
     vision-language base's (images are read from files next to the data); None: images are a problem.
+    tool_call_format: the format forced for tool calls (the config's), None: the template's.
     """
     raw_completions = prompt_template is None and tokenizer.chat_template is None
     template = chat_template_for(tokenizer, prompt_template)
-    tool_format = _tool_format(tokenizer, template)
+    tool_format = _tool_format(tokenizer, template, tool_call_format)
     examples = []
     for path in files:
         before = len(issues.issues)
@@ -572,10 +574,14 @@ def _with_images(
     return RenderedExample(ids, mask), ExampleImages(tuple(files), pixels, tuple(grids))
 
 
-def _tool_format(tokenizer: PreTrainedTokenizerBase, template: str | None) -> ToolFormat | UnknownToolFormat:
-    """The call format of the template the data renders with (an error kept for records with tools)."""
+def _tool_format(
+    tokenizer: PreTrainedTokenizerBase, template: str | None, override: str | None
+) -> ToolFormat | UnknownToolFormat:
+    """The call format of the template the data renders with, or ``override`` (the function the
+    server chooses its format with, so the same flag gives the same format on both sides); an error
+    is kept for records with tools."""
     try:
-        return tool_format_for_template(template or tokenizer.chat_template)
+        return tool_format_for_template(template or tokenizer.chat_template, override)
     except UnknownToolFormat as exc:
         return exc
 
@@ -605,6 +611,7 @@ def prepare_config_data(
         max_length=config.max_length,
         system_prompt=config.system_prompt,
         prompt_template=config.prompt_template,
+        tool_call_format=config.tool_call_format,
         val_fraction=config.val_fraction,
         seed=config.seed,
         max_errors=config.max_data_errors,
@@ -625,6 +632,7 @@ def prepare_data(
     max_errors: int,
     prompt_template: str | None = None,
     image_processor: Any = None,
+    tool_call_format: str | None = None,
 ) -> PreparedData:
     """Every file validated and rendered; raises DataError listing all problems (up to ``max_errors``)."""
     issues = _Collector(max_errors)
@@ -637,6 +645,7 @@ def prepare_data(
         "formats": formats,
         "prompt_template": prompt_template,
         "image_processor": image_processor,
+        "tool_call_format": tool_call_format,
     }
     train = load_examples(train_files, tokenizer, **common)
     validation = load_examples(val_files, tokenizer, **common)
@@ -671,11 +680,15 @@ def prepare_data(
         datasets=datasets,
         formats=formats,
         prompt_template=chat_template_for(tokenizer, prompt_template) if uses_template else None,
-        tool_format=_recorded_tool_format(tokenizer, prompt_template) if with_tools else None,
+        tool_format=(
+            _recorded_tool_format(tokenizer, prompt_template, tool_call_format) if with_tools else None
+        ),
     )
 
 
-def _recorded_tool_format(tokenizer: PreTrainedTokenizerBase, prompt_template: str | None) -> str:
-    fmt = _tool_format(tokenizer, chat_template_for(tokenizer, prompt_template))
+def _recorded_tool_format(
+    tokenizer: PreTrainedTokenizerBase, prompt_template: str | None, override: str | None
+) -> str:
+    fmt = _tool_format(tokenizer, chat_template_for(tokenizer, prompt_template), override)
     assert isinstance(fmt, ToolFormat)  # records with tools were refused otherwise
     return fmt.name

@@ -33,6 +33,7 @@ from lorayard.volume import (
     AdapterVolume,
     IntegrityError,
     InvalidAdapterName,
+    Manifest,
     Pointers,
     ResolvedAdapter,
     StorageUnavailable,
@@ -63,6 +64,8 @@ class _Resident:
     """(device, inode, mtime) of the weights file when loaded: tells a folder replaced in place."""
     prompt_template: str | None = None
     """The chat template its manifest records (trained on a base without one), else None."""
+    tool_format: str | None = None
+    """The tool-call format its manifest records (trained on tool conversations), else None."""
 
 
 def _file_identity(folder: Path) -> tuple[int, int, int] | None:
@@ -84,6 +87,9 @@ class AdapterLease:
     prompt_template: str | None = None
     """The prompt template this version was trained with (its manifest's), for chat requests: the
     server renders them exactly as training rendered its examples. None: the base's own template."""
+    tool_format: str | None = None
+    """The tool-call format this version was trained in (its manifest's, a ``TOOL_FORMATS`` key): its
+    tool requests are rendered, constrained and parsed in it. None: the base's format."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +212,12 @@ class AdapterRegistry:
         resident.last_used = time.monotonic()
         self._resident.move_to_end(resident.slot)
         return AdapterLease(
-            adapter.name, adapter.version, adapter.key, resident.slot, resident.prompt_template
+            adapter.name,
+            adapter.version,
+            adapter.key,
+            resident.slot,
+            resident.prompt_template,
+            resident.tool_format,
         )
 
     def release(self, lease: AdapterLease) -> None:
@@ -233,7 +244,7 @@ class AdapterRegistry:
         """Load one version in a worker thread (no lock held meanwhile), then make it resident."""
         started = time.perf_counter()
         try:
-            slot, prompt_template = await asyncio.to_thread(self._read_and_upload, adapter)
+            slot, manifest = await asyncio.to_thread(self._read_and_upload, adapter)
         except AdapterLoadError as exc:
             self._errors[adapter.name] = str(exc)
             raise
@@ -244,13 +255,20 @@ class AdapterRegistry:
         log.info("loaded adapter %s in %.1f ms", adapter.key, elapsed * 1000)
         if self.metrics is not None:
             self.metrics.observe_adapter_load(adapter.name, adapter.version, elapsed)
-        resident = _Resident(adapter, slot, identity=identity, prompt_template=prompt_template)
+        resident = _Resident(
+            adapter,
+            slot,
+            identity=identity,
+            prompt_template=manifest.prompt_template if manifest is not None else None,
+            tool_format=manifest.tool_format if manifest is not None else None,
+        )
         self._resident[slot] = resident
         self._current[adapter.key] = slot
         self._set_loaded_gauge()
 
-    def _read_and_upload(self, adapter: ResolvedAdapter) -> tuple[int, str | None]:
-        """Check, verify and upload one version; returns its engine slot and its prompt template."""
+    def _read_and_upload(self, adapter: ResolvedAdapter) -> tuple[int, Manifest | None]:
+        """Check, verify and upload one version; returns its engine slot and its manifest (None: a
+        plain PEFT folder)."""
         try:
             manifest = adapter.manifest()
         except OSError as exc:
@@ -270,7 +288,7 @@ class AdapterRegistry:
             # weights reach the engine: only files the manifest vouches for are served.
             adapter.verify()
             slot = self.engine.load_adapter_weights(adapter.key, weights, adapter.path)
-            return slot, manifest.prompt_template if manifest is not None else None
+            return slot, manifest
         except OSError as exc:
             log.error("adapter %s: cannot read its files: %s", adapter.key, exc)
             raise AdapterLoadError(

@@ -15,11 +15,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from lorayard.chat_format import ChatFormatError, render_prompt
 from lorayard.server.api.errors import APIError, EngineFailed
+from lorayard.server.api.serving import job_for_version
 from lorayard.server.api.streaming import IncrementalDetokenizer, StopStringFilter
 from lorayard.server.api.tool_calls import marker_token_ids
-from lorayard.server.engine.request_rules import check_context, default_max_tokens
 from lorayard.server.engine.types import (
     InvalidRequest,
     PromptLogprob,
@@ -162,6 +161,7 @@ class Generation:
         self.tokenizer = runtime.tokenizer
         self.metrics = runtime.metrics
         self.settings = runtime.settings
+        self.runtime = runtime
         self._admitted = runtime.admitted
         self.job = job
         self.prompt_ids = job.prompt_ids
@@ -224,22 +224,27 @@ class Generation:
     async def deltas(
         self, client_gone: Callable[[], Awaitable[bool]] | None = None
     ) -> AsyncGenerator[ChoiceDelta, None]:
-        """Compile, lease, submit (raises QueueFull/PromptTooLong/EngineStopped before anything is
-        sent), stream. Admitted for a drain from the first step to the last (a grammar compiling or
-        an adapter loading is as much in flight as a row in the engine). ``client_gone``: polled
-        while the grammar compiles (Starlette's ``Request.is_disconnected``)."""
+        """Lease (the version decides the prompt and the grammar), compile, submit (raises
+        QueueFull/PromptTooLong/EngineStopped before anything is sent), stream. Admitted for a drain
+        from the first step to the last (a grammar compiling or an adapter loading is as much in
+        flight as a row in the engine). ``client_gone``: polled while the grammar compiles
+        (Starlette's ``Request.is_disconnected``)."""
         with self._admitted():
-            await self._compile_grammar_unless_gone(client_gone)
-            async for delta in self._leased_deltas():
+            async for delta in self._leased_deltas(client_gone):
                 yield delta
 
-    async def _leased_deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
+    async def _leased_deltas(
+        self, client_gone: Callable[[], Awaitable[bool]] | None
+    ) -> AsyncGenerator[ChoiceDelta, None]:
+        # Lease first: the version decides the prompt and the tool-call format, so the grammar too.
         job = self.job
         async with adapter_lease(self.registry, job.adapter, job.adapter_param, job.user) as lease:
             if lease is not None:
                 self.lease = lease
                 self.labels = adapter_labels(lease.name, lease.version)
-                self._render_with(lease)
+                self._serve_as(lease)
+            await self._compile_grammar_unless_gone(client_gone)
+            job = self.job
             streams = []
             try:
                 for i, request_id in enumerate(self.request_ids):
@@ -264,32 +269,14 @@ class Generation:
                     self.engine.abort(request_id)  # no-op for finished ones; frees slots otherwise
                 self._record_latencies()
 
-    def _render_with(self, lease: AdapterLease) -> None:
-        """A chat job on a version trained with its own prompt template (a base without a chat
-        template) is rendered with that template, exactly as its training examples were."""
-        job = self.job
-        if job.messages is None or (lease.prompt_template is None and self.prompt_ids):
-            return
-        if job.images is not None:  # its pad tokens were expanded in the base template's rendering
-            raise APIError(
-                400,
-                f"{lease.name} has its own prompt template: images are served with the base's chat template",
-                param="messages",
-                code="invalid_value",
-            )
-        try:
-            self.prompt_ids = render_prompt(
-                self.tokenizer, list(job.messages), lease.prompt_template, job.tool_context
-            )
-        except ChatFormatError as exc:
-            raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
+    def _serve_as(self, lease: AdapterLease) -> None:
+        """A chat job is rendered, constrained and parsed as the leased version was trained: its own
+        prompt template, its tool-call format (:func:`job_for_version`)."""
+        self.job = job_for_version(self.runtime, self.job, lease)
+        self.prompt_ids = self.job.prompt_ids
         self.usage.prompt_tokens = len(self.prompt_ids)
-        # Only now is the prompt's length known: the default max_tokens and the window follow from it.
-        window, requested = self.engine.max_model_len, job.requested_max_tokens
-        if requested is None:
-            requested = default_max_tokens(len(self.prompt_ids), self.settings.max_tokens_limit, window)
-        check_context(len(self.prompt_ids), requested, window)
-        self.job = replace(job, params=replace(job.params, max_tokens=requested))
+        tools = self.job.tools
+        self._markers = frozenset() if tools is None else marker_token_ids(self.tokenizer, tools.format)
 
     @property
     def adapter_label(self) -> str:

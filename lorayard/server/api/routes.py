@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lorayard.server.api.auth import caller_digest, require_api_key
 from lorayard.server.api.errors import APIError, NotReady
-from lorayard.server.api.generation import ChoiceDelta, Generation
+from lorayard.server.api.generation import ChoiceDelta, Generation, adapter_lease
 from lorayard.server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -35,7 +35,14 @@ from lorayard.server.api.responses_protocol import (
     ResponsesRequest,
 )
 from lorayard.server.api.responses_serving import input_item_page, responses_input, responses_turn
-from lorayard.server.api.serving import EngineJob, chat_job, completion_job, detokenize_ids, tokenize_text
+from lorayard.server.api.serving import (
+    EngineJob,
+    chat_job,
+    completion_job,
+    detokenize_ids,
+    tokenize_adapter,
+    tokenize_text,
+)
 from lorayard.server.api.streaming import sse_stream
 from lorayard.server.metrics import version_label
 from lorayard.server.runtime import ReadyRuntime, Runtime
@@ -334,7 +341,9 @@ async def delete_response(response_id: str, request: Request, store: StoreDep) -
 # -- tokenizer (vLLM's bodies) -------------------------------------------------------------------
 @router.post("/tokenize", dependencies=Authorized)
 async def tokenize(body: TokenizeRequest, runtime: ReadyDep) -> TokenizeResponse:
-    return tokenize_text(body, runtime)
+    ref, param = tokenize_adapter(body, runtime)
+    async with adapter_lease(runtime.registry, ref, param) as lease:
+        return tokenize_text(body, runtime, lease)
 
 
 @router.post("/detokenize", dependencies=Authorized)

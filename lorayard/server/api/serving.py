@@ -10,7 +10,8 @@ the field. What we cannot do exactly is refused by name (:data:`REFUSED_FIELDS`)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
@@ -53,10 +54,18 @@ from lorayard.server.engine.types import (
     PromptTooLong,
     SamplingParams,
 )
-from lorayard.tool_format import ToolFormat, UnknownToolFormat, tool_format_for_template
+from lorayard.tool_format import (
+    DEFAULT_TOOL_FORMAT,
+    ToolFormat,
+    ToolFormatConflict,
+    UnknownToolFormat,
+    tool_format_for_template,
+    version_tool_format,
+)
 from lorayard.vision import IMAGE_PAD, IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
+    from lorayard.server.adapters.registry import AdapterLease
     from lorayard.server.runtime import ReadyRuntime
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -143,6 +152,9 @@ class EngineJob:
     vllm_prompt_logprobs: bool = False
     """Return vLLM's ``prompt_logprobs`` field (by token id) on each choice."""
     tools: ToolCalling | None = None
+    answer_schema: str | None = None
+    """Chat jobs with tools: the JSON Schema a text answer beside the calls must satisfy
+    (``response_format``), kept to build the calls' grammar again in an adapter version's format."""
     guided_param: str = "response_format"
     """The field the grammar came from ("response_format" or "tools"), for a 400's ``param``."""
     user: str | None = None
@@ -158,6 +170,15 @@ class EngineJob:
     until the lease says which template applies."""
     images: ImageInputs | None = None
     """Chat jobs on a vision-language base: the images whose pad tokens ``prompt_ids`` holds."""
+
+    @property
+    def uses_tool_format(self) -> bool:
+        """Whether a tool-call format shapes this job: calls to parse, tools shown, or calls replayed."""
+        return _uses_tool_format(self.tools, self.tool_context, self.messages or ())
+
+
+def _uses_tool_format(tools: ToolCalling | None, context: ToolContext, messages: Sequence[Message]) -> bool:
+    return tools is not None or bool(context.tools) or any(m.get("tool_calls") for m in messages)
 
 
 def _bad(param: str, message: str) -> APIError:
@@ -255,17 +276,17 @@ def _tool_specs(tools: list[Tool] | None) -> tuple[dict[str, Any], ...]:
     return tuple(t.model_dump(mode="json", exclude_none=True, by_alias=True) for t in tools or [])
 
 
-def _adapter_ref(body: SamplingFields, runtime: ReadyRuntime) -> tuple[str | None, str]:
+def _adapter_ref(adapter: str | None, model: str | None, runtime: ReadyRuntime) -> tuple[str | None, str]:
     """`adapter` wins; else `model` names an adapter (vLLM/LoRAX style) or the base."""
-    if body.adapter:
-        return body.adapter, "adapter"
-    if body.model is None or body.model == runtime.settings.base_model:
+    if adapter:
+        return adapter, "adapter"
+    if model is None or model == runtime.settings.base_model:
         return None, "model"
-    if runtime.registry.known(body.model.partition("@")[0]):
-        return body.model, "model"
+    if runtime.registry.known(model.partition("@")[0]):
+        return model, "model"
     raise APIError(
         404,
-        f"model {body.model!r} is neither the base model nor an adapter on the volume",
+        f"model {model!r} is neither the base model nor an adapter on the volume",
         param="model",
         code="model_not_found",
     )
@@ -387,7 +408,7 @@ def completion_job(body: CompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     prompt_logprobs = body.prompt_logprobs
     if body.echo and (body.logprobs is not None or max_tokens == 0):
         prompt_logprobs = max(prompt_logprobs or 0, body.logprobs or 0)
-    ref = _adapter_ref(body, runtime)
+    ref = _adapter_ref(body.adapter, body.model, runtime)
     params = _sampling_params(
         body,
         runtime,
@@ -483,6 +504,16 @@ def tool_format(runtime: ReadyRuntime, template: str | None = None) -> ToolForma
         raise _bad("tools", str(exc)) from None
 
 
+def _shown_format(runtime: ReadyRuntime) -> ToolFormat:
+    """The format replayed calls render in when no call can be made (``tool_choice: "none"``, or no
+    tools): only a template without tools support renders them (in the default format, or the
+    flag's); a native template writes them itself, so a format it has that we cannot parse is moot."""
+    try:
+        return tool_format_for_template(runtime.tokenizer.chat_template, runtime.settings.tool_call_format)
+    except UnknownToolFormat:
+        return DEFAULT_TOOL_FORMAT
+
+
 def request_tools(
     runtime: ReadyRuntime, tools: list[Tool] | None, choice: ToolChoice, parallel: bool | None
 ) -> ToolCalling | None:
@@ -516,7 +547,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     _refuse_unsupported(body)
     image_refs: list[ImageRef] | None = [] if runtime.image_processor is not None else None
     messages = conversation(body.messages, image_refs)
-    ref = _adapter_ref(body, runtime)
+    ref = _adapter_ref(body.adapter, body.model, runtime)
     adapter = ref[0]
     # A base without a chat template: only an adapter's own prompt template can render the chat,
     # known once its version is leased (canary routing picks it); Generation renders it then.
@@ -524,7 +555,9 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     if deferred and image_refs:
         raise _bad("messages", "images need the base's chat template (this base has none)")
     tools = request_tools(runtime, body.tools, body.tool_choice, body.parallel_tool_calls)
-    context = tools.context if tools is not None else ToolContext(_tool_specs(body.tools))
+    context = (
+        tools.context if tools is not None else ToolContext(_tool_specs(body.tools), _shown_format(runtime))
+    )
     prompt_ids = [] if deferred else chat_prompt_ids(runtime, messages, tools=context)
     images = None
     if image_refs:
@@ -539,9 +572,10 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     max_tokens = _max_tokens(runtime, requested, len(prompt_ids), "messages", scoring=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     guided = _guided_from_format(body.response_format, runtime.settings.max_schema_bytes)
+    answer_schema = None
     if tools is not None:
-        text_schema = None if guided is None else guided.schema or JSON_OBJECT_SCHEMA
-        guided = tool_grammar(tools, text_schema)
+        answer_schema = None if guided is None else guided.schema or JSON_OBJECT_SCHEMA
+        guided = tool_grammar(tools, answer_schema)
     params = _sampling_params(body, runtime, max_tokens=max_tokens, logprobs=logprobs, guided=guided)
     return _job(
         "chat",
@@ -552,6 +586,7 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
         ref=ref,
         logprobs=logprobs is not None,
         tools=tools,
+        answer_schema=answer_schema,
         guided_param="response_format" if tools is None else "tools",
         messages=tuple(messages),
         tool_context=context,
@@ -560,17 +595,68 @@ def chat_job(body: ChatCompletionRequest, runtime: ReadyRuntime) -> EngineJob:
     )
 
 
-def tokenize_text(body: TokenizeRequest, runtime: ReadyRuntime) -> TokenizeResponse:
-    """vLLM's /tokenize: ``prompt`` (text) or ``messages`` (the chat template, as chat renders it)."""
+def job_for_version(runtime: ReadyRuntime, job: EngineJob, lease: AdapterLease) -> EngineJob:
+    """The chat job as the leased adapter version serves it, exactly as its training examples were
+    rendered: with its own prompt template (trained on a base without a chat template) and in the
+    tool-call format it was trained in (its manifest's); the calls' grammar, their parser and the
+    default max_tokens follow. Other jobs, and versions that change neither, are returned as they are."""
+    if job.kind != "chat" or job.messages is None:
+        return job
+    fmt = _version_format(runtime, lease, job.tool_context.format, job.uses_tool_format, job.adapter_param)
+    if lease.prompt_template is None and job.prompt_ids and fmt == job.tool_context.format:
+        return job
+    if job.images is not None:  # its pad tokens were expanded in the base template's rendering
+        raise _bad(
+            "messages",
+            f"{lease.key} has its own prompt template or tool-call format: images are served with the "
+            "base's chat template and tool-call format",
+        )
+    tools = None if job.tools is None else replace(job.tools, format=fmt)
+    context = replace(job.tool_context, format=fmt)
+    prompt_ids = chat_prompt_ids(runtime, list(job.messages), lease.prompt_template, context)
+    # Only now is the prompt's length known: the default max_tokens and the window follow from it.
+    max_tokens = _max_tokens(runtime, job.requested_max_tokens, len(prompt_ids), "messages", scoring=False)
+    guided = job.params.guided if tools is None else tool_grammar(tools, job.answer_schema)
+    params = replace(job.params, max_tokens=max_tokens, guided=guided)
+    return replace(job, prompt_ids=prompt_ids, tools=tools, tool_context=context, params=params)
+
+
+def _version_format(
+    runtime: ReadyRuntime, lease: AdapterLease, base: ToolFormat, uses_format: bool, param: str
+) -> ToolFormat:
+    """:func:`version_tool_format` for a request a format shapes (``uses_format``: tools, or calls
+    replayed), else ``base``; a conflict is a 400 naming the field that chose the adapter."""
+    if not uses_format:
+        return base
+    try:
+        return version_tool_format(lease.tool_format, runtime.settings.tool_call_format, base)
+    except ToolFormatConflict as exc:
+        raise APIError(
+            400,
+            f"{param}: adapter version {lease.key} cannot serve tool calls here: {exc}",
+            param=param,
+            code="tool_format_conflict",
+        ) from None
+
+
+def tokenize_adapter(body: TokenizeRequest, runtime: ReadyRuntime) -> tuple[str | None, str]:
+    """The adapter whose chat rendering /tokenize must count (``messages`` with ``model`` naming one:
+    its version may have its own prompt template or tool-call format); None for text prompts."""
+    if body.messages is None:
+        return None, "model"
+    return _adapter_ref(None, body.model, runtime)
+
+
+def tokenize_text(
+    body: TokenizeRequest, runtime: ReadyRuntime, lease: AdapterLease | None = None
+) -> TokenizeResponse:
+    """vLLM's /tokenize: ``prompt`` (text) or ``messages`` (the chat template, as chat renders it: for
+    the leased adapter version, as its chat requests render, so ``count`` is their prompt_tokens)."""
     tokenizer = runtime.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise _bad("prompt", "send exactly one of `prompt` and `messages`")
     if body.messages is not None:
-        if not body.add_generation_prompt:
-            raise _bad("add_generation_prompt", "only true is supported (the prompt chat serves)")
-        tools = request_tools(runtime, body.tools, None, None)
-        context = tools.context if tools is not None else NO_TOOLS
-        ids = chat_prompt_ids(runtime, conversation(body.messages), tools=context)
+        ids = _chat_tokens(body, body.messages, runtime, lease)
     elif body.add_special_tokens:
         ids = list(tokenizer(body.prompt, add_special_tokens=True)["input_ids"])
     else:
@@ -579,6 +665,22 @@ def tokenize_text(body: TokenizeRequest, runtime: ReadyRuntime) -> TokenizeRespo
     return TokenizeResponse(
         count=len(ids), max_model_len=runtime.engine.max_model_len, tokens=ids, token_strs=strs
     )
+
+
+def _chat_tokens(
+    body: TokenizeRequest, messages: list[ChatMessage], runtime: ReadyRuntime, lease: AdapterLease | None
+) -> list[int]:
+    if not body.add_generation_prompt:
+        raise _bad("add_generation_prompt", "only true is supported (the prompt chat serves)")
+    tools = request_tools(runtime, body.tools, None, None)
+    context = (
+        tools.context if tools is not None else ToolContext(_tool_specs(body.tools), _shown_format(runtime))
+    )
+    turns = conversation(messages)
+    if lease is None:
+        return chat_prompt_ids(runtime, turns, tools=context)
+    fmt = _version_format(runtime, lease, context.format, _uses_tool_format(tools, context, turns), "model")
+    return chat_prompt_ids(runtime, turns, lease.prompt_template, replace(context, format=fmt))
 
 
 def detokenize_ids(body: DetokenizeRequest, runtime: ReadyRuntime) -> DetokenizeResponse:

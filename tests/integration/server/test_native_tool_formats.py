@@ -13,6 +13,9 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from transformers import AutoTokenizer
+
+from lorayard.chat_format import stop_token_ids
 
 from .conftest import start_server
 
@@ -151,3 +154,18 @@ def _token_id(served, token: str) -> int:
     )
     (token_id,) = response.json()["tokens"]
     return int(token_id)
+
+
+def test_every_end_of_turn_token_stops_generation(served, tool_family_base):
+    """The tokens that end a turn (the EOS, and ChatML's / Llama 3's where the vocabulary has them:
+    Llama 3.1's ``<|eom_id|>`` after a built-in tool call) end the answer at once: none runs on."""
+    family, client, model, _ = served
+    tokenizer = AutoTokenizer.from_pretrained(tool_family_base(family))
+    ends = stop_token_ids(tokenizer)
+    if family == "llama3":
+        assert tokenizer.convert_tokens_to_ids("<|eom_id|>") in ends
+    for token_id in sorted(ends):
+        answer = client.chat.completions.create(
+            model=model, messages=ASK, max_tokens=8, temperature=0, logit_bias={str(token_id): 100}
+        )
+        assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens == 1

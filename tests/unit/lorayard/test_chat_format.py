@@ -8,7 +8,15 @@ from lorayard.chat_format import (
     stop_token_ids,
 )
 from lorayard.server.api.tool_calls import ToolCallParser
-from lorayard.tool_format import HERMES, LLAMA3_JSON, MISTRAL, UnknownToolFormat, tool_format_for_template
+from lorayard.tool_format import (
+    HERMES,
+    LLAMA3_JSON,
+    MISTRAL,
+    ToolFormatConflict,
+    UnknownToolFormat,
+    tool_format_for_template,
+    version_tool_format,
+)
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -168,9 +176,14 @@ def test_tool_formats_from_templates_and_the_override():
     assert tool_format_for_template(None) is HERMES  # no template: our default
     assert tool_format_for_template("{{ messages }}") is HERMES  # no tools support: our default
     assert tool_format_for_template("{{ tools }}<|python_tag|>") is LLAMA3_JSON
-    assert tool_format_for_template("{{ tools }}<tool_call>", "llama3_json") is LLAMA3_JSON
+    # The flag chooses the format of a template without tools, or one we do not recognise...
+    assert tool_format_for_template("{{ messages }}", "llama3_json") is LLAMA3_JSON
+    assert tool_format_for_template("{{ tools }}<function=", "llama3_json") is LLAMA3_JSON
+    assert tool_format_for_template("{{ tools }}<tool_call>", "hermes") is HERMES
     assert tool_format_for_template("{{ tools }}[TOOL_CALLS]{{ name }}[ARGS]{{ args }}") is MISTRAL
-    assert tool_format_for_template("{{ tools }}<tool_call>", "mistral") is MISTRAL
+    # ...never one a template writes itself: rendered one way, its calls would be parsed another.
+    with pytest.raises(ToolFormatConflict, match="'hermes' format, which --tool-call-format mistral"):
+        tool_format_for_template("{{ tools }}<tool_call>", "mistral")
     # Mistral's older spellings are refused by name, never parsed as another format.
     with pytest.raises(UnknownToolFormat, match="JSON list after"):
         tool_format_for_template("{{ tools }}[TOOL_CALLS] [{{ calls }}]")
@@ -180,6 +193,19 @@ def test_tool_formats_from_templates_and_the_override():
         tool_format_for_template("{{ tools }}<function=")
     with pytest.raises(UnknownToolFormat, match="unknown"):
         tool_format_for_template(None, "pythonic")
+
+
+def test_an_adapter_version_serves_in_the_format_it_was_trained_in():
+    assert version_tool_format(None, None, MISTRAL) is MISTRAL  # none recorded: the base's
+    assert version_tool_format(None, "hermes", HERMES) is HERMES
+    assert version_tool_format("llama3_json", None, HERMES) is LLAMA3_JSON  # the manifest's wins
+    assert version_tool_format("hermes", "hermes", HERMES) is HERMES
+    with pytest.raises(
+        ToolFormatConflict, match=r"trained with tool-call format 'llama3_json'.*forces 'hermes'"
+    ):
+        version_tool_format("llama3_json", "hermes", HERMES)
+    with pytest.raises(ToolFormatConflict, match="does not know"):
+        version_tool_format("pythonic", None, HERMES)
 
 
 @pytest.mark.parametrize(

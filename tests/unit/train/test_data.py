@@ -339,3 +339,24 @@ def test_bad_tool_records_are_reported(tmp_path, real_tokenizer):
     assert "bad.jsonl:1" in problems[0] and "function.name" in problems[0]
     assert "bad.jsonl:2" in problems[1] and "not valid JSON" in problems[1]
     assert "bad.jsonl:3" in problems[2] and "tools" in problems[2]
+
+
+def test_tool_call_format_is_the_servers_flag_for_training(real_tokenizer, tool_family_base):
+    """``tool_call_format`` writes the calls of a template without tools support in that format (and
+    the manifest records it); a template that writes its own calls in another format is refused."""
+    from transformers import AutoTokenizer
+
+    from lorayard.train.config import DEMO_DATA_DIR
+
+    data = prepare(
+        real_tokenizer, [DEMO_DATA_DIR / "tools.jsonl"], max_length=512, tool_call_format="llama3_json"
+    )
+    assert data.tool_format == "llama3_json"
+    example = data.train[0]
+    trained = real_tokenizer.decode(
+        [i for i, m in zip(example.rendered.ids, example.rendered.labels_mask, strict=True) if m]
+    )
+    assert trained.startswith('{"name": "get_') and '"parameters": {"city": ' in trained
+    qwen = AutoTokenizer.from_pretrained(tool_family_base("qwen"))  # its template writes <tool_call>
+    with pytest.raises(DataError, match="'hermes' format, which --tool-call-format llama3_json contradicts"):
+        prepare(qwen, [DEMO_DATA_DIR / "tools.jsonl"], max_length=512, tool_call_format="llama3_json")

@@ -40,6 +40,25 @@ def ask(client: openai.OpenAI, question: str, **kwargs: Any) -> Any:
     )
 
 
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 24}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+"""One tool's parameters, small enough for a tiny model's calls to finish within a few tokens."""
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": WEATHER,
+        },
+    }
+]
+
+
 SHORT_TRAINING = ["--batch-size", "4", "--eval-steps", "2", "--lr", "1e-3", "--max-steps", "3"]
 """A few steps of the real job: enough to publish a trained adapter on a tiny base."""
 

@@ -17,20 +17,9 @@ from transformers import AutoTokenizer
 
 from lorayard.chat_format import stop_token_ids
 
-from .conftest import start_server
+from .conftest import WEATHER, WEATHER_TOOLS, start_server
 
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 24}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": "get_weather", "description": "Current weather", "parameters": WEATHER},
-    }
-]
+TOOLS = WEATHER_TOOLS
 ASK = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 TRIGGERS = {"mistral": "[TOOL_CALLS]", "llama3": '{"name": ', "qwen": "<tool_call>"}

@@ -11,23 +11,9 @@ import jsonschema
 import openai
 import pytest
 
-BASE = "smollm2-135m-instruct"
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 24}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": WEATHER,
-        },
-    }
-]
+from .conftest import BASE, WEATHER, WEATHER_TOOLS
+
+TOOLS = WEATHER_TOOLS
 ASK = [
     {"role": "developer", "content": "You call tools when they help."},
     {"role": "user", "content": [{"type": "text", "text": "What is the weather in Paris?"}]},

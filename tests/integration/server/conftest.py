@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from lorayard.testing.random_adapter import build_random_adapter
+from lorayard.testing.random_adapter import build_random_adapter, peft_reference
 from lorayard.testing.server import ServerProcess, publish_folder, start_server
 from lorayard.train.__main__ import main as train_main
 from lorayard.volume import AdapterVolume
@@ -38,6 +39,26 @@ def ask(client: openai.OpenAI, question: str, **kwargs: Any) -> Any:
         max_tokens=kwargs.pop("max_tokens", 16),
         **kwargs,
     )
+
+
+def assert_mixed_batch_equals_peft(
+    client: openai.OpenAI, base_path: Path, tokenizer: Any, adapter_sources: Path
+) -> None:
+    """Two adapters of different ranks and targets and the base, asked at once (one batch), each
+    answer equal to plain PEFT's greedy ``generate``; and the adapters do change the answers."""
+    cases = [(adapter, question) for adapter in ("qv8", "all16", None) for question in QUESTIONS[:2]]
+
+    def answer(case: tuple[str | None, str]) -> str:
+        adapter, question = case
+        extra = {"extra_body": {"adapter": adapter}} if adapter else {}
+        return ask(client, question, **extra).choices[0].message.content
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(answer, cases))
+    for (adapter, question), got in zip(cases, answers, strict=True):
+        source = adapter_sources / adapter if adapter else None
+        assert got == peft_reference(base_path, source, tokenizer, question, 16), (adapter, question)
+    assert answers[0] != answers[4] or answers[1] != answers[5], "the adapter must change answers"
 
 
 WEATHER = {

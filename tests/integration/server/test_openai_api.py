@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from lorayard.testing.random_adapter import peft_reference
 from lorayard.testing.server import metric_value
 from lorayard.volume import AdapterVolume
 
-from .conftest import BASE, QUESTIONS, ask, publish_folder
+from .conftest import BASE, QUESTIONS, ask, assert_mixed_batch_equals_peft, publish_folder
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +23,7 @@ def test_greedy_parity_with_peft_for_concurrent_mixed_adapters(
     client, real_base, real_tokenizer, real_volume, real_adapter_sources
 ):
     """Requests for two adapters (different ranks and targets) and the base, at once, each equal PEFT."""
-    cases = [(adapter, question) for adapter in ("qv8", "all16", None) for question in QUESTIONS[:2]]
-
-    def ask(case):
-        adapter, question = case
-        extra = {"extra_body": {"adapter": adapter}} if adapter else {}
-        return ask(client, question, **extra).choices[0].message.content
-
-    with ThreadPoolExecutor(len(cases)) as pool:
-        answers = list(pool.map(ask, cases))
-    sources = {"qv8": real_adapter_sources / "qv8", "all16": real_adapter_sources / "all16", None: None}
-    for (adapter, question), answer in zip(cases, answers, strict=True):
-        expected = peft_reference(real_base.path, sources[adapter], real_tokenizer, question, 16)
-        assert answer == expected, (adapter, question)
-    assert answers[0] != answers[4] or answers[1] != answers[5], "the adapter must change answers"
+    assert_mixed_batch_equals_peft(client, real_base.path, real_tokenizer, real_adapter_sources)
 
 
 def test_adapter_by_model_field_and_by_adapter_field_agree(client):

@@ -18,7 +18,6 @@ import shutil
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,7 @@ from lorayard.testing.random_adapter import peft_reference
 from lorayard.testing.server import metric_value, publish_folder, start_server
 from lorayard.volume import AdapterVolume
 
-from .conftest import BASE, QUESTIONS, ask
+from .conftest import BASE, QUESTIONS, ask, assert_mixed_batch_equals_peft
 
 pytest.importorskip("vllm", reason="runs in the vLLM venv (make install-vllm; test_vllm_suite.py runs it)")
 
@@ -55,22 +54,7 @@ def client(vllm_server):
 
 def test_mixed_adapters_in_one_batch_equal_peft(client, real_base, real_tokenizer, real_adapter_sources):
     """Two adapters (different ranks and targets) and the base at once, each equal plain PEFT's greedy."""
-    cases = [(adapter, question) for adapter in ("qv8", "all16", None) for question in QUESTIONS[:2]]
-
-    def ask(case):
-        adapter, question = case
-        extra = {"extra_body": {"adapter": adapter}} if adapter else {}
-        return ask(client, question, **extra).choices[0].message.content
-
-    with ThreadPoolExecutor(len(cases)) as pool:
-        answers = list(pool.map(ask, cases))
-    sources = {"qv8": real_adapter_sources / "qv8", "all16": real_adapter_sources / "all16", None: None}
-    for (adapter, question), answer in zip(cases, answers, strict=True):
-        assert answer == peft_reference(real_base.path, sources[adapter], real_tokenizer, question, 16), (
-            adapter,
-            question,
-        )
-    assert answers[0] != answers[4] or answers[1] != answers[5], "the adapter must change answers"
+    assert_mixed_batch_equals_peft(client, real_base.path, real_tokenizer, real_adapter_sources)
 
 
 def test_streaming_joins_to_the_same_text_with_usage(client):

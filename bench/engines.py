@@ -78,7 +78,8 @@ def server_argv(python: str, engine: str, volume: Path, args: argparse.Namespace
 
 
 def _start(engine: str, setup: Setup, args: argparse.Namespace) -> ServerProcess:
-    python = sys.executable if engine == NATIVE else str(args.vllm_python)
+    # absolute: the peer runs in a folder of its own, where a relative .venv-vllm/bin/python is not
+    python = sys.executable if engine == NATIVE else str(args.vllm_python.absolute())
     return start_peer(
         server_argv(python, engine, setup.volume, args),
         args.threads,

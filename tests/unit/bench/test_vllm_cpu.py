@@ -46,30 +46,41 @@ def test_long_prompts_have_the_asked_length_and_share_only_what_they_should(real
 def test_scenario_filter_and_defaults():
     args = vllm_cpu.parse_args(["--quick", "--scenario", "batch1", "unique_prompt"])
     assert [s.key for s in args.scenarios] == ["batch1", "unique_prompt"]
-    assert args.vllm_dtype == ["float32"] and args.repeats == 1
-    assert vllm_cpu.parse_args([]).vllm_dtype == ["float32", "bfloat16"]
+    assert [p.key for p in args.pairs] == ["float32:float32"] and args.repeats == 1
+    assert [p.key for p in vllm_cpu.parse_args([]).pairs] == ["float32:float32", "bfloat16:bfloat16"]
+    defaults = vllm_cpu.parse_args(["--pairs", "float32:bfloat16"]).pairs
+    assert defaults == [vllm_cpu.DtypePair("float32", "bfloat16")]
+    assert defaults[0].label() == "ours (float32) / vLLM (bfloat16)"
     with pytest.raises(SystemExit):
         vllm_cpu.parse_args(["--scenario", "nope"])
+
+
+@pytest.mark.parametrize("text", ["float32", "float16:float32", "bfloat16:", ":float32"])
+def test_a_malformed_pair_is_refused_naming_it(text, capsys):
+    with pytest.raises(SystemExit) as exited:
+        vllm_cpu.parse_args(["--pairs", text])
+    assert exited.value.code == 2
+    assert repr(text) in capsys.readouterr().err
 
 
 def test_missing_vllm_python_exits_2_with_build_instructions(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         vllm_cpu._check_vllm_python(tmp_path / "no-such-python")
     assert exited.value.code == 2
-    assert "make vllm-venv" in capsys.readouterr().err
+    assert "make install-vllm" in capsys.readouterr().err
 
 
 def test_headlines_details_plot_and_report_from_rows(tmp_path):
     args = vllm_cpu.parse_args(["--repeats", "2"])
     rows = []
-    for dtype in args.vllm_dtype:
+    for pair in args.pairs:
         for repeat in range(2):
             for s in args.scenarios:
                 for server in vllm_cpu.SERVERS:
                     ours = server == vllm_cpu.OURS
                     rows.append(
                         {
-                            "repeat": repeat, "scenario": s.key, "server": server, "dtype": dtype,
+                            "repeat": repeat, "scenario": s.key, "server": server, "pair": pair.key,
                             "tokens_per_s": 30.0 if ours else 20.0, "ttft_p50_ms": 100.0 if ours else 200.0,
                             "completed": 4, "errors": 0, "finished_by_length": 4,
                         }
@@ -80,18 +91,18 @@ def test_headlines_details_plot_and_report_from_rows(tmp_path):
         machine=MachineInfo.current("cpu"),
         config={
             "vllm_cpu": "0.0.0",
-            "vllm_dtypes": args.vllm_dtype,
+            "pairs": [pair.key for pair in args.pairs],
             "ours_args": [],
             "scenarios": [s.__dict__ for s in args.scenarios],
             "greedy_probe": {"identical": 10, "of": 10, "max_tokens": 16},
         },
         rows=rows,
     )
-    vllm_cpu.add_headlines(result, args.vllm_dtype, args.scenarios)
+    vllm_cpu.add_headlines(result, args.pairs, args.scenarios)
     assert len(result.headline) == 2 * len(args.scenarios)
     by_name = {h["name"]: h for h in result.headline}
     tps = by_name["ours (float32) / vLLM (float32): batch-1 decode tok/s"]
-    ttft = by_name["ours (float32) / vLLM (bfloat16): unique 700-token prompt, TTFT p50"]
+    ttft = by_name["ours (bfloat16) / vLLM (bfloat16): unique 700-token prompt, TTFT p50"]
     assert tps["value"] == pytest.approx(1.5) and tps["met"]
     assert ttft["value"] == pytest.approx(0.5) and ttft["met"] and ttft["goal"] == "<= 1"
     assert all(math.isfinite(h["value"]) for h in result.headline)

@@ -22,10 +22,17 @@ from bench.record import SuiteResult, markdown_table
 
 GEMM = "GEMM (base and LoRA matmuls)"
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    GEMM: ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"),
-    "attention": ("scaled_dot_product", "flash_attention", "aten::_softmax"),
-    "KV cache writes and gathers": ("aten::index", "aten::index_put_", "aten::cat", "aten::copy_"),
-}
+    # The prepacked oneDNN/MKL linears (ours on the CPU, vLLM's CPU build) are GEMMs too.
+    GEMM: (
+        "aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+        "_linear_pointwise", "_mkl_linear", "onednn_mm", "weight_packed_linear",
+    ),
+    "attention": ("scaled_dot_product", "flash_attention", "aten::_softmax", "cpu_attention"),
+    "KV cache writes and gathers": (
+        "aten::index", "aten::index_put_", "aten::index_select", "aten::cat", "aten::copy_",
+        "reshape_and_cache",
+    ),
+}  # fmt: skip
 OTHER_OPS = "other ops (norms, rotary, activations, sampling)"
 OVERHEAD = "Python and framework overhead (outside torch ops)"
 
@@ -44,6 +51,32 @@ def shares(ops: list[dict[str, Any]], wall_s: float) -> dict[str, float]:
         seconds[category(op["op"])] += op["self_cpu_us"] / 1e6
     seconds[OVERHEAD] = max(0.0, wall_s - sum(seconds.values()))
     return seconds
+
+
+def trace_ops(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    """Self CPU time per op name from a Chrome trace the torch profiler wrote (``export_chrome_trace``,
+    ``tensorboard_trace_handler``: how vLLM saves its profiles). An op's self time is its duration less
+    the ops nested in it on the same thread, as ``key_averages`` counts it."""
+    by_thread: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "X" and event.get("cat") == "cpu_op":
+            by_thread.setdefault((event.get("pid"), event.get("tid")), []).append(event)
+    self_us: dict[str, float] = {}
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[tuple[float, list[float]]] = []  # (end, [children's time]) of the open ops
+        own: list[tuple[str, float, list[float]]] = []
+        for event in events:
+            while stack and stack[-1][0] <= event["ts"]:
+                stack.pop()
+            children: list[float] = [0.0]
+            if stack:
+                stack[-1][1][0] += event["dur"]
+            stack.append((event["ts"] + event["dur"], children))
+            own.append((event["name"], event["dur"], children))
+        for name, duration, children in own:
+            self_us[name] = self_us.get(name, 0.0) + duration - children[0]
+    return [{"op": name, "self_cpu_us": us} for name, us in self_us.items()]
 
 
 def profile_flag(parser: argparse.ArgumentParser, what: str) -> None:

@@ -16,6 +16,11 @@ Scenarios (each a row of the headline table, ours / vLLM):
   both; one warm-up request fills it), a few unique tokens each.
 - ``unique 700-token prompt``: TTFT of prompts that differ from their first token (prefill speed).
 
+``--profile KEY...`` runs those scenarios once more per pairing and server, after the measured runs, under
+the torch profiler (ours: ``--torch-profile-dir`` on a server started for that scenario alone; vLLM: its
+``--profiler-config``, between ``/start_profile`` and ``/stop_profile``), and reports where each server's
+time went side by side, in :mod:`bench.op_profile`'s categories.
+
 Each ``--pairs`` entry ``OURS:VLLM`` is one pairing of dtypes, both servers started for it (default
 ``float32:float32``, the same arithmetic on both, and ``bfloat16:bfloat16``, which is what vLLM's
 ``--dtype auto`` picks on a CPU with bf16 support; ``float32:bfloat16`` compares the two defaults).
@@ -43,6 +48,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,7 @@ from typing import Any
 from lorayard.client.client import LorayardClient
 from lorayard.client.loadtest import DEFAULT_PROMPTS, LoadTestConfig, LoadTester
 
+from bench.op_profile import add_profile, profile_table, shares, trace_ops
 from bench.peer import start_peer, summarize_run
 from bench.record import (
     SuiteResult,
@@ -255,6 +263,14 @@ def _ours_argv(args: argparse.Namespace, volume: Path, dtype: str) -> list[str]:
     return argv
 
 
+def _start_vllm(
+    args: argparse.Namespace, setup: Setup, dtype: str, log: Path, extra: list[str] | None = None
+) -> ServerProcess:
+    argv = [*_vllm_argv(args, setup.base, setup.adapters, dtype), *(extra or [])]
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)}
+    return start_peer(argv, args.threads, "/v1/models", log, env=env, timeout=900)
+
+
 # -- load --------------------------------------------------------------------------------------------
 def _run(server: ServerProcess, scenario: Scenario, prompts: Path, seed: int, args: argparse.Namespace):
     config = LoadTestConfig(
@@ -358,14 +374,7 @@ def _measure_against_vllm(
     args: argparse.Namespace, setup: Setup, ours: ServerProcess, pair: DtypePair, result: SuiteResult
 ) -> None:
     log = setup.work / f"vllm-{pair.vllm}.log"
-    vllm = start_peer(
-        _vllm_argv(args, setup.base, setup.adapters, pair.vllm),
-        args.threads,
-        "/v1/models",
-        log,
-        env={"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)},
-        timeout=900,
-    )
+    vllm = _start_vllm(args, setup, pair.vllm, log)
     try:
         servers = {OURS: ours, VLLM: vllm}
         if pair.ours == pair.vllm == "float32":
@@ -391,6 +400,85 @@ def _measure(args: argparse.Namespace, result: SuiteResult) -> None:
         setup = prepare(args, Path(tmp))
         for pair in args.pairs:
             _measure_pair(args, setup, pair, result)
+        for pair in args.pairs:
+            if args.profile:
+                _profile_pair(args, setup, pair, result)
+
+
+# -- profiles ----------------------------------------------------------------------------------------
+def profile_variant(pair: str, scenario: str, server: str) -> str:
+    return f"{server} {pair} {scenario}"
+
+
+def _profile_pair(args: argparse.Namespace, setup: Setup, pair: DtypePair, result: SuiteResult) -> None:
+    """Each ``--profile`` scenario once per server under the torch profiler; the op times go to the result
+    as ``kind: profile`` rows. The wall time is the scenario's run: the engines are busy throughout."""
+    traces = setup.work / f"vllm-traces-{pair.key.replace(':', '-')}"
+    traces.mkdir()
+    config = {
+        "profiler": "torch",
+        "torch_profiler_dir": str(traces),
+        "torch_profiler_with_stack": False,
+        "torch_profiler_use_gzip": False,
+        "ignore_frontend": True,
+    }
+    profiler = ["--profiler-config", json.dumps(config)]
+    vllm = _start_vllm(args, setup, pair.vllm, setup.work / f"vllm-profile-{pair.vllm}.log", profiler)
+    try:
+        for scenario in (s for s in scenarios(args.quick, args.long_prompt) if s.key in args.profile):
+            ops, wall = _profile_ours(args, setup, pair, scenario)
+            add_profile(result, profile_variant(pair.key, scenario.key, OURS), shares(ops, wall))
+            ops, wall = _profile_vllm(args, setup, vllm, scenario, traces)
+            add_profile(result, profile_variant(pair.key, scenario.key, VLLM), shares(ops, wall))
+            print(f"{pair.key} {scenario.key}: profiled both servers", flush=True)
+    finally:
+        vllm.stop()
+
+
+def _profile_ours(
+    args: argparse.Namespace, setup: Setup, pair: DtypePair, scenario: Scenario
+) -> tuple[list[dict[str, Any]], float]:
+    folder = setup.work / f"ours-profile-{pair.ours}-{scenario.key}"
+    argv = [*_ours_argv(args, setup.volume, pair.ours), "--torch-profile-dir", str(folder)]
+    ours = start_peer(argv, args.threads, "/ready", setup.work / f"{folder.name}.log")
+    try:
+        start = time.perf_counter()
+        measure_scenario(ours, scenario, setup.work, 0, args, setup.tokenizer)
+        wall = time.perf_counter() - start
+    finally:
+        ours.stop(timeout=1800)  # the engine writes its op table as it stops: minutes for a long run
+    return json.loads(_wait_for(folder, "engine_ops.json").read_text()), wall
+
+
+def _profile_vllm(
+    args: argparse.Namespace, setup: Setup, vllm: ServerProcess, scenario: Scenario, traces: Path
+) -> tuple[list[dict[str, Any]], float]:
+    import httpx
+
+    before = set(traces.glob("*.pt.trace.json"))
+    httpx.post(vllm.base_url + "/start_profile", timeout=120).raise_for_status()
+    start = time.perf_counter()
+    measure_scenario(vllm, scenario, setup.work, 0, args, setup.tokenizer)
+    wall = time.perf_counter() - start
+    httpx.post(vllm.base_url + "/stop_profile", timeout=600).raise_for_status()
+    trace = _wait_for(traces, "*.pt.trace.json", exclude=before)
+    return trace_ops(json.loads(trace.read_text())), wall
+
+
+def _wait_for(folder: Path, pattern: str, exclude: Collection[Path] = (), timeout_s: float = 600) -> Path:
+    """The file matching ``pattern`` a profiler writes once it stops (a trace of a long run takes a while;
+    its size is checked stable so a half-written one is never read)."""
+    deadline = time.monotonic() + timeout_s
+    last: tuple[Path, int] | None = None
+    while time.monotonic() < deadline:
+        found = sorted(path for path in folder.glob(pattern) if path not in exclude)
+        if found:
+            size = found[-1].stat().st_size
+            if last == (found[-1], size) and size > 0:
+                return found[-1]
+            last = (found[-1], size)
+        time.sleep(1.0)
+    raise TimeoutError(f"no {pattern} appeared in {folder} within {timeout_s:.0f} s")
 
 
 def add_headlines(result: SuiteResult, pairs: list[DtypePair], rows: list[Scenario]) -> None:
@@ -409,6 +497,7 @@ def run(args: argparse.Namespace) -> SuiteResult:
     config = {
         "vllm_cpu": version,
         "pairs": [pair.key for pair in args.pairs],
+        "profiled": args.profile,
         "ours_args": args.ours_args,
         "adapters": [{"name": s.name, "rank": s.rank, "targets": s.targets} for s in ADAPTERS],
         "scenarios": [s.__dict__ for s in args.scenarios],
@@ -425,7 +514,9 @@ def run(args: argparse.Namespace) -> SuiteResult:
 
 def _median_of(rows: list[dict], pair: str, server: str, scenario: str, key: str) -> float:
     picked = [
-        r[key] for r in rows if r["pair"] == pair and r["server"] == server and r["scenario"] == scenario
+        r[key]
+        for r in rows
+        if r.get("pair") == pair and r.get("server") == server and r.get("scenario") == scenario
     ]
     return median(picked)
 
@@ -451,8 +542,9 @@ def details(result: SuiteResult) -> str:
                     ratio,
                 ]
             )
-    errors = sum(r["errors"] for r in result.rows)
-    short = sum(r["completed"] - r["finished_by_length"] for r in result.rows)
+    runs = [r for r in result.rows if r.get("kind") != "profile"]
+    errors = sum(r["errors"] for r in runs)
+    short = sum(r["completed"] - r["finished_by_length"] for r in runs)
     probe = result.config.get("greedy_probe")
     probe_line = (
         f"Greedy probe (float32 both, {probe['max_tokens']} tokens, base and each adapter): "
@@ -479,8 +571,18 @@ def details(result: SuiteResult) -> str:
             lines,
         )
         + f"\n\n{probe_line} Requests that stopped before max_tokens: {short}; failed requests: {errors}.\n\n"
-        "![vllm_cpu](vllm_cpu.png)"
+        "![vllm_cpu](vllm_cpu.png)" + _profiles(result)
     )
+
+
+def _profiles(result: SuiteResult) -> str:
+    """One side-by-side table per profiled pairing and scenario ('' without --profile)."""
+    sections = []
+    for pair in result.config["pairs"]:
+        for key in result.config.get("profiled", []):
+            variants = [profile_variant(pair, key, server) for server in SERVERS]
+            sections.append(profile_table(result.rows, variants, f"{key}, dtypes ours:vLLM {pair}"))
+    return "".join(sections)
 
 
 def _plot(result: SuiteResult, folder: Path) -> None:
@@ -526,6 +628,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scenario", nargs="+", default=None, help="run only these scenarios (keys: batch1, mixed16, ...)"
     )
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="after the measured runs, run these scenarios once more per server under the torch profiler",
+    )
     parser.add_argument("--long-prompt", type=int, default=700, help="tokens of the long-prompt scenarios")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
@@ -537,6 +646,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scenarios = [
         s for s in scenarios(args.quick, args.long_prompt) if args.scenario is None or s.key in args.scenario
     ]
+    unknown = set(args.profile) - {s.key for s in scenarios(False)}
+    if unknown:
+        parser.error(f"--profile: not a scenario: {sorted(unknown)}")
     if not args.scenarios:
         parser.error(
             f"--scenario: none of {args.scenario} is a scenario: {[s.key for s in scenarios(False)]}"

@@ -389,7 +389,10 @@ class Engine:
         self._stopped.set()
         self._wakeup.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            # A profiled engine writes its op table as its thread ends; summarising a long run's trace
+            # takes minutes on a busy CPU, and that table is what --torch-profile-dir was asked for.
+            profiling = self.engine_config.torch_profile_dir is not None
+            self._thread.join(timeout=None if profiling else 30)
         if self._grammar_thread is not None:
             self._grammar_thread.shutdown(wait=False)
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import report, vllm_cpu
+from bench import op_profile, report, vllm_cpu
 from bench.record import MachineInfo, SuiteResult, write_result
 
 
@@ -95,9 +95,14 @@ def test_headlines_details_plot_and_report_from_rows(tmp_path):
             "ours_args": [],
             "scenarios": [s.__dict__ for s in args.scenarios],
             "greedy_probe": {"identical": 10, "of": 10, "max_tokens": 16},
+            "profiled": ["base16"],
         },
         rows=rows,
     )
+    for pair in args.pairs:  # --profile base16: each server's category times, as the suite records them
+        for server, gemm in ((vllm_cpu.OURS, 3.0), (vllm_cpu.VLLM, 1.0)):
+            seconds = {op_profile.GEMM: gemm, op_profile.OVERHEAD: 1.0}
+            op_profile.add_profile(result, vllm_cpu.profile_variant(pair.key, "base16", server), seconds)
     vllm_cpu.add_headlines(result, args.pairs, args.scenarios)
     assert len(result.headline) == 2 * len(args.scenarios)
     by_name = {h["name"]: h for h in result.headline}
@@ -109,6 +114,9 @@ def test_headlines_details_plot_and_report_from_rows(tmp_path):
     out = tmp_path / "vllm_cpu"
     write_result(result, out, vllm_cpu.details(result))
     vllm_cpu._plot(result, out)
-    assert "10 of 10 outputs identical" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "10 of 10 outputs identical" in table
+    assert "base16, dtypes ours:vLLM bfloat16:bfloat16" in table
+    assert "| GEMM (base and LoRA matmuls) | 75% | 50% |" in table  # ours, vLLM side by side
     assert (out / "vllm_cpu.png").is_file()
     assert "### vllm_cpu" in report.build(tmp_path)

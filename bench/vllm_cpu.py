@@ -150,6 +150,10 @@ class Scenario:
     metric: str
     """``tokens_per_s`` (higher is better) or ``ttft_p50_ms`` (lower is better)."""
 
+    def workload(self) -> tuple[Any, ...]:
+        """What is sent: scenarios with the same workload differ only in the figure they read."""
+        return (self.adapters, self.concurrency, self.requests, self.max_tokens, self.prompts)
+
 
 def scenarios(quick: bool, long_prompt: int = 700) -> list[Scenario]:
     """The issue's table, full size; ``--quick`` keeps every row with fewer requests and tokens."""
@@ -380,10 +384,17 @@ def _measure_against_vllm(
         if pair.ours == pair.vllm == "float32":
             result.config["greedy_probe"] = greedy_probe(servers, 16)
         for repeat in range(args.repeats):
+            # Rows that read another figure of the same load (c=64's TTFT and tok/s) share one run.
+            runs: dict[tuple[Any, ...], dict[str, Any]] = {}
             for index, scenario in enumerate(args.scenarios):
                 for name in server_order(repeat, index):
-                    row = measure_scenario(servers[name], scenario, setup.work, repeat, args, setup.tokenizer)
-                    row.update(repeat=repeat, scenario=scenario.key, server=name, pair=pair.key)
+                    key = (name, *scenario.workload())
+                    if key not in runs:
+                        runs[key] = measure_scenario(
+                            servers[name], scenario, setup.work, repeat, args, setup.tokenizer
+                        )
+                    row = {**runs[key], "repeat": repeat, "scenario": scenario.key}
+                    row.update(server=name, pair=pair.key)
                     result.rows.append(row)
                     print(
                         f"{pair.key} repeat {repeat} {scenario.key:>12} {name:>5}: "

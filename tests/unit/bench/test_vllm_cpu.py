@@ -120,3 +120,20 @@ def test_headlines_details_plot_and_report_from_rows(tmp_path):
     assert "| GEMM (base and LoRA matmuls) | 75% | 50% |" in table  # ours, vLLM side by side
     assert (out / "vllm_cpu.png").is_file()
     assert "### vllm_cpu" in report.build(tmp_path)
+
+
+def test_the_c64_rows_read_one_run_and_no_other_rows_share_one():
+    for quick in (True, False):
+        by_workload: dict[tuple, list[str]] = {}
+        for s in vllm_cpu.scenarios(quick):
+            by_workload.setdefault(s.workload(), []).append(s.key)
+        assert sorted(by_workload.values()) == sorted(
+            [
+                ["batch1"],
+                ["mixed16"],
+                ["mixed64", "mixed64_ttft"],
+                ["base16"],
+                ["shared_prefix"],
+                ["unique_prompt"],
+            ]
+        )

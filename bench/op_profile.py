@@ -101,14 +101,27 @@ def profile_shares(rows: list[dict[str, Any]], variant: str) -> dict[str, float]
     return {r["category"]: r["share"] for r in rows if r.get("kind") == "profile" and r["variant"] == variant}
 
 
-def profile_table(rows: list[dict[str, Any]], variants: list[str], what: str) -> str:
-    """A markdown section with each variant's share of time per category ('' when not profiled)."""
+def profile_seconds(rows: list[dict[str, Any]], variant: str) -> dict[str, float]:
+    return {
+        r["category"]: r["seconds"] for r in rows if r.get("kind") == "profile" and r["variant"] == variant
+    }
+
+
+def profile_table(rows: list[dict[str, Any]], variants: list[str], what: str, seconds: bool = False) -> str:
+    """A markdown section with each variant's share of time per category ('' when not profiled);
+    ``seconds``: each share with its seconds, for variants that ran the same work (side by side)."""
     by_variant = {v: profile_shares(rows, v) for v in variants}
     by_variant = {v: s for v, s in by_variant.items() if s}
     if not by_variant:
         return ""
     names = list(next(iter(by_variant.values())))
-    table = [[name, *(f"{shares[name]:.0%}" for shares in by_variant.values())] for name in names]
+    times = {v: profile_seconds(rows, v) for v in by_variant}
+
+    def cell(variant: str, name: str) -> str:
+        share = f"{by_variant[variant][name]:.0%}"
+        return f"{share} ({times[variant][name]:.2f} s)" if seconds else share
+
+    table = [[name, *(cell(v, name) for v in by_variant)] for name in names]
     return (
         f"\n\nWhere the time goes (torch profiler, self time per op category; {what}):\n\n"
         + markdown_table(["category", *by_variant], table)

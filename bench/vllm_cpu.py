@@ -592,7 +592,8 @@ def _profiles(result: SuiteResult) -> str:
     for pair in result.config["pairs"]:
         for key in result.config.get("profiled", []):
             variants = [profile_variant(pair, key, server) for server in SERVERS]
-            sections.append(profile_table(result.rows, variants, f"{key}, dtypes ours:vLLM {pair}"))
+            what = f"{key}, dtypes ours:vLLM {pair}; the same requests to each"
+            sections.append(profile_table(result.rows, variants, what, seconds=True))
     return "".join(sections)
 
 

@@ -117,7 +117,9 @@ def test_headlines_details_plot_and_report_from_rows(tmp_path):
     table = (out / "table.md").read_text()
     assert "10 of 10 outputs identical" in table
     assert "base16, dtypes ours:vLLM bfloat16:bfloat16" in table
-    assert "| GEMM (base and LoRA matmuls) | 75% | 50% |" in table  # ours, vLLM side by side
+    assert (
+        "| GEMM (base and LoRA matmuls) | 75% (3.00 s) | 50% (1.00 s) |" in table
+    )  # ours, vLLM side by side
     assert (out / "vllm_cpu.png").is_file()
     assert "### vllm_cpu" in report.build(tmp_path)
 

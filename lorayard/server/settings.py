@@ -32,6 +32,7 @@ VLLM_ONLY_FIELDS = (
     "pipeline_parallel_size",
     "data_parallel_size",
     "distributed_executor_backend",
+    "parity_probe",
 )
 
 
@@ -160,6 +161,12 @@ class Settings(BaseModel):
     data_parallel_size: int = Field(1, ge=1, description="--engine vllm: data-parallel engine ranks")
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="--engine vllm: vLLM's executor (ray: across nodes); default: vLLM's choice"
+    )
+
+    parity_probe: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="--engine vllm: check vLLM's logprobs against a transformers forward at startup "
+        "(auto: when that CPU copy of the weights fits in half the memory available; docs/deploy.md)",
     )
 
     _location = field_validator("adapters_dir", mode="before")(location_value)

@@ -189,7 +189,10 @@ class Settings(BaseModel):
             if getattr(self, name) != Settings.model_fields[name].get_default(call_default_factory=True)
         ]
         if given:
-            raise ValueError(f"{', '.join(given)} need --engine vllm (the native engine runs one device)")
+            raise ValueError(
+                f"{', '.join(given)} need --engine vllm (the native engine runs one device and always "
+                "probes its forward against transformers')"
+            )
         return self
 
     def image_limits(self) -> ImageLimits:

@@ -141,7 +141,7 @@ class Runtime:
 
         assert isinstance(engine, VllmEngine)
         try:
-            await engine.probe_parity(base.path, self.settings.parity_probe)
+            await engine.probe_parity(base, self.settings.parity_probe)
         except BaseException:
             engine.stop()
             raise

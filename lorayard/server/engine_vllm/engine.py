@@ -162,11 +162,11 @@ class VllmEngine:
         return engine
 
     # -- the startup parity probe (event loop, before start) ------------------------------------------
-    async def probe_parity(self, base: Path, mode: ProbeMode) -> ProbeResult | None:
+    async def probe_parity(self, base: ResolvedBaseModel, mode: ProbeMode) -> ProbeResult | None:
         """The startup parity probe (:mod:`lorayard.server.engine_vllm.parity_probe`) through this
         engine; None when ``mode`` skips it. Raises UnsupportedArchitecture on a miss."""
         dtype = self.llm.vllm_config.model_config.dtype
-        reason = await asyncio.to_thread(skip_reason, mode, base, dtype)
+        reason = await asyncio.to_thread(skip_reason, mode, base.path, dtype)
         if reason is not None:
             log.warning("parity probe against transformers skipped: %s", reason)
             return None

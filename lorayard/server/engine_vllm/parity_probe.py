@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from lorayard.architectures import UnsupportedArchitecture
+from lorayard.base_model import ResolvedBaseModel, load_base_model
 from lorayard.server.engine.parity_probe import TOLERANCE
 
 log = logging.getLogger("lorayard.engine_vllm")
@@ -131,12 +132,10 @@ def _difference(ours: float, reference: float) -> float:
     return abs(ours - reference)
 
 
-def reference_logits(base: Path, tokens: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """One HF forward over ``tokens`` on the CPU in ``dtype``: logits [len(tokens), vocab]. The copy
-    of the weights is freed before this returns."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+def reference_logits(base: ResolvedBaseModel, tokens: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """One HF forward over ``tokens`` on the CPU in ``dtype`` (the base loaded as the native engine and
+    the training job load it): logits [len(tokens), vocab]. The copy is freed before this returns."""
+    model = load_base_model(base, device="cpu", dtype=dtype)
     try:
         model.eval()
         with torch.inference_mode():
@@ -147,7 +146,7 @@ def reference_logits(base: Path, tokens: Sequence[int], dtype: torch.dtype) -> t
 
 
 def check_parity(
-    observation: ProbeObservation, base: Path, dtype: torch.dtype, architecture: str
+    observation: ProbeObservation, base: ResolvedBaseModel, dtype: torch.dtype, architecture: str
 ) -> ProbeResult:
     """:func:`compare` against a fresh HF forward, raising UnsupportedArchitecture on a miss."""
     result = compare(observation, reference_logits(base, observation.tokens, dtype), architecture)

@@ -38,9 +38,9 @@ def observe(logits_of, vocab_size: int) -> ProbeObservation:
 
 
 @pytest.fixture(scope="module")
-def hf_logits(tiny_base_dir):
+def hf_logits(tiny_base):
     def logits_of(tokens: list[int]) -> torch.Tensor:
-        return reference_logits(tiny_base_dir, tokens, torch.float32)
+        return reference_logits(tiny_base, tokens, torch.float32)
 
     return logits_of
 
@@ -52,8 +52,8 @@ def observation(hf_logits, tiny_base) -> ProbeObservation:
     return observe(hf_logits, int(AutoConfig.from_pretrained(tiny_base.path).vocab_size))
 
 
-def test_an_engine_computing_what_transformers_computes_passes(observation, tiny_base_dir):
-    result = check_parity(observation, tiny_base_dir, torch.float32, "llama")
+def test_an_engine_computing_what_transformers_computes_passes(observation, tiny_base):
+    result = check_parity(observation, tiny_base, torch.float32, "llama")
     assert result.ok and result.max_difference < 1e-5 and result.tolerance == 1e-3
     assert len(observation.logprobs) == len(observation.tokens) - 1
 
@@ -70,9 +70,7 @@ def test_scaled_logits_are_refused_naming_the_position_and_both_logprobs(observa
     assert miss.reference == pytest.approx(float(expected))
 
 
-def test_a_greedy_token_that_is_not_transformers_argmax_is_refused_first(
-    observation, hf_logits, tiny_base_dir
-):
+def test_a_greedy_token_that_is_not_transformers_argmax_is_refused_first(observation, hf_logits, tiny_base):
     logits = hf_logits(observation.tokens)
     at = len(observation.prompt)
     worst = int(logits[at - 1].argmin())
@@ -80,7 +78,7 @@ def test_a_greedy_token_that_is_not_transformers_argmax_is_refused_first(
     miss = compare(wrong, logits, "llama").miss
     assert miss is not None and miss.greedy and (miss.position, miss.token) == (at, worst)
     with pytest.raises(UnsupportedArchitecture, match=f"'llama'.*probe position {at}: vLLM's greedy token"):
-        check_parity(wrong, tiny_base_dir, torch.float32, "llama")
+        check_parity(wrong, tiny_base, torch.float32, "llama")
 
 
 def test_auto_runs_the_probe_when_the_copy_fits_and_on_off_decide_alone(tiny_base_dir):

@@ -65,6 +65,7 @@ class Runtime:
             tokenizer = await asyncio.to_thread(load_tokenizer, base)
             eos_token_ids = stop_token_ids(tokenizer)
             engine = await asyncio.to_thread(self._build_engine, base, eos_token_ids)
+            await self._probe_vllm(engine, base)
             # Structured output needs the tokenizer's byte strings, for the width of the model's logits.
             engine.guided = await asyncio.to_thread(
                 GuidedCompiler,
@@ -130,6 +131,20 @@ class Runtime:
             raise EngineUnavailable(str(exc)) from exc
         engine.on_dead = self._engine_died
         return engine
+
+    async def _probe_vllm(self, engine: ServingEngine, base: ResolvedBaseModel) -> None:
+        """--engine vllm: its startup parity probe (the native engine ran its own in from_base); a
+        miss stops vLLM before the failure is reported."""
+        if self.settings.engine != "vllm":
+            return
+        from lorayard.server.engine_vllm.engine import VllmEngine
+
+        assert isinstance(engine, VllmEngine)
+        try:
+            await engine.probe_parity(base, self.settings.parity_probe)
+        except BaseException:
+            engine.stop()
+            raise
 
     def check_engine(self) -> None:
         """Ask a loaded engine whether it died with no request to notice it (vLLM's process killed):

@@ -32,6 +32,7 @@ VLLM_ONLY_FIELDS = (
     "pipeline_parallel_size",
     "data_parallel_size",
     "distributed_executor_backend",
+    "parity_probe",
 )
 
 
@@ -162,6 +163,12 @@ class Settings(BaseModel):
         None, description="--engine vllm: vLLM's executor (ray: across nodes); default: vLLM's choice"
     )
 
+    parity_probe: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="--engine vllm: check vLLM's logprobs against a transformers forward at startup "
+        "(auto: when that CPU copy of the weights fits in half the memory available; docs/deploy.md)",
+    )
+
     _location = field_validator("adapters_dir", mode="before")(location_value)
 
     @field_validator("max_lora_rank")
@@ -182,7 +189,10 @@ class Settings(BaseModel):
             if getattr(self, name) != Settings.model_fields[name].get_default(call_default_factory=True)
         ]
         if given:
-            raise ValueError(f"{', '.join(given)} need --engine vllm (the native engine runs one device)")
+            raise ValueError(
+                f"{', '.join(given)} need --engine vllm (the native engine runs one device and always "
+                "probes its forward against transformers')"
+            )
         return self
 
     def image_limits(self) -> ImageLimits:

@@ -36,6 +36,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from lorayard.server.engine.engine import RequestStream
+from lorayard.server.engine.parity_probe import probe_tokens
 from lorayard.server.engine.request_rules import check_context, check_min_tokens, check_token_ids
 from lorayard.server.engine.types import (
     EngineStats,
@@ -47,6 +48,15 @@ from lorayard.server.engine.types import (
 )
 from lorayard.server.engine_vllm.config import VllmSettingsError, cpu_environment, engine_arguments
 from lorayard.server.engine_vllm.outputs import OutputTracker
+from lorayard.server.engine_vllm.parity_probe import (
+    DECODE_STEPS,
+    PROBE_TOP,
+    ProbeMode,
+    ProbeObservation,
+    ProbeResult,
+    check_parity,
+    skip_reason,
+)
 from lorayard.server.engine_vllm.sampling import sampling_kwargs
 
 if TYPE_CHECKING:
@@ -150,6 +160,55 @@ class VllmEngine:
         )
         holder.append(engine)
         return engine
+
+    # -- the startup parity probe (event loop, before start) ------------------------------------------
+    async def probe_parity(self, base: ResolvedBaseModel, mode: ProbeMode) -> ProbeResult | None:
+        """The startup parity probe (:mod:`lorayard.server.engine_vllm.parity_probe`) through this
+        engine; None when ``mode`` skips it. Raises UnsupportedArchitecture on a miss."""
+        dtype = self.llm.vllm_config.model_config.dtype
+        reason = await asyncio.to_thread(skip_reason, mode, base.path, dtype)
+        if reason is not None:
+            log.warning("parity probe against transformers skipped: %s", reason)
+            return None
+        observation = await self._probe_observation()
+        architecture = str(getattr(self.hf_config, "model_type", "unknown"))
+        result = await asyncio.to_thread(check_parity, observation, base, dtype, architecture)
+        log.info(
+            "parity probe: vLLM's logprobs equal transformers' on %s (%d positions, %d greedy steps; max "
+            "difference %.3g of the largest logit, tolerance %g)",
+            architecture,
+            len(observation.logprobs),
+            len(observation.generated),
+            result.max_difference,
+            result.tolerance,
+        )
+        return result
+
+    async def _probe_observation(self) -> ProbeObservation:
+        """The probe's tokens through vLLM: prompt logprobs, then greedy steps with their logprobs."""
+        tokens = probe_tokens(self.vocab_size)
+        params = vllm.SamplingParams(
+            n=1,
+            max_tokens=DECODE_STEPS,
+            temperature=0.0,
+            ignore_eos=True,
+            logprobs=PROBE_TOP,
+            prompt_logprobs=PROBE_TOP,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        prompt = TokensPrompt(prompt_token_ids=tokens)
+        async for output in self.llm.generate(prompt, params, "lorayard-parity-probe"):
+            final = output
+        assert final is not None and final.prompt_logprobs is not None
+        completion = final.outputs[0]
+        entries = [*final.prompt_logprobs[1:], *(completion.logprobs or [])]
+        return ProbeObservation(
+            tokens,
+            [int(token) for token in completion.token_ids],
+            [{int(token): float(lp.logprob) for token, lp in entry.items()} for entry in entries],
+        )
 
     # -- adapters (the registry's calls; load from a worker thread, free on the event loop) ----------
     def load_adapter_weights(self, key: str, weights: AdapterWeights, folder: Path | None = None) -> int:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from lorayard.testing.random_adapter import peft_reference
 from lorayard.testing.server import metric_value, publish_folder, start_server
 from lorayard.volume import AdapterVolume
 
-from .conftest import BASE, QUESTIONS, ask, assert_mixed_batch_equals_peft
+from .conftest import BASE, QUESTIONS, WEATHER_TOOLS, ask, assert_mixed_batch_equals_peft
 
 pytest.importorskip("vllm", reason="runs in the vLLM venv (make install-vllm; test_vllm_suite.py runs it)")
 
@@ -55,6 +58,11 @@ def client(vllm_server):
 def test_mixed_adapters_in_one_batch_equal_peft(client, real_base, real_tokenizer, real_adapter_sources):
     """Two adapters (different ranks and targets) and the base at once, each equal plain PEFT's greedy."""
     assert_mixed_batch_equals_peft(client, real_base.path, real_tokenizer, real_adapter_sources)
+
+
+def test_the_startup_parity_probe_passed_on_the_embedded_base(vllm_server):
+    """vLLM's prompt logprobs and greedy steps on the probe tokens equal transformers' before /ready."""
+    assert "parity probe: vLLM's logprobs equal transformers' on llama" in vllm_server.log()
 
 
 def test_streaming_joins_to_the_same_text_with_usage(client):
@@ -172,6 +180,109 @@ def test_prefix_cache_is_never_stale_after_an_in_place_rewrite(
     )
 
 
+def test_tool_calls_and_their_round_trips_equal_the_native_engines(client, tmp_path):
+    """The same greedy tool-calling requests to both engines (tool_choice auto, required and named,
+    whole and streamed; a tool's result sent back; the Responses API's call and its second turn by
+    previous_response_id): the same calls, arguments, text and finish reasons from each."""
+    (tmp_path / "adapters").mkdir()
+    native = start_server(["--adapters-dir", str(tmp_path / "adapters")], tmp_path / "native.log")
+    try:
+        native_client = openai.OpenAI(base_url=native.v1, api_key="unused", max_retries=0, timeout=300)
+        expected = _tool_transcript(native_client)
+    finally:
+        native.stop()
+    got = _tool_transcript(client)
+    assert got == expected
+    assert any(turn[0] == "tool_calls" for turn in got), "some turn must call the tool to mean anything"
+
+
+TOOL_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOL_RESULT = [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+]
+
+
+def _tool_transcript(client: openai.OpenAI) -> list[tuple]:
+    """Each turn's (finish reason or status, text, [(tool, arguments)]), ids left out (they are random)."""
+    turns: list[tuple] = []
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("auto", "required", named):
+        answer = client.chat.completions.create(
+            model=BASE,
+            messages=TOOL_ASK,
+            tools=WEATHER_TOOLS,
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=60,
+        ).choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in answer.message.tool_calls or []]
+        turns.append((answer.finish_reason, answer.message.content, calls))
+    turns.append(_streamed_call(client, named))
+    answer = client.chat.completions.create(
+        model=BASE, messages=[*TOOL_ASK, *TOOL_RESULT], tools=WEATHER_TOOLS, temperature=0, max_tokens=24
+    ).choices[0]
+    turns.append((answer.finish_reason, answer.message.content, []))
+    tool = {"type": "function", **WEATHER_TOOLS[0]["function"]}
+    called = client.responses.create(
+        model=BASE,
+        input=TOOL_ASK[0]["content"],
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_output_tokens=60,
+    )
+    [call] = called.output
+    turns.append((called.status, None, [(call.name, call.arguments)]))
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature_c": 18}'}
+    second = client.responses.create(
+        model=BASE,
+        previous_response_id=called.id,
+        input=[result],
+        tools=[tool],
+        temperature=0,
+        max_output_tokens=24,
+    )
+    calls = [(item.name, item.arguments) for item in second.output if item.type == "function_call"]
+    turns.append((second.status, second.output_text, calls))
+    return turns
+
+
+def _streamed_call(client: openai.OpenAI, tool_choice: object) -> tuple:
+    """A streamed tool-calling answer put together as a client does: calls by index, the finish reason."""
+    calls: dict[int, list[str]] = {}
+    finish = None
+    stream = client.chat.completions.create(
+        model=BASE,
+        messages=TOOL_ASK,
+        tools=WEATHER_TOOLS,
+        tool_choice=tool_choice,
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, ["", ""])
+                entry[0] += (call.function and call.function.name) or ""
+                entry[1] += (call.function and call.function.arguments) or ""
+            finish = choice.finish_reason or finish
+    return (finish, None, [tuple(calls[i]) for i in sorted(calls)])
+
+
 def test_drain_finishes_the_stream_in_flight_then_refuses(vllm_server):
     """SIGTERM: the stream running finishes whole, new requests get 503, the server exits 0. Last: it
     stops the module's server."""
@@ -213,19 +324,15 @@ def test_drain_finishes_the_stream_in_flight_then_refuses(vllm_server):
 def test_tensor_parallel_2_on_the_cpu_equals_peft_and_a_dead_engine_stops_the_server(real_base, tmp_path):
     """--tensor-parallel-size 2 on vLLM's CPU build: two worker ranks, one core each. The embedded base
     has 9 attention heads (vLLM needs them divisible by the TP size) and vLLM's CPU attention has no
-    kernel for the tiny base's head_dim 16, so a small random Llama with 4 heads of 64 serves here.
+    kernel for the tiny base's head_dim 16, so a small random Llama with 4 heads of 64 serves here;
+    the startup parity probe passes through both ranks on it.
     Then vLLM's engine process is killed with no request in flight: the next /ready answers 503 and the
     server exits non-zero, so an orchestrator restarts it rather than keeping a replica that would
     answer 500 forever (before, only a failing request noticed)."""
     from lorayard.base_model import load_tokenizer, resolve_base_model
     from lorayard.testing.random_adapter import build_random_adapter
-    from lorayard.testing.random_base import TINY, build_random_base
 
-    folder = build_random_base(
-        real_base.path,
-        tmp_path / "base",
-        {**TINY, "hidden_size": 128, "intermediate_size": 256, "head_dim": 64},
-    )
+    folder = _tiny_vllm_base(real_base.path, tmp_path / "base")
     base = resolve_base_model(str(folder))
     build_random_adapter(
         folder, tmp_path / "qv8", 0, b_scale=0.3, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
@@ -252,6 +359,7 @@ def test_tensor_parallel_2_on_the_cpu_equals_peft_and_a_dead_engine_stops_the_se
             expected = peft_reference(folder, adapter, tokenizer, QUESTIONS[0], 16)
             assert answer.json()["choices"][0]["message"]["content"] == expected, model
         assert "tensor_parallel_size=2" in server.log()
+        assert "parity probe: vLLM's logprobs equal transformers' on llama" in server.log()
         os.kill(_engine_core_pid(server.process.pid), signal.SIGKILL)
         ready = _ready_once_the_engine_is_gone(server.base_url)
         assert ready.status_code == 503 and ready.json()["status"] == "failed", ready.text
@@ -260,6 +368,30 @@ def test_tensor_parallel_2_on_the_cpu_equals_peft_and_a_dead_engine_stops_the_se
         assert "vLLM's engine died" in server.log()
     finally:
         server.stop()
+
+
+def test_a_base_vllm_computes_differently_from_transformers_is_refused_at_startup(real_base, tmp_path):
+    """A Llama whose config has ``logit_scale``: vLLM's Llama multiplies its logits by it, transformers'
+    ignores it. The parity probe sees the two disagree and the server exits non-zero, naming the
+    architecture, the probe position and both logprobs, before it ever reports ready."""
+    folder = _tiny_vllm_base(real_base.path, tmp_path / "base", logit_scale=0.5)
+    (tmp_path / "adapters").mkdir()
+    command = [sys.executable, "-m", "lorayard.server", "--host", "127.0.0.1", "--port", "0", "--engine"]
+    command += ["vllm", "--base-model", str(folder), "--adapters-dir", str(tmp_path / "adapters")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "base architecture 'llama': vLLM's forward disagrees with transformers'" in last, last
+    assert re.search(r"probe position \d+: token \d+'s logprob is \S+ in vLLM, \S+ in transformers", last)
+
+
+def _tiny_vllm_base(like: Path, out: Path, **overrides: object) -> Path:
+    """A small random Llama vLLM's CPU build serves: 4 heads of 64 (its CPU attention has no kernel for
+    the tiny base's head_dim 16; tensor parallel 2 needs the heads divisible by 2)."""
+    from lorayard.testing.random_base import TINY, build_random_base
+
+    shape = {**TINY, "hidden_size": 128, "intermediate_size": 256, "head_dim": 64}
+    return build_random_base(like, out, {**shape, **overrides})
 
 
 def _ready_once_the_engine_is_gone(url: str) -> httpx.Response:

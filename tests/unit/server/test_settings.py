@@ -50,7 +50,12 @@ def test_flags_table_lists_every_setting():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--tensor-parallel-size", "2"], ["--max-loras", "2"], ["--distributed-executor-backend", "ray"]],
+    [
+        ["--tensor-parallel-size", "2"],
+        ["--max-loras", "2"],
+        ["--distributed-executor-backend", "ray"],
+        ["--parity-probe", "off"],
+    ],
 )
 def test_vllm_only_flags_are_refused_with_the_native_engine(argv, capsys):
     with pytest.raises(SystemExit):

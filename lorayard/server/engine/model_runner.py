@@ -75,6 +75,12 @@ from lorayard.server.engine.paged_attention import (
     paged_attention,
     write_kv,
 )
+from lorayard.server.engine.prepacked_linear import (
+    PackedLinear,
+    PrepackReport,
+    prepack_available,
+    prepack_modules,
+)
 from lorayard.server.engine.stacked_lora import ZERO_ROW, StackedLora, StackedLoraRefused, StackedRows
 
 if TYPE_CHECKING:
@@ -227,9 +233,13 @@ class ModelRunner:
         storage: KVBlockStorage,
         fuse_linears: bool | None = None,
         static_decode: StaticDecode | None = None,
+        prepack: bool = False,
     ) -> None:
         """fuse_linears: one matmul per q/k/v and gate/up group (default: on a GPU only);
-        static_decode: run decode passes in static shapes (None: every pass is the packed one).
+        static_decode: run decode passes in static shapes (None: every pass is the packed one);
+        prepack: replace the base's plain linears and lm_head by :class:`PackedLinear` where this CPU
+        and dtype run them (:func:`prepack_available`), in the model itself: its HF forward still
+        works, but it is the server's from then on (PEFT and training need the plain modules).
 
         Raises UnsupportedArchitecture for a base that :mod:`lorayard.architectures` does not list.
         """
@@ -270,6 +280,9 @@ class ModelRunner:
         if fuse and self.arch.fusable:  # Phi-3's and GPT-2's are fused already, OPT's are biased
             self.fused_qkv = [fuse_weights([getattr(x.self_attn, n) for n in QKV]) for x in self.layers]
             self.fused_gate_up = [fuse_weights([getattr(x.mlp, n) for n in GATE_UP]) for x in self.layers]
+        self.prepacked = PrepackReport(0, 0)
+        if prepack and prepack_available(model.dtype, self.device):
+            self._prepack()
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
         self.static_decode = static_decode
         self.stack: StackedLora | None = None
@@ -286,6 +299,30 @@ class ModelRunner:
         """Decode passes the static step ran, by bucket (for tests and benchmarks)."""
         if static_decode is not None:
             self._init_static(static_decode)
+
+    def _prepack(self) -> None:
+        """Swap the decoder's linears (those not fused into one weight) and the lm_head for packed
+        twins, and re-read the per-layer module table."""
+        layers = self.arch.layers_path
+        paths = ["lm_head"]
+        for i in range(len(self.layers)):
+            fused = {*QKV} if self.fused_qkv[i] is not None else set()
+            fused |= {*GATE_UP} if self.fused_gate_up[i] is not None else set()
+            paths += [
+                f"{layers}.{i}.{path}" for key, path in self.arch.linear_paths.items() if key not in fused
+            ]
+        tied = self.model.get_input_embeddings().weight
+        self.prepacked = prepack_modules(self.model, paths, tied if isinstance(tied, torch.Tensor) else None)
+        self.linears = [
+            {key: layer.get_submodule(path) for key, path in self.arch.linear_paths.items()}
+            for layer in self.layers
+        ]
+        log.info(
+            "%d linears run over prepacked %s weights (oneDNN); the tied lm_head's copy adds %.1f MB",
+            self.prepacked.linears,
+            self.model.dtype,
+            self.prepacked.extra_bytes / 2**20,
+        )
 
     def _init_static(self, static: StaticDecode) -> None:
         if self.stack is None:
@@ -746,6 +783,8 @@ class ModelRunner:
     def dense_weight(self, layer: int, name: str) -> torch.Tensor:
         """The base weight [out, in] of one linear, for DoRA's norm; refused for quantized layers."""
         module = self.linears[layer][name]
+        if isinstance(module, PackedLinear):
+            return module.dense_weight()
         if isinstance(module, Conv1D):  # GPT-2 stores [in, out]
             return module.weight.T
         if type(module) is not torch.nn.Linear:

@@ -9,18 +9,25 @@ model runner directly (no server, no scheduler): what is timed is the forward pa
   heads) over an explicit causal mask (before) against SDPA's own ``is_causal`` (after,
   :func:`~lorayard.server.engine.paged_attention.causal_prefill_attention`); the whole 700-token
   prefill pass with each; and the same prompt in chunks of 256 against one pass.
-- ``dtype``: the same passes with the base in float32 against bfloat16 (``--dtype bfloat16``): a
-  700-token prefill, a decode step of 16 rows, a decode step of 1 row.
+- ``dtype``: the same passes with the base in float32 against bfloat16 (``--dtype bfloat16``, whose
+  linears run over prepacked weights since they were added): a 700-token prefill, a decode step of
+  16 rows, a decode step of 1 row.
+- ``prepack``: those three passes over plain ``F.linear`` (before) against prepacked weights (after),
+  in bf16 (oneDNN, :mod:`lorayard.server.engine.prepacked_linear`, what the engine runs) and in
+  float32 (MKL's packed sgemm packed for 16 rows, an experiment here only: other row counts fall
+  back to the plain weight, which is why the engine does not use it; docs/performance.md).
 
-    python -m bench.issue30_ab [--repeats 5] [--out bench/results/issue30_ab]
+    python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|prepack] [--out bench/results/issue30_ab]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.workload import load_base
+from lorayard.base_model import load_base_model
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.model_runner import ModelRunner, PassRow
 from lorayard.server.engine.paged_attention import PagedBatch
@@ -41,13 +49,53 @@ CONTEXT = 120
 """Keys each decode row sees (a short prompt plus some output)."""
 
 
+SETTINGS = {"device": "cpu", "max_batch_size": 16, "max_model_len": 2048, "kv_cache_memory_gb": 0.5}
+
+
 def engine(dtype: str) -> Engine:
     """An engine over the embedded base (not started: its runner is driven directly); the parity
     probe runs at construction, against HF in the same dtype."""
-    settings = Settings(
-        device="cpu", max_batch_size=16, max_model_len=2048, kv_cache_memory_gb=0.5, dtype=dtype
-    )
+    settings = Settings(**SETTINGS, dtype=dtype)
     return Engine.from_base(load_base(), settings.engine_config(), eos_token_ids={2})
+
+
+def plain_engine(dtype: torch.dtype) -> Engine:
+    """The same engine with its linears left as the HF modules (F.linear): the before of ``prepack``."""
+    model = load_base_model(load_base(), device="cpu", dtype=dtype).eval()
+    return Engine(model, Settings(**SETTINGS).engine_config(), eos_token_ids={2}, prepack=False)
+
+
+class MklPackedLinear(torch.nn.Module):
+    """float32 over MKL's packed sgemm, packed for ``rows``-row passes (bench only): a pass of any
+    other row count reads ``weight``, so the plain weight stays beside the packed one."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int) -> None:
+        super().__init__()
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+
+
+def mkl_engine(rows: int = 16) -> Engine:
+    """A float32 engine whose decoder linears and lm_head run :class:`MklPackedLinear`."""
+    eng = plain_engine(torch.float32)
+    runner = eng.runner
+    paths = ["lm_head"] + [
+        f"{runner.arch.layers_path}.{i}.{path}"
+        for i in range(len(runner.layers))
+        for path in runner.arch.linear_paths.values()
+    ]
+    for path in paths:
+        linear = runner.model.get_submodule(path)
+        assert isinstance(linear, torch.nn.Linear), path
+        runner.model.set_submodule(path, MklPackedLinear(linear, rows))
+    runner.linears = [
+        {key: layer.get_submodule(path) for key, path in runner.arch.linear_paths.items()}
+        for layer in runner.layers
+    ]
+    return eng
 
 
 @contextmanager
@@ -124,11 +172,37 @@ def compare(
     return row
 
 
+def prepack_rows(ids: list[int], repeats: int) -> list[dict[str, object]]:
+    """Plain F.linear (before) against prepacked weights (after) for a 700-token prefill and decode
+    steps of 16 and 1 rows: bf16 over oneDNN (the engine's), float32 over MKL (the experiment)."""
+    rows = []
+    pairs: list[tuple[str, Callable[[], Engine], Callable[[], Engine]]] = [
+        (
+            "bf16 prepacked (oneDNN) vs bf16 F.linear",
+            lambda: plain_engine(torch.bfloat16),
+            lambda: engine("bfloat16"),
+        ),
+        ("fp32 MKL-packed for 16 rows vs fp32 F.linear", lambda: plain_engine(torch.float32), mkl_engine),
+    ]
+    for label, make_before, make_after in pairs:  # one pair of engines in memory at a time
+        b, a = make_before().runner, make_after().runner
+        passes = [
+            ("700-token prefill", functools.partial(prefill, ids=ids, chunk=PROMPT)),
+            ("decode step, 16 rows", functools.partial(decode, rows=16)),
+            ("decode step, 1 row", functools.partial(decode, rows=1, steps=16)),
+        ]
+        for name, run in passes:
+            rows.append(
+                compare(f"{name}, {label}", functools.partial(run, b), functools.partial(run, a), repeats)
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["prefill", "dtype"], default=None)
+    parser.add_argument("--only", choices=["prefill", "dtype", "prepack"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write result.json and table.md here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.repeats,
             )
         )
+    if args.only in (None, "prepack"):
+        rows += prepack_rows(ids, args.repeats)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         machine = {
@@ -195,9 +271,9 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "torch": torch.__version__,
         }
-        (args.out / "result.json").write_text(
-            json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=1) + "\n"
-        )
+        command = " ".join(["python -m bench.issue30_ab", *sys.argv[1:]])
+        result = {"command": command, "machine": machine, "repeats": args.repeats, "rows": rows}
+        (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         lines = ["| figure (speedup: before / after time) | median | range |", "|---|---|---|"]
         lines += [
             f"| {r['figure']} | {r['speedup_median']:.2f}x | {r['speedup_min']:.2f}-{r['speedup_max']:.2f} |"

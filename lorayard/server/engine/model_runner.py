@@ -80,6 +80,7 @@ from lorayard.server.engine.prepacked_linear import (
     PrepackReport,
     prepack_available,
     prepack_modules,
+    return_freed_pages,
 )
 from lorayard.server.engine.stacked_lora import ZERO_ROW, StackedLora, StackedLoraRefused, StackedRows
 
@@ -317,6 +318,7 @@ class ModelRunner:
             {key: layer.get_submodule(path) for key, path in self.arch.linear_paths.items()}
             for layer in self.layers
         ]
+        return_freed_pages()  # the plain weights' last references were the old tables
         log.info(
             "%d linears run over prepacked %s weights (oneDNN); the tied lm_head's copy adds %.1f MB",
             self.prepacked.linears,

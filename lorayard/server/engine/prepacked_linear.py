@@ -19,6 +19,8 @@ not bit-identical to ``F.linear``, while float32's promise is token identity wit
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from dataclasses import dataclass
 
@@ -126,3 +128,15 @@ def prepack_modules(root: torch.nn.Module, paths: list[str], tied: torch.Tensor 
         root.set_submodule(path, twin)
         packed += 1
     return PrepackReport(packed, extra)
+
+
+def return_freed_pages() -> None:
+    """Hand freed heap pages back to the OS, once the last reference to the plain weights (the
+    caller's module tables) is gone. glibc keeps freed heap memory for reuse:
+    after packing SmolLM2 in bf16 the process's RSS stayed 275 MiB higher (the old weights' size)
+    though nothing referenced them; after ``malloc_trim`` it is the tied lm_head's 54 MiB copy plus
+    a few MiB. A no-op where the C library has no ``malloc_trim`` (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)

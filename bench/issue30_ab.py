@@ -16,8 +16,11 @@ model runner directly (no server, no scheduler): what is timed is the forward pa
   in bf16 (oneDNN, :mod:`lorayard.server.engine.prepacked_linear`, what the engine runs) and in
   float32 (MKL's packed sgemm packed for 16 rows, an experiment here only: other row counts fall
   back to the plain weight, which is why the engine does not use it; docs/performance.md).
+- ``memory``: how much a bf16 engine adds to the process's RSS over the loaded base, prepacked
+  against plain, each built in a fresh process (RSS is the process's, not an object's).
 
-    python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|prepack] [--out bench/results/issue30_ab]
+    python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|prepack|memory]
+        [--out bench/results/issue30_ab]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import functools
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -198,13 +202,51 @@ def prepack_rows(ids: list[int], repeats: int) -> list[dict[str, object]]:
     return rows
 
 
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status: the memory rows need Linux")
+
+
+def engine_rss(prepack: bool) -> float:
+    """MiB the RSS grows by while an engine (a tiny KV cache) is built over the loaded bf16 base."""
+    model = load_base_model(load_base(), device="cpu", dtype=torch.bfloat16).eval()
+    before = _rss_mib()
+    settings = Settings(device="cpu", max_model_len=256, kv_cache_memory_gb=0.01)
+    Engine(model, settings.engine_config(), eos_token_ids={2}, prepack=prepack)
+    return _rss_mib() - before
+
+
+def memory_rows() -> list[dict[str, object]]:
+    """``engine_rss`` for prepacked and plain, each in a fresh process of this script."""
+    rows: list[dict[str, object]] = []
+    for variant in ("prepacked", "plain"):
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.issue30_ab", "--rss-of", variant],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        mib = float(out.strip().splitlines()[-1])
+        rows.append({"figure": f"RSS a bf16 engine adds to the loaded base, {variant}", "mib": mib})
+        print(f"{rows[-1]['figure']}: {mib:.0f} MiB", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["prefill", "dtype", "prepack"], default=None)
+    parser.add_argument("--only", choices=["prefill", "dtype", "prepack", "memory"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write result.json and table.md here")
+    parser.add_argument(
+        "--rss-of", choices=["prepacked", "plain"], help=argparse.SUPPRESS
+    )  # memory_rows' child
     args = parser.parse_args(argv)
+    if args.rss_of is not None:
+        print(engine_rss(args.rss_of == "prepacked"))
+        return
     torch.set_num_threads(args.threads)
     ids = torch.randint(100, 40000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     f32 = engine("float32").runner
@@ -264,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.only in (None, "prepack"):
         rows += prepack_rows(ids, args.repeats)
+    memory = memory_rows() if args.only in (None, "memory") else []
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         machine = {
@@ -272,13 +315,22 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
         }
         command = " ".join(["python -m bench.issue30_ab", *sys.argv[1:]])
-        result = {"command": command, "machine": machine, "repeats": args.repeats, "rows": rows}
+        result = {
+            "command": command,
+            "machine": machine,
+            "repeats": args.repeats,
+            "rows": rows,
+            "memory": memory,
+        }
         (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         lines = ["| figure (speedup: before / after time) | median | range |", "|---|---|---|"]
         lines += [
             f"| {r['figure']} | {r['speedup_median']:.2f}x | {r['speedup_min']:.2f}-{r['speedup_max']:.2f} |"
             for r in rows
         ]
+        if memory:
+            lines += ["", "| memory | MiB |", "|---|---|"]
+            lines += [f"| {r['figure']} | {r['mib']:.0f} |" for r in memory]
         (args.out / "table.md").write_text("\n".join(lines) + "\n")
 
 

@@ -11,9 +11,11 @@ one per request (chunked prefill in the vLLM/Sarathi manner).
 The base's HF modules are *called* for every matmul (so bitsandbytes 4-bit/8-bit layers work
 unchanged), for the embedding, the rotary embedding, the activation and every norm that is not plain
 RMSNorm; attention (causal, sliding-window, soft-capped) and the cache are ours, and each linear's
-output gets its rows' LoRA deltas from :mod:`lora_ops`. What differs between architectures is read
-from their :class:`~lorayard.architectures.Architecture` spec; the parity probe
-(:mod:`lorayard.server.engine.parity_probe`) checks the result against the HF forward at startup.
+output gets its rows' LoRA deltas from :mod:`lora_ops`. In bf16 on the CPU the engine's runner first
+swaps the plain linears and the lm_head for prepacked twins (:mod:`prepacked_linear`). What differs
+between architectures is read from their :class:`~lorayard.architectures.Architecture` spec; the
+parity probe (:mod:`lorayard.server.engine.parity_probe`) checks the result against the HF forward at
+startup.
 
 Every op is a kernel launch, and a small model's decode step is launch-bound (on a GPU entirely so),
 so the runner keeps the op count per layer low: on a GPU, unquantized q/k/v and gate/up are each one

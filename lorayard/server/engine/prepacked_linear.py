@@ -7,14 +7,16 @@ per ``F.linear`` of SmolLM2's shapes on one thread, 576x576 at 1 row 57 -> 27 us
 151 -> 86 us, the 49k-wide lm_head at 1 row 8.9 -> 5.8 ms (docs/performance.md, issue 30).
 
 Semantics: ``PackedLinear(x) == F.linear(x, W, b)`` for x [..., in] -> [..., out], bit for bit in
-bf16 (the same oneDNN kernel, without the per-call reorder); the packed tensor REPLACES ``W`` (the
-module that held it is dropped), so memory does not grow, except for a tied lm_head whose matrix the
-input embedding still needs for its lookup.
+bf16 (checked at load by :func:`prepack_available`, and per architecture by the tests); the packed
+tensor REPLACES ``W`` (the module that held it is dropped), so memory does not grow, except for a
+tied lm_head whose matrix the input embedding still needs for its lookup (SmolLM2: 54 MiB).
 
-Only bf16 is packed. float32 stays ``F.linear``: MKL's packed sgemm (``torch.ops.mkl``) holds a
-buffer about 4x the weight's size and falls back to the original weight when a pass's row count
-differs from the packed one (so both must stay), and oneDNN's float32 path is slower at one row and
-not bit-identical to ``F.linear``, while float32's promise is token identity with HF/PEFT.
+Only bf16 is packed. float32 stays ``F.linear``: MKL's packed sgemm (``torch.ops.mkl``) is used only
+by passes of exactly the row count it was packed for, and reads the original weight for any other,
+so both must stay (twice the weights' memory; the pack is about the weight's size) for a gain at one
+row count: 1.15x a 16-row decode step, nothing at 1 row or in prefill (bench/issue30_ab.py).
+oneDNN's float32 packed path is slower at one row and not bit-identical to ``F.linear``, and
+float32's promise is token identity with HF/PEFT.
 """
 
 from __future__ import annotations

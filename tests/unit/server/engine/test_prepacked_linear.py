@@ -101,3 +101,13 @@ def test_a_float32_engine_keeps_its_linears(tiny_base):
     engine = Engine.from_base(tiny_base, config, eos_token_ids=set())
     assert engine.runner.prepacked.linears == 0
     assert type(engine.model.lm_head) is torch.nn.Linear
+
+
+def test_a_4bit_bf16_engine_packs_only_the_unquantized_lm_head(tiny_base):
+    """bitsandbytes' 4-bit layers keep their own matmuls; the lm_head it leaves unquantized (bf16
+    here) is packed, and the startup probe passed over both."""
+    config = Settings(device="cpu", max_model_len=64, quantization="4bit", dtype="bfloat16").engine_config()
+    engine = Engine.from_base(tiny_base, config, eos_token_ids=set())
+    assert engine.runner.prepacked.linears == 1
+    assert isinstance(engine.model.lm_head, PackedLinear)
+    assert not any(isinstance(m, PackedLinear) for layer in engine.runner.linears for m in layer.values())

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lorayard.server.engine.engine import Engine
+from lorayard.server.engine.parity_probe import probe_runner
 from lorayard.server.engine.prepacked_linear import PackedLinear, prepack_available, prepack_modules
 from lorayard.server.settings import Settings
 
@@ -111,3 +112,11 @@ def test_a_4bit_bf16_engine_packs_only_the_unquantized_lm_head(tiny_base):
     assert engine.runner.prepacked.linears == 1
     assert isinstance(engine.model.lm_head, PackedLinear)
     assert not any(isinstance(m, PackedLinear) for layer in engine.runner.linears for m in layer.values())
+
+
+def test_the_training_jobs_probe_leaves_a_bf16_model_plain(tiny_base):
+    """The training job probes the model it then trains (a fresh runner, no engine): nothing is
+    packed, so PEFT can still wrap its linears."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.bfloat16).eval()
+    assert probe_runner(model).ok
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())

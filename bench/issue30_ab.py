@@ -9,18 +9,29 @@ model runner directly (no server, no scheduler): what is timed is the forward pa
   heads) over an explicit causal mask (before) against SDPA's own ``is_causal`` (after,
   :func:`~lorayard.server.engine.paged_attention.causal_prefill_attention`); the whole 700-token
   prefill pass with each; and the same prompt in chunks of 256 against one pass.
-- ``dtype``: the same passes with the base in float32 against bfloat16 (``--dtype bfloat16``): a
-  700-token prefill, a decode step of 16 rows, a decode step of 1 row.
+- ``dtype``: the same passes with the base in float32 against bfloat16 (``--dtype bfloat16``, whose
+  linears run over prepacked weights since they were added): a 700-token prefill, a decode step of
+  16 rows, a decode step of 1 row.
+- ``prepack``: those three passes over plain ``F.linear`` (before) against prepacked weights (after),
+  in bf16 (oneDNN, :mod:`lorayard.server.engine.prepacked_linear`, what the engine runs) and in
+  float32 (MKL's packed sgemm packed for 16 rows, an experiment here only: other row counts fall
+  back to the plain weight, which is why the engine does not use it; docs/performance.md).
+- ``memory``: how much a bf16 engine adds to the process's RSS over the loaded base, prepacked
+  against plain, each built in a fresh process (RSS is the process's, not an object's).
 
-    python -m bench.issue30_ab [--repeats 5] [--out bench/results/issue30_ab]
+    python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|prepack|memory]
+        [--out bench/results/issue30_ab]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.workload import load_base
+from lorayard.base_model import load_base_model
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.model_runner import ModelRunner, PassRow
 from lorayard.server.engine.paged_attention import PagedBatch
@@ -41,13 +53,53 @@ CONTEXT = 120
 """Keys each decode row sees (a short prompt plus some output)."""
 
 
+SETTINGS = {"device": "cpu", "max_batch_size": 16, "max_model_len": 2048, "kv_cache_memory_gb": 0.5}
+
+
 def engine(dtype: str) -> Engine:
     """An engine over the embedded base (not started: its runner is driven directly); the parity
     probe runs at construction, against HF in the same dtype."""
-    settings = Settings(
-        device="cpu", max_batch_size=16, max_model_len=2048, kv_cache_memory_gb=0.5, dtype=dtype
-    )
+    settings = Settings(**SETTINGS, dtype=dtype)
     return Engine.from_base(load_base(), settings.engine_config(), eos_token_ids={2})
+
+
+def plain_engine(dtype: torch.dtype) -> Engine:
+    """The same engine with its linears left as the HF modules (F.linear): the before of ``prepack``."""
+    model = load_base_model(load_base(), device="cpu", dtype=dtype).eval()
+    return Engine(model, Settings(**SETTINGS).engine_config(), eos_token_ids={2}, prepack=False)
+
+
+class MklPackedLinear(torch.nn.Module):
+    """float32 over MKL's packed sgemm, packed for ``rows``-row passes (bench only): a pass of any
+    other row count reads ``weight``, so the plain weight stays beside the packed one."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int) -> None:
+        super().__init__()
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+
+
+def mkl_engine(rows: int = 16) -> Engine:
+    """A float32 engine whose decoder linears and lm_head run :class:`MklPackedLinear`."""
+    eng = plain_engine(torch.float32)
+    runner = eng.runner
+    paths = ["lm_head"] + [
+        f"{runner.arch.layers_path}.{i}.{path}"
+        for i in range(len(runner.layers))
+        for path in runner.arch.linear_paths.values()
+    ]
+    for path in paths:
+        linear = runner.model.get_submodule(path)
+        assert isinstance(linear, torch.nn.Linear), path
+        runner.model.set_submodule(path, MklPackedLinear(linear, rows))
+    runner.linears = [
+        {key: layer.get_submodule(path) for key, path in runner.arch.linear_paths.items()}
+        for layer in runner.layers
+    ]
+    return eng
 
 
 @contextmanager
@@ -124,13 +176,77 @@ def compare(
     return row
 
 
+def prepack_rows(ids: list[int], repeats: int) -> list[dict[str, object]]:
+    """Plain F.linear (before) against prepacked weights (after) for a 700-token prefill and decode
+    steps of 16 and 1 rows: bf16 over oneDNN (the engine's), float32 over MKL (the experiment)."""
+    rows = []
+    pairs: list[tuple[str, Callable[[], Engine], Callable[[], Engine]]] = [
+        (
+            "bf16 prepacked (oneDNN) vs bf16 F.linear",
+            lambda: plain_engine(torch.bfloat16),
+            lambda: engine("bfloat16"),
+        ),
+        ("fp32 MKL-packed for 16 rows vs fp32 F.linear", lambda: plain_engine(torch.float32), mkl_engine),
+    ]
+    for label, make_before, make_after in pairs:  # one pair of engines in memory at a time
+        b, a = make_before().runner, make_after().runner
+        passes = [
+            ("700-token prefill", functools.partial(prefill, ids=ids, chunk=PROMPT)),
+            ("decode step, 16 rows", functools.partial(decode, rows=16)),
+            ("decode step, 1 row", functools.partial(decode, rows=1, steps=16)),
+        ]
+        for name, run in passes:
+            rows.append(
+                compare(f"{name}, {label}", functools.partial(run, b), functools.partial(run, a), repeats)
+            )
+    return rows
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status: the memory rows need Linux")
+
+
+def engine_rss(prepack: bool) -> float:
+    """MiB the RSS grows by while an engine (a tiny KV cache) is built over the loaded bf16 base."""
+    model = load_base_model(load_base(), device="cpu", dtype=torch.bfloat16).eval()
+    before = _rss_mib()
+    settings = Settings(device="cpu", max_model_len=256, kv_cache_memory_gb=0.01)
+    Engine(model, settings.engine_config(), eos_token_ids={2}, prepack=prepack)
+    return _rss_mib() - before
+
+
+def memory_rows() -> list[dict[str, object]]:
+    """``engine_rss`` for prepacked and plain, each in a fresh process of this script."""
+    rows: list[dict[str, object]] = []
+    for variant in ("prepacked", "plain"):
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.issue30_ab", "--rss-of", variant],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        mib = float(out.strip().splitlines()[-1])
+        rows.append({"figure": f"RSS a bf16 engine adds to the loaded base, {variant}", "mib": mib})
+        print(f"{rows[-1]['figure']}: {mib:.0f} MiB", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["prefill", "dtype"], default=None)
+    parser.add_argument("--only", choices=["prefill", "dtype", "prepack", "memory"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write result.json and table.md here")
+    parser.add_argument(
+        "--rss-of", choices=["prepacked", "plain"], help=argparse.SUPPRESS
+    )  # memory_rows' child
     args = parser.parse_args(argv)
+    if args.rss_of is not None:
+        print(engine_rss(args.rss_of == "prepacked"))
+        return
     torch.set_num_threads(args.threads)
     ids = torch.randint(100, 40000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     f32 = engine("float32").runner
@@ -188,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
                 args.repeats,
             )
         )
+    if args.only in (None, "prepack"):
+        rows += prepack_rows(ids, args.repeats)
+    memory = memory_rows() if args.only in (None, "memory") else []
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         machine = {
@@ -195,14 +314,23 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "torch": torch.__version__,
         }
-        (args.out / "result.json").write_text(
-            json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=1) + "\n"
-        )
+        command = " ".join(["python -m bench.issue30_ab", *sys.argv[1:]])
+        result = {
+            "command": command,
+            "machine": machine,
+            "repeats": args.repeats,
+            "rows": rows,
+            "memory": memory,
+        }
+        (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         lines = ["| figure (speedup: before / after time) | median | range |", "|---|---|---|"]
         lines += [
             f"| {r['figure']} | {r['speedup_median']:.2f}x | {r['speedup_min']:.2f}-{r['speedup_max']:.2f} |"
             for r in rows
         ]
+        if memory:
+            lines += ["", "| memory | MiB |", "|---|---|"]
+            lines += [f"| {r['figure']} | {r['mib']:.0f} |" for r in memory]
         (args.out / "table.md").write_text("\n".join(lines) + "\n")
 
 

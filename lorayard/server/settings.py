@@ -125,7 +125,7 @@ class Settings(BaseModel):
     dtype: WeightDtype = Field(
         "auto",
         description="weights' dtype: auto (float32 on the CPU, exact; bf16 on a GPU) | float32 | bfloat16 "
-        "(faster batches on a CPU with AMX/AVX512-BF16, not token-identical to float32) | float16",
+        "(faster on a CPU with AMX/AVX512-BF16, batch 1 included; not token-identical to float32) | float16",
     )
     torch_profile_dir: Path | None = Field(
         None, description="profile the engine thread (torch.profiler); its op table is written here on stop"

@@ -84,6 +84,6 @@ class EngineConfig:
     """Adapter versions resident at once: the stacked LoRA's rows (static and graph decode)."""
     dtype: WeightDtype = "auto"
     """The weights' dtype: auto is float32 on the CPU (token-identical to HF/PEFT in float32) and bf16
-    (fp16 without bf16) on a GPU; bfloat16 on the CPU is faster for batched passes on a CPU with
-    bf16 matmul units (AMX or AVX512-BF16; docs/performance.md) and is checked against HF in bf16,
-    not float32: not token-identical to a float32 run."""
+    (fp16 without bf16) on a GPU; bfloat16 on the CPU is faster at every pass shape on a CPU with
+    bf16 matmul units (AMX or AVX512-BF16; its linears run over prepacked weights, docs/performance.md)
+    and is checked against HF in bf16, not float32: not token-identical to a float32 run."""

@@ -136,8 +136,11 @@ class Engine:
         metrics: ServerMetrics | None = None,
         fuse_linears: bool | None = None,
         guided: GuidedCompiler | None = None,
+        prepack: bool = False,
     ) -> None:
-        """``fuse_linears``: the model runner's choice (default: fused on a GPU only). ``guided``:
+        """``fuse_linears``: the model runner's choice (default: fused on a GPU only). ``prepack``: the
+        runner packs the base's linears where the CPU and dtype gain from it (bf16), replacing the
+        model's modules (``from_base``, which owns its model, asks for it). ``guided``:
         structured output's grammar compiler for the served tokenizer (None: requests with ``guided``
         are refused); the runtime sets it once the tokenizer is loaded."""
         self.model = model
@@ -187,7 +190,7 @@ class Engine:
             )
         self.kv = KVBlockStorage(spec, num_blocks + (static is not None), self.device)
         self.pool = BlockPool(num_blocks, spec.block_size, prefix_caching=engine_config.prefix_caching)
-        self.runner = ModelRunner(model, self.kv, fuse_linears, static)
+        self.runner = ModelRunner(model, self.kv, fuse_linears, static, prepack=prepack)
         self.scheduler: Scheduler[_Sequence] = Scheduler(
             self.pool, max_batch_size=self.max_batch_size, prefill_chunk=engine_config.prefill_chunk
         )
@@ -242,7 +245,12 @@ class Engine:
         )
         model.eval()
         engine = cls(
-            model, engine_config, eos_token_ids=eos_token_ids, metrics=metrics, fuse_linears=fuse_linears
+            model,
+            engine_config,
+            eos_token_ids=eos_token_ids,
+            metrics=metrics,
+            fuse_linears=fuse_linears,
+            prepack=True,  # both of the probe's forwards run the packed modules: equal to F.linear's (bf16)
         )
         check_runner_parity(model, engine.runner)
         return engine

@@ -11,9 +11,11 @@ one per request (chunked prefill in the vLLM/Sarathi manner).
 The base's HF modules are *called* for every matmul (so bitsandbytes 4-bit/8-bit layers work
 unchanged), for the embedding, the rotary embedding, the activation and every norm that is not plain
 RMSNorm; attention (causal, sliding-window, soft-capped) and the cache are ours, and each linear's
-output gets its rows' LoRA deltas from :mod:`lora_ops`. What differs between architectures is read
-from their :class:`~lorayard.architectures.Architecture` spec; the parity probe
-(:mod:`lorayard.server.engine.parity_probe`) checks the result against the HF forward at startup.
+output gets its rows' LoRA deltas from :mod:`lora_ops`. In bf16 on the CPU the engine's runner first
+swaps the plain linears and the lm_head for prepacked twins (:mod:`prepacked_linear`). What differs
+between architectures is read from their :class:`~lorayard.architectures.Architecture` spec; the
+parity probe (:mod:`lorayard.server.engine.parity_probe`) checks the result against the HF forward at
+startup.
 
 Every op is a kernel launch, and a small model's decode step is launch-bound (on a GPU entirely so),
 so the runner keeps the op count per layer low: on a GPU, unquantized q/k/v and gate/up are each one
@@ -74,6 +76,13 @@ from lorayard.server.engine.paged_attention import (
     fixed_decode_mask,
     paged_attention,
     write_kv,
+)
+from lorayard.server.engine.prepacked_linear import (
+    PackedLinear,
+    PrepackReport,
+    prepack_available,
+    prepack_modules,
+    return_freed_pages,
 )
 from lorayard.server.engine.stacked_lora import ZERO_ROW, StackedLora, StackedLoraRefused, StackedRows
 
@@ -227,9 +236,13 @@ class ModelRunner:
         storage: KVBlockStorage,
         fuse_linears: bool | None = None,
         static_decode: StaticDecode | None = None,
+        prepack: bool = False,
     ) -> None:
         """fuse_linears: one matmul per q/k/v and gate/up group (default: on a GPU only);
-        static_decode: run decode passes in static shapes (None: every pass is the packed one).
+        static_decode: run decode passes in static shapes (None: every pass is the packed one);
+        prepack: replace the base's plain linears and lm_head by :class:`PackedLinear` where this CPU
+        and dtype run them (:func:`prepack_available`), in the model itself: its HF forward still
+        works, but it is the server's from then on (PEFT and training need the plain modules).
 
         Raises UnsupportedArchitecture for a base that :mod:`lorayard.architectures` does not list.
         """
@@ -270,6 +283,9 @@ class ModelRunner:
         if fuse and self.arch.fusable:  # Phi-3's and GPT-2's are fused already, OPT's are biased
             self.fused_qkv = [fuse_weights([getattr(x.self_attn, n) for n in QKV]) for x in self.layers]
             self.fused_gate_up = [fuse_weights([getattr(x.mlp, n) for n in GATE_UP]) for x in self.layers]
+        self.prepacked = PrepackReport(0, 0)
+        if prepack and prepack_available(model.dtype, self.device):
+            self._prepack()
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
         self.static_decode = static_decode
         self.stack: StackedLora | None = None
@@ -286,6 +302,31 @@ class ModelRunner:
         """Decode passes the static step ran, by bucket (for tests and benchmarks)."""
         if static_decode is not None:
             self._init_static(static_decode)
+
+    def _prepack(self) -> None:
+        """Swap the decoder's linears (those not fused into one weight) and the lm_head for packed
+        twins, and re-read the per-layer module table."""
+        layers = self.arch.layers_path
+        paths = ["lm_head"]
+        for i in range(len(self.layers)):
+            fused = {*QKV} if self.fused_qkv[i] is not None else set()
+            fused |= {*GATE_UP} if self.fused_gate_up[i] is not None else set()
+            paths += [
+                f"{layers}.{i}.{path}" for key, path in self.arch.linear_paths.items() if key not in fused
+            ]
+        tied = self.model.get_input_embeddings().weight
+        self.prepacked = prepack_modules(self.model, paths, tied if isinstance(tied, torch.Tensor) else None)
+        self.linears = [
+            {key: layer.get_submodule(path) for key, path in self.arch.linear_paths.items()}
+            for layer in self.layers
+        ]
+        return_freed_pages()  # the plain weights' last references were the old tables
+        log.info(
+            "%d linears run over prepacked %s weights (oneDNN); the tied lm_head's copy adds %.1f MB",
+            self.prepacked.linears,
+            self.model.dtype,
+            self.prepacked.extra_bytes / 2**20,
+        )
 
     def _init_static(self, static: StaticDecode) -> None:
         if self.stack is None:
@@ -746,6 +787,8 @@ class ModelRunner:
     def dense_weight(self, layer: int, name: str) -> torch.Tensor:
         """The base weight [out, in] of one linear, for DoRA's norm; refused for quantized layers."""
         module = self.linears[layer][name]
+        if isinstance(module, PackedLinear):
+            return module.dense_weight()
         if isinstance(module, Conv1D):  # GPT-2 stores [in, out]
             return module.weight.T
         if type(module) is not torch.nn.Linear:

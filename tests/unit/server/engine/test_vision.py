@@ -20,9 +20,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
 from lorayard.adapter_files import AdapterFormatError, load_adapter
 from lorayard.architectures import ARCHITECTURES
-from lorayard.base_model import resolve_base_model
+from lorayard.base_model import load_base_model, resolve_base_model
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.parity_probe import probe_runner
+from lorayard.server.engine.prepacked_linear import PackedLinear, prepack_available
 from lorayard.server.engine.types import ImageInputs, InvalidRequest, Request, SamplingParams
 from lorayard.server.settings import Settings
 from lorayard.testing.random_adapter import build_random_adapter
@@ -260,3 +261,38 @@ def test_parity_probe_covers_an_image(vl):
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
     result = probe_runner(model)
     assert result.ok and result.image_tokens > 0, result
+
+
+def test_bf16_prepacks_the_language_model_and_changes_no_token(vl):
+    """bf16 on the CPU: the language model's linears and lm_head run prepacked (the vision tower and
+    its own linears as they were), the startup probe with its image passes over them, and an image
+    chat, an adapter's image chat and a text chat give the same tokens as the same engine over the
+    plain modules."""
+    base, adapters = vl
+    red, blue = shape_image("red", "square"), shape_image("blue", "circle", (84, 56))
+    cases = [
+        (None, _prompt(base, "What shape is this?", [red])),
+        ("all8", _prompt(base, "What colour?", [blue])),
+        (None, _prompt(base, "Say hello in French.", [])),
+    ]
+    config = Settings(device="cpu", max_model_len=256).engine_config()
+    resolved = resolve_base_model(str(base))
+    plain = load_base_model(resolved, device="cpu", dtype=torch.bfloat16).eval()
+    engines = {
+        True: Engine.from_base(resolved, config, dtype=torch.bfloat16, eos_token_ids=set()),
+        False: Engine(plain, config, eos_token_ids=set(), prepack=False),
+    }
+    results = {}
+    for prepack, engine in engines.items():
+        if prepack and prepack_available(torch.bfloat16, torch.device("cpu")):
+            packed = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+            assert len(packed) == engine.runner.prepacked.linears > 0
+            assert not any(isinstance(m, PackedLinear) for m in engine.model.model.visual.modules())
+        weights = load_adapter(adapters["all8"], AutoConfig.from_pretrained(base))
+        handle = _Handle("all8", engine.load_adapter_weights("all8", weights))
+        requests = [_request(ids, images, handle if name else None) for name, (ids, images) in cases]
+        try:
+            results[prepack] = [tokens for tokens, _ in _run(engine, requests)]
+        finally:
+            engine.stop()
+    assert results[True] == results[False]

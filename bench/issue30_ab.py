@@ -11,13 +11,21 @@ model runner directly (no server, no scheduler): what is timed is the forward pa
   prefill pass with each; and the same prompt in chunks of 256 against one pass.
 - ``dtype``: the same passes with the base in float32 against bfloat16 (``--dtype bfloat16``): a
   700-token prefill, a decode step of 16 rows, a decode step of 1 row.
+- ``layout``: the KV cache's block layout. Ours, head-major ``[kv_heads, blocks, 16, hd]`` (before),
+  against blocks-first ``[blocks, kv_heads, 16, hd]`` and vLLM's token-major ``[blocks, 16, kv_heads,
+  hd]`` (after): one layer's K gather for 16 rows, and whole decode steps of 16 and 64 rows. The
+  other layouts run the engine's own runner with its decode kernel and K/V write swapped for their
+  layout's (here only, patched in), over a copy of the cache in that layout; their logits are checked
+  against ours before timing.
 
-    python -m bench.issue30_ab [--repeats 5] [--out bench/results/issue30_ab]
+    python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|layout] [--out bench/results/issue30_ab]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import platform
 import statistics
@@ -25,15 +33,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from bench.workload import load_base
+from lorayard.server.engine import model_runner, paged_attention
+from lorayard.server.engine.block_pool import KVBlockStorage
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.model_runner import ModelRunner, PassRow
-from lorayard.server.engine.paged_attention import PagedBatch
+from lorayard.server.engine.paged_attention import LayerAttention, PagedBatch, attend, bounded_kv, gather_kv
 from lorayard.server.settings import Settings
 
 PROMPT = 700
@@ -85,12 +96,107 @@ def prefill(runner: ModelRunner, ids: list[int], chunk: int) -> None:
 
 
 def decode(runner: ModelRunner, rows: int, steps: int = 4) -> None:
-    size = blocks(runner, 0, CONTEXT + 1)
-    batch = [
-        PassRow([5 + r], CONTEXT, blocks(runner, 60 + r * len(size), CONTEXT + 1), None) for r in range(rows)
-    ]
+    batch = decode_rows(runner, rows)
     for _ in range(steps):
         runner.forward(batch)
+
+
+def decode_rows(runner: ModelRunner, rows: int) -> list[PassRow]:
+    """``rows`` decode rows of CONTEXT + 1 keys each, every row's blocks its own."""
+    width = len(blocks(runner, 0, CONTEXT + 1))
+    return [PassRow([5 + r], CONTEXT, blocks(runner, 60 + r * width, CONTEXT + 1), None) for r in range(rows)]
+
+
+Layout = Literal["blocks_first", "token_major"]
+"""The block layouts tried against ours: [blocks, kv_heads, bs, hd] and [blocks, bs, kv_heads, hd]."""
+
+
+def relaid(storage: KVBlockStorage, layout: Layout) -> KVBlockStorage:
+    """A copy of the storage (same contents) in ``layout``, from ours [kv_heads, blocks, bs, hd]."""
+    order = (1, 0, 2, 3) if layout == "blocks_first" else (1, 2, 0, 3)
+    other = copy.copy(storage)
+    other.k = [t.permute(order).contiguous() for t in storage.k]
+    other.v = [t.permute(order).contiguous() for t in storage.v]
+    return other
+
+
+def gather_in(layout: Layout, cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+    """``layout``'s gather: -> [R, kv_heads, length, hd], as :func:`gather_kv` returns for ours.
+    Blocks-first needs a second copy to merge the block axes (kv_heads sits between them); token-major
+    returns a strided view (tokens kv_heads * hd apart), which SDPA reads as it is."""
+    r, m = tables.shape
+    gathered = cache.index_select(0, tables.reshape(-1))
+    if layout == "blocks_first":
+        _, kv_heads, bs, hd = cache.shape
+        merged = gathered.view(r, m, kv_heads, bs, hd).transpose(1, 2).reshape(r, kv_heads, m * bs, hd)
+        return merged[:, :, :length]
+    _, bs, kv_heads, hd = cache.shape
+    return gathered.view(r, m * bs, kv_heads, hd)[:, :length].transpose(1, 2)
+
+
+def write_in(
+    layout: Layout,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """``layout``'s K/V write: k, v [T, kv_heads, hd] to their slots, bounded as ours are."""
+    if layout == "blocks_first":
+        bs = k_cache.shape[2]
+        blocks_, offsets = slots // bs, slots % bs
+        k_cache[blocks_, :, offsets] = bounded_kv(k, k_cache.dtype)
+        v_cache[blocks_, :, offsets] = bounded_kv(v, v_cache.dtype)
+        return
+    kv_heads, hd = k_cache.shape[2:]
+    k_cache.view(-1, kv_heads, hd)[slots] = bounded_kv(k, k_cache.dtype)
+    v_cache.view(-1, kv_heads, hd)[slots] = bounded_kv(v, v_cache.dtype)
+
+
+@contextmanager
+def kv_layout(layout: Layout) -> Iterator[None]:
+    """The runner's decode kernel and K/V write in ``layout`` (the decode step's only readers of the
+    cache), everything else unchanged."""
+
+    def rows(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        tables: torch.Tensor,
+        length: int,
+        mask: torch.Tensor,
+        layer: LayerAttention,
+    ) -> torch.Tensor:
+        r, heads, hd = q.shape
+        kv_heads = k_cache.shape[1 if layout == "blocks_first" else 2]
+        keys = gather_in(layout, k_cache, tables, length)
+        values = gather_in(layout, v_cache, tables, length)
+        out = attend(q.view(r, kv_heads, heads // kv_heads, hd), keys, values, mask, layer=layer, gqa=False)
+        return out.reshape(r, heads, hd)
+
+    def write(*args: torch.Tensor) -> None:
+        write_in(layout, *args)
+
+    with (
+        mock.patch.object(paged_attention, "_decode_rows", rows),
+        mock.patch.object(model_runner, "write_kv", write),
+    ):
+        yield
+
+
+def layout_runner(runner: ModelRunner, layout: Layout, rows: int) -> ModelRunner:
+    """The runner over a copy of its cache in ``layout``; refused unless one decode step's logits
+    match ours (both write the same new K/V, then read the same keys)."""
+    other = runner.over(relaid(runner.storage, layout))
+    batch = decode_rows(runner, rows)
+    ours = runner.forward(batch)
+    with kv_layout(layout):
+        theirs = other.forward(batch)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    return other
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -124,11 +230,51 @@ def compare(
     return row
 
 
+def repeated(fn: Callable[[], object], times: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(times):
+            fn()
+
+    return run
+
+
+def relaid_decode(runner: ModelRunner, layout: Layout, rows: int) -> Callable[[], None]:
+    """:func:`decode` of ``rows`` rows in ``layout`` (over a checked copy of the cache)."""
+    other = layout_runner(runner, layout, rows)
+
+    def run() -> None:
+        with kv_layout(layout):
+            decode(other, rows)
+
+    return run
+
+
+def layout_rows(runner: ModelRunner, repeats: int) -> list[dict[str, object]]:
+    """Ours against each other block layout: one layer's K gather (16 rows), decode steps of 16 and 64."""
+    found = []
+    width = len(blocks(runner, 0, CONTEXT + 1))
+    tables = torch.tensor([blocks(runner, 60 + r * width, CONTEXT + 1) for r in range(16)])
+    ours = functools.partial(gather_kv, runner.storage.k[0], tables, CONTEXT + 1)
+    layouts: tuple[Layout, ...] = ("blocks_first", "token_major")
+    for layout in layouts:
+        theirs = functools.partial(
+            gather_in, layout, relaid(runner.storage, layout).k[0], tables, CONTEXT + 1
+        )
+        name = f"K gather of 16 rows x {CONTEXT + 1} keys, one layer, {layout} vs ours"
+        found.append(compare(name, repeated(ours, 100), repeated(theirs, 100), 3 * repeats))
+        for n in (16, 64):
+            name = f"decode step, {n} rows, {layout} vs ours"
+            found.append(
+                compare(name, functools.partial(decode, runner, n), relaid_decode(runner, layout, n), repeats)
+            )
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["prefill", "dtype"], default=None)
+    parser.add_argument("--only", choices=["prefill", "dtype", "layout"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write result.json and table.md here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.repeats,
             )
         )
+    if args.only in (None, "layout"):
+        rows += layout_rows(f32, args.repeats)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         machine = {

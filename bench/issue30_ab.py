@@ -17,8 +17,14 @@ model runner directly (no server, no scheduler): what is timed is the forward pa
   other layouts run the engine's own runner with its decode kernel and K/V write swapped for their
   layout's (here only, patched in), over a copy of the cache in that layout; their logits are checked
   against ours before timing.
+- ``sampler``: the sampled rows' token choice (:mod:`~lorayard.server.engine.sampler`) before (a
+  full sort of the vocabulary for top-p, ``torch.multinomial``; patched back in here) and after
+  (top-p over the best ``TOP_P_CANDIDATES`` first, an inverse-CDF draw), for 16 rows of the base's
+  own next-token logits over a text prompt: temperature alone, with top_p 0.9, with top_k 50; and a
+  whole decode step of 16 rows plus their sampling at top_p 0.9.
 
-    python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|layout] [--out bench/results/issue30_ab]
+    python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|layout|sampler]
+                               [--out bench/results/issue30_ab]
 """
 
 from __future__ import annotations
@@ -39,12 +45,14 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from bench.workload import load_base
-from lorayard.server.engine import model_runner, paged_attention
+from bench.workload import bench_prompt, load_base
+from lorayard.server.engine import model_runner, paged_attention, sampler
 from lorayard.server.engine.block_pool import KVBlockStorage
 from lorayard.server.engine.engine import Engine
 from lorayard.server.engine.model_runner import ModelRunner, PassRow
 from lorayard.server.engine.paged_attention import LayerAttention, PagedBatch, attend, bounded_kv, gather_kv
+from lorayard.server.engine.sampler import SequenceState, sample_row
+from lorayard.server.engine.types import SamplingParams
 from lorayard.server.settings import Settings
 
 PROMPT = 700
@@ -270,11 +278,84 @@ def layout_rows(runner: ModelRunner, repeats: int) -> list[dict[str, object]]:
     return found
 
 
+def sorted_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The sampler's top-k / top-p before issue 30's change: top-p sorts the whole vocabulary."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def multinomial_draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """The sampler's draw before issue 30's change."""
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@contextmanager
+def sampler_before() -> Iterator[None]:
+    with (
+        mock.patch.object(sampler, "top_k_top_p", sorted_top_k_top_p),
+        mock.patch.object(sampler, "draw", multinomial_draw),
+    ):
+        yield
+
+
+def text_logits(runner: ModelRunner, rows: int) -> torch.Tensor:
+    """[rows, vocab]: the base's next-token logits at the last ``rows`` positions of a text prompt."""
+    ids = bench_prompt(load_base(), CONTEXT)
+    logits = runner.forward([PassRow(ids, 0, blocks(runner, 1, len(ids)), None, "all")])[0]
+    assert logits is not None
+    return logits[-rows:]
+
+
+def sample_rows(logits: torch.Tensor, params: SamplingParams) -> Callable[[], None]:
+    def run() -> None:
+        for row in logits:
+            sample_row(row, SequenceState.create(params, [1]), frozenset({2}))
+
+    return run
+
+
+def before(fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with sampler_before():
+            fn()
+
+    return run
+
+
+def sampler_rows(runner: ModelRunner, repeats: int) -> list[dict[str, object]]:
+    """Sampling 16 rows before / after, alone and after their decode step."""
+    logits = text_logits(runner, 16)
+    found = []
+    for label, top_p, top_k in (("", 1.0, 0), (", top_p 0.9", 0.9, 0), (", top_k 50", 1.0, 50)):
+        params = SamplingParams(max_tokens=1, temperature=0.7, top_p=top_p, top_k=top_k)
+        run = repeated(sample_rows(logits, params), 5)
+        name = f"sampling 16 rows (temperature 0.7{label}), after vs before"
+        found.append(compare(name, before(run), run, 3 * repeats))
+    params = SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9)
+
+    def step() -> None:
+        decode(runner, 16, 1)
+        sample_rows(logits, params)()
+
+    found.append(
+        compare("decode step + sampling, 16 rows (top_p 0.9), after vs before", before(step), step, repeats)
+    )
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["prefill", "dtype", "layout"], default=None)
+    parser.add_argument("--only", choices=["prefill", "dtype", "layout", "sampler"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write result.json and table.md here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -336,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.only in (None, "layout"):
         rows += layout_rows(f32, args.repeats)
+    if args.only in (None, "sampler"):
+        rows += sampler_rows(f32, args.repeats)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         machine = {

@@ -22,6 +22,10 @@ model runner directly (no server, no scheduler): what is timed is the forward pa
   (top-p over the best ``TOP_P_CANDIDATES`` first, an inverse-CDF draw), for 16 rows of the base's
   own next-token logits over a text prompt: temperature alone, with top_p 0.9, with top_k 50; and a
   whole decode step of 16 rows plus their sampling at top_p 0.9.
+- ``--compile`` (opt-in: 1-2 minutes of compiling on 2 cores, into a fresh inductor cache): the
+  static decode step (``--decode-mode static``, one bucket: 16 rows, tables 8 blocks wide) under
+  ``torch.compile`` (static shapes, inductor) against the same step eager and against the packed pass; the row
+  records the compile time and the largest logit difference from the eager step.
 
     python -m bench.issue30_ab [--repeats 5] [--only prefill|dtype|layout|sampler]
                                [--out bench/results/issue30_ab]
@@ -33,8 +37,12 @@ import argparse
 import copy
 import functools
 import json
+import os
 import platform
+import shlex
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,11 +68,16 @@ CONTEXT = 120
 """Keys each decode row sees (a short prompt plus some output)."""
 
 
-def engine(dtype: str) -> Engine:
+def engine(dtype: str, decode_mode: str = "eager") -> Engine:
     """An engine over the embedded base (not started: its runner is driven directly); the parity
     probe runs at construction, against HF in the same dtype."""
     settings = Settings(
-        device="cpu", max_batch_size=16, max_model_len=2048, kv_cache_memory_gb=0.5, dtype=dtype
+        device="cpu",
+        max_batch_size=16,
+        max_model_len=2048,
+        kv_cache_memory_gb=0.5,
+        dtype=dtype,
+        decode_mode=decode_mode,
     )
     return Engine.from_base(load_base(), settings.engine_config(), eos_token_ids={2})
 
@@ -351,11 +364,64 @@ def sampler_rows(runner: ModelRunner, repeats: int) -> list[dict[str, object]]:
     return found
 
 
+def compile_rows(repeats: int) -> list[dict[str, object]]:
+    """The static decode step of 16 rows compiled (static shapes) against it eager and the packed pass."""
+    runner = engine("float32", "static").runner
+    batch = decode_rows(runner, 16)
+    inputs = runner._static_batch(batch)
+    assert inputs is not None, "16 decode rows of the base run the static step"
+    wrapper = runner._wrapper(False, inputs["block_tables"].shape[1])
+    for name, tensor in inputs.items():
+        wrapper.buffers[name][:16].copy_(tensor)
+    views = {name: buffer[:16] for name, buffer in wrapper.buffers.items()}
+    step = functools.partial(runner._static_step, with_lora=False)
+    compiled = torch.compile(step, dynamic=False)
+
+    def eager() -> None:
+        with torch.inference_mode():
+            step(views)
+
+    def fast() -> None:
+        with torch.inference_mode():
+            compiled(views)
+
+    # A fresh inductor cache: what a first start pays (a warm on-disk cache from an earlier run
+    # makes it a fraction of that).
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache}),
+        torch.inference_mode(),
+    ):
+        reference = step(views)
+        start = time.perf_counter()
+        out = compiled(views)
+        seconds = time.perf_counter() - start
+    difference = float((out - reference).abs().max())
+    print(f"compile (cold cache): {seconds:.0f} s, largest logit difference {difference:.2g}", flush=True)
+    rows = [
+        compare(
+            "static decode step, 16 rows, compiled vs eager", repeated(eager, 4), repeated(fast, 4), repeats
+        ),
+        compare(
+            "decode step, 16 rows, compiled static step vs packed pass",
+            functools.partial(decode, runner, 16),
+            repeated(fast, 4),
+            repeats,
+        ),
+    ]
+    for row in rows:
+        row["compile_seconds"] = seconds
+        row["largest_logit_difference"] = difference
+        row["same_argmax"] = bool((out.argmax(-1) == reference.argmax(-1)).all())
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=["prefill", "dtype", "layout", "sampler"], default=None)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd static step")
     parser.add_argument("--out", type=Path, default=None, help="write result.json and table.md here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -419,17 +485,28 @@ def main(argv: list[str] | None = None) -> None:
         rows += layout_rows(f32, args.repeats)
     if args.only in (None, "sampler"):
         rows += sampler_rows(f32, args.repeats)
+    if args.compile:
+        rows += compile_rows(args.repeats)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+        command = shlex.join(["python", "-m", "bench.issue30_ab", *(sys.argv[1:] if argv is None else argv)])
         machine = {
             "cpu": platform.processor() or platform.machine(),
             "threads": args.threads,
             "torch": torch.__version__,
         }
         (args.out / "result.json").write_text(
-            json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=1) + "\n"
+            json.dumps(
+                {"command": command, "machine": machine, "repeats": args.repeats, "rows": rows}, indent=1
+            )
+            + "\n"
         )
-        lines = ["| figure (speedup: before / after time) | median | range |", "|---|---|---|"]
+        lines = [
+            f"`{command}`",
+            "",
+            "| figure (speedup: before / after time) | median | range |",
+            "|---|---|---|",
+        ]
         lines += [
             f"| {r['figure']} | {r['speedup_median']:.2f}x | {r['speedup_min']:.2f}-{r['speedup_max']:.2f} |"
             for r in rows

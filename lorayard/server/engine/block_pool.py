@@ -125,7 +125,8 @@ class KVBlockStorage:
     the layout attention kernels read fast, reached with ONE copy. Token-major blocks
     ([num_blocks, block_size, kv_heads, hd], vLLM's) leave a stride of kv_heads * hd between tokens
     after the gather, and per-block head-major ([num_blocks, kv_heads, block_size, hd]) needs a second
-    copy to merge the block axes; both measured slower in bench/paged_attention.py.
+    copy to merge the block axes; both measured slower in bench/paged_attention.py, and as whole
+    decode steps in bench/issue30_ab.py (blocks-first 0.87-0.93x at 16 and 64 rows, token-major a tie).
     """
 
     def __init__(self, spec: BlockSpec, num_blocks: int, device: str | torch.device) -> None:

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from lorayard.server.engine.sampler import SampledToken, SequenceState, greedy_tokens, sample_row
+from lorayard.server.engine.sampler import (
+    TOP_P_CANDIDATES,
+    SampledToken,
+    SequenceState,
+    draw,
+    greedy_tokens,
+    sample_row,
+    top_k_top_p,
+)
 from lorayard.server.engine.types import SamplingParams
 
 EOS = frozenset({3})
@@ -108,6 +116,44 @@ def test_a_tiny_top_p_still_keeps_the_best_token():
     assert _draws(logits, _state(temperature=1.0, top_p=1e-9, seed=2), n=50) == {1}
 
 
+def _sorted_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """top-p by its definition over the whole vocabulary, sorted, in float64: the kept tokens' mask."""
+    ordered, order = torch.sort(logits.double(), descending=True)
+    probs = torch.softmax(ordered, dim=-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    drop[0] = False
+    return torch.zeros_like(drop).scatter(0, order, ~drop)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 8.0])
+@pytest.mark.parametrize("top_p", [0.1, 0.9, 0.99])
+def test_top_p_over_a_large_vocabulary_keeps_what_the_full_sort_keeps(scale, top_p):
+    # Peaked logits (scale 8) reach top_p within the first TOP_P_CANDIDATES tokens; flat ones do not,
+    # and top-p sorts the whole vocabulary: both must keep exactly the definition's set.
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    state = _state(temperature=1.0, top_p=top_p, logprobs=0)
+    token = sample_row(logits, state, EOS)
+    assert token.logprob is not None and math.isfinite(token.logprob)
+    kept = torch.isfinite(top_k_top_p(logits, 0, top_p))
+    assert torch.equal(kept, _sorted_top_p(logits, top_p))
+    assert int(kept.sum()) >= 1 and (scale < 8 or int(kept.sum()) <= TOP_P_CANDIDATES)
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    generator = torch.Generator().manual_seed(1)
+    counts = torch.bincount(torch.tensor([draw(probs, generator) for _ in range(20000)]), minlength=7)
+    assert counts[[0, 2, 6]].tolist() == [0, 0, 0]
+    # 20000 draws: each share within 0.015 of its probability (over 4 standard deviations)
+    assert (counts / 20000 - probs).abs().max() < 0.015
+
+
+def test_draw_never_passes_the_last_token_with_mass():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([1e-30, 1.0, 0.0])  # the draw lands in token 1 or (rarely) 0, never 2
+    assert {draw(probs, generator) for _ in range(2000)} <= {0, 1}
+
+
 def test_top_k_and_top_p_combine():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     # top_k 3 renormalizes to 0.5/0.95, 0.3/0.95, 0.15/0.95; top_p 0.5 then keeps the first only
@@ -160,3 +206,11 @@ def test_sample_row_does_not_modify_the_logits():
     before = logits.clone()
     sample_row(logits, _state(output=[0], temperature=0.0, repetition_penalty=1.5, presence_penalty=1.0), EOS)
     assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize(
+    "probs", [[0.5, float("nan")], [float("inf"), 0.1], [0.0, 0.0]], ids=["nan", "inf", "zero"]
+)
+def test_draw_refuses_what_is_not_a_distribution(probs):
+    with pytest.raises(RuntimeError, match="cannot sample a token"):
+        draw(torch.tensor(probs), None)

@@ -315,7 +315,18 @@ def measure_scenario(
         run = _one_prompt_run(server, scenario, work, line, repeat, args)
         samples += run.samples
         duration += run.duration_s
+    check_prompt_lengths(samples, args.long_prompt)
     return summarize_run(samples, duration, scenario.max_tokens)
+
+
+def check_prompt_lengths(samples: list[dict[str, Any]], long_prompt: int) -> None:
+    """A long-prompt row must have sent long prompts: the servers' own prompt token counts (usage) are
+    checked, so a load path that sends other prompts fails the run instead of measuring them."""
+    counted = [s["prompt_tokens"] for s in samples if s.get("prompt_tokens") is not None]
+    if not counted:
+        raise RuntimeError("no server usage came back: the long prompts' lengths cannot be checked")
+    if min(counted) < 0.9 * long_prompt:
+        raise RuntimeError(f"a long-prompt request counted {min(counted)} prompt tokens, not ~{long_prompt}")
 
 
 def _one_prompt_run(server: ServerProcess, scenario: Scenario, work: Path, text: str, seed: int, args):

@@ -303,8 +303,11 @@ class LoadTester:
         on_record: RecordObserver | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        """``transport``: an httpx transport to send through instead of the network."""
+        """``prompts``: what to send (default: ``config.prompts_file``'s, else the built-in prompts);
+        ``transport``: an httpx transport to send through instead of the network."""
         self.config = config
+        if not prompts and config.prompts_file:
+            prompts = load_prompts(Path(config.prompts_file))
         self.prompts = list(prompts) if prompts else [prompt_from_text(p) for p in DEFAULT_PROMPTS]
         if config.endpoint == "completion" and any(p.text is None for p in self.prompts):
             raise PromptsFileError("the completions endpoint needs plain prompts, not 'messages' items")

@@ -139,3 +139,11 @@ def test_the_c64_rows_read_one_run_and_no_other_rows_share_one():
                 ["unique_prompt"],
             ]
         )
+
+
+def test_a_long_prompt_row_that_sent_short_prompts_fails():
+    vllm_cpu.check_prompt_lengths([{"prompt_tokens": 701}, {"prompt_tokens": 699}], 700)
+    with pytest.raises(RuntimeError, match="counted 12 prompt tokens, not ~700"):
+        vllm_cpu.check_prompt_lengths([{"prompt_tokens": 701}, {"prompt_tokens": 12}], 700)
+    with pytest.raises(RuntimeError, match="no server usage"):
+        vllm_cpu.check_prompt_lengths([{"prompt_tokens": None}], 700)

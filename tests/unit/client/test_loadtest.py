@@ -214,3 +214,18 @@ def test_prompts_file_errors_name_the_line(tmp_path, content, expected):
 def test_config_errors_name_the_flag(fields, message):
     with pytest.raises(ValidationError, match=message):
         LoadTestConfig(base_url="x", max_tokens=4, **fields)
+
+
+def test_the_config_prompts_file_is_what_a_load_test_sends(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a long prompt from the file"}\n', encoding="utf-8")
+    config = LoadTestConfig(
+        base_url="http://127.0.0.1:9/v1",
+        concurrency=1,
+        requests=1,
+        endpoint="completion",
+        prompts_file=str(path),
+    )
+    assert [p.text for p in LoadTester(config).prompts] == ["a long prompt from the file"]
+    given = [prompt_from_text("given")]
+    assert LoadTester(config, prompts=given).prompts == given  # prompts passed in win

@@ -78,7 +78,7 @@ async def _decode_tps(bench: EngineBench, prompt: list[int], batch: int, max_tok
     """Decode tokens/s at a batch size: rows / median inter-token latency (prefill excluded)."""
     _, timings = await run_batch(bench.engine, prompt, max_tokens, [None] * batch)
     # Skip the first steps: rows join over the first iterations while the others prefill.
-    skip = math.ceil(batch * len(prompt) / bench.engine.prefill_chunk) + 1
+    skip = math.ceil(batch * len(prompt) / bench.engine.scheduler.prefill_chunk) + 1
     itls = [x for t in timings for x in t.itls[skip:]]
     return batch / median(itls)
 

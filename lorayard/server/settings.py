@@ -122,6 +122,11 @@ class Settings(BaseModel):
         True, description="reuse the KV of prompt prefixes already computed under the same adapter version"
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    idle_prefill_chunk: int = Field(
+        2048,
+        ge=1,
+        description="prompt tokens prefilled per step while no request decodes (at least --prefill-chunk)",
+    )
     dtype: WeightDtype = Field(
         "auto",
         description="weights' dtype: auto (float32 on the CPU, exact; bf16 on a GPU) | float32 | bfloat16 "

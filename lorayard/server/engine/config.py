@@ -82,6 +82,9 @@ class EngineConfig:
     CUDA graph per bucket); auto: :func:`resolve_decode_mode`."""
     max_loaded_adapters: int
     """Adapter versions resident at once: the stacked LoRA's rows (static and graph decode)."""
+    idle_prefill_chunk: int = 2048
+    """Prompt tokens of a pass in which no request decodes (at least ``prefill_chunk``): no stream waits
+    on it, and one pass over a whole prompt beats several chunks (vLLM's CPU server: 2048 a step)."""
     dtype: WeightDtype = "auto"
     """The weights' dtype: auto is float32 on the CPU (token-identical to HF/PEFT in float32) and bf16
     (fp16 without bf16) on a GPU; bfloat16 on the CPU is faster at every pass shape on a CPU with

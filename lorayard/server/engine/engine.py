@@ -8,7 +8,8 @@ All torch work runs on one engine thread. Each iteration (:meth:`Engine._step`):
    waiting requests FIFO while ``max_batch_size`` and free KV blocks allow, reusing the longest cached
    prefix computed under the same weights, and plans one token for each decoding row and prompt
    chunks of the newcomers, up to ``prefill_chunk`` prompt tokens per iteration (batched chunked
-   prefill, so a long prompt never stalls running streams for long);
+   prefill, so a long prompt never stalls running streams for long; ``idle_prefill_chunk`` when no
+   row decodes, so a lone prompt is one pass);
 3. runs ONE forward pass over the plan, samples a token for every row whose pending tokens are all
    computed, retires finished rows (their blocks go back first), then sends each event to its
    request's asyncio queue; the scheduler gives every other row room for its next token, preempting
@@ -157,7 +158,6 @@ class Engine:
             exact_context_limit(self.hf_config) or wanted_len,
         )
         self.max_queue = engine_config.max_queue
-        self.prefill_chunk = engine_config.prefill_chunk
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = int(language_config(self.hf_config).vocab_size)
         """Width of the logits: every token id a request carries must be below it."""
@@ -192,7 +192,10 @@ class Engine:
         self.pool = BlockPool(num_blocks, spec.block_size, prefix_caching=engine_config.prefix_caching)
         self.runner = ModelRunner(model, self.kv, fuse_linears, static, prepack=prepack)
         self.scheduler: Scheduler[_Sequence] = Scheduler(
-            self.pool, max_batch_size=self.max_batch_size, prefill_chunk=engine_config.prefill_chunk
+            self.pool,
+            max_batch_size=self.max_batch_size,
+            prefill_chunk=engine_config.prefill_chunk,
+            idle_prefill_chunk=engine_config.idle_prefill_chunk,
         )
         """Waiting and running requests: touched by the engine thread only."""
         self._pool_ids = itertools.count()

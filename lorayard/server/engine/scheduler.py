@@ -7,7 +7,8 @@ an event, never touches a tensor or a queue.
   them, so the engine emits their final events after their blocks are back in the pool.
 * :meth:`Scheduler.schedule` admits waiting requests FIFO while ``max_batch_size`` and the pool allow
   (a preempted request waits at the front) and returns the pass plan: one token for each decoding
-  row, prompt chunks of the newcomers (oldest first) within ``prefill_chunk`` tokens.
+  row, prompt chunks of the newcomers (oldest first) within ``prefill_chunk`` tokens while any row
+  decodes, within ``idle_prefill_chunk`` while none does (nobody's next token waits on that pass).
 * After the pass the engine reports each row computed (:meth:`Scheduler.computed`), retires finished
   requests (:meth:`Scheduler.retire`) and gives each sampled row room for its next token
   (:meth:`Scheduler.make_room`), which preempts the most recently admitted requests while the pool is
@@ -134,10 +135,15 @@ def choose_victim(tables: Iterable[BlockTable]) -> BlockTable | None:
 class Scheduler(Generic[S]):
     """Waiting and running requests over one KV pool; see the module docstring."""
 
-    def __init__(self, pool: KVPool, *, max_batch_size: int, prefill_chunk: int) -> None:
+    def __init__(
+        self, pool: KVPool, *, max_batch_size: int, prefill_chunk: int, idle_prefill_chunk: int | None = None
+    ) -> None:
+        """``idle_prefill_chunk``: the prompt-token budget of a pass with no decoding row (at least
+        ``prefill_chunk``; None: ``prefill_chunk``)."""
         self.pool = pool
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
+        self.idle_prefill_chunk = max(prefill_chunk, idle_prefill_chunk or prefill_chunk)
         self.waiting: collections.deque[S] = collections.deque()
         self.running: list[S] = []
         self.preemptions = 0
@@ -193,9 +199,15 @@ class Scheduler(Generic[S]):
             self.step_admissions += 1
 
     def _plan(self) -> list[PlannedRow[S]]:
-        """Prompt chunks within the ``prefill_chunk`` budget (oldest first), one token per decoding row."""
+        """Prompt chunks within the budget (oldest first), one token per decoding row. The budget bounds
+        how long decoding rows wait for their next token; with none decoding it is the larger idle one,
+        so a lone prompt is prefilled in one pass (whole-prompt causal attention, no re-read of its
+        earlier chunks' K/V) instead of several."""
         planned: list[PlannedRow[S]] = []
-        budget = self.prefill_chunk
+        decoding = any(
+            s.table is not None and len(s.table.token_ids) - s.table.num_computed == 1 for s in self.running
+        )
+        budget = self.prefill_chunk if decoding else self.idle_prefill_chunk
         for seq in self.running:
             table = seq.table
             assert table is not None

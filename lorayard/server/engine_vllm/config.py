@@ -17,7 +17,13 @@ from lorayard.server.engine_vllm.sampling import MAX_LOGPROBS
 if TYPE_CHECKING:
     from lorayard.server.settings import Settings
 
-NATIVE_ONLY_FIELDS = ("decode_mode", "prefill_chunk", "torch_profile_dir", "quantization")
+NATIVE_ONLY_FIELDS = (
+    "decode_mode",
+    "prefill_chunk",
+    "idle_prefill_chunk",
+    "torch_profile_dir",
+    "quantization",
+)
 """Settings of our engine alone: set with --engine vllm, they are refused (vLLM has its own)."""
 
 

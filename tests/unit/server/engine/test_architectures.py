@@ -184,7 +184,7 @@ def test_static_decode_matches_peft(arch_bases, test_device, model_type):
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_chunked_prefill_matches_peft(arch_bases, test_device, model_type):
     base, adapters = arch_bases(model_type)
-    engine = _engine(base, test_device, max_batch_size=2, prefill_chunk=3)
+    engine = _engine(base, test_device, max_batch_size=2, prefill_chunk=3, idle_prefill_chunk=3)
     handle = _load(engine, base, adapters["all8"])
     prompt = [(i * 37) % 5000 + 3 for i in range(17)]
     [tokens] = _generate(engine, [(handle, prompt)], 6)
@@ -241,7 +241,7 @@ def test_echo_logprobs_equal_hf(arch_bases, test_device, model_type):
     """Prompt logprobs (what echo with logprobs returns) of base and adapter rows prefilled side by side,
     in chunks of 5, equal the log-softmax of the HF / PEFT forward."""
     base, adapters = arch_bases(model_type)
-    engine = _engine(base, test_device, max_batch_size=4, prefill_chunk=5)
+    engine = _engine(base, test_device, max_batch_size=4, prefill_chunk=5, idle_prefill_chunk=5)
     handle = _load(engine, base, adapters["all4"])
     prompt = [(i * 37) % 5000 + 3 for i in range(13)]
     score = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=TOP)

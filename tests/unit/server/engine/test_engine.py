@@ -71,7 +71,7 @@ def test_mixed_adapter_batches_match_peft_greedy(
 
 
 def test_long_prompt_is_chunked_and_matches(engine, tiny_base_dir, tiny_adapters):
-    engine.prefill_chunk = 7
+    engine.scheduler.prefill_chunk = engine.scheduler.idle_prefill_chunk = 7
     handle = _load(engine, tiny_base_dir, tiny_adapters, "all8")
     prompt = [(i * 37) % 5000 + 3 for i in range(40)]
 

@@ -64,7 +64,11 @@ def test_no_block_leaks_after_aborts_in_every_state(make_engine, tiny_base_dir):
     beside a request that finishes: afterwards no request holds a block and the pool's books balance
     (the soak checks the same over HTTP, with disconnects, through the kv_cache_blocks gauge)."""
     engine = make_engine(
-        max_batch_size=2, max_model_len=128, prefill_chunk=8, kv_cache_memory_gb=_budget_gb(tiny_base_dir, 8)
+        max_batch_size=2,
+        max_model_len=128,
+        prefill_chunk=8,
+        idle_prefill_chunk=8,
+        kv_cache_memory_gb=_budget_gb(tiny_base_dir, 8),
     )
     long_prompt = [1, *range(500, 560)]
     decode = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)

@@ -49,7 +49,7 @@ def test_prompt_logprobs_equal_the_models_log_softmax(engine, chunk, tiny_base_d
     logits score the next chunk's first token): every prompt token's logprob and top alternatives
     equal PEFT's; max_tokens 0 finishes after the prefill with "length" and no token; a request that
     also generates carries them on its first event and its tokens are still the greedy ones."""
-    engine.prefill_chunk = chunk
+    engine.scheduler.prefill_chunk = engine.scheduler.idle_prefill_chunk = chunk
     handle = _load(engine, tiny_base_dir, tiny_adapters, "all8")
     score = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=TOP)
     generate = SamplingParams(max_tokens=5, temperature=0.0, prompt_logprobs=TOP)

@@ -182,3 +182,28 @@ def test_the_snapshot_names_the_adapters_running_and_waiting():
         scheduler.retire(seq)
     stats = scheduler.stats()
     assert stats.running_adapters == () and stats.waiting_adapters == ("b", "c")
+
+
+def _plan_of(planned: list[PlannedRow[Sequence]]) -> dict[str, tuple[int, int, str, bool]]:
+    return {row.seq.request.request_id: (row.start, len(row.ids), row.logits, row.samples) for row in planned}
+
+
+def test_with_no_row_decoding_a_prompt_takes_the_idle_budget_in_one_pass():
+    """No stream waits on a pass without decoding rows, so it may prefill up to ``idle_prefill_chunk``
+    (oldest first); once a row decodes, newcomers are chunked to ``prefill_chunk`` beside it."""
+    scheduler = Scheduler(BlockPool(64, BS), max_batch_size=8, prefill_chunk=8, idle_prefill_chunk=32)
+    first, second = make_seq("first", [5] * 20), make_seq("second", [6] * 20)
+    scheduler.add(first)
+    scheduler.add(second)
+    planned, _ = step(scheduler)
+    assert _plan_of(planned) == {"first": (0, 20, "last", True), "second": (0, 12, "none", False)}
+    newcomer = make_seq("newcomer", [7] * 20)
+    scheduler.add(newcomer)
+    planned, _ = step(scheduler)  # "first" decodes now: the small budget again
+    assert _plan_of(planned) == {"first": (20, 1, "last", True), "second": (12, 8, "last", True)}
+
+
+def test_the_idle_budget_is_never_below_the_chunk():
+    pool = BlockPool(4, BS)
+    assert Scheduler(pool, max_batch_size=1, prefill_chunk=8, idle_prefill_chunk=2).idle_prefill_chunk == 8
+    assert Scheduler(pool, max_batch_size=1, prefill_chunk=8).idle_prefill_chunk == 8

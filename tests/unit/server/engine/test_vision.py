@@ -159,7 +159,7 @@ def test_images_mixed_with_text_and_adapters_equal_hf(vl):
         ("all4", _prompt(base, "What colour?", [blue])),
         ("all8", _prompt(base, "Count to five.", [])),
     ]
-    engine = _engine(base, prefill_chunk=7)
+    engine = _engine(base, prefill_chunk=7, idle_prefill_chunk=7)
     handles = {
         name: _Handle(
             name, engine.load_adapter_weights(name, load_adapter(folder, AutoConfig.from_pretrained(base)))

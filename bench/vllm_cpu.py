@@ -16,8 +16,8 @@ Scenarios (each a row of the headline table, ours / vLLM):
   both; one warm-up request fills it), a few unique tokens each.
 - ``unique 700-token prompt``: TTFT of prompts that differ from their first token (prefill speed).
 
-``--profile KEY...`` runs those scenarios once more per pairing and server, after the measured runs, under
-the torch profiler (ours: ``--torch-profile-dir`` on a server started for that scenario alone; vLLM: its
+``--profile KEY...`` runs a short wave of those scenarios (:func:`profiled_run`) per pairing and server,
+after the measured runs, under the torch profiler (ours: ``--torch-profile-dir`` on a server started for that scenario alone; vLLM: its
 ``--profiler-config``, between ``/start_profile`` and ``/stop_profile``), and reports where each server's
 time went side by side, in :mod:`bench.op_profile`'s categories.
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import shutil
@@ -428,6 +429,20 @@ def _measure(args: argparse.Namespace, result: SuiteResult) -> None:
 
 
 # -- profiles ----------------------------------------------------------------------------------------
+PROFILE_TOKENS = 32
+"""Output tokens of a profiled request at most: the torch profiler keeps every op event until it stops
+(a server's whole c=16 run in float32 grew ours past 17 GB while summarising), and the shares settle
+within a few dozen steps."""
+
+
+def profiled_run(scenario: Scenario) -> Scenario:
+    """The scenario as profiled: one wave of its concurrency (one request for the long prompts), at
+    most :data:`PROFILE_TOKENS` tokens each; the same for both servers."""
+    return dataclasses.replace(
+        scenario, requests=scenario.concurrency, max_tokens=min(scenario.max_tokens, PROFILE_TOKENS)
+    )
+
+
 def profile_variant(pair: str, scenario: str, server: str) -> str:
     return f"{server} {pair} {scenario}"
 
@@ -447,7 +462,9 @@ def _profile_pair(args: argparse.Namespace, setup: Setup, pair: DtypePair, resul
     profiler = ["--profiler-config", json.dumps(config)]
     vllm = _start_vllm(args, setup, pair.vllm, setup.work / f"vllm-profile-{pair.vllm}.log", profiler)
     try:
-        for scenario in (s for s in scenarios(args.quick, args.long_prompt) if s.key in args.profile):
+        for scenario in map(profiled_run, scenarios(args.quick, args.long_prompt)):
+            if scenario.key not in args.profile:
+                continue
             ops, wall = _profile_ours(args, setup, pair, scenario)
             add_profile(result, profile_variant(pair.key, scenario.key, OURS), shares(ops, wall))
             ops, wall = _profile_vllm(args, setup, vllm, scenario, traces)

@@ -133,7 +133,9 @@ class Settings(BaseModel):
         "(faster on a CPU with AMX/AVX512-BF16, batch 1 included; not token-identical to float32) | float16",
     )
     torch_profile_dir: Path | None = Field(
-        None, description="profile the engine thread (torch.profiler); its op table is written here on stop"
+        None,
+        description="profile the engine thread (torch.profiler); its op table is written here on stop "
+        "(the profiler keeps every op event in memory until then: profile short runs)",
     )
     decode_mode: DecodeMode = Field(
         "auto",

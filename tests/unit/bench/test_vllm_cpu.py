@@ -147,3 +147,11 @@ def test_a_long_prompt_row_that_sent_short_prompts_fails():
         vllm_cpu.check_prompt_lengths([{"prompt_tokens": 701}, {"prompt_tokens": 12}], 700)
     with pytest.raises(RuntimeError, match="no server usage"):
         vllm_cpu.check_prompt_lengths([{"prompt_tokens": None}], 700)
+
+
+def test_a_profiled_run_is_one_short_wave():
+    full = {s.key: s for s in vllm_cpu.scenarios(False)}
+    base16 = vllm_cpu.profiled_run(full["base16"])
+    assert (base16.requests, base16.max_tokens) == (16, vllm_cpu.PROFILE_TOKENS)
+    unique = vllm_cpu.profiled_run(full["unique_prompt"])
+    assert (unique.requests, unique.max_tokens, unique.prompts) == (1, 4, "unique")

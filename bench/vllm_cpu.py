@@ -17,9 +17,10 @@ Scenarios (each a row of the headline table, ours / vLLM):
 - ``unique 700-token prompt``: TTFT of prompts that differ from their first token (prefill speed).
 
 ``--profile KEY...`` runs a short wave of those scenarios (:func:`profiled_run`) per pairing and server,
-after the measured runs, under the torch profiler (ours: ``--torch-profile-dir`` on a server started for that scenario alone; vLLM: its
-``--profiler-config``, between ``/start_profile`` and ``/stop_profile``), and reports where each server's
-time went side by side, in :mod:`bench.op_profile`'s categories.
+after the measured runs, under the torch profiler (ours: ``--torch-profile-dir`` on a server started
+for that scenario alone; vLLM: its ``--profiler-config``, between ``/start_profile`` and
+``/stop_profile``), and reports where each server's time went side by side, in
+:mod:`bench.op_profile`'s categories.
 
 Each ``--pairs`` entry ``OURS:VLLM`` is one pairing of dtypes, both servers started for it (default
 ``float32:float32``, the same arithmetic on both, and ``bfloat16:bfloat16``, which is what vLLM's

@@ -487,7 +487,11 @@ def _profile_ours(
         wall = time.perf_counter() - start
     finally:
         ours.stop(timeout=1800)  # the engine writes its op table as it stops: minutes for a long run
-    return json.loads(_wait_for(folder, "engine_ops.json").read_text()), wall
+    # stop() returned once the process exited: the table is there now or never (polling cannot help)
+    table = folder / "engine_ops.json"
+    if not table.is_file():
+        raise RuntimeError(f"our server exited without its profile ({table}); see {folder.name}.log")
+    return json.loads(table.read_text()), wall
 
 
 def _profile_vllm(
